@@ -1,0 +1,593 @@
+//! JSON-lines parser: one flat JSON object per line, fields picked by name.
+//!
+//! Hot path. The scanner walks the top-level object once, validating its
+//! structure (strings and their escapes, numbers, literals, commas), and
+//! keeps only the fields the job asked for; nested values it does not need
+//! are skipped by bracket matching. Lines with control characters or
+//! non-ASCII bytes (rare in logs) take a slow path that validates them with
+//! `serde_json` / `str::from_utf8` first, so what is accepted agrees with a
+//! strict JSON parser. Nothing is allocated per line.
+
+use super::{check_ts, EventBuf, FieldSet, Raw, Reject};
+
+/// Where a key lands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Ts,
+    Did,
+    Slot(usize),
+}
+
+/// Parses JSON lines into [`EventBuf`]s.
+pub struct JsonlParser {
+    names: Vec<(Vec<u8>, Target)>,
+    /// Bit i set when `names[i]` starts with that byte: a cheap pre-filter.
+    first_byte: [u64; 256],
+    key_scratch: Vec<u8>,
+}
+
+impl JsonlParser {
+    pub fn new(fields: &FieldSet) -> JsonlParser {
+        let mut names = vec![
+            (fields.ts.as_bytes().to_vec(), Target::Ts),
+            (fields.did.as_bytes().to_vec(), Target::Did),
+        ];
+        for (i, s) in fields.slots.iter().enumerate() {
+            names.push((s.as_bytes().to_vec(), Target::Slot(i)));
+        }
+        assert!(names.len() <= 64, "at most 62 fields per source");
+        let mut first_byte = [0u64; 256];
+        for (i, (n, _)) in names.iter().enumerate() {
+            let b = n.first().copied().unwrap_or(0);
+            first_byte[b as usize] |= 1 << i;
+        }
+        JsonlParser {
+            names,
+            first_byte,
+            key_scratch: Vec::new(),
+        }
+    }
+
+    /// Parses one line (without its `\n`; a trailing `\r` is ignored).
+    pub fn parse(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<(), Reject> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        ev.reset();
+        let mut ts: Option<Raw> = None;
+        if line.is_empty() {
+            return Err(Reject::EmptyLine);
+        }
+        let (ctrl, high) = scan_special(line);
+        if ctrl && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err() {
+            return Err(Reject::ControlCharacter);
+        }
+        if high && std::str::from_utf8(line).is_err() {
+            return Err(Reject::InvalidUtf8);
+        }
+        let mut s = Scanner { b: line, i: 0 };
+        s.ws();
+        match s.peek() {
+            Some(b'{') => s.i += 1,
+            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+                return Err(Reject::NotAnObject)
+            }
+            _ => return Err(Reject::InvalidJson),
+        }
+        s.ws();
+        if s.peek() == Some(b'}') {
+            s.i += 1;
+        } else {
+            loop {
+                s.ws();
+                let target = self.key(&mut s, ev)?;
+                s.ws();
+                s.expect(b':')?;
+                s.ws();
+                let v = s.value(ev, target.is_some())?;
+                match target {
+                    Some(Target::Ts) => ts = Some(v),
+                    Some(Target::Did) => ev.did = Some(v),
+                    Some(Target::Slot(i)) => ev.values[i] = v,
+                    None => {}
+                }
+                s.ws();
+                match s.next() {
+                    Some(b',') => continue,
+                    Some(b'}') => break,
+                    _ => return Err(Reject::InvalidJson),
+                }
+            }
+        }
+        s.ws();
+        if s.i != line.len() {
+            return Err(Reject::InvalidJson);
+        }
+        ev.ts_ms = match ts {
+            None | Some(Raw::Null) => return Err(Reject::MissingTs),
+            Some(Raw::IntText { value, .. }) => check_ts(value)?,
+            Some(_) => return Err(Reject::TsNotInteger),
+        };
+        ev.did = match ev.did {
+            None | Some(Raw::Null) => return Err(Reject::MissingDeviceId),
+            Some(Raw::Span { len: 0, .. } | Raw::Scratch { len: 0, .. }) => {
+                return Err(Reject::MissingDeviceId)
+            }
+            Some(Raw::IntText { start, len, .. } | Raw::BigText { start, len }) => {
+                Some(Raw::Span { start, len })
+            }
+            Some(d @ (Raw::Span { .. } | Raw::Scratch { .. })) => Some(d),
+            Some(_) => return Err(Reject::BadDeviceId),
+        };
+        Ok(())
+    }
+
+    /// Reads a key and says which field it names, if any.
+    fn key(&mut self, s: &mut Scanner, ev: &mut EventBuf) -> Result<Option<Target>, Reject> {
+        s.expect(b'"')?;
+        let start = s.i;
+        let escaped = s.string_body()?;
+        let raw = &s.b[start..s.i - 1];
+        let key: &[u8] = if escaped {
+            self.key_scratch.clear();
+            unescape_into(raw, &mut self.key_scratch)?;
+            &self.key_scratch
+        } else {
+            raw
+        };
+        let _ = ev;
+        let mut cands = self.first_byte[key.first().copied().unwrap_or(0) as usize];
+        while cands != 0 {
+            let i = cands.trailing_zeros() as usize;
+            cands &= cands - 1;
+            if self.names[i].0 == key {
+                return Ok(Some(self.names[i].1));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether the line has bytes below 0x20 or at/above 0x80. A tab is valid
+/// only outside strings, so it, too, sends the line to the strict check.
+#[inline]
+fn scan_special(line: &[u8]) -> (bool, bool) {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut ctrl = 0u64;
+    let mut high = 0u64;
+    let mut chunks = line.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        high |= w & HI;
+        // A byte b < 0x20 iff (b - 0x20) borrows into bit 7 while b < 0x80.
+        ctrl |= w.wrapping_sub(LO * 0x20) & !w & HI;
+    }
+    let mut tail_ctrl = false;
+    for &b in chunks.remainder() {
+        high |= (b & 0x80) as u64;
+        tail_ctrl |= b < 0x20;
+    }
+    let mut has_ctrl = ctrl != 0 || tail_ctrl;
+    if has_ctrl {
+        // The word trick has false positives next to high bytes.
+        has_ctrl = line.iter().any(|&b| b < 0x20);
+    }
+    (has_ctrl, high != 0)
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline]
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek();
+        self.i += 1;
+        c
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    #[inline]
+    fn expect(&mut self, c: u8) -> Result<(), Reject> {
+        if self.next() == Some(c) {
+            Ok(())
+        } else {
+            Err(Reject::InvalidJson)
+        }
+    }
+
+    /// After an opening quote: advances past the closing quote; returns
+    /// whether the string has escapes (validated).
+    #[inline]
+    fn string_body(&mut self) -> Result<bool, Reject> {
+        let mut escaped = false;
+        loop {
+            let rest = &self.b[self.i.min(self.b.len())..];
+            match memchr::memchr2(b'"', b'\\', rest) {
+                None => return Err(Reject::InvalidJson),
+                Some(k) => {
+                    self.i += k;
+                    if self.b[self.i] == b'"' {
+                        self.i += 1;
+                        return Ok(escaped);
+                    }
+                    escaped = true;
+                    self.i += 1;
+                    match self.next() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
+                        Some(b'u') => {
+                            let hex = self.b.get(self.i..self.i + 4).ok_or(Reject::InvalidJson)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return Err(Reject::InvalidJson);
+                            }
+                            self.i += 4;
+                        }
+                        _ => return Err(Reject::InvalidJson),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses a value; when `keep` is false only validates and skips it.
+    #[inline]
+    fn value(&mut self, ev: &mut EventBuf, keep: bool) -> Result<Raw, Reject> {
+        match self.peek() {
+            Some(b'"') => {
+                self.i += 1;
+                let start = self.i;
+                let escaped = self.string_body()?;
+                let end = self.i - 1;
+                if !keep {
+                    return Ok(Raw::Null);
+                }
+                if escaped {
+                    let s0 = ev.scratch.len() as u32;
+                    unescape_into(&self.b[start..end], &mut ev.scratch)?;
+                    Ok(Raw::Scratch {
+                        start: s0,
+                        len: ev.scratch.len() as u32 - s0,
+                    })
+                } else {
+                    Ok(Raw::Span {
+                        start: start as u32,
+                        len: (end - start) as u32,
+                    })
+                }
+            }
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true").map(|_| Raw::Other),
+            Some(b'f') => self.literal(b"false").map(|_| Raw::Other),
+            Some(b'n') => self.literal(b"null").map(|_| Raw::Null),
+            Some(b'{' | b'[') => self.skip_nested().map(|_| Raw::Other),
+            _ => Err(Reject::InvalidJson),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Reject> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(Reject::InvalidJson)
+        }
+    }
+
+    /// A JSON number. Integers that fit i64 become `IntText` (so a device
+    /// id keeps its text); others become floats.
+    #[inline]
+    fn number(&mut self) -> Result<Raw, Reject> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let int_start = self.i;
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(Reject::InvalidJson),
+        }
+        let int_end = self.i;
+        let mut is_int = true;
+        if self.peek() == Some(b'.') {
+            is_int = false;
+            self.i += 1;
+            self.require_digits()?;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            is_int = false;
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            self.require_digits()?;
+        }
+        let text = &self.b[start..self.i];
+        if is_int && int_end - int_start <= 18 {
+            let mut v: i64 = 0;
+            for &d in &self.b[int_start..int_end] {
+                v = v * 10 + (d - b'0') as i64;
+            }
+            let v = if start != int_start { -v } else { v };
+            return Ok(Raw::IntText {
+                start: start as u32,
+                len: text.len() as u32,
+                value: v,
+            });
+        }
+        // Long integers (device ids up to u64) keep their text; floats parse.
+        let s = std::str::from_utf8(text).map_err(|_| Reject::InvalidJson)?;
+        let (start, len) = (start as u32, text.len() as u32);
+        if is_int {
+            if let Ok(value) = s.parse::<i64>() {
+                return Ok(Raw::IntText { start, len, value });
+            }
+            if s.parse::<u64>().is_ok() {
+                return Ok(Raw::BigText { start, len });
+            }
+        }
+        s.parse::<f64>()
+            .map(Raw::Float)
+            .map_err(|_| Reject::InvalidJson)
+    }
+
+    #[inline]
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn require_digits(&mut self) -> Result<(), Reject> {
+        let s = self.i;
+        self.digits();
+        if self.i == s {
+            Err(Reject::InvalidJson)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Skips an object or array, respecting strings.
+    fn skip_nested(&mut self) -> Result<(), Reject> {
+        let mut depth = 0usize;
+        loop {
+            match self.next() {
+                Some(b'{' | b'[') => depth += 1,
+                Some(b'}' | b']') => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                }
+                Some(b'"') => {
+                    self.string_body()?;
+                }
+                Some(_) => {}
+                None => return Err(Reject::InvalidJson),
+            }
+        }
+    }
+}
+
+/// Resolves JSON escapes (already validated) into `out`.
+fn unescape_into(raw: &[u8], out: &mut Vec<u8>) -> Result<(), Reject> {
+    let mut i = 0;
+    while i < raw.len() {
+        let c = raw[i];
+        if c != b'\\' {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        let e = *raw.get(i + 1).ok_or(Reject::InvalidJson)?;
+        i += 2;
+        let simple = match e {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let (ch, used) = decode_u_escape(raw, i)?;
+                i += used;
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                continue;
+            }
+            _ => return Err(Reject::InvalidJson),
+        };
+        out.push(simple);
+    }
+    Ok(())
+}
+
+/// Decodes the hex of a `\u` escape at `raw[i..]`, joining surrogate pairs.
+fn decode_u_escape(raw: &[u8], i: usize) -> Result<(char, usize), Reject> {
+    let hex = |at: usize| -> Result<u32, Reject> {
+        let h = raw.get(at..at + 4).ok_or(Reject::InvalidJson)?;
+        let s = std::str::from_utf8(h).map_err(|_| Reject::InvalidJson)?;
+        u32::from_str_radix(s, 16).map_err(|_| Reject::InvalidJson)
+    };
+    let hi = hex(i)?;
+    if (0xD800..0xDC00).contains(&hi) {
+        if raw.get(i + 4..i + 6) != Some(b"\\u") {
+            return Err(Reject::InvalidJson);
+        }
+        let lo = hex(i + 6)?;
+        if !(0xDC00..0xE000).contains(&lo) {
+            return Err(Reject::InvalidJson);
+        }
+        let c = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
+        return char::from_u32(c)
+            .map(|ch| (ch, 10))
+            .ok_or(Reject::InvalidJson);
+    }
+    char::from_u32(hi)
+        .map(|ch| (ch, 4))
+        .ok_or(Reject::InvalidJson)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::filter::FieldValue;
+
+    fn fields() -> FieldSet {
+        FieldSet {
+            ts: "ts".into(),
+            did: "did".into(),
+            slots: vec!["page".into(), "v".into()],
+        }
+    }
+
+    fn parse(line: &str) -> Result<(i64, Vec<u8>, String, String), Reject> {
+        let mut p = JsonlParser::new(&fields());
+        let mut ev = EventBuf::new(2);
+        p.parse(line.as_bytes(), &mut ev)?;
+        let show = |v: FieldValue| match v {
+            FieldValue::Null => "null".to_string(),
+            FieldValue::Int(i) => format!("int:{i}"),
+            FieldValue::Float(f) => format!("float:{f}"),
+            FieldValue::Str(s) => format!("str:{}", String::from_utf8_lossy(s)),
+        };
+        let b = line.as_bytes();
+        Ok((
+            ev.ts_ms,
+            ev.did_bytes(b).to_vec(),
+            show(ev.value(b, 0)),
+            show(ev.value(b, 1)),
+        ))
+    }
+
+    const TS: &str = "1771171200000";
+
+    #[test]
+    fn picks_fields_and_skips_others() {
+        let line = format!(
+            r#"{{"x":{{"a":[1,{{"b":"}}"}}]}},"did":"d1","ts":{TS},"page":"home","v":7,"z":null}}"#
+        );
+        let (ts, did, page, v) = parse(&line).unwrap();
+        assert_eq!(ts, 1_771_171_200_000);
+        assert_eq!(did, b"d1");
+        assert_eq!(page, "str:home");
+        assert_eq!(v, "int:7");
+    }
+
+    #[test]
+    fn integer_and_string_device_ids_share_text() {
+        let a = parse(&format!(r#"{{"ts":{TS},"did":123}}"#)).unwrap();
+        let b = parse(&format!(r#"{{"ts":{TS},"did":"123"}}"#)).unwrap();
+        assert_eq!(a.1, b.1);
+        let big = parse(&format!(r#"{{"ts":{TS},"did":18446744073709551615}}"#)).unwrap();
+        assert_eq!(big.1, b"18446744073709551615");
+    }
+
+    #[test]
+    fn escapes_are_resolved() {
+        let (_, did, page, _) = parse(&format!(
+            r#"{{"ts":{TS},"did":"a\"b","page":"\u00e9\ud83d\ude00\n"}}"#
+        ))
+        .unwrap();
+        assert_eq!(did, b"a\"b");
+        assert_eq!(page, "str:\u{e9}\u{1F600}\n");
+    }
+
+    #[test]
+    fn missing_dims_are_null_floats_kept() {
+        let (_, _, page, v) = parse(&format!(r#"{{"ts":{TS},"did":1,"v":1.5}}"#)).unwrap();
+        assert_eq!((page.as_str(), v.as_str()), ("null", "float:1.5"));
+    }
+
+    #[test]
+    fn crlf_and_whitespace() {
+        assert!(parse(&format!("{{ \"ts\" : {TS} , \"did\" : 1 }}\r")).is_ok());
+    }
+
+    #[test]
+    fn rejects_with_reasons() {
+        let cases: Vec<(String, Reject)> = vec![
+            ("".into(), Reject::EmptyLine),
+            (format!(r#"{{"ts":{TS},"did":"a"#), Reject::InvalidJson),
+            (format!(r#"{{"ts":{TS},"did":1,}}"#), Reject::InvalidJson),
+            (format!(r#"{{"ts":{TS},"did":1}} x"#), Reject::InvalidJson),
+            ("[1,2]".into(), Reject::NotAnObject),
+            ("\"str\"".into(), Reject::NotAnObject),
+            ("hello".into(), Reject::InvalidJson),
+            (r#"{"did":1}"#.into(), Reject::MissingTs),
+            (
+                r#"{"ts":"1771171200000","did":1}"#.into(),
+                Reject::TsNotInteger,
+            ),
+            (
+                r#"{"ts":1771171200000.5,"did":1}"#.into(),
+                Reject::TsNotInteger,
+            ),
+            (r#"{"ts":17,"did":1}"#.into(), Reject::TsOutOfRange),
+            (format!(r#"{{"ts":{TS}}}"#), Reject::MissingDeviceId),
+            (
+                format!(r#"{{"ts":{TS},"did":null}}"#),
+                Reject::MissingDeviceId,
+            ),
+            (
+                format!(r#"{{"ts":{TS},"did":""}}"#),
+                Reject::MissingDeviceId,
+            ),
+            (
+                format!(r#"{{"ts":{TS},"did":{{"a":1}}}}"#),
+                Reject::BadDeviceId,
+            ),
+            (format!(r#"{{"ts":{TS},"did":1.5}}"#), Reject::BadDeviceId),
+            (
+                format!("{{\"ts\":{TS},\"did\":\"a\0b\"}}"),
+                Reject::ControlCharacter,
+            ),
+            (format!(r#"{{"ts":{TS},"did":01}}"#), Reject::InvalidJson),
+            (format!(r#"{{"ts":{TS},"did":"\x"}}"#), Reject::InvalidJson),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(&line).map(|_| ()), Err(want), "line {line:?}");
+        }
+        let mut bad_utf8 = format!(r#"{{"ts":{TS},"did":"ab"}}"#).into_bytes();
+        bad_utf8[18] = 0xff;
+        let mut p = JsonlParser::new(&fields());
+        let mut ev = EventBuf::new(2);
+        assert_eq!(p.parse(&bad_utf8, &mut ev), Err(Reject::InvalidUtf8));
+    }
+
+    #[test]
+    fn tab_outside_strings_is_whitespace_but_not_inside() {
+        assert!(parse(&format!("{{\"ts\":\t{TS},\"did\":1}}")).is_ok());
+        assert_eq!(
+            parse(&format!("{{\"ts\":{TS},\"did\":\"a\tb\"}}")).map(|_| ()),
+            Err(Reject::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn last_duplicate_key_wins() {
+        let (_, did, _, _) = parse(&format!(r#"{{"ts":{TS},"did":"a","did":"b"}}"#)).unwrap();
+        assert_eq!(did, b"b");
+    }
+
+    #[test]
+    fn non_ascii_values_pass() {
+        let (_, _, page, _) = parse(&format!(r#"{{"ts":{TS},"did":1,"page":"首页"}}"#)).unwrap();
+        assert_eq!(page, "str:首页");
+    }
+}

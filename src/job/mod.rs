@@ -1,0 +1,325 @@
+//! Job files: parse the TOML, validate every key, and build the plan the
+//! runtime executes.
+//!
+//! Everything a user can get wrong in a job file is caught here, before any
+//! thread starts or any input is read: unknown keys, bad durations, unknown
+//! kinds, filters that do not parse, group-by fields no source can supply,
+//! missing input files. Errors carry the key path (`metric[1].step`) and the
+//! reason.
+
+pub mod filter;
+mod raw;
+pub mod units;
+
+use std::path::{Path, PathBuf};
+
+pub use filter::Filter;
+pub use units::{parse_duration_ms, parse_timezone_offset_ms};
+
+use crate::event::binary::{BINARY_DIMS, BINARY_DIM_NAMES_DEFAULT};
+
+/// Milliseconds in one minute: the finest window step.
+pub const MINUTE_MS: i64 = 60_000;
+/// Milliseconds in one day.
+pub const DAY_MS: i64 = 86_400_000;
+/// Longest line a source accepts unless the job says otherwise.
+pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
+/// Most metrics one job may define (metric ids travel in 6 bits).
+pub const METRICS_MAX: usize = 64;
+
+/// A job file that could not be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("job file {path}: `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Input encoding of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Csv,
+    Binary,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+            Format::Binary => "binary",
+        }
+    }
+}
+
+/// One input stream: files read in order as one sequence of records.
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    pub name: String,
+    pub paths: Vec<PathBuf>,
+    pub format: Format,
+    pub max_out_of_orderness_ms: i64,
+    pub max_line_bytes: usize,
+    /// Name of the event-time field in the input (epoch ms integer).
+    pub ts_field: String,
+    /// Name of the device-id field in the input.
+    pub did_field: String,
+    /// Names of the four dimension columns of a binary record.
+    pub binary_dims: [String; BINARY_DIMS],
+    /// CSV header of the first file (known before start), if CSV.
+    pub csv_header: Option<Vec<String>>,
+}
+
+impl SourceSpec {
+    /// Whether this source can supply a field with this name. JSON lines are
+    /// schemaless, so any name may appear (missing values are `null`).
+    pub fn can_supply(&self, field: &str) -> bool {
+        match self.format {
+            Format::Jsonl => true,
+            Format::Csv => self
+                .csv_header
+                .as_ref()
+                .is_some_and(|h| h.iter().any(|c| c == field)),
+            Format::Binary => self.binary_dims.iter().any(|d| d == field),
+        }
+    }
+}
+
+/// Which measures a metric outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    Pv,
+    Uv,
+}
+
+/// When rows for a window are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emit {
+    /// Every key with data so far in the period (Flink's behaviour).
+    All,
+    /// Only keys whose values changed since the previous window.
+    Changed,
+}
+
+/// What happens to events behind the watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LatePolicy {
+    /// Counted in the next window emitted for their period.
+    Fold,
+    /// Discarded (and counted as late-dropped).
+    Drop,
+}
+
+/// A cumulate metric: PV/UV per group key on windows that grow by `step`
+/// from the start of each `size` period (a day by default).
+#[derive(Clone, Debug)]
+pub struct MetricSpec {
+    pub name: String,
+    pub group_by: Vec<String>,
+    pub filter: Option<Filter>,
+    pub measures: Vec<Measure>,
+    pub step_ms: i64,
+    pub size_ms: i64,
+    pub emit: Emit,
+    pub late: LatePolicy,
+    /// Indexes into [`Job::sources`] of the sources this metric reads.
+    pub sources: Vec<usize>,
+}
+
+impl MetricSpec {
+    pub fn has(&self, m: Measure) -> bool {
+        self.measures.contains(&m)
+    }
+}
+
+/// Where result rows go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct SinkSpec {
+    pub target: SinkTarget,
+    /// Indexes of the metrics this sink receives (all by default).
+    pub metrics: Vec<usize>,
+}
+
+/// A validated job: everything the runtime needs, nothing left to check.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Offset of the job's time zone from UTC; days start at local midnight.
+    pub timezone_offset_ms: i64,
+    pub workers: usize,
+    pub state_dir: Option<PathBuf>,
+    pub sources: Vec<SourceSpec>,
+    pub metrics: Vec<MetricSpec>,
+    pub sinks: Vec<SinkSpec>,
+}
+
+impl Job {
+    /// Reads and validates a job file; relative paths in it are relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Job, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Job::parse(&text, path, base)
+    }
+
+    /// Parses job text; `origin` names it in errors, `base` resolves paths.
+    pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Job, JobError> {
+        let raw = raw::parse(text).map_err(|message| JobError::Syntax {
+            path: origin.to_owned(),
+            message,
+        })?;
+        raw::build(raw, base).map_err(|(key, reason)| JobError::Invalid {
+            path: origin.to_owned(),
+            key,
+            reason,
+        })
+    }
+
+    /// Start of the period (`size_ms` long, aligned to local midnight) that
+    /// holds `ts_ms`.
+    pub fn period_start_ms(&self, ts_ms: i64, size_ms: i64) -> i64 {
+        let local = ts_ms + self.timezone_offset_ms;
+        local.div_euclid(size_ms) * size_ms - self.timezone_offset_ms
+    }
+}
+
+pub(crate) fn default_binary_dims() -> [String; BINARY_DIMS] {
+    BINARY_DIM_NAMES_DEFAULT.map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Job, JobError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join("e.csv"), "ts,did,page\n").unwrap();
+        Job::parse(text, Path::new("job.toml"), dir.path())
+    }
+
+    const MINIMAL: &str = r#"
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "file"
+path = "e.jsonl"
+format = "jsonl"
+max_out_of_orderness = "5m"
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+filter = "event = 'view'"
+measures = ["pv", "uv"]
+[[sink]]
+kind = "jsonl"
+path = "-"
+"#;
+
+    #[test]
+    fn minimal_job_from_design_parses() {
+        let job = parse(MINIMAL).unwrap();
+        assert_eq!(job.timezone_offset_ms, 8 * 3_600_000);
+        assert_eq!(job.sources[0].max_out_of_orderness_ms, 300_000);
+        let m = &job.metrics[0];
+        assert_eq!((m.step_ms, m.size_ms), (MINUTE_MS, DAY_MS));
+        assert_eq!(m.emit, Emit::All);
+        assert_eq!(m.late, LatePolicy::Fold);
+        assert_eq!(m.sources, vec![0]);
+        assert_eq!(job.sinks[0].target, SinkTarget::Stdout);
+    }
+
+    fn invalid_key(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(JobError::Invalid { key, reason, .. }) => (key, reason),
+            Err(JobError::Syntax { message, .. }) => ("<syntax>".into(), message),
+            other => panic!("expected an invalid job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let (key, reason) = invalid_key(&MINIMAL.replace("measures =", "colour = 1\nmeasures ="));
+        assert_eq!(key, "<syntax>");
+        assert!(
+            reason.contains("metric[0]") && reason.contains("colour"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_rejected_with_key() {
+        let (key, reason) = invalid_key(&MINIMAL.replace("\"5m\"", "\"5 parsecs\""));
+        assert_eq!(key, "source[0].max_out_of_orderness");
+        assert!(reason.contains("5 parsecs"), "{reason}");
+    }
+
+    #[test]
+    fn unknown_metric_kind_is_rejected() {
+        let (key, _) = invalid_key(&MINIMAL.replace("\"cumulate\"", "\"median\""));
+        assert_eq!(key, "metric[0].kind");
+    }
+
+    #[test]
+    fn group_by_no_source_supplies_is_rejected() {
+        let text = MINIMAL
+            .replace("\"e.jsonl\"", "\"e.csv\"")
+            .replace("format = \"jsonl\"", "format = \"csv\"")
+            .replace("filter = \"event = 'view'\"\n", "")
+            .replace("[\"page\"]", "[\"country\"]");
+        let (key, reason) = invalid_key(&text);
+        assert_eq!(key, "metric[0].group_by");
+        assert!(reason.contains("country"), "{reason}");
+    }
+
+    #[test]
+    fn filter_that_is_not_sql_is_rejected() {
+        let (key, _) = invalid_key(&MINIMAL.replace("event = 'view'", "event = = 'view'"));
+        assert_eq!(key, "metric[0].filter");
+    }
+
+    #[test]
+    fn missing_input_file_is_rejected_before_start() {
+        let (key, reason) = invalid_key(&MINIMAL.replace("e.jsonl", "nope.jsonl"));
+        assert_eq!(key, "source[0].path");
+        assert!(reason.contains("nope.jsonl"), "{reason}");
+    }
+
+    #[test]
+    fn step_must_divide_size() {
+        let text = MINIMAL.replace("measures =", "step = \"7m\"\nmeasures =");
+        let (key, _) = invalid_key(&text);
+        assert_eq!(key, "metric[0].step");
+    }
+
+    #[test]
+    fn periods_start_at_local_midnight() {
+        let job = parse(MINIMAL).unwrap();
+        // 2026-02-16T00:00:00+08:00
+        let midnight = 1_771_171_200_000;
+        assert_eq!(job.period_start_ms(midnight, DAY_MS), midnight);
+        assert_eq!(job.period_start_ms(midnight - 1, DAY_MS), midnight - DAY_MS);
+        assert_eq!(job.period_start_ms(midnight + DAY_MS - 1, DAY_MS), midnight);
+    }
+}

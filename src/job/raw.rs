@@ -1,0 +1,439 @@
+//! The job file as written (serde, unknown keys refused), and its
+//! validation into a [`Job`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{
+    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, Emit, Format,
+    Job, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS,
+    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
+};
+use crate::event::binary::BINARY_DIMS;
+
+/// (key path, reason)
+type Invalid = (String, String);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJob {
+    #[serde(default)]
+    job: RawJobSection,
+    #[serde(default)]
+    source: Vec<RawSource>,
+    #[serde(default)]
+    metric: Vec<RawMetric>,
+    #[serde(default)]
+    sink: Vec<RawSink>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJobSection {
+    timezone: Option<String>,
+    workers: Option<usize>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    kind: String,
+    path: Option<OneOrMany>,
+    format: Option<String>,
+    max_out_of_orderness: Option<String>,
+    max_line_bytes: Option<usize>,
+    ts_field: Option<String>,
+    did_field: Option<String>,
+    binary_dims: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetric {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    group_by: Vec<String>,
+    filter: Option<String>,
+    measures: Option<Vec<String>>,
+    step: Option<String>,
+    size: Option<String>,
+    emit: Option<String>,
+    late: Option<String>,
+    sources: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    kind: String,
+    path: Option<String>,
+    metrics: Option<Vec<String>>,
+}
+
+pub(super) fn parse(text: &str) -> Result<RawJob, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let inner = inner.trim_end();
+        if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("`{path}`: {inner}")
+        }
+    })
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    (key.into(), reason.into())
+}
+
+pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
+    let timezone_offset_ms = match &raw.job.timezone {
+        Some(tz) => parse_timezone_offset_ms(tz).map_err(|r| invalid("job.timezone", r))?,
+        None => 0,
+    };
+    let workers = match raw.job.workers {
+        Some(0) => return Err(invalid("job.workers", "must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if raw.source.is_empty() {
+        return Err(invalid("source", "a job needs at least one [[source]]"));
+    }
+    let sources = raw
+        .source
+        .iter()
+        .enumerate()
+        .map(|(i, s)| build_source(i, s, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, s) in sources.iter().enumerate() {
+        if sources[..i].iter().any(|o| o.name == s.name) {
+            return Err(invalid(
+                format!("source[{i}].name"),
+                format!("duplicate source name {:?}", s.name),
+            ));
+        }
+    }
+    if raw.metric.is_empty() {
+        return Err(invalid("metric", "a job needs at least one [[metric]]"));
+    }
+    if raw.metric.len() > METRICS_MAX {
+        return Err(invalid(
+            "metric",
+            format!("at most {METRICS_MAX} metrics per job"),
+        ));
+    }
+    let metrics = raw
+        .metric
+        .iter()
+        .enumerate()
+        .map(|(i, m)| build_metric(i, m, &sources))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, m) in metrics.iter().enumerate() {
+        if metrics[..i].iter().any(|o| o.name == m.name) {
+            return Err(invalid(
+                format!("metric[{i}].name"),
+                format!("duplicate metric name {:?}", m.name),
+            ));
+        }
+    }
+    let sinks = raw
+        .sink
+        .iter()
+        .enumerate()
+        .map(|(i, s)| build_sink(i, s, &metrics, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state_dir = raw.job.state_dir.map(|p| base.join(p));
+    Ok(Job {
+        timezone_offset_ms,
+        workers,
+        state_dir,
+        sources,
+        metrics,
+        sinks,
+    })
+}
+
+fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {
+    let key = |k: &str| format!("source[{i}].{k}");
+    if s.kind != "file" {
+        let reason = if matches!(s.kind.as_str(), "tcp" | "kafka") {
+            format!(
+                "kind {:?} is not available in `tally run` yet (use \"file\")",
+                s.kind
+            )
+        } else {
+            format!("unknown source kind {:?} (expected \"file\")", s.kind)
+        };
+        return Err(invalid(key("kind"), reason));
+    }
+    let format = match s.format.as_deref().unwrap_or("jsonl") {
+        "jsonl" => Format::Jsonl,
+        "csv" => Format::Csv,
+        "binary" => Format::Binary,
+        other => {
+            return Err(invalid(
+                key("format"),
+                format!("unknown format {other:?} (expected jsonl, csv or binary)"),
+            ))
+        }
+    };
+    let patterns = match &s.path {
+        None => return Err(invalid(key("path"), "a file source needs `path`")),
+        Some(OneOrMany::One(p)) => vec![p.clone()],
+        Some(OneOrMany::Many(ps)) => ps.clone(),
+    };
+    let paths = expand_paths(&patterns, base).map_err(|r| invalid(key("path"), r))?;
+    let max_out_of_orderness_ms = match &s.max_out_of_orderness {
+        Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("max_out_of_orderness"), r))?,
+        None => 0,
+    };
+    let max_line_bytes = s.max_line_bytes.unwrap_or(MAX_LINE_BYTES_DEFAULT);
+    if max_line_bytes < 16 {
+        return Err(invalid(key("max_line_bytes"), "must be at least 16"));
+    }
+    let binary_dims = match &s.binary_dims {
+        None => default_binary_dims(),
+        Some(names) => <[String; BINARY_DIMS]>::try_from(names.clone()).map_err(|_| {
+            invalid(
+                key("binary_dims"),
+                format!("needs exactly {BINARY_DIMS} names"),
+            )
+        })?,
+    };
+    let csv_header = match format {
+        Format::Csv => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
+        _ => None,
+    };
+    Ok(SourceSpec {
+        name: s.name.clone(),
+        paths,
+        format,
+        max_out_of_orderness_ms,
+        max_line_bytes,
+        ts_field: s.ts_field.clone().unwrap_or_else(|| "ts".into()),
+        did_field: s.did_field.clone().unwrap_or_else(|| "did".into()),
+        binary_dims,
+        csv_header,
+    })
+}
+
+/// Expands each entry (a file or a glob, relative to `base`) in order; glob
+/// matches are sorted so a source's files are always read in the same order.
+fn expand_paths(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, String> {
+    if patterns.is_empty() {
+        return Err("the list of paths is empty".into());
+    }
+    let mut out = Vec::new();
+    for p in patterns {
+        let full = base.join(p);
+        if p.contains(['*', '?', '[']) {
+            let text = full.to_string_lossy().into_owned();
+            let mut matched: Vec<PathBuf> = glob::glob(&text)
+                .map_err(|e| format!("bad glob {p:?}: {e}"))?
+                .filter_map(Result::ok)
+                .filter(|m| m.is_file())
+                .collect();
+            if matched.is_empty() {
+                return Err(format!("glob {p:?} matches no file"));
+            }
+            matched.sort();
+            out.extend(matched);
+        } else {
+            match std::fs::metadata(&full) {
+                Ok(m) if m.is_file() => out.push(full),
+                Ok(_) => return Err(format!("{} is not a file", full.display())),
+                Err(e) => return Err(format!("cannot open {}: {e}", full.display())),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_csv_header(path: &Path) -> Result<Vec<String>, String> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_path(path)
+        .map_err(|e| format!("cannot read CSV header of {}: {e}", path.display()))?;
+    let header = rdr
+        .headers()
+        .map_err(|e| format!("cannot read CSV header of {}: {e}", path.display()))?;
+    Ok(header.iter().map(str::to_string).collect())
+}
+
+fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<MetricSpec, Invalid> {
+    let key = |k: &str| format!("metric[{i}].{k}");
+    if m.kind != "cumulate" {
+        return Err(invalid(
+            key("kind"),
+            format!("unknown metric kind {:?} (expected \"cumulate\")", m.kind),
+        ));
+    }
+    let measures = match &m.measures {
+        None => vec![Measure::Pv, Measure::Uv],
+        Some(list) if list.is_empty() => return Err(invalid(key("measures"), "is empty")),
+        Some(list) => list
+            .iter()
+            .map(|name| match name.as_str() {
+                "pv" => Ok(Measure::Pv),
+                "uv" => Ok(Measure::Uv),
+                other => Err(invalid(
+                    key("measures"),
+                    format!("unknown measure {other:?} for a cumulate metric (expected pv, uv)"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let step_ms = duration_or(m.step.as_deref(), MINUTE_MS).map_err(|r| invalid(key("step"), r))?;
+    let size_ms = duration_or(m.size.as_deref(), DAY_MS).map_err(|r| invalid(key("size"), r))?;
+    if step_ms <= 0 || step_ms % MINUTE_MS != 0 {
+        return Err(invalid(key("step"), "must be a whole number of minutes"));
+    }
+    if size_ms <= 0 || DAY_MS % size_ms != 0 && size_ms % DAY_MS != 0 || size_ms > DAY_MS {
+        return Err(invalid(key("size"), "must divide a day (e.g. 1h, 1d)"));
+    }
+    if size_ms % step_ms != 0 {
+        return Err(invalid(key("step"), "must divide `size` evenly"));
+    }
+    let emit = match m.emit.as_deref().unwrap_or("all") {
+        "all" => Emit::All,
+        "changed" => Emit::Changed,
+        other => {
+            return Err(invalid(
+                key("emit"),
+                format!("unknown emit mode {other:?} (expected all, changed)"),
+            ))
+        }
+    };
+    let late = match m.late.as_deref().unwrap_or("fold") {
+        "fold" => LatePolicy::Fold,
+        "drop" => LatePolicy::Drop,
+        other => {
+            return Err(invalid(
+                key("late"),
+                format!("unknown late policy {other:?} (expected fold, drop)"),
+            ))
+        }
+    };
+    let source_ids = match &m.sources {
+        None => (0..sources.len()).collect(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                sources
+                    .iter()
+                    .position(|s| &s.name == n)
+                    .ok_or_else(|| invalid(key("sources"), format!("no source named {n:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    check_fields_supplied(&m.group_by, &source_ids, sources)
+        .map_err(|r| invalid(key("group_by"), r))?;
+    let filter = match &m.filter {
+        None => None,
+        Some(text) => {
+            let f = Filter::parse(text).map_err(|r| invalid(key("filter"), r))?;
+            check_fields_supplied(&f.fields(), &source_ids, sources)
+                .map_err(|r| invalid(key("filter"), r))?;
+            Some(f)
+        }
+    };
+    let mut seen = Vec::new();
+    for g in &m.group_by {
+        if seen.contains(&g) {
+            return Err(invalid(
+                key("group_by"),
+                format!("field {g:?} listed twice"),
+            ));
+        }
+        seen.push(g);
+    }
+    Ok(MetricSpec {
+        name: m.name.clone(),
+        group_by: m.group_by.clone(),
+        filter,
+        measures,
+        step_ms,
+        size_ms,
+        emit,
+        late,
+        sources: source_ids,
+    })
+}
+
+fn duration_or(text: Option<&str>, default_ms: i64) -> Result<i64, String> {
+    text.map_or(Ok(default_ms), parse_duration_ms)
+}
+
+/// Every field must be supplied by every source the metric reads.
+fn check_fields_supplied(
+    fields: &[String],
+    source_ids: &[usize],
+    sources: &[SourceSpec],
+) -> Result<(), String> {
+    for f in fields {
+        for &s in source_ids {
+            let src = &sources[s];
+            if f == &src.ts_field || f == &src.did_field {
+                return Err(format!(
+                    "field {f:?} is the event time or device id, not a dimension"
+                ));
+            }
+            if !src.can_supply(f) {
+                return Err(format!(
+                    "field {f:?} is not supplied by source {:?} ({} input)",
+                    src.name,
+                    src.format.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build_sink(
+    i: usize,
+    s: &RawSink,
+    metrics: &[MetricSpec],
+    base: &Path,
+) -> Result<SinkSpec, Invalid> {
+    let key = |k: &str| format!("sink[{i}].{k}");
+    if s.kind != "jsonl" {
+        return Err(invalid(
+            key("kind"),
+            format!("unknown sink kind {:?} (expected \"jsonl\")", s.kind),
+        ));
+    }
+    let target = match s.path.as_deref() {
+        None | Some("-") => SinkTarget::Stdout,
+        Some(p) => SinkTarget::File(base.join(p)),
+    };
+    let ids = match &s.metrics {
+        None => (0..metrics.len()).collect(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                metrics
+                    .iter()
+                    .position(|m| &m.name == n)
+                    .ok_or_else(|| invalid(key("metrics"), format!("no metric named {n:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(SinkSpec {
+        target,
+        metrics: ids,
+    })
+}

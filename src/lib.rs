@@ -1,0 +1,11 @@
+//! tally: exact real-time warehouse metrics from event logs.
+pub mod demo;
+pub mod event;
+pub mod gen;
+pub mod job;
+pub mod metric;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod verify;

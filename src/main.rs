@@ -1,0 +1,145 @@
+//! The `tally` command: parse arguments, call the library, map errors to
+//! exit codes (0 ok, 1 failed or verification mismatch, 2 bad job or usage).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use tally::job::Job;
+
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Exact real-time warehouse metrics (cumulative PV/UV) from event logs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job over its input files and write every window's rows.
+    Run {
+        /// The job file (TOML).
+        #[arg(long)]
+        job: PathBuf,
+        /// Worker threads (default: the job's `workers`, else all cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Keep dedup tables in memory-mapped files here.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Also write the run summary as JSON to this file.
+        #[arg(long)]
+        summary: Option<PathBuf>,
+    },
+    /// Recompute a job's metrics offline and compare every emitted row.
+    Verify {
+        #[arg(long)]
+        job: PathBuf,
+        /// Result rows (JSON lines) written by `tally run`.
+        #[arg(long)]
+        results: PathBuf,
+    },
+    /// Generate deterministic synthetic event logs.
+    Gen(tally::gen::GenOptions),
+    /// Generate a day of events, run the embedded job, verify, and show it.
+    Demo(tally::demo::DemoOptions),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            job,
+            workers,
+            state_dir,
+            summary,
+        } => run(job, workers, state_dir, summary),
+        Command::Verify { job, results } => verify(job, results),
+        Command::Gen(opts) => match tally::gen::generate(&opts) {
+            Ok(r) => {
+                eprintln!(
+                    "tally gen: {} events, {} bytes in {} file(s), {:.2} s ({:.1} M events/s)",
+                    r.events,
+                    r.bytes,
+                    r.files.len(),
+                    r.seconds,
+                    r.events as f64 / r.seconds.max(1e-9) / 1e6
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, format!("{e:#}")),
+        },
+        Command::Demo(opts) => match tally::demo::run(&opts, &mut std::io::stdout()) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => fail(1, format!("{e:#}")),
+        },
+    }
+}
+
+fn fail(code: u8, msg: String) -> ExitCode {
+    eprintln!("tally: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn load(path: &PathBuf) -> Result<Job, ExitCode> {
+    Job::load(path).map_err(|e| fail(2, e.to_string()))
+}
+
+fn run(
+    job: PathBuf,
+    workers: Option<usize>,
+    state_dir: Option<PathBuf>,
+    summary: Option<PathBuf>,
+) -> ExitCode {
+    let mut job = match load(&job) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    if let Some(w) = workers {
+        if w == 0 {
+            return fail(2, "--workers must be at least 1".into());
+        }
+        job.workers = w;
+    }
+    if state_dir.is_some() {
+        job.state_dir = state_dir;
+    }
+    match tally::runtime::run(&job) {
+        Ok(s) => {
+            let _ = s.print(&mut std::io::stderr());
+            if let Some(p) = summary {
+                let text = serde_json::to_string_pretty(&s).unwrap_or_default();
+                if let Err(e) = std::fs::write(&p, text) {
+                    return fail(1, format!("cannot write summary {}: {e}", p.display()));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ tally::runtime::RunError::Input(_)) => fail(2, e.to_string()),
+        Err(e) => fail(1, e.to_string()),
+    }
+}
+
+fn verify(job: PathBuf, results: PathBuf) -> ExitCode {
+    let job = match load(&job) {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    match tally::verify::verify(&job, &results) {
+        Ok(report) => {
+            let _ = report.print(&mut std::io::stdout());
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(1, format!("{e:#}")),
+    }
+}

@@ -1,0 +1,204 @@
+//! Group keys: the values of a metric's `group_by` fields, interned into
+//! dense ids shared by every router, shard and the emitter.
+//!
+//! A router fingerprints a key's values (xxh3 over a tagged encoding) and
+//! looks the fingerprint up in its own cache; only a key it has never seen
+//! takes the dictionary's lock, once per router. The dictionary keeps the
+//! key's `dims` object rendered as JSON, which is all the emitter needs.
+
+use std::sync::Mutex;
+
+use ahash::AHashMap;
+
+use crate::job::filter::FieldValue;
+
+/// Bits of a record's key word that hold the key id; the rest hold the
+/// metric index.
+pub const KEY_BITS: u32 = 26;
+/// Most distinct group keys per metric.
+pub const KEYS_MAX: u32 = 1 << KEY_BITS;
+
+/// Appends the tagged encoding of one value to `out` (for fingerprints).
+#[inline]
+pub fn encode_value(v: FieldValue, out: &mut Vec<u8>) {
+    match v {
+        FieldValue::Null => out.push(b'n'),
+        FieldValue::Int(i) => {
+            out.push(b'i');
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        FieldValue::Float(f) => {
+            out.push(b'f');
+            out.extend_from_slice(&f.to_bits().to_le_bytes());
+        }
+        FieldValue::Str(s) => {
+            out.push(b's');
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s);
+        }
+    }
+}
+
+/// Renders a `dims` object: `{"page":"home","app_ver":7,"x":null}`.
+pub fn render_dims(names: &[String], values: &[FieldValue]) -> String {
+    let mut out = String::from("{");
+    for (i, (n, v)) in names.iter().zip(values).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(n).unwrap_or_default());
+        out.push(':');
+        match v {
+            FieldValue::Null => out.push_str("null"),
+            FieldValue::Int(x) => out.push_str(itoa::Buffer::new().format(*x)),
+            FieldValue::Float(f) => {
+                out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into()))
+            }
+            FieldValue::Str(s) => out
+                .push_str(&serde_json::to_string(&String::from_utf8_lossy(s)).unwrap_or_default()),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The shared dictionary of one metric's group keys.
+#[derive(Default)]
+pub struct KeyDict {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    ids: AHashMap<u64, u32>,
+    dims_json: Vec<String>,
+}
+
+/// A key dictionary that is full (more than [`KEYS_MAX`] keys).
+#[derive(Debug, thiserror::Error)]
+#[error("more than {KEYS_MAX} distinct group keys in one metric")]
+pub struct TooManyKeys;
+
+impl KeyDict {
+    /// Id of the key with fingerprint `fp`, registering it (with its
+    /// rendered dims) if new.
+    pub fn intern(&self, fp: u64, render: impl FnOnce() -> String) -> Result<u32, TooManyKeys> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&id) = g.ids.get(&fp) {
+            return Ok(id);
+        }
+        let id = g.dims_json.len() as u32;
+        if id >= KEYS_MAX {
+            return Err(TooManyKeys);
+        }
+        g.dims_json.push(render());
+        g.ids.insert(fp, id);
+        Ok(id)
+    }
+
+    /// Appends the rendered dims of keys `out.len()..` to `out`.
+    pub fn catch_up(&self, out: &mut Vec<String>) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            g.dims_json[out.len().min(g.dims_json.len())..]
+                .iter()
+                .cloned(),
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dims_json
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A router's cache in front of the dictionaries, one map per metric.
+pub struct KeyCache {
+    maps: Vec<AHashMap<u64, u32>>,
+    scratch: Vec<u8>,
+}
+
+impl KeyCache {
+    pub fn new(metrics: usize) -> KeyCache {
+        KeyCache {
+            maps: (0..metrics).map(|_| AHashMap::new()).collect(),
+            scratch: Vec::with_capacity(128),
+        }
+    }
+
+    /// The key id for these values of metric `m`'s group-by fields.
+    #[inline]
+    pub fn id<'a>(
+        &mut self,
+        m: usize,
+        dict: &KeyDict,
+        names: &[String],
+        values: impl Iterator<Item = FieldValue<'a>> + Clone,
+    ) -> Result<u32, TooManyKeys> {
+        self.scratch.clear();
+        for v in values.clone() {
+            encode_value(v, &mut self.scratch);
+        }
+        let fp = xxhash_rust::xxh3::xxh3_64(&self.scratch);
+        if let Some(&id) = self.maps[m].get(&fp) {
+            return Ok(id);
+        }
+        let id = dict.intern(fp, || render_dims(names, &values.collect::<Vec<_>>()))?;
+        self.maps[m].insert(fp, id);
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dims_render_as_json_with_types() {
+        let names = ["page".to_string(), "v".to_string(), "x".to_string()];
+        let s = render_dims(
+            &names,
+            &[
+                FieldValue::Str(b"h\"o"),
+                FieldValue::Int(7),
+                FieldValue::Null,
+            ],
+        );
+        assert_eq!(s, r#"{"page":"h\"o","v":7,"x":null}"#);
+    }
+
+    #[test]
+    fn int_and_string_are_different_keys() {
+        let dict = KeyDict::default();
+        let mut cache = KeyCache::new(1);
+        let names = ["v".to_string()];
+        let a = cache
+            .id(0, &dict, &names, [FieldValue::Int(7)].into_iter())
+            .unwrap();
+        let b = cache
+            .id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter())
+            .unwrap();
+        let c = cache
+            .id(0, &dict, &names, [FieldValue::Int(7)].into_iter())
+            .unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a, c);
+        let mut other = KeyCache::new(1);
+        assert_eq!(
+            other
+                .id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter())
+                .unwrap(),
+            b
+        );
+        let mut dims = Vec::new();
+        dict.catch_up(&mut dims);
+        assert_eq!(dims, [r#"{"v":7}"#, r#"{"v":"7"}"#]);
+    }
+}

@@ -1,0 +1,4 @@
+//! Metrics: the per-shard logic and the emitter's merge.
+
+pub mod cumulate;
+pub mod keys;

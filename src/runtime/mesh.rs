@@ -1,0 +1,82 @@
+//! The N×N mesh of bounded lock-free queues between routers and shards.
+//!
+//! Router `r` sends to shard `s` through queue `(r, s)`, which only `r`
+//! pushes to and only `s` pops from. Each block a router handles yields
+//! exactly one [`Batch`] per shard (possibly without records): its tail
+//! carries the block's watermark marker in-band, so a shard knows which
+//! blocks it has fully received. Emptied batches go back through a return
+//! queue and are reused: no allocation per event or per block once warm.
+
+use crossbeam::queue::ArrayQueue;
+
+/// Batches a queue holds before its router must wait.
+pub const QUEUE_BATCHES: usize = 8;
+/// Batches a (router, shard) pair may own in all (queued, in use, spare).
+pub const POOL_BATCHES: usize = QUEUE_BATCHES + 3;
+
+/// One counted event for one metric, as a shard receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// xxh3-64 of the device id text: decides the shard and dedups.
+    pub device_fp: u64,
+    /// `metric << KEY_BITS | key id`.
+    pub key: u32,
+    /// Slice (step index since 1970, local time) the event counts in.
+    pub slice: u32,
+}
+
+/// The records of one block for one shard, and the block's marker.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub source: usize,
+    /// Position of the block in its source.
+    pub seq: u32,
+    /// The source's watermark once this block is counted.
+    pub wm_ms: i64,
+}
+
+/// The queues of a run.
+pub struct Mesh {
+    pub n: usize,
+    to_shard: Vec<ArrayQueue<Batch>>,
+    returned: Vec<ArrayQueue<Batch>>,
+}
+
+impl Mesh {
+    pub fn new(n: usize) -> Mesh {
+        Mesh {
+            n,
+            to_shard: (0..n * n).map(|_| ArrayQueue::new(QUEUE_BATCHES)).collect(),
+            returned: (0..n * n).map(|_| ArrayQueue::new(POOL_BATCHES)).collect(),
+        }
+    }
+
+    /// Router `r` sends; gives the batch back if the queue is full.
+    #[inline]
+    pub fn send(&self, r: usize, s: usize, b: Batch) -> Result<(), Batch> {
+        self.to_shard[r * self.n + s].push(b)
+    }
+
+    /// Shard `s` takes the next batch from router `r`.
+    #[inline]
+    pub fn recv(&self, r: usize, s: usize) -> Option<Batch> {
+        self.to_shard[r * self.n + s].pop()
+    }
+
+    /// Shard `s` hands an emptied batch back to router `r`.
+    #[inline]
+    pub fn give_back(&self, r: usize, s: usize, mut b: Batch) {
+        b.records.clear();
+        // The return queue holds a whole pool, so this cannot fail; if it
+        // ever did, the batch would simply be freed.
+        let _ = self.returned[r * self.n + s].push(b);
+    }
+
+    /// Router `r` reuses a batch it sent to shard `s` earlier.
+    #[inline]
+    pub fn reuse(&self, r: usize, s: usize) -> Option<Batch> {
+        self.returned[r * self.n + s].pop()
+    }
+}

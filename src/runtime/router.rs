@@ -1,0 +1,457 @@
+//! Routers: parse a worker's share of the input blocks, filter, intern
+//! group keys, hash device ids and stage one batch per shard.
+//!
+//! Hot path: per event one parse, one xxh3 of the device id, per metric a
+//! filter evaluation, a key-cache probe and a 16-byte record push. Before a
+//! block's batches leave, the router learns the source's watermark as of
+//! the previous block (published by whichever router parsed it) and places
+//! late events by the metric's policy; so lateness depends only on the
+//! input and the block size, never on thread timing or the number of
+//! workers.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use ahash::AHashMap;
+
+use super::mesh::{Batch, Record, POOL_BATCHES};
+use super::stats::SourceStats;
+use super::{Shared, NOT_READY, NO_EVENTS};
+use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
+use crate::event::csv::CsvParser;
+use crate::event::jsonl::JsonlParser;
+use crate::event::{EventBuf, FieldSet, Reject};
+use crate::job::filter::Node;
+use crate::job::{Format, LatePolicy};
+use crate::metric::cumulate::{Geometry, Placement};
+use crate::metric::keys::{KeyCache, KEY_BITS};
+use crate::source::file::{for_each_line, Block, BlockReader, Line, READS_IN_FLIGHT};
+
+/// A metric as one source feeds it.
+struct SourceMetric {
+    metric: usize,
+    filter: Option<Node<usize>>,
+    group_slots: Vec<usize>,
+    geo: Geometry,
+}
+
+/// A source's parsing state in one router.
+struct SourceRt {
+    format: Format,
+    fields: FieldSet,
+    jsonl: JsonlParser,
+    /// CSV parsers by file index (each file has its own header).
+    csv: AHashMap<usize, CsvParser>,
+    binary_slots: [Option<usize>; BINARY_DIMS],
+    ev: EventBuf,
+    metrics: Vec<SourceMetric>,
+    delay_ms: i64,
+    max_line_bytes: usize,
+}
+
+/// A parsed block whose batches have not all left yet.
+struct Staged {
+    task: usize,
+    batches: Vec<Option<Batch>>,
+    ts_min: i64,
+    ts_max: i64,
+    resolved: bool,
+}
+
+pub struct Router {
+    w: usize,
+    tasks: Vec<usize>,
+    next_submit: usize,
+    next_parse: usize,
+    reader: BlockReader,
+    sources: Vec<SourceRt>,
+    keys: KeyCache,
+    staged: Option<Staged>,
+    /// One empty batch per shard, acquired before a block is parsed.
+    ready: Vec<Option<Batch>>,
+    allocated: Vec<usize>,
+    pub stats: Vec<SourceStats>,
+}
+
+impl Router {
+    pub fn new(w: usize, sh: &Shared) -> Router {
+        let n = sh.mesh.n;
+        let tasks = (w..sh.plan.tasks.len()).step_by(n).collect();
+        let sources = (0..sh.job.sources.len())
+            .map(|s| source_rt(s, sh))
+            .collect();
+        Router {
+            w,
+            tasks,
+            next_submit: 0,
+            next_parse: 0,
+            reader: BlockReader::new(sh.plan.clone()),
+            sources,
+            keys: KeyCache::new(sh.job.metrics.len()),
+            staged: None,
+            ready: (0..n).map(|_| None).collect(),
+            allocated: vec![0; n],
+            stats: sh
+                .job
+                .sources
+                .iter()
+                .map(|_| SourceStats::default())
+                .collect(),
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.staged.is_none() && self.next_parse == self.tasks.len()
+    }
+
+    pub fn uses_io_uring(&self) -> bool {
+        self.reader.uses_io_uring()
+    }
+
+    /// Does one piece of work if one can be done without waiting; returns
+    /// whether anything moved.
+    pub fn step(&mut self, sh: &Shared) -> io::Result<bool> {
+        if self.staged.is_some() {
+            return Ok(self.push_staged(sh));
+        }
+        while self.reader.in_flight() < READS_IN_FLIGHT && self.next_submit < self.tasks.len() {
+            self.reader.submit(self.tasks[self.next_submit])?;
+            self.next_submit += 1;
+        }
+        if self.next_parse == self.tasks.len() || !self.acquire_batches(sh) {
+            return Ok(false);
+        }
+        let Some(block) = self.reader.poll(false) else {
+            return Ok(false);
+        };
+        let block = block.map_err(|e| {
+            let t = sh.plan.tasks[self.tasks[self.next_parse]];
+            io::Error::new(
+                e.kind(),
+                format!("{}: {e}", sh.plan.files[t.file].path.display()),
+            )
+        })?;
+        self.next_parse += 1;
+        self.parse(sh, block)?;
+        self.push_staged(sh);
+        Ok(true)
+    }
+
+    /// Takes one empty batch per shard; false if a pool is exhausted.
+    fn acquire_batches(&mut self, sh: &Shared) -> bool {
+        for s in 0..sh.mesh.n {
+            if self.ready[s].is_some() {
+                continue;
+            }
+            self.ready[s] = sh.mesh.reuse(self.w, s).or_else(|| {
+                (self.allocated[s] < POOL_BATCHES).then(|| {
+                    self.allocated[s] += 1;
+                    Batch::default()
+                })
+            });
+            if self.ready[s].is_none() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn parse(&mut self, sh: &Shared, mut block: Block) -> io::Result<()> {
+        let task = sh.plan.tasks[block.task];
+        let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
+        let mut acc = Accumulator {
+            ts_min: i64::MAX,
+            ts_max: i64::MIN,
+        };
+        let src = &mut self.sources[task.source];
+        let stats = &mut self.stats[task.source];
+        let keys = &mut self.keys;
+        let lines = match src.format {
+            Format::Binary => parse_binary(
+                src,
+                keys,
+                sh,
+                &block.data,
+                task.hi,
+                block.task,
+                &mut batches,
+                &mut acc,
+                stats,
+            )?,
+            Format::Jsonl | Format::Csv => {
+                let file = &sh.plan.files[task.file];
+                let is_csv = src.format == Format::Csv;
+                if is_csv && !src.csv.contains_key(&task.file) {
+                    let header = file.csv_header.clone().unwrap_or_default();
+                    src.csv
+                        .insert(task.file, CsvParser::new(&src.fields, &header));
+                }
+                let max_line = src.max_line_bytes;
+                let task_id = block.task;
+                let mut err = None;
+                let n = for_each_line(&mut block, &task, file, max_line, |idx, line| {
+                    if is_csv && task.lo == 0 && idx == 0 {
+                        return; // the header
+                    }
+                    let r = match line {
+                        Line::TooLong => Err(Reject::LineTooLong),
+                        Line::Text(text) => {
+                            let parsed = if is_csv {
+                                match src.csv.get_mut(&task.file) {
+                                    Some(p) => p.parse(text, &mut src.ev),
+                                    None => Err(Reject::InvalidCsv),
+                                }
+                            } else {
+                                src.jsonl.parse(text, &mut src.ev)
+                            };
+                            parsed.map(|()| text)
+                        }
+                    };
+                    match r {
+                        Ok(text) => {
+                            if let Err(e) = route(src, keys, sh, text, &mut batches, &mut acc) {
+                                err.get_or_insert(e);
+                            }
+                            stats.events += 1;
+                        }
+                        Err(reason) => {
+                            let snippet = match line {
+                                Line::Text(t) => t,
+                                Line::TooLong => &[],
+                            };
+                            stats.reject(reason, task_id, idx, snippet);
+                        }
+                    }
+                })?;
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                n
+            }
+        };
+        sh.line_counts[block.task].store(lines, Ordering::Relaxed);
+        stats.lines += lines as u64;
+        let task_id = block.task;
+        self.reader.recycle(block);
+        self.staged = Some(Staged {
+            task: task_id,
+            batches,
+            ts_min: acc.ts_min,
+            ts_max: acc.ts_max,
+            resolved: false,
+        });
+        Ok(())
+    }
+
+    /// Resolves lateness (once the previous block's watermark is known) and
+    /// sends what the queues take. Returns whether anything moved.
+    fn push_staged(&mut self, sh: &Shared) -> bool {
+        let Some(st) = &mut self.staged else {
+            return false;
+        };
+        let mut moved = false;
+        if !st.resolved {
+            let task = sh.plan.tasks[st.task];
+            let prefix = &sh.prefix[task.source];
+            let prev = if task.seq == 0 {
+                NO_EVENTS
+            } else {
+                prefix[task.seq as usize - 1].load(Ordering::Acquire)
+            };
+            if prev == NOT_READY {
+                return false;
+            }
+            let mine = if st.ts_max == i64::MIN {
+                prev
+            } else {
+                prev.max(st.ts_max)
+            };
+            prefix[task.seq as usize].store(mine, Ordering::Release);
+            let src = &self.sources[task.source];
+            let wm_before = to_wm(prev, src.delay_ms);
+            let wm_after = to_wm(mine, src.delay_ms);
+            if st.ts_min < wm_before {
+                place_late(&mut st.batches, wm_before, sh, &mut self.stats[task.source]);
+            }
+            for b in st.batches.iter_mut().flatten() {
+                b.source = task.source;
+                b.seq = task.seq;
+                b.wm_ms = wm_after;
+            }
+            st.resolved = true;
+            moved = true;
+        }
+        for (s, slot) in st.batches.iter_mut().enumerate() {
+            if let Some(b) = slot.take() {
+                match sh.mesh.send(self.w, s, b) {
+                    Ok(()) => moved = true,
+                    Err(b) => *slot = Some(b),
+                }
+            }
+        }
+        if st.batches.iter().all(Option::is_none) {
+            self.staged = None;
+        }
+        moved
+    }
+}
+
+/// A source's watermark from the largest event time seen so far.
+#[inline]
+fn to_wm(prefix_max: i64, delay_ms: i64) -> i64 {
+    if prefix_max == NO_EVENTS {
+        i64::MIN
+    } else {
+        prefix_max - delay_ms
+    }
+}
+
+/// Applies each record's metric late policy against `wm_ms`.
+fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mut SourceStats) {
+    for b in batches.iter_mut().flatten() {
+        b.records.retain_mut(|r| {
+            let m = (r.key >> KEY_BITS) as usize;
+            let late: LatePolicy = sh.job.metrics[m].late;
+            match sh.geometry[m].place(r.slice, wm_ms, late) {
+                Placement::OnTime => true,
+                Placement::Folded(target) => {
+                    r.slice = target;
+                    stats.late_folded += 1;
+                    true
+                }
+                Placement::Dropped => {
+                    stats.late_dropped += 1;
+                    false
+                }
+            }
+        });
+    }
+}
+
+struct Accumulator {
+    ts_min: i64,
+    ts_max: i64,
+}
+
+/// Sends one parsed event to its shard, once per metric it passes.
+#[inline]
+fn route(
+    src: &mut SourceRt,
+    keys: &mut KeyCache,
+    sh: &Shared,
+    record: &[u8],
+    batches: &mut [Option<Batch>],
+    acc: &mut Accumulator,
+) -> io::Result<()> {
+    let ev = &src.ev;
+    let ts = ev.ts_ms;
+    acc.ts_min = acc.ts_min.min(ts);
+    acc.ts_max = acc.ts_max.max(ts);
+    let device_fp = xxhash_rust::xxh3::xxh3_64(ev.did_bytes(record));
+    let shard = ((device_fp as u128 * batches.len() as u128) >> 64) as usize;
+    for sm in &src.metrics {
+        if let Some(f) = &sm.filter {
+            if !f.passes(&|slot: &usize| ev.value(record, *slot)) {
+                continue;
+            }
+        }
+        let m = sm.metric;
+        let values = sm.group_slots.iter().map(|&s| ev.value(record, s));
+        let key = keys
+            .id(m, &sh.dicts[m], &sh.job.metrics[m].group_by, values)
+            .map_err(|e| io::Error::other(format!("metric {:?}: {e}", sh.job.metrics[m].name)))?;
+        let slice = sm.geo.slice_of(ts);
+        if let Some(b) = &mut batches[shard] {
+            b.records.push(Record {
+                device_fp,
+                key: (m as u32) << KEY_BITS | key,
+                slice,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn parse_binary(
+    src: &mut SourceRt,
+    keys: &mut KeyCache,
+    sh: &Shared,
+    data: &[u8],
+    hi: u64,
+    task: usize,
+    batches: &mut [Option<Batch>],
+    acc: &mut Accumulator,
+    stats: &mut SourceStats,
+) -> io::Result<u32> {
+    let _ = hi;
+    let whole = data.len() / BINARY_RECORD_BYTES * BINARY_RECORD_BYTES;
+    let mut index = 0u32;
+    for chunk in data[..whole].chunks_exact(BINARY_RECORD_BYTES) {
+        let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
+        match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
+            Ok(()) => {
+                route(src, keys, sh, &[], batches, acc)?;
+                stats.events += 1;
+            }
+            Err(reason) => stats.reject(reason, task, index, &[]),
+        }
+        index += 1;
+    }
+    if whole < data.len() {
+        stats.reject(Reject::TruncatedRecord, task, index, &[]);
+        index += 1;
+    }
+    Ok(index)
+}
+
+fn source_rt(s: usize, sh: &Shared) -> SourceRt {
+    let spec = &sh.job.sources[s];
+    let mut slots: Vec<String> = Vec::new();
+    let reading: Vec<usize> = (0..sh.job.metrics.len())
+        .filter(|&m| sh.job.metrics[m].sources.contains(&s))
+        .collect();
+    for &m in &reading {
+        let metric = &sh.job.metrics[m];
+        let filter_fields = metric
+            .filter
+            .as_ref()
+            .map(|f| f.fields())
+            .unwrap_or_default();
+        for f in metric.group_by.iter().chain(&filter_fields) {
+            if !slots.contains(f) {
+                slots.push(f.clone());
+            }
+        }
+    }
+    let fields = FieldSet {
+        ts: spec.ts_field.clone(),
+        did: spec.did_field.clone(),
+        slots,
+    };
+    let slot_of = |name: &str| fields.slot_of(name).unwrap_or(0);
+    let metrics = reading
+        .iter()
+        .map(|&m| {
+            let metric = &sh.job.metrics[m];
+            SourceMetric {
+                metric: m,
+                filter: metric.filter.as_ref().map(|f| f.compile(&slot_of)),
+                group_slots: metric.group_by.iter().map(|g| slot_of(g)).collect(),
+                geo: sh.geometry[m],
+            }
+        })
+        .collect();
+    let binary_slots = std::array::from_fn(|i| fields.slot_of(&spec.binary_dims[i]));
+    SourceRt {
+        format: spec.format,
+        jsonl: JsonlParser::new(&fields),
+        csv: AHashMap::new(),
+        binary_slots,
+        ev: EventBuf::new(fields.slots.len()),
+        fields,
+        metrics,
+        delay_ms: spec.max_out_of_orderness_ms,
+        max_line_bytes: spec.max_line_bytes,
+    }
+}

@@ -1,0 +1,169 @@
+//! Shards: own a device-hash range, count its events per metric, and ship
+//! closed slices to the emitter when their watermark passes.
+//!
+//! Hot path: per record one dedup probe (prefetched a few records ahead)
+//! and two counter bumps. A shard's watermark is the minimum over sources
+//! of the watermark of the longest run of blocks it has fully received
+//! (block markers arrive in-band, after the block's records).
+
+use std::collections::BTreeMap;
+use std::io;
+
+use crossbeam::channel::Sender;
+
+use super::mesh::Batch;
+use super::{Shared, ToEmitter};
+use crate::metric::cumulate::CumulateShard;
+use crate::metric::keys::KEY_BITS;
+
+/// Records ahead whose dedup slot is prefetched.
+pub const PREFETCH_DISTANCE: usize = 8;
+/// Batches taken from one router queue per poll, so routers are served fairly.
+pub const BATCHES_PER_POLL: usize = 4;
+
+/// Which blocks of a source this shard has fully received.
+struct Progress {
+    next_seq: u32,
+    blocks: u32,
+    wm_ms: i64,
+    early: BTreeMap<u32, i64>,
+}
+
+impl Progress {
+    fn watermark(&self) -> i64 {
+        if self.next_seq == self.blocks {
+            i64::MAX
+        } else {
+            self.wm_ms
+        }
+    }
+
+    fn mark(&mut self, seq: u32, wm_ms: i64) {
+        self.early.insert(seq, wm_ms);
+        while let Some(wm) = self.early.remove(&self.next_seq) {
+            debug_assert!(wm >= self.wm_ms, "a source watermark moved backwards");
+            self.wm_ms = self.wm_ms.max(wm);
+            self.next_seq += 1;
+        }
+    }
+}
+
+pub struct Shard {
+    s: usize,
+    metrics: Vec<CumulateShard>,
+    progress: Vec<Progress>,
+    wm_ms: i64,
+    pub state_bytes_max: usize,
+    pub dedup_entries_max: usize,
+}
+
+impl Shard {
+    pub fn new(s: usize, sh: &Shared) -> Shard {
+        let metrics = sh
+            .job
+            .metrics
+            .iter()
+            .enumerate()
+            .map(|(m, _)| {
+                let dir = sh
+                    .job
+                    .state_dir
+                    .as_ref()
+                    .map(|d| d.join(format!("shard-{s}")));
+                CumulateShard::new(sh.geometry[m], dir, format!("m{m}"))
+            })
+            .collect();
+        let progress = sh
+            .plan
+            .blocks_per_source
+            .iter()
+            .map(|&blocks| Progress {
+                next_seq: 0,
+                blocks,
+                wm_ms: i64::MIN,
+                early: BTreeMap::new(),
+            })
+            .collect();
+        Shard {
+            s,
+            metrics,
+            progress,
+            wm_ms: i64::MIN,
+            state_bytes_max: 0,
+            dedup_entries_max: 0,
+        }
+    }
+
+    /// True once every source is fully received and everything shipped.
+    pub fn done(&self) -> bool {
+        self.wm_ms == i64::MAX
+    }
+
+    /// Takes what the routers sent; returns whether anything moved.
+    pub fn poll(&mut self, sh: &Shared, out: &Sender<ToEmitter>) -> io::Result<bool> {
+        let mut moved = false;
+        for r in 0..sh.mesh.n {
+            for _ in 0..BATCHES_PER_POLL {
+                let Some(batch) = sh.mesh.recv(r, self.s) else {
+                    break;
+                };
+                self.apply(&batch, sh.mesh.n)?;
+                self.progress[batch.source].mark(batch.seq, batch.wm_ms);
+                sh.mesh.give_back(r, self.s, batch);
+                moved = true;
+            }
+        }
+        if moved || self.wm_ms == i64::MIN {
+            self.advance(out);
+        }
+        Ok(moved)
+    }
+
+    fn apply(&mut self, batch: &Batch, n: usize) -> io::Result<()> {
+        let recs = &batch.records;
+        let mask = (1u32 << KEY_BITS) - 1;
+        for (i, r) in recs.iter().enumerate() {
+            if let Some(ahead) = recs.get(i + PREFETCH_DISTANCE) {
+                self.metrics[(ahead.key >> KEY_BITS) as usize].prefetch(
+                    ahead.device_fp,
+                    ahead.key & mask,
+                    ahead.slice,
+                );
+            }
+            debug_assert_eq!(
+                ((r.device_fp as u128 * n as u128) >> 64) as usize,
+                self.s,
+                "record outside the shard's range"
+            );
+            self.metrics[(r.key >> KEY_BITS) as usize].apply(r.device_fp, r.key & mask, r.slice)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the shard watermark and ships what it closed.
+    fn advance(&mut self, out: &Sender<ToEmitter>) {
+        let wm = self
+            .progress
+            .iter()
+            .map(Progress::watermark)
+            .min()
+            .unwrap_or(i64::MAX);
+        if wm <= self.wm_ms {
+            return;
+        }
+        let bytes: usize = self.metrics.iter().map(CumulateShard::state_bytes).sum();
+        let entries: usize = self.metrics.iter().map(CumulateShard::dedup_entries).sum();
+        self.state_bytes_max = self.state_bytes_max.max(bytes);
+        self.dedup_entries_max = self.dedup_entries_max.max(entries);
+        self.wm_ms = wm;
+        for (metric, m) in self.metrics.iter_mut().enumerate() {
+            m.ship(wm, &mut |cols| {
+                let _ = out.send(ToEmitter::Slice { metric, cols });
+            });
+        }
+        let _ = out.send(ToEmitter::Watermark {
+            shard: self.s,
+            wm_ms: wm,
+        });
+    }
+}

@@ -1,0 +1,90 @@
+//! Per-source counters: events, skipped records by reason with the first
+//! examples, late events. Each router keeps its own; they are summed once
+//! at the end.
+
+use serde::Serialize;
+
+use crate::event::Reject;
+
+/// Examples kept per source and reason.
+pub const EXAMPLES_PER_REASON: usize = 3;
+/// Bytes of a bad line shown in an example.
+pub const EXAMPLE_SNIPPET_BYTES: usize = 80;
+
+/// A skipped record, located by block and index until line numbers are
+/// known.
+#[derive(Clone, Debug)]
+pub struct RawExample {
+    pub reason: Reject,
+    pub task: usize,
+    pub index: u32,
+    pub snippet: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SourceStats {
+    /// Records read (lines, or binary records), good or bad.
+    pub lines: u64,
+    /// Records parsed into events.
+    pub events: u64,
+    pub rejected: [u64; Reject::ALL.len()],
+    /// Late (event, metric) records counted in a later window.
+    pub late_folded: u64,
+    /// Late (event, metric) records not counted.
+    pub late_dropped: u64,
+    pub examples: Vec<RawExample>,
+}
+
+impl SourceStats {
+    pub fn reject(&mut self, reason: Reject, task: usize, index: u32, snippet: &[u8]) {
+        let i = reason.index();
+        self.rejected[i] += 1;
+        if self.rejected[i] as usize <= EXAMPLES_PER_REASON {
+            let cut = &snippet[..snippet.len().min(EXAMPLE_SNIPPET_BYTES)];
+            self.examples.push(RawExample {
+                reason,
+                task,
+                index,
+                snippet: String::from_utf8_lossy(cut).into_owned(),
+            });
+        }
+    }
+
+    pub fn merge(&mut self, o: &SourceStats) {
+        self.lines += o.lines;
+        self.events += o.events;
+        for (a, b) in self.rejected.iter_mut().zip(&o.rejected) {
+            *a += b;
+        }
+        self.late_folded += o.late_folded;
+        self.late_dropped += o.late_dropped;
+        self.examples.extend(o.examples.iter().cloned());
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+}
+
+/// A skipped record as the summary reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Example {
+    pub reason: &'static str,
+    /// `path:line` (1-based line, or record number for binary input).
+    pub at: String,
+    pub snippet: String,
+}
+
+/// What a run did to one source.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceReport {
+    pub name: String,
+    pub records: u64,
+    pub events: u64,
+    pub rejected: u64,
+    /// Skipped records per reason (only reasons that occurred).
+    pub rejected_by_reason: std::collections::BTreeMap<&'static str, u64>,
+    pub late_folded: u64,
+    pub late_dropped: u64,
+    pub examples: Vec<Example>,
+}

@@ -1,0 +1,3 @@
+//! Sinks: where result rows go.
+
+pub mod jsonl;

@@ -1,0 +1,4 @@
+//! Sources: where events come from. Each yields blocks of records that the
+//! routers parse.
+
+pub mod file;

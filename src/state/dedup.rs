@@ -1,0 +1,316 @@
+//! The per-shard dedup table: which (device, group key) pairs were seen in
+//! a period, and in which slice first.
+//!
+//! Hot path: one probe per event. Open addressing with linear probing over
+//! fixed 16-byte `Pod` entries in a memory map (a file under the state
+//! directory, or anonymous memory). The home slot comes from a fast range
+//! reduction of a mixed hash, so capacity need not be a power of two and
+//! the table can grow by 1.5× (at 80% load), keeping state between 20 and
+//! 30 bytes per entry. Callers may [`DedupTable::prefetch`] a few events
+//! ahead so the cache misses of a batch overlap.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::PathBuf;
+
+use bytemuck::{Pod, Zeroable};
+use memmap2::MmapMut;
+
+/// Smallest table; a fresh period starts here.
+pub const CAPACITY_MIN_ENTRIES: usize = 1 << 12;
+/// Grow when entries exceed this share of capacity (per mille).
+pub const LOAD_MAX_PER_MILLE: usize = 800;
+
+/// One (device, key) pair. `first_slice == 0` marks an empty entry: slice
+/// indexes count steps since 1970, and events before 2000 are rejected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Entry {
+    pub device_fp: u64,
+    pub key: u32,
+    pub first_slice: u32,
+}
+
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+const _: () = assert!(ENTRY_BYTES == 16);
+
+/// What an observation changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// First time in this period: count a new distinct device in `slice`.
+    New,
+    /// Seen before, first in a later slice: move it from `was` to `slice`.
+    Earlier { was: u32 },
+    /// Already counted in this slice or an earlier one.
+    Again,
+}
+
+enum Backing {
+    Anon,
+    File {
+        dir: PathBuf,
+        name: String,
+        generation: u32,
+    },
+}
+
+/// A growable open-addressing set of [`Entry`].
+pub struct DedupTable {
+    map: MmapMut,
+    capacity: usize,
+    len: usize,
+    backing: Backing,
+}
+
+#[inline]
+fn mix(device_fp: u64, key: u32) -> u64 {
+    let h = device_fp ^ (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 32)
+}
+
+#[inline]
+fn home(h: u64, capacity: usize) -> usize {
+    ((h as u128 * capacity as u128) >> 64) as usize
+}
+
+impl DedupTable {
+    /// An empty table in anonymous memory.
+    pub fn anonymous() -> io::Result<DedupTable> {
+        let map = MmapMut::map_anon(CAPACITY_MIN_ENTRIES * ENTRY_BYTES)?;
+        Ok(DedupTable {
+            map,
+            capacity: CAPACITY_MIN_ENTRIES,
+            len: 0,
+            backing: Backing::Anon,
+        })
+    }
+
+    /// An empty table backed by `dir/name.N.dedup` files (N grows with
+    /// each rehash; the previous file is removed once the new one is built).
+    pub fn in_dir(dir: PathBuf, name: String) -> io::Result<DedupTable> {
+        std::fs::create_dir_all(&dir)?;
+        let map = map_file(&dir, &name, 0, CAPACITY_MIN_ENTRIES)?;
+        let backing = Backing::File {
+            dir,
+            name,
+            generation: 0,
+        };
+        Ok(DedupTable {
+            map,
+            capacity: CAPACITY_MIN_ENTRIES,
+            len: 0,
+            backing,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of state the table holds (its whole mapping).
+    pub fn bytes(&self) -> usize {
+        self.capacity * ENTRY_BYTES
+    }
+
+    #[inline]
+    fn entries(&self) -> &[Entry] {
+        bytemuck::cast_slice(&self.map[..self.capacity * ENTRY_BYTES])
+    }
+
+    #[inline]
+    fn entries_mut(&mut self) -> &mut [Entry] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.capacity * ENTRY_BYTES])
+    }
+
+    /// Hints the CPU to load the home slot of (device, key).
+    #[inline]
+    pub fn prefetch(&self, device_fp: u64, key: u32) {
+        let i = home(mix(device_fp, key), self.capacity);
+        let p = self.entries()[i..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch is a hint that never faults; `p` points into the map.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
+    /// Records that `device_fp` had an event with `key` in `slice`.
+    #[inline]
+    pub fn observe(&mut self, device_fp: u64, key: u32, slice: u32) -> io::Result<Seen> {
+        debug_assert!(slice != 0, "slice 0 is the empty marker");
+        if (self.len + 1) * 1000 > self.capacity * LOAD_MAX_PER_MILLE {
+            self.grow()?;
+        }
+        let capacity = self.capacity;
+        let mut i = home(mix(device_fp, key), capacity);
+        let entries = self.entries_mut();
+        loop {
+            let e = &mut entries[i];
+            if e.first_slice == 0 {
+                *e = Entry {
+                    device_fp,
+                    key,
+                    first_slice: slice,
+                };
+                self.len += 1;
+                return Ok(Seen::New);
+            }
+            if e.device_fp == device_fp && e.key == key {
+                if slice < e.first_slice {
+                    let was = e.first_slice;
+                    e.first_slice = slice;
+                    return Ok(Seen::Earlier { was });
+                }
+                return Ok(Seen::Again);
+            }
+            i += 1;
+            if i == capacity {
+                i = 0;
+            }
+        }
+    }
+
+    /// Looks an entry up without changing anything.
+    pub fn get(&self, device_fp: u64, key: u32) -> Option<Entry> {
+        let entries = self.entries();
+        let mut i = home(mix(device_fp, key), self.capacity);
+        loop {
+            let e = entries[i];
+            if e.first_slice == 0 {
+                return None;
+            }
+            if e.device_fp == device_fp && e.key == key {
+                return Some(e);
+            }
+            i = (i + 1) % self.capacity;
+        }
+    }
+
+    /// Rehashes into a map 1.5× larger.
+    #[cold]
+    fn grow(&mut self) -> io::Result<()> {
+        let capacity = self.capacity + self.capacity / 2;
+        let mut map = match &mut self.backing {
+            Backing::Anon => MmapMut::map_anon(capacity * ENTRY_BYTES)?,
+            Backing::File {
+                dir,
+                name,
+                generation,
+            } => {
+                *generation += 1;
+                map_file(dir, name, *generation, capacity)?
+            }
+        };
+        {
+            let new: &mut [Entry] = bytemuck::cast_slice_mut(&mut map[..capacity * ENTRY_BYTES]);
+            for e in self.entries().iter().filter(|e| e.first_slice != 0) {
+                let mut i = home(mix(e.device_fp, e.key), capacity);
+                while new[i].first_slice != 0 {
+                    i = if i + 1 == capacity { 0 } else { i + 1 };
+                }
+                new[i] = *e;
+            }
+        }
+        self.map = map;
+        self.capacity = capacity;
+        if let Backing::File {
+            dir,
+            name,
+            generation,
+        } = &self.backing
+        {
+            let _ = std::fs::remove_file(file_path(dir, name, *generation - 1));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DedupTable {
+    /// A dropped table is a finished period: its file goes too.
+    fn drop(&mut self) {
+        if let Backing::File {
+            dir,
+            name,
+            generation,
+        } = &self.backing
+        {
+            let _ = std::fs::remove_file(file_path(dir, name, *generation));
+        }
+    }
+}
+
+fn file_path(dir: &std::path::Path, name: &str, generation: u32) -> PathBuf {
+    dir.join(format!("{name}.{generation}.dedup"))
+}
+
+fn map_file(
+    dir: &std::path::Path,
+    name: &str,
+    generation: u32,
+    capacity: usize,
+) -> io::Result<MmapMut> {
+    let path = file_path(dir, name, generation);
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    file.set_len((capacity * ENTRY_BYTES) as u64)?;
+    // SAFETY: the file is ours (created and truncated just now under the
+    // job's state directory); nothing else maps or resizes it while we do.
+    unsafe { MmapMut::map_mut(&file) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    proptest! {
+        #[test]
+        fn matches_a_hashmap_of_first_slices(ops in proptest::collection::vec((0u64..300, 0u32..4, 1u32..50), 1..3000)) {
+            let mut t = DedupTable::anonymous().unwrap();
+            let mut model: HashMap<(u64, u32), u32> = HashMap::new();
+            for (d, k, s) in ops {
+                let fp = d.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let want = match model.get(&(fp, k)).copied() {
+                    None => { model.insert((fp, k), s); Seen::New }
+                    Some(w) if s < w => { model.insert((fp, k), s); Seen::Earlier { was: w } }
+                    Some(_) => Seen::Again,
+                };
+                prop_assert_eq!(t.observe(fp, k, s).unwrap(), want);
+            }
+            prop_assert_eq!(t.len(), model.len());
+            for ((fp, k), s) in model {
+                prop_assert_eq!(t.get(fp, k).map(|e| e.first_slice), Some(s));
+            }
+        }
+    }
+
+    #[test]
+    fn grows_in_a_file_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = DedupTable::in_dir(dir.path().to_owned(), "m0-p1".into()).unwrap();
+        for d in 0..20_000u64 {
+            assert_eq!(
+                t.observe(d.wrapping_mul(0x2545_F491_4F6C_DD1D), 1, 5)
+                    .unwrap(),
+                Seen::New
+            );
+        }
+        assert!(t.bytes() as f64 / t.len() as f64 <= 32.0);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "old generations are removed");
+        drop(t);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,3 @@
+//! Per-shard state: the dedup tables of distinct (device, key) pairs.
+
+pub mod dedup;

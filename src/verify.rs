@@ -1,0 +1,1870 @@
+//! `tally verify`: the offline, exact recomputation of a job's metrics, and
+//! the row-by-row comparison of an output file against it.
+//!
+//! # Why this shares nothing with the engine
+//!
+//! This module is the referee. If it reused the engine's parsers, dedup
+//! table, minute buckets or fingerprints, a bug in any of them would be
+//! repeated here and the comparison would pass. So it is written the
+//! slowest obvious way, from the specification alone:
+//!
+//! * inputs are read with `serde_json::Value`, the `csv` crate and
+//!   `bytemuck`, never with the engine's parsers;
+//! * device ids are compared by their full text (interned to integers), not
+//!   by 64-bit hashes, so the offline result is exact;
+//! * every passing event is kept as `(group key, event time, device)`, the
+//!   events are sorted, and the cumulative `pv` / distinct `uv` of each key
+//!   is counted at every window end where it changes; no watermark, no
+//!   lateness, no minute buckets.
+//!
+//! Only the job description ([`crate::job`]) is shared: the filter
+//! evaluation ([`crate::job::Filter`]), the period arithmetic
+//! ([`Job::period_start_ms`]) and the binary record layout
+//! ([`crate::event::binary::BinaryRecord`]) are the definitions of the
+//! semantics, not engine machinery.
+//!
+//! Memory is about 16 bytes per passing event per metric while computing,
+//! plus the distinct device ids and group keys, plus one point per
+//! (key, window with events); 20M events fit in a few GB.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use ahash::{AHashMap, AHashSet};
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+
+use crate::event::binary::{BinaryRecord, BINARY_DIMS, BINARY_NULL, BINARY_RECORD_BYTES};
+use crate::job::filter::FieldValue;
+use crate::job::{Emit, Format, Job, Measure, MetricSpec, SinkTarget, SourceSpec, DAY_MS};
+
+/// Earliest accepted event time (2000-01-01T00:00:00Z), inclusive.
+const TS_MIN_MS: i64 = 946_684_800_000;
+/// Latest accepted event time (2100-01-01T00:00:00Z), exclusive.
+const TS_MAX_MS: i64 = 4_102_444_800_000;
+/// How many problems a report describes.
+const EXAMPLES_MAX: usize = 10;
+/// Measures in report order.
+const MEASURES: [(Measure, &str); 2] = [(Measure::Pv, "pv"), (Measure::Uv, "uv")];
+
+// ---------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------
+
+/// The outcome of comparing a results file with the offline recomputation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifyReport {
+    /// Non-blank lines read from the results file (malformed ones included).
+    pub rows_checked: u64,
+    /// Rows that are malformed, name an unknown metric or a bad window, carry
+    /// values different from the offline ones, belong to a key without data
+    /// at that window, or (emit = changed) repeat an unchanged key.
+    pub rows_wrong: u64,
+    /// Keys that must have a row in an emitted window but have none.
+    pub rows_missing: u64,
+    /// Rows repeating a (metric, window_end, dims) already seen; the last one
+    /// counts (outputs are upserts). Not a failure by itself.
+    pub rows_duplicate: u64,
+    /// Window ends that must be emitted (see [`verify`]) but have no row.
+    pub windows_missing: u64,
+    /// Per measure (`pv`, `uv`, those some metric outputs): the largest
+    /// `|got - expected| / max(expected, 1)` over the compared rows.
+    pub worst_rel_diff: Vec<(String, f64)>,
+    /// The first few problems, human readable.
+    pub examples: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True when no row is wrong or missing and no window is missing.
+    pub fn ok(&self) -> bool {
+        self.rows_wrong == 0 && self.rows_missing == 0 && self.windows_missing == 0
+    }
+
+    /// Writes a short human summary: the counters, the worst relative
+    /// difference per measure, then the examples.
+    pub fn print(&self, w: &mut impl Write) -> io::Result<()> {
+        if self.ok() {
+            writeln!(
+                w,
+                "verify: OK, every result matches the offline recomputation"
+            )?;
+        } else {
+            writeln!(
+                w,
+                "verify: FAILED, results differ from the offline recomputation"
+            )?;
+        }
+        writeln!(w, "  rows checked:     {}", self.rows_checked)?;
+        writeln!(w, "  rows wrong:       {}", self.rows_wrong)?;
+        writeln!(w, "  rows missing:     {}", self.rows_missing)?;
+        writeln!(
+            w,
+            "  rows duplicate:   {} (upserts: the last row of a key counts)",
+            self.rows_duplicate
+        )?;
+        writeln!(w, "  windows missing:  {}", self.windows_missing)?;
+        if !self.worst_rel_diff.is_empty() {
+            let parts: Vec<String> = self
+                .worst_rel_diff
+                .iter()
+                .map(|(m, d)| format!("{m} {d:.6}"))
+                .collect();
+            writeln!(w, "  worst relative difference: {}", parts.join(", "))?;
+        }
+        if !self.examples.is_empty() {
+            writeln!(w, "  first problems:")?;
+            for e in &self.examples {
+                writeln!(w, "    - {e}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Group-key values
+// ---------------------------------------------------------------------------
+
+/// One group-by value, hashable. Distinct variants are distinct keys, like
+/// distinct `serde_json` values: the integer 7 and the string "7" differ.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Dim {
+    Null,
+    Int(i64),
+    /// `f64` bits, with -0.0 folded into 0.0 (they are equal JSON values).
+    Float(u64),
+    Str(String),
+}
+
+impl Dim {
+    fn float(f: f64) -> Dim {
+        Dim::Float(if f == 0.0 {
+            0f64.to_bits()
+        } else {
+            f.to_bits()
+        })
+    }
+
+    fn from_field(v: FieldValue) -> Dim {
+        match v {
+            FieldValue::Null => Dim::Null,
+            FieldValue::Int(i) => Dim::Int(i),
+            FieldValue::Float(f) => Dim::float(f),
+            FieldValue::Str(s) => Dim::Str(String::from_utf8_lossy(s).into_owned()),
+        }
+    }
+
+    /// The key value a result row's `dims` entry denotes; `None` for values
+    /// no event can produce (booleans, arrays, objects).
+    fn from_json(v: &Value) -> Option<Dim> {
+        match v {
+            Value::Null => Some(Dim::Null),
+            Value::Number(n) => n
+                .as_i64()
+                .map(Dim::Int)
+                .or_else(|| n.as_f64().map(Dim::float)),
+            Value::String(s) => Some(Dim::Str(s.clone())),
+            _ => None,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            Dim::Null => Value::Null,
+            Dim::Int(i) => Value::from(*i),
+            Dim::Float(bits) => serde_json::Number::from_f64(f64::from_bits(*bits))
+                .map_or(Value::Null, Value::Number),
+            Dim::Str(s) => Value::String(s.clone()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading inputs
+// ---------------------------------------------------------------------------
+
+/// One accepted input record, for field look-ups by name.
+#[derive(Clone, Copy)]
+enum Rec<'r> {
+    Json(&'r Map<String, Value>),
+    Csv {
+        header: &'r csv::ByteRecord,
+        row: &'r csv::ByteRecord,
+    },
+    Binary {
+        names: &'r [String; BINARY_DIMS],
+        dims: [u32; BINARY_DIMS],
+    },
+}
+
+impl<'r> Rec<'r> {
+    /// The value of a dimension or filter field (`Null` when absent).
+    fn get(&self, name: &str) -> FieldValue<'r> {
+        match *self {
+            Rec::Json(obj) => obj.get(name).map_or(FieldValue::Null, json_field),
+            Rec::Csv { header, row } => header
+                .iter()
+                .position(|h| h == name.as_bytes())
+                .and_then(|i| row.get(i))
+                .map_or(FieldValue::Null, csv_field),
+            Rec::Binary { names, dims } => names
+                .iter()
+                .position(|n| n == name)
+                .map_or(FieldValue::Null, |i| binary_field(dims[i])),
+        }
+    }
+}
+
+fn json_field(v: &Value) -> FieldValue<'_> {
+    match v {
+        Value::String(s) => FieldValue::Str(s.as_bytes()),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => FieldValue::Int(i),
+            None => n.as_f64().map_or(FieldValue::Null, FieldValue::Float),
+        },
+        _ => FieldValue::Null,
+    }
+}
+
+fn csv_field(cell: &[u8]) -> FieldValue<'_> {
+    if cell.is_empty() {
+        FieldValue::Null
+    } else if let Some(i) = canonical_int(cell) {
+        FieldValue::Int(i)
+    } else {
+        FieldValue::Str(cell)
+    }
+}
+
+fn binary_field(code: u32) -> FieldValue<'static> {
+    if code == BINARY_NULL {
+        FieldValue::Null
+    } else {
+        FieldValue::Int(i64::from(code))
+    }
+}
+
+/// An integer written canonically: exactly the text `i64::to_string` gives
+/// (optional `-`, digits, no leading zeros, no `+`, not `-0`).
+fn canonical_int(text: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(text).ok()?;
+    let i: i64 = s.parse().ok()?;
+    (itoa::Buffer::new().format(i) == s).then_some(i)
+}
+
+fn ts_in_range(ts: i64) -> bool {
+    (TS_MIN_MS..TS_MAX_MS).contains(&ts)
+}
+
+/// Receives each accepted event: time, device-id text, fields.
+type EventSink<'s> = dyn FnMut(i64, &[u8], Rec<'_>) -> Result<()> + 's;
+
+/// Reads every file of a source in order, calling `f` for each event that has
+/// a valid time and device id.
+fn read_source(src: &SourceSpec, f: &mut EventSink<'_>) -> Result<()> {
+    for path in &src.paths {
+        match src.format {
+            Format::Jsonl => read_jsonl(src, path, f),
+            Format::Csv => read_csv(src, path, f),
+            Format::Binary => read_binary(src, path, f),
+        }
+        .with_context(|| format!("source {:?}: reading {}", src.name, path.display()))?;
+    }
+    Ok(())
+}
+
+fn read_jsonl(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()> {
+    for_each_line(path, src.max_line_bytes, &mut |line| {
+        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(line) else {
+            return Ok(());
+        };
+        let ts = match obj.get(&src.ts_field).and_then(Value::as_i64) {
+            Some(ts) if ts_in_range(ts) => ts,
+            _ => return Ok(()),
+        };
+        let mut digits = itoa::Buffer::new();
+        let did: &[u8] = match obj.get(&src.did_field) {
+            Some(Value::String(s)) if !s.is_empty() => s.as_bytes(),
+            Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => digits.format(i).as_bytes(),
+                (None, Some(u)) => digits.format(u).as_bytes(),
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        f(ts, did, Rec::Json(&obj))
+    })
+}
+
+/// Calls `f` with each line of the file that is non-empty and at most
+/// `max_len` bytes long, without its `\n` and one trailing `\r`. Overlong
+/// lines are skipped without being held in memory.
+fn for_each_line(
+    path: &Path,
+    max_len: usize,
+    f: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let file = File::open(path).context("cannot open")?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line: Vec<u8> = Vec::new();
+    let mut overlong = false;
+    let keep = max_len.saturating_add(1); // room for a trailing '\r'
+    loop {
+        let buf = reader.fill_buf().context("read failed")?;
+        if buf.is_empty() {
+            break;
+        }
+        let (used, ends) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let chunk = &buf[..if ends { used - 1 } else { used }];
+        if !overlong {
+            if line.len() + chunk.len() > keep {
+                overlong = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        reader.consume(used);
+        if ends {
+            finish_line(&mut line, &mut overlong, max_len, f)?;
+        }
+    }
+    finish_line(&mut line, &mut overlong, max_len, f)
+}
+
+fn finish_line(
+    line: &mut Vec<u8>,
+    overlong: &mut bool,
+    max_len: usize,
+    f: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    if !*overlong {
+        let text = line.strip_suffix(b"\r").unwrap_or(line);
+        if !text.is_empty() && text.len() <= max_len {
+            f(text)?;
+        }
+    }
+    line.clear();
+    *overlong = false;
+    Ok(())
+}
+
+fn read_csv(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_path(path)
+        .context("cannot open")?;
+    let header = rdr
+        .byte_headers()
+        .context("cannot read the CSV header")?
+        .clone();
+    let col = |name: &str| header.iter().position(|h| h == name.as_bytes());
+    let (Some(ts_col), Some(did_col)) = (col(&src.ts_field), col(&src.did_field)) else {
+        return Ok(()); // no row of this file can have a time and a device
+    };
+    let mut row = csv::ByteRecord::new();
+    while rdr.read_byte_record(&mut row).context("CSV read failed")? {
+        if row.len() != header.len() {
+            continue;
+        }
+        let ts = match canonical_int(&row[ts_col]) {
+            Some(ts) if ts_in_range(ts) => ts,
+            _ => continue,
+        };
+        let did = &row[did_col];
+        if did.is_empty() {
+            continue;
+        }
+        f(
+            ts,
+            did,
+            Rec::Csv {
+                header: &header,
+                row: &row,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn read_binary(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()> {
+    let file = File::open(path).context("cannot open")?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut bytes = [0u8; BINARY_RECORD_BYTES];
+    let mut digits = itoa::Buffer::new();
+    loop {
+        if read_full(&mut reader, &mut bytes).context("read failed")? < BINARY_RECORD_BYTES {
+            return Ok(()); // end of file, or a trailing partial record
+        }
+        let rec: BinaryRecord = bytemuck::pod_read_unaligned(&bytes);
+        let ts = i64::from_le(rec.ts_ms);
+        if !ts_in_range(ts) {
+            continue;
+        }
+        let did = digits.format(u64::from_le(rec.did)).as_bytes();
+        let dims = rec.dims.map(u32::from_le);
+        f(
+            ts,
+            did,
+            Rec::Binary {
+                names: &src.binary_dims,
+                dims,
+            },
+        )?;
+    }
+}
+
+/// Fills `buf` unless the reader ends first; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
+// The offline truth
+// ---------------------------------------------------------------------------
+
+/// Cumulative values of one key at a window end where they changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Point {
+    end: i64,
+    pv: u64,
+    uv: u64,
+}
+
+/// Everything known about one period of one metric.
+#[derive(Debug)]
+struct PeriodTruth {
+    /// (key id, change points ascending by window end), ascending by key id.
+    series: Vec<(u32, Vec<Point>)>,
+    /// End of the first window holding data.
+    first_end: i64,
+    /// End of the window holding the period's last event.
+    last_end: i64,
+}
+
+impl PeriodTruth {
+    fn points(&self, key: u32) -> Option<&[Point]> {
+        self.series
+            .binary_search_by_key(&key, |(k, _)| *k)
+            .ok()
+            .map(|i| self.series[i].1.as_slice())
+    }
+}
+
+/// Cumulative values at window end `end` (`None`: no data yet).
+fn value_at(points: &[Point], end: i64) -> Option<Point> {
+    let n = points.partition_point(|p| p.end <= end);
+    n.checked_sub(1).map(|i| points[i])
+}
+
+#[derive(Debug, Default)]
+struct MetricTruth {
+    key_ids: AHashMap<Vec<Dim>, u32>,
+    /// Key values by id, ids in order of first appearance in the input.
+    keys: Vec<Vec<Dim>>,
+    periods: BTreeMap<i64, PeriodTruth>,
+}
+
+/// One passing event of one metric.
+#[derive(Clone, Copy)]
+struct Ev {
+    key: u32,
+    did: u32,
+    ts: i64,
+}
+
+/// The offline truth, also used by tests: (metric index, window_end_ms,
+/// dims as serde_json values in group_by order) -> (pv, uv).
+///
+/// Computed exactly from the job's input files: no watermark, no lateness,
+/// device ids compared by their full text.
+#[derive(Debug)]
+pub struct Offline {
+    job: Job,
+    metrics: Vec<MetricTruth>,
+}
+
+impl Offline {
+    /// Reads every source some metric uses (each once) and computes the
+    /// cumulative values of every metric, key and window.
+    pub fn compute(job: &Job) -> Result<Offline> {
+        let mut truths: Vec<MetricTruth> =
+            job.metrics.iter().map(|_| MetricTruth::default()).collect();
+        let mut events: Vec<Vec<Ev>> = job.metrics.iter().map(|_| Vec::new()).collect();
+        let mut dids: AHashMap<Box<[u8]>, u32> = AHashMap::new();
+        for (si, src) in job.sources.iter().enumerate() {
+            let readers: Vec<usize> = (0..job.metrics.len())
+                .filter(|&m| job.metrics[m].sources.contains(&si))
+                .collect();
+            if readers.is_empty() {
+                continue;
+            }
+            read_source(src, &mut |ts, did, rec| {
+                let mut did_id = None;
+                for &mi in &readers {
+                    let spec = &job.metrics[mi];
+                    let passes = spec
+                        .filter
+                        .as_ref()
+                        .is_none_or(|f| f.root.passes(&|name: &String| rec.get(name)));
+                    if !passes {
+                        continue;
+                    }
+                    let did = match did_id {
+                        Some(id) => id,
+                        None => {
+                            let id = intern_did(&mut dids, did)?;
+                            did_id = Some(id);
+                            id
+                        }
+                    };
+                    let key: Vec<Dim> = spec
+                        .group_by
+                        .iter()
+                        .map(|g| Dim::from_field(rec.get(g)))
+                        .collect();
+                    let key = intern_key(&mut truths[mi], key)?;
+                    events[mi].push(Ev { key, did, ts });
+                }
+                Ok(())
+            })?;
+        }
+        drop(dids);
+        for (mi, evs) in events.into_iter().enumerate() {
+            truths[mi].periods = cumulate(job, &job.metrics[mi], evs);
+        }
+        Ok(Offline {
+            job: job.clone(),
+            metrics: truths,
+        })
+    }
+
+    /// `(pv, uv)` of a key at a window end, or `None` when the key has no
+    /// data there (or `window_end_ms` is not a window end of the metric, or
+    /// `dims` does not have one value per group-by field).
+    pub fn value(
+        &self,
+        metric: usize,
+        window_end_ms: i64,
+        dims: &[serde_json::Value],
+    ) -> Option<(u64, u64)> {
+        let spec = self.job.metrics.get(metric)?;
+        let truth = &self.metrics[metric];
+        if dims.len() != spec.group_by.len() {
+            return None;
+        }
+        let key: Vec<Dim> = dims.iter().map(Dim::from_json).collect::<Option<_>>()?;
+        let id = *truth.key_ids.get(&key)?;
+        let period = window_period(&self.job, spec, window_end_ms)?;
+        let p = value_at(truth.periods.get(&period)?.points(id)?, window_end_ms)?;
+        Some((p.pv, p.uv))
+    }
+
+    /// Day (period) totals: for each period start with data, dims -> (pv, uv)
+    /// over the whole period. Ordered by period, then by the key's first
+    /// appearance in the input.
+    pub fn period_totals(&self, metric: usize) -> Vec<(i64, Vec<serde_json::Value>, u64, u64)> {
+        let Some(truth) = self.metrics.get(metric) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (&start, period) in &truth.periods {
+            for (key, points) in &period.series {
+                if let Some(last) = points.last() {
+                    let dims = truth.keys[*key as usize].iter().map(Dim::to_json).collect();
+                    out.push((start, dims, last.pv, last.uv));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn intern_did(dids: &mut AHashMap<Box<[u8]>, u32>, did: &[u8]) -> Result<u32> {
+    if let Some(&id) = dids.get(did) {
+        return Ok(id);
+    }
+    let Ok(id) = u32::try_from(dids.len()) else {
+        bail!("more than 2^32 distinct device ids");
+    };
+    dids.insert(did.into(), id);
+    Ok(id)
+}
+
+fn intern_key(truth: &mut MetricTruth, key: Vec<Dim>) -> Result<u32> {
+    if let Some(&id) = truth.key_ids.get(&key) {
+        return Ok(id);
+    }
+    let Ok(id) = u32::try_from(truth.keys.len()) else {
+        bail!("more than 2^32 distinct group keys");
+    };
+    truth.keys.push(key.clone());
+    truth.key_ids.insert(key, id);
+    Ok(id)
+}
+
+/// End of the window of `period` whose last step holds `ts`.
+fn window_end_of(period: i64, ts: i64, step: i64) -> i64 {
+    period + ((ts - period) / step + 1) * step
+}
+
+/// Sorts one metric's events by (key, time) and walks them: for each key and
+/// period, the running pv and the set of distinct devices, recorded at the
+/// end of every window that received events.
+fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>) -> BTreeMap<i64, PeriodTruth> {
+    evs.sort_unstable_by_key(|e| (e.key, e.ts));
+    let mut periods: BTreeMap<i64, PeriodTruth> = BTreeMap::new();
+    let mut devices: AHashSet<u32> = AHashSet::new();
+    let mut i = 0;
+    while i < evs.len() {
+        let key = evs[i].key;
+        let period = job.period_start_ms(evs[i].ts, spec.size_ms);
+        let period_end = period + spec.size_ms;
+        devices.clear();
+        let mut pv = 0u64;
+        let mut points = Vec::new();
+        while i < evs.len() && evs[i].key == key && evs[i].ts < period_end {
+            let end = window_end_of(period, evs[i].ts, spec.step_ms);
+            while i < evs.len() && evs[i].key == key && evs[i].ts < end {
+                pv += 1;
+                devices.insert(evs[i].did);
+                i += 1;
+            }
+            points.push(Point {
+                end,
+                pv,
+                uv: devices.len() as u64,
+            });
+        }
+        let (first, last) = match (points.first(), points.last()) {
+            (Some(f), Some(l)) => (f.end, l.end),
+            _ => continue, // unreachable: the loop above consumed one event at least
+        };
+        let entry = periods.entry(period).or_insert_with(|| PeriodTruth {
+            series: Vec::new(),
+            first_end: first,
+            last_end: last,
+        });
+        entry.first_end = entry.first_end.min(first);
+        entry.last_end = entry.last_end.max(last);
+        entry.series.push((key, points)); // keys arrive in ascending order
+    }
+    periods
+}
+
+/// The period a window end belongs to, if it is a window end of the metric
+/// (`period < end <= period + size`, on a step boundary).
+fn window_period(job: &Job, spec: &MetricSpec, end: i64) -> Option<i64> {
+    if !(TS_MIN_MS - DAY_MS..=TS_MAX_MS + DAY_MS).contains(&end) {
+        return None;
+    }
+    let period = job.period_start_ms(end - 1, spec.size_ms);
+    ((end - period) % spec.step_ms == 0).then_some(period)
+}
+
+// ---------------------------------------------------------------------------
+// Checking a results file
+// ---------------------------------------------------------------------------
+
+/// Recomputes the job offline ([`Offline::compute`]) and checks every row of
+/// the JSON-lines `results` file against it:
+///
+/// 1. malformed lines, unknown metrics, unexpected fields, a `window_end`
+///    off the metric's step grid or a `window_start` that is not its period
+///    start are wrong rows;
+/// 2. every (metric, window_end, dims) row must carry the offline values of
+///    the metric's measures, for a key with data at that window; a repeated
+///    row is a duplicate and the last one counts;
+/// 3. in every emitted window, every key with data (`emit = "all"`) or every
+///    key whose values changed since the previous emitted window of the
+///    period (`emit = "changed"`) must have a row; with `changed`, a key
+///    whose pv and uv both did not change must not;
+/// 4. for each period with data, every window end from the first window with
+///    data to the window of the period's last event must be emitted (with
+///    `changed`: those where some key's output values changed). When a sink
+///    of the job writes to `results`, only its metrics are required here.
+pub fn verify(job: &Job, results: &Path) -> Result<VerifyReport> {
+    let offline = Offline::compute(job)?;
+    let file = File::open(results)
+        .with_context(|| format!("cannot open results {}", results.display()))?;
+    let required = metrics_written_to(job, results);
+    check(&offline, BufReader::new(file), &required)
+        .with_context(|| format!("reading results {}", results.display()))
+}
+
+/// Which metrics a results file must cover: those of the sinks writing to
+/// that file, or every metric when no sink names it.
+fn metrics_written_to(job: &Job, results: &Path) -> Vec<bool> {
+    let mut required = vec![false; job.metrics.len()];
+    let mut named = false;
+    if let Ok(target) = std::fs::canonicalize(results) {
+        for sink in &job.sinks {
+            if let SinkTarget::File(p) = &sink.target {
+                if std::fs::canonicalize(p).ok().as_ref() == Some(&target) {
+                    named = true;
+                    for &m in &sink.metrics {
+                        if let Some(r) = required.get_mut(m) {
+                            *r = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !named {
+        required.iter_mut().for_each(|r| *r = true);
+    }
+    required
+}
+
+/// One result row, as read.
+#[derive(Clone, Debug)]
+struct Got {
+    key: u32,
+    pv: Option<u64>,
+    uv: Option<u64>,
+    line: u64,
+    /// Already counted as wrong while parsing (bad `window_start`).
+    counted: bool,
+}
+
+/// A parsed row: metric, period, window end, key values, measures, and a
+/// problem that makes it wrong without making it unusable.
+struct Parsed {
+    metric: usize,
+    period: i64,
+    end: i64,
+    key: Vec<Dim>,
+    pv: Option<u64>,
+    uv: Option<u64>,
+    flaw: Option<String>,
+}
+
+/// Keys of one metric seen only in the results, with ids continuing after
+/// the offline ones.
+#[derive(Default)]
+struct ExtraKeys {
+    ids: AHashMap<Vec<Dim>, u32>,
+    keys: Vec<Vec<Dim>>,
+}
+
+struct Checker<'a> {
+    off: &'a Offline,
+    report: VerifyReport,
+    /// Per metric: keys that appear in the results but never in the input.
+    extra_keys: Vec<ExtraKeys>,
+    /// (metric, period, window end) -> rows.
+    windows: BTreeMap<(usize, i64, i64), Vec<Got>>,
+    worst: [f64; 2],
+}
+
+fn check(off: &Offline, mut results: impl BufRead, required: &[bool]) -> Result<VerifyReport> {
+    let mut c = Checker {
+        off,
+        report: VerifyReport::default(),
+        extra_keys: off.metrics.iter().map(|_| Default::default()).collect(),
+        windows: BTreeMap::new(),
+        worst: [0.0; 2],
+    };
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        buf.clear();
+        if results.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        c.report.rows_checked += 1;
+        c.read_row(&buf, line_no);
+    }
+    c.compare_rows();
+    c.check_coverage(required);
+    let job = &off.job;
+    c.report.worst_rel_diff = MEASURES
+        .iter()
+        .enumerate()
+        .filter(|(_, (m, _))| job.metrics.iter().any(|s| s.has(*m)))
+        .map(|(i, (_, name))| (name.to_string(), c.worst[i]))
+        .collect();
+    Ok(c.report)
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, text: String) {
+        if self.report.examples.len() < EXAMPLES_MAX {
+            self.report.examples.push(text);
+        }
+    }
+
+    fn wrong(&mut self, text: String) {
+        self.report.rows_wrong += 1;
+        self.problem(text);
+    }
+
+    fn read_row(&mut self, raw: &[u8], line: u64) {
+        let p = match self.parse_row(raw) {
+            Ok(p) => p,
+            Err(reason) => {
+                let text = String::from_utf8_lossy(raw);
+                let text = text.trim_end();
+                let shown: String = text.chars().take(160).collect();
+                let more = if shown.len() < text.len() { "…" } else { "" };
+                self.wrong(format!("line {line}: {reason}: {shown}{more}"));
+                return;
+            }
+        };
+        let counted = match &p.flaw {
+            Some(flaw) => {
+                let what = self.describe(p.metric, p.end, &p.key);
+                self.wrong(format!("{what}: {flaw} (line {line})"));
+                true
+            }
+            None => false,
+        };
+        let key = self.key_id(p.metric, p.key);
+        self.windows
+            .entry((p.metric, p.period, p.end))
+            .or_default()
+            .push(Got {
+                key,
+                pv: p.pv,
+                uv: p.uv,
+                line,
+                counted,
+            });
+    }
+
+    fn parse_row(&self, raw: &[u8]) -> Result<Parsed, String> {
+        let job = &self.off.job;
+        let value: Value = serde_json::from_slice(raw).map_err(|e| format!("not JSON ({e})"))?;
+        let Value::Object(obj) = value else {
+            return Err("not a JSON object".into());
+        };
+        let name = obj
+            .get("metric")
+            .and_then(Value::as_str)
+            .ok_or("no \"metric\" string")?;
+        let metric = job
+            .metrics
+            .iter()
+            .position(|m| m.name == name)
+            .ok_or_else(|| format!("unknown metric {name:?}"))?;
+        let spec = &job.metrics[metric];
+        let int = |field: &str| {
+            obj.get(field)
+                .and_then(Value::as_i64)
+                .ok_or_else(|| format!("no integer {field:?}"))
+        };
+        let start = int("window_start")?;
+        let end = int("window_end")?;
+        let period = window_period(job, spec, end).ok_or_else(|| {
+            format!(
+                "window_end {end} is not a window end of metric {:?} (step {} ms)",
+                spec.name, spec.step_ms
+            )
+        })?;
+        let dims = obj
+            .get("dims")
+            .and_then(Value::as_object)
+            .ok_or("no \"dims\" object")?;
+        if dims.len() != spec.group_by.len() || spec.group_by.iter().any(|g| !dims.contains_key(g))
+        {
+            return Err(format!(
+                "dims must have exactly the fields {:?}",
+                spec.group_by
+            ));
+        }
+        let mut key = Vec::with_capacity(spec.group_by.len());
+        for g in &spec.group_by {
+            let v = &dims[g.as_str()];
+            key.push(
+                Dim::from_json(v)
+                    .ok_or_else(|| format!("dims.{g} = {v} is not a possible value"))?,
+            );
+        }
+        let mut values = [None, None];
+        for (i, (m, field)) in MEASURES.iter().enumerate() {
+            if spec.has(*m) {
+                let v = obj.get(*field).and_then(Value::as_u64);
+                values[i] = Some(v.ok_or_else(|| format!("no non-negative integer {field:?}"))?);
+            }
+        }
+        for field in obj.keys() {
+            let known = matches!(
+                field.as_str(),
+                "metric" | "window_start" | "window_end" | "dims"
+            ) || MEASURES.iter().any(|(m, f)| f == field && spec.has(*m));
+            if !known {
+                return Err(format!(
+                    "unexpected field {field:?} for metric {:?}",
+                    spec.name
+                ));
+            }
+        }
+        let flaw = (start != period).then(|| {
+            format!(
+                "window_start {start} ({}) is not the period start {period} ({})",
+                fmt_local(start, job.timezone_offset_ms),
+                fmt_local(period, job.timezone_offset_ms)
+            )
+        });
+        Ok(Parsed {
+            metric,
+            period,
+            end,
+            key,
+            pv: values[0],
+            uv: values[1],
+            flaw,
+        })
+    }
+
+    /// Id of a key: the offline id, or a new id past them for keys that never
+    /// occur in the input.
+    fn key_id(&mut self, metric: usize, key: Vec<Dim>) -> u32 {
+        let truth = &self.off.metrics[metric];
+        if let Some(&id) = truth.key_ids.get(&key) {
+            return id;
+        }
+        let ExtraKeys { ids, keys } = &mut self.extra_keys[metric];
+        if let Some(&id) = ids.get(&key) {
+            return id;
+        }
+        // Saturates only past 2^32 distinct keys; such ids still mean "no data".
+        let id = u32::try_from(truth.keys.len() + keys.len()).unwrap_or(u32::MAX);
+        keys.push(key.clone());
+        ids.insert(key, id);
+        id
+    }
+
+    fn key_values(&self, metric: usize, id: u32) -> &[Dim] {
+        let truth = &self.off.metrics[metric];
+        let id = id as usize;
+        match truth.keys.get(id) {
+            Some(k) => k,
+            None => self.extra_keys[metric]
+                .keys
+                .get(id - truth.keys.len())
+                .map_or(&[], Vec::as_slice),
+        }
+    }
+
+    fn describe(&self, metric: usize, end: i64, key: &[Dim]) -> String {
+        let spec = &self.off.job.metrics[metric];
+        let dims: Map<String, Value> = spec
+            .group_by
+            .iter()
+            .zip(key)
+            .map(|(g, d)| (g.clone(), d.to_json()))
+            .collect();
+        format!(
+            "{} window_end {end} ({}) dims {}",
+            spec.name,
+            fmt_local(end, self.off.job.timezone_offset_ms),
+            Value::Object(dims)
+        )
+    }
+
+    fn show_values(&self, metric: usize, pv: Option<u64>, uv: Option<u64>) -> String {
+        let spec = &self.off.job.metrics[metric];
+        let mut parts = Vec::new();
+        for ((m, name), v) in MEASURES.iter().zip([pv, uv]) {
+            if spec.has(*m) {
+                parts.push(format!(
+                    "{name}={}",
+                    v.map_or("-".to_string(), |v| v.to_string())
+                ));
+            }
+        }
+        parts.join(" ")
+    }
+
+    /// Checks 2 and 3: values, duplicates, completeness of each window.
+    fn compare_rows(&mut self) {
+        let windows = std::mem::take(&mut self.windows);
+        let mut prev: Option<(usize, i64, i64)> = None; // (metric, period, end)
+        for (&(metric, period, end), rows) in &windows {
+            let prev_end = match prev {
+                Some((m, p, e)) if m == metric && p == period => Some(e),
+                _ => None,
+            };
+            let rows = self.dedup(rows);
+            let spec = &self.off.job.metrics[metric];
+            let emit = spec.emit;
+            let (has_pv, has_uv) = (spec.has(Measure::Pv), spec.has(Measure::Uv));
+            let period_truth = self.off.metrics[metric].periods.get(&period);
+            let before = |points: &[Point]| {
+                prev_end
+                    .and_then(|e| value_at(points, e))
+                    .map_or((0, 0), |p| (p.pv, p.uv))
+            };
+            for row in &rows {
+                let points = period_truth.and_then(|t| t.points(row.key));
+                let expected = points.and_then(|pts| value_at(pts, end));
+                let exp = expected.map_or((0, 0), |p| (p.pv, p.uv));
+                let mut differs = false;
+                for (i, (got, want)) in [(row.pv, exp.0), (row.uv, exp.1)].into_iter().enumerate() {
+                    if let Some(got) = got {
+                        let rel = got.abs_diff(want) as f64 / want.max(1) as f64;
+                        self.worst[i] = self.worst[i].max(rel);
+                        differs |= got != want;
+                    }
+                }
+                if row.counted {
+                    continue;
+                }
+                let what = self.describe(metric, end, self.key_values(metric, row.key));
+                let got = self.show_values(metric, row.pv, row.uv);
+                if expected.is_none() {
+                    self.wrong(format!(
+                        "{what}: the key has no data at this window, got {got} (line {})",
+                        row.line
+                    ));
+                } else if differs {
+                    let want = self.show_values(metric, Some(exp.0), Some(exp.1));
+                    self.wrong(format!(
+                        "{what}: expected {want}, got {got} (line {})",
+                        row.line
+                    ));
+                } else if emit == Emit::Changed && points.is_some_and(|pts| before(pts) == exp) {
+                    self.wrong(format!(
+                        "{what}: emit = changed, but the key did not change since the previous window (line {})",
+                        row.line
+                    ));
+                }
+            }
+            if let Some(truth) = period_truth {
+                for (key, points) in &truth.series {
+                    let Some(p) = value_at(points, end) else {
+                        continue;
+                    };
+                    let needed = match emit {
+                        Emit::All => true,
+                        Emit::Changed => {
+                            let (pv0, uv0) = before(points);
+                            (has_pv && p.pv != pv0) || (has_uv && p.uv != uv0)
+                        }
+                    };
+                    if needed && rows.binary_search_by_key(key, |r| r.key).is_err() {
+                        self.report.rows_missing += 1;
+                        let what = self.describe(metric, end, self.key_values(metric, *key));
+                        let want = self.show_values(metric, Some(p.pv), Some(p.uv));
+                        self.problem(format!("{what}: missing row, expected {want}"));
+                    }
+                }
+            }
+            prev = Some((metric, period, end));
+        }
+        self.windows = windows;
+    }
+
+    /// Sorts a window's rows by key, keeping the last row of each key.
+    fn dedup(&mut self, rows: &[Got]) -> Vec<Got> {
+        let mut sorted = rows.to_vec();
+        sorted.sort_by_key(|r| r.key); // stable: file order within a key
+        let mut out: Vec<Got> = Vec::with_capacity(sorted.len());
+        for r in sorted {
+            match out.last_mut() {
+                Some(last) if last.key == r.key => {
+                    self.report.rows_duplicate += 1;
+                    *last = r;
+                }
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// Check 4: every window a period's data calls for was emitted.
+    fn check_coverage(&mut self, required: &[bool]) {
+        let off = self.off;
+        for (metric, truth) in off.metrics.iter().enumerate() {
+            if !required.get(metric).copied().unwrap_or(true) {
+                continue;
+            }
+            let spec = &off.job.metrics[metric];
+            for (&period, pt) in &truth.periods {
+                let needed: BTreeSet<i64> = match spec.emit {
+                    Emit::All => (0..)
+                        .map(|k| pt.first_end + k * spec.step_ms)
+                        .take_while(|e| *e <= pt.last_end)
+                        .collect(),
+                    Emit::Changed => changed_ends(spec, pt),
+                };
+                let emitted: BTreeSet<i64> = self
+                    .windows
+                    .range((metric, period, i64::MIN)..=(metric, period, i64::MAX))
+                    .map(|(&(_, _, e), _)| e)
+                    .collect();
+                let missing: Vec<i64> = needed.difference(&emitted).copied().collect();
+                self.report.windows_missing += missing.len() as u64;
+                for gap in gaps(&missing, spec.step_ms) {
+                    let tz = off.job.timezone_offset_ms;
+                    let text = if gap.0 == gap.1 {
+                        format!(
+                            "{}: window_end {} ({}) not emitted",
+                            spec.name,
+                            gap.0,
+                            fmt_local(gap.0, tz)
+                        )
+                    } else {
+                        format!(
+                            "{}: window_ends {} ({}) to {} ({}) not emitted",
+                            spec.name,
+                            gap.0,
+                            fmt_local(gap.0, tz),
+                            gap.1,
+                            fmt_local(gap.1, tz)
+                        )
+                    };
+                    self.problem(text);
+                }
+            }
+        }
+    }
+}
+
+/// Window ends of a period at which some key's output measures changed.
+fn changed_ends(spec: &MetricSpec, pt: &PeriodTruth) -> BTreeSet<i64> {
+    let mut ends = BTreeSet::new();
+    for (_, points) in &pt.series {
+        let mut before = (0, 0);
+        for p in points {
+            if (spec.has(Measure::Pv) && p.pv != before.0)
+                || (spec.has(Measure::Uv) && p.uv != before.1)
+            {
+                ends.insert(p.end);
+            }
+            before = (p.pv, p.uv);
+        }
+    }
+    ends
+}
+
+/// Runs of consecutive window ends, as (first, last).
+fn gaps(ends: &[i64], step: i64) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for &e in ends {
+        match out.last_mut() {
+            Some(last) if last.1 + step == e => last.1 = e,
+            _ => out.push((e, e)),
+        }
+    }
+    out
+}
+
+/// `2026-02-16 00:01:00 +08:00`: a time in the job's zone, for messages.
+fn fmt_local(ms: i64, tz_ms: i64) -> String {
+    let local = ms.saturating_add(tz_ms);
+    let (y, m, d) = civil_from_days(local.div_euclid(DAY_MS));
+    let rem = local.rem_euclid(DAY_MS);
+    let sign = if tz_ms < 0 { '-' } else { '+' };
+    let tz = tz_ms.abs();
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} {sign}{:02}:{:02}",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        tz / 3_600_000,
+        tz / 60_000 % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// 2026-02-16T00:00:00+08:00, a local midnight in +08:00.
+    const M: i64 = 1_771_171_200_000;
+    const MIN: i64 = 60_000;
+
+    struct Fx {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fx {
+        fn new() -> Fx {
+            Fx {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+            let p = self.dir.path().join(name);
+            std::fs::write(&p, content).unwrap();
+            p
+        }
+
+        fn job(&self, toml: &str) -> Job {
+            Job::parse(toml, Path::new("job.toml"), self.dir.path()).unwrap()
+        }
+
+        fn verify(&self, job: &Job, rows: &[String]) -> VerifyReport {
+            let mut text = rows.join("\n");
+            text.push('\n');
+            let p = self.write("results.jsonl", text);
+            let report = verify(job, &p).unwrap();
+            let mut shown = Vec::new();
+            report.print(&mut shown).unwrap();
+            eprintln!("{}", String::from_utf8_lossy(&shown));
+            report
+        }
+    }
+
+    fn ev(ts: i64, did: &str, page: &str, event: &str) -> String {
+        format!(r#"{{"ts":{ts},"did":{did},"page":"{page}","event":"{event}"}}"#)
+    }
+
+    fn row(metric: &str, start: i64, end: i64, dims: &str, pv: u64, uv: u64) -> String {
+        format!(
+            r#"{{"metric":"{metric}","window_start":{start},"window_end":{end},"dims":{dims},"pv":{pv},"uv":{uv}}}"#
+        )
+    }
+
+    fn page_row(end: i64, page: &str, pv: u64, uv: u64) -> String {
+        row(
+            "page_uv",
+            M,
+            end,
+            &format!(r#"{{"page":"{page}"}}"#),
+            pv,
+            uv,
+        )
+    }
+
+    fn json_job(extra_source: &str, extra_metric: &str) -> String {
+        format!(
+            r#"
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "file"
+path = "events.jsonl"
+format = "jsonl"
+{extra_source}
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+filter = "event = 'view'"
+measures = ["pv", "uv"]
+{extra_metric}
+"#
+        )
+    }
+
+    /// Six events, one filtered out; windows M+1m, M+2m, M+3m.
+    fn basic() -> (Fx, Job, Vec<String>) {
+        let fx = Fx::new();
+        let events = [
+            ev(M + 10_000, "\"a\"", "home", "view"),
+            ev(M + 20_000, "\"b\"", "home", "view"),
+            ev(M + 30_000, "\"a\"", "home", "view"),
+            ev(M + 70_000, "\"a\"", "cart", "view"),
+            ev(M + 80_000, "\"c\"", "home", "click"),
+            ev(M + 130_000, "\"b\"", "home", "view"),
+        ];
+        fx.write("events.jsonl", events.join("\n") + "\n");
+        let job = fx.job(&json_job("", ""));
+        let rows = vec![
+            page_row(M + MIN, "home", 3, 2),
+            page_row(M + 2 * MIN, "home", 3, 2),
+            page_row(M + 2 * MIN, "cart", 1, 1),
+            page_row(M + 3 * MIN, "cart", 1, 1),
+            page_row(M + 3 * MIN, "home", 4, 2),
+        ];
+        (fx, job, rows)
+    }
+
+    #[test]
+    fn verify_correct_results_pass() {
+        let (fx, job, rows) = basic();
+        let off = Offline::compute(&job).unwrap();
+        let home = [Value::from("home")];
+        assert_eq!(off.value(0, M + MIN, &home), Some((3, 2)));
+        assert_eq!(off.value(0, M + 3 * MIN, &home), Some((4, 2)));
+        assert_eq!(off.value(0, M + 10 * MIN, &home), Some((4, 2)));
+        assert_eq!(off.value(0, M + MIN, &[Value::from("cart")]), None);
+        assert_eq!(off.value(0, M + MIN + 1, &home), None, "not a window end");
+        assert_eq!(
+            off.period_totals(0),
+            vec![
+                (M, vec![Value::from("home")], 4, 2),
+                (M, vec![Value::from("cart")], 1, 1)
+            ]
+        );
+        let r = fx.verify(&job, &rows);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.rows_checked, 5);
+        assert_eq!(
+            (
+                r.rows_wrong,
+                r.rows_missing,
+                r.rows_duplicate,
+                r.windows_missing
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(
+            r.worst_rel_diff,
+            vec![("pv".to_string(), 0.0), ("uv".to_string(), 0.0)]
+        );
+        assert!(r.examples.is_empty());
+    }
+
+    #[test]
+    fn verify_later_windows_up_to_period_end_are_checked() {
+        let (fx, job, mut rows) = basic();
+        rows.push(page_row(M + 10 * MIN, "home", 4, 2));
+        rows.push(page_row(M + 10 * MIN, "cart", 1, 1));
+        rows.push(page_row(M + DAY_MS, "home", 4, 2));
+        rows.push(page_row(M + DAY_MS, "cart", 1, 1));
+        assert!(fx.verify(&job, &rows).ok());
+        rows.push(page_row(M + 11 * MIN, "home", 4, 2)); // cart missing
+        let r = fx.verify(&job, &rows);
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 1, 0));
+    }
+
+    #[test]
+    fn verify_changed_pv_is_wrong() {
+        let (fx, job, mut rows) = basic();
+        rows[4] = page_row(M + 3 * MIN, "home", 5, 2);
+        let r = fx.verify(&job, &rows);
+        assert!(!r.ok());
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (1, 0, 0));
+        assert_eq!(r.worst_rel_diff[0], ("pv".to_string(), 0.25));
+        assert_eq!(r.worst_rel_diff[1], ("uv".to_string(), 0.0));
+        assert!(
+            r.examples[0].contains("expected pv=4 uv=2, got pv=5 uv=2"),
+            "{:?}",
+            r.examples
+        );
+        assert!(
+            r.examples[0].contains(r#"{"page":"home"}"#),
+            "{:?}",
+            r.examples
+        );
+    }
+
+    #[test]
+    fn verify_missing_row_is_counted() {
+        let (fx, job, mut rows) = basic();
+        rows.remove(2); // cart at M+2m
+        let r = fx.verify(&job, &rows);
+        assert!(!r.ok());
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 1, 0));
+        assert!(
+            r.examples[0].contains("missing row, expected pv=1 uv=1"),
+            "{:?}",
+            r.examples
+        );
+    }
+
+    #[test]
+    fn verify_missing_window_is_counted() {
+        let (fx, job, rows) = basic();
+        let without_middle: Vec<String> = rows
+            .iter()
+            .filter(|r| !r.contains(&format!("{}", M + 2 * MIN)))
+            .cloned()
+            .collect();
+        let r = fx.verify(&job, &without_middle);
+        assert!(!r.ok());
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
+        assert!(r.examples[0].contains("not emitted"), "{:?}", r.examples);
+        // The final day totals are required too.
+        let r = fx.verify(&job, &rows[..3]);
+        assert_eq!(r.windows_missing, 1);
+        // No output at all: every window is missing.
+        let r = fx.verify(&job, &[]);
+        assert_eq!(r.windows_missing, 3);
+    }
+
+    #[test]
+    fn verify_wrong_window_start_is_wrong() {
+        let (fx, job, mut rows) = basic();
+        rows[4] = row(
+            "page_uv",
+            M - DAY_MS,
+            M + 3 * MIN,
+            r#"{"page":"home"}"#,
+            4,
+            2,
+        );
+        let r = fx.verify(&job, &rows);
+        assert!(!r.ok());
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (1, 0, 0));
+        assert!(
+            r.examples[0].contains("is not the period start"),
+            "{:?}",
+            r.examples
+        );
+    }
+
+    #[test]
+    fn verify_malformed_rows_are_wrong() {
+        let (fx, job, mut rows) = basic();
+        rows.push("not json".into());
+        rows.push("[1,2]".into());
+        rows.push(row("nope", M, M + MIN, r#"{"page":"home"}"#, 3, 2));
+        rows.push(page_row(M + MIN + 30_000, "home", 3, 2)); // off the step grid
+        rows.push(format!(
+            r#"{{"metric":"page_uv","window_start":{M},"window_end":{},"dims":{{"page":"home"}},"pv":3}}"#,
+            M + MIN
+        ));
+        rows.push(format!(
+            r#"{{"metric":"page_uv","window_start":{M},"window_end":{},"dims":{{"page":"home"}},"pv":3,"uv":2,"x":1}}"#,
+            M + MIN
+        ));
+        rows.push(row(
+            "page_uv",
+            M,
+            M + MIN,
+            r#"{"page":"home","extra":1}"#,
+            3,
+            2,
+        ));
+        rows.push(row("page_uv", M, M + MIN, r#"{"page":true}"#, 3, 2));
+        rows.push(String::new()); // blank lines are not rows
+        let r = fx.verify(&job, &rows);
+        assert_eq!(r.rows_checked, 13);
+        assert_eq!(
+            (
+                r.rows_wrong,
+                r.rows_missing,
+                r.rows_duplicate,
+                r.windows_missing
+            ),
+            (8, 0, 0, 0)
+        );
+        assert!(
+            r.examples
+                .iter()
+                .any(|e| e.contains("unknown metric \"nope\"")),
+            "{:?}",
+            r.examples
+        );
+        assert!(
+            r.examples.iter().any(|e| e.contains("is not a window end")),
+            "{:?}",
+            r.examples
+        );
+    }
+
+    #[test]
+    fn verify_rows_for_keys_without_data_are_wrong() {
+        let (fx, job, mut rows) = basic();
+        rows.push(page_row(M + MIN, "cart", 0, 0)); // cart starts at M+2m
+        rows.push(page_row(M + MIN, "nope", 1, 1));
+        let r = fx.verify(&job, &rows);
+        assert_eq!((r.rows_wrong, r.rows_missing), (2, 0));
+        assert!(r.examples[0].contains("no data"), "{:?}", r.examples);
+    }
+
+    #[test]
+    fn verify_duplicates_keep_the_last_row() {
+        let (fx, job, rows) = basic();
+        let mut fixed = vec![page_row(M + MIN, "home", 99, 99)];
+        fixed.extend(rows.iter().cloned());
+        let r = fx.verify(&job, &fixed);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.rows_duplicate, 1);
+        let mut broken = rows.clone();
+        broken.push(page_row(M + MIN, "home", 99, 99));
+        let r = fx.verify(&job, &broken);
+        assert_eq!((r.rows_duplicate, r.rows_wrong), (1, 1));
+    }
+
+    #[test]
+    fn did_123_and_string_123_are_one_device() {
+        let fx = Fx::new();
+        let events = [
+            ev(M + 1_000, "123", "home", "view"),
+            ev(M + 2_000, "\"123\"", "home", "view"),
+            ev(M + 3_000, "\"0123\"", "home", "view"),
+            ev(M + 4_000, "-5", "home", "view"),
+            ev(M + 5_000, "\"-5\"", "home", "view"),
+        ];
+        fx.write("events.jsonl", events.join("\n"));
+        let job = fx.job(&json_job("", ""));
+        let off = Offline::compute(&job).unwrap();
+        assert_eq!(off.value(0, M + MIN, &[Value::from("home")]), Some((5, 3)));
+        assert!(fx.verify(&job, &[page_row(M + MIN, "home", 5, 3)]).ok());
+    }
+
+    /// Pads a JSON object line with spaces after `{` to exactly `len` bytes.
+    fn pad(line: &str, len: usize) -> String {
+        assert!(line.len() <= len);
+        format!("{{{}{}", " ".repeat(len - line.len()), &line[1..])
+    }
+
+    #[test]
+    fn malformed_input_lines_are_skipped() {
+        let fx = Fx::new();
+        let t = M + 10_000;
+        let good = |did: &str| ev(t, did, "home", "view");
+        let lines = [
+            good("\"a\""),
+            "not json".to_string(),
+            "[1,2,3]".to_string(),
+            "\"a string\"".to_string(),
+            r#"{"ts":1771171210000,"did":"x","page":"home""#.to_string(), // truncated
+            format!(r#"{{"ts":"{t}","did":"x","page":"home","event":"view"}}"#),
+            format!(r#"{{"ts":{t}.0,"did":"x","page":"home","event":"view"}}"#),
+            format!(r#"{{"ts":{t}.5,"did":"x","page":"home","event":"view"}}"#),
+            ev(946_684_799_999, "\"x\"", "home", "view"), // before 2000
+            ev(4_102_444_800_000, "\"x\"", "home", "view"), // 2100
+            format!(r#"{{"did":"x","page":"home","event":"view"}}"#),
+            good("null"),
+            good("\"\""),
+            good("1.5"),
+            good("true"),
+            good("{}"),
+            format!(r#"{{"ts":{t},"page":"home","event":"view"}}"#),
+            String::new(),
+            "   ".to_string(),
+            pad(&good("\"x\""), 81),        // one byte too long
+            pad(&good("\"b\""), 80) + "\r", // exactly the limit, CRLF
+            format!(r#"{{"ts":{t},"did":"x","did":"c","page":"home","event":"view"}}"#), // last key wins
+            good("\"a\"") + "\r",
+            format!(r#"{{"ts":{t},"did":"d","event":"view"}}"#), // no page: null key
+            good("\"e\""),                                       // last line, no newline
+        ];
+        fx.write("events.jsonl", lines.join("\n"));
+        let job = fx.job(&json_job("max_line_bytes = 80", ""));
+        let off = Offline::compute(&job).unwrap();
+        // home: a, b, c, a, e -> pv 5, uv 4; null page: d.
+        assert_eq!(off.value(0, M + MIN, &[Value::from("home")]), Some((5, 4)));
+        assert_eq!(off.value(0, M + MIN, &[Value::Null]), Some((1, 1)));
+        assert_eq!(off.period_totals(0).len(), 2);
+        let rows = [
+            page_row(M + MIN, "home", 5, 4),
+            row("page_uv", M, M + MIN, r#"{"page":null}"#, 1, 1),
+        ];
+        assert!(fx.verify(&job, &rows).ok());
+    }
+
+    #[test]
+    fn window_crossing_local_midnight_resets() {
+        let fx = Fx::new();
+        let events = [
+            ev(M - 30 * MIN, "\"a\"", "home", "view"), // 23:30 local, previous day
+            ev(M + 10 * MIN, "\"a\"", "home", "view"), // 00:10 local
+            ev(M + 20 * MIN, "\"b\"", "home", "view"),
+        ];
+        fx.write("events.jsonl", events.join("\n"));
+        let job = fx.job(&json_job("", "step = \"1h\""));
+        let home = [Value::from("home")];
+        let off = Offline::compute(&job).unwrap();
+        assert_eq!(
+            off.value(0, M, &home),
+            Some((1, 1)),
+            "23:00-24:00 window of the previous day"
+        );
+        assert_eq!(
+            off.value(0, M + 60 * MIN, &home),
+            Some((2, 2)),
+            "new day starts from zero"
+        );
+        assert_eq!(
+            off.period_totals(0),
+            vec![(M - DAY_MS, home.to_vec(), 1, 1), (M, home.to_vec(), 2, 2)]
+        );
+        let good = [
+            row("page_uv", M - DAY_MS, M, r#"{"page":"home"}"#, 1, 1),
+            row("page_uv", M, M + 60 * MIN, r#"{"page":"home"}"#, 2, 2),
+        ];
+        assert!(fx.verify(&job, &good).ok());
+        let carried = [
+            row("page_uv", M - DAY_MS, M, r#"{"page":"home"}"#, 1, 1),
+            row("page_uv", M, M + 60 * MIN, r#"{"page":"home"}"#, 3, 2),
+        ];
+        assert_eq!(fx.verify(&job, &carried).rows_wrong, 1);
+        // The window ending at local midnight belongs to the day before.
+        let bad_start = [
+            row("page_uv", M, M, r#"{"page":"home"}"#, 1, 1),
+            row("page_uv", M, M + 60 * MIN, r#"{"page":"home"}"#, 2, 2),
+        ];
+        assert_eq!(fx.verify(&job, &bad_start).rows_wrong, 1);
+        // In UTC the same events fall in one day (local midnight is 16:00 UTC).
+        let utc = fx.job(&json_job("", "step = \"1h\"").replace("+08:00", "UTC"));
+        let off = Offline::compute(&utc).unwrap();
+        assert_eq!(off.value(0, M + 60 * MIN, &home), Some((3, 2)));
+    }
+
+    #[test]
+    fn emit_changed_completeness() {
+        let fx = Fx::new();
+        let events = [
+            ev(M + 10_000, "\"a\"", "home", "view"),
+            ev(M + 70_000, "\"b\"", "cart", "view"),
+            ev(M + 80_000, "\"a\"", "home", "view"),
+            ev(M + 130_000, "\"c\"", "cart", "view"),
+        ];
+        fx.write("events.jsonl", events.join("\n"));
+        let job = fx.job(&json_job("", "emit = \"changed\""));
+        let good = vec![
+            page_row(M + MIN, "home", 1, 1),
+            page_row(M + 2 * MIN, "home", 2, 1),
+            page_row(M + 2 * MIN, "cart", 1, 1),
+            page_row(M + 3 * MIN, "cart", 2, 2),
+        ];
+        let r = fx.verify(&job, &good);
+        assert!(r.ok(), "{r:?}");
+        // An unchanged key must not be emitted.
+        let mut extra = good.clone();
+        extra.push(page_row(M + 3 * MIN, "home", 2, 1));
+        let r = fx.verify(&job, &extra);
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (1, 0, 0));
+        assert!(r.examples[0].contains("did not change"), "{:?}", r.examples);
+        // A changed key must be emitted.
+        let mut missing = good.clone();
+        missing.remove(1);
+        let r = fx.verify(&job, &missing);
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 1, 0));
+        // A window with changes must be emitted.
+        let r = fx.verify(&job, &good[..3]);
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
+        // A skipped window: the next one is compared with the last emitted one.
+        let skipped = [
+            good[0].clone(),
+            good[3].clone(),
+            page_row(M + 3 * MIN, "home", 2, 1),
+        ];
+        let r = fx.verify(&job, &skipped);
+        assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
+    }
+
+    #[test]
+    fn csv_sources_are_read_with_their_own_headers() {
+        let fx = Fx::new();
+        let t = |s: i64| M + s * 1000;
+        fx.write(
+            "a.csv",
+            format!(
+                "ts,did,app_ver,page\n\
+                 {},d1,7,home\n\
+                 {},d2,007,home\n\
+                 {},d3,,home\n\
+                 {},d4,7\n\
+                 {},,7,home\n\
+                 0{},d5,7,home\n\
+                 +{},d5,7,home\n\
+                 {},d5,7,cart\n\
+                 {},d1,7,home\r\n",
+                t(10),
+                t(20),
+                t(30),
+                t(40),
+                t(50),
+                t(51),
+                t(51),
+                t(52),
+                t(53)
+            ),
+        );
+        fx.write(
+            "b.csv",
+            format!(
+                "page,did,ts,app_ver\nhome,d2,{},7\nhome,\"d6\",{},-3\nhome,123,{},-3\n",
+                t(54),
+                t(55),
+                t(56)
+            ),
+        );
+        // A JSON source with did 123 (an integer) for the same key and device.
+        fx.write(
+            "e.jsonl",
+            format!(r#"{{"ts":{},"did":123,"page":"home","app_ver":-3}}"#, t(57)),
+        );
+        let job = fx.job(
+            r#"
+[job]
+timezone = "+08:00"
+[[source]]
+name = "csv"
+kind = "file"
+path = ["a.csv", "b.csv"]
+format = "csv"
+[[source]]
+name = "json"
+kind = "file"
+path = "e.jsonl"
+format = "jsonl"
+[[metric]]
+name = "ver"
+kind = "cumulate"
+group_by = ["app_ver"]
+filter = "page = 'home'"
+"#,
+        );
+        let off = Offline::compute(&job).unwrap();
+        let v = |dim: Value| off.value(0, M + MIN, &[dim]);
+        assert_eq!(v(Value::from(7)), Some((3, 2)));
+        assert_eq!(
+            v(Value::from("7")),
+            None,
+            "integer 7 and string \"7\" are different keys"
+        );
+        assert_eq!(v(Value::from("007")), Some((1, 1)));
+        assert_eq!(v(Value::Null), Some((1, 1)));
+        assert_eq!(v(Value::from(-3)), Some((3, 2)));
+        let r = |dims: &str, pv, uv| row("ver", M, M + MIN, dims, pv, uv);
+        let good = vec![
+            r(r#"{"app_ver":7}"#, 3, 2),
+            r(r#"{"app_ver":"007"}"#, 1, 1),
+            r(r#"{"app_ver":null}"#, 1, 1),
+            r(r#"{"app_ver":-3}"#, 3, 2),
+        ];
+        assert!(fx.verify(&job, &good).ok());
+        let mut as_string = good.clone();
+        as_string[0] = r(r#"{"app_ver":"7"}"#, 3, 2);
+        let rep = fx.verify(&job, &as_string);
+        assert_eq!((rep.rows_wrong, rep.rows_missing), (1, 1));
+    }
+
+    fn record(ts: i64, did: u64, dims: [u32; BINARY_DIMS]) -> BinaryRecord {
+        BinaryRecord {
+            ts_ms: ts.to_le(),
+            did: did.to_le(),
+            dims: dims.map(u32::to_le),
+        }
+    }
+
+    #[test]
+    fn binary_sources_union_with_json() {
+        let fx = Fx::new();
+        let n = BINARY_NULL;
+        let recs = [
+            record(M + 10_000, 123, [3, 1, n, n]),
+            record(M + 20_000, 456, [3, 1, n, n]),
+            record(M + 30_000, 789, [n, 1, n, n]),
+            record(0, 999, [3, 1, n, n]), // time out of range
+            record(M + 70_000, 456, [3, 2, n, n]),
+        ];
+        let mut bytes: Vec<u8> = recs
+            .iter()
+            .flat_map(|r| bytemuck::bytes_of(r).to_vec())
+            .collect();
+        bytes.extend_from_slice(&[7u8; 10]); // trailing partial record
+        fx.write("e.bin", bytes);
+        fx.write(
+            "e.jsonl",
+            format!(r#"{{"ts":{},"did":"123","page":3}}"#, M + 40_000),
+        );
+        let job = fx.job(
+            r#"
+[job]
+timezone = "+08:00"
+[[source]]
+name = "json"
+kind = "file"
+path = "e.jsonl"
+format = "jsonl"
+[[source]]
+name = "bin"
+kind = "file"
+path = "e.bin"
+format = "binary"
+[[metric]]
+name = "all_pv_uv"
+kind = "cumulate"
+group_by = ["page"]
+[[metric]]
+name = "bin_uv"
+kind = "cumulate"
+group_by = ["page"]
+sources = ["bin"]
+filter = "event = 1"
+measures = ["uv"]
+"#,
+        );
+        let off = Offline::compute(&job).unwrap();
+        assert_eq!(off.value(0, M + MIN, &[Value::from(3)]), Some((3, 2)));
+        assert_eq!(off.value(0, M + 2 * MIN, &[Value::from(3)]), Some((4, 2)));
+        assert_eq!(off.value(0, M + MIN, &[Value::Null]), Some((1, 1)));
+        assert_eq!(off.value(1, M + MIN, &[Value::from(3)]), Some((2, 2)));
+        let uv = |end: i64, dims: &str, uv: u64| {
+            format!(
+                r#"{{"metric":"bin_uv","window_start":{M},"window_end":{end},"dims":{dims},"uv":{uv}}}"#
+            )
+        };
+        let good = vec![
+            row("all_pv_uv", M, M + MIN, r#"{"page":3}"#, 3, 2),
+            row("all_pv_uv", M, M + MIN, r#"{"page":null}"#, 1, 1),
+            row("all_pv_uv", M, M + 2 * MIN, r#"{"page":3}"#, 4, 2),
+            row("all_pv_uv", M, M + 2 * MIN, r#"{"page":null}"#, 1, 1),
+            uv(M + MIN, r#"{"page":3}"#, 2),
+            uv(M + MIN, r#"{"page":null}"#, 1),
+        ];
+        let r = fx.verify(&job, &good);
+        assert!(r.ok(), "{r:?}");
+        // A uv-only metric must not carry pv.
+        let mut with_pv = good.clone();
+        with_pv[4] = row("bin_uv", M, M + MIN, r#"{"page":3}"#, 2, 2);
+        assert_eq!(fx.verify(&job, &with_pv).rows_wrong, 1);
+    }
+
+    #[test]
+    fn sink_file_limits_the_metrics_required() {
+        let (fx, _, rows) = basic();
+        let text = json_job(
+            "",
+            "[[metric]]\nname = \"other\"\nkind = \"cumulate\"\n\
+             [[sink]]\nkind = \"jsonl\"\npath = \"results.jsonl\"\nmetrics = [\"page_uv\"]\n",
+        );
+        let job = fx.job(&text);
+        assert!(
+            fx.verify(&job, &rows).ok(),
+            "metric `other` is not written to this file"
+        );
+    }
+
+    #[test]
+    fn report_prints_counters_and_examples() {
+        let (fx, job, mut rows) = basic();
+        rows[0] = page_row(M + MIN, "home", 4, 2);
+        let r = fx.verify(&job, &rows);
+        let mut out = Vec::new();
+        r.print(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("FAILED"), "{text}");
+        assert!(text.contains("rows wrong:       1"), "{text}");
+        assert!(text.contains("2026-02-16 00:01:00 +08:00"), "{text}");
+        assert!(text.contains("pv 0.333333"), "{text}");
+    }
+}
