@@ -63,10 +63,7 @@ pub struct DemoOptions {
 pub fn run(opts: &DemoOptions, out: &mut impl Write) -> Result<bool> {
     let (dir, temporary) = match &opts.dir {
         Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("tally-demo-{}", std::process::id())),
-            true,
-        ),
+        None => (std::env::temp_dir().join(format!("tally-demo-{}", std::process::id())), true),
     };
     let result = run_in(opts, &dir, out);
     if temporary {
@@ -87,19 +84,9 @@ fn run_in(opts: &DemoOptions, dir: &Path, out: &mut impl Write) -> Result<bool> 
         disorder: "2m".into(),
         ..GenOptions::default()
     };
-    writeln!(
-        out,
-        "tally demo: generating {} events over one day in {}",
-        opts.events,
-        dir.display()
-    )?;
+    writeln!(out, "tally demo: generating {} events over one day in {}", opts.events, dir.display())?;
     let g = generate(&gen)?;
-    writeln!(
-        out,
-        "  {} MB of JSON lines in {:.1} s",
-        g.bytes / 1_000_000,
-        g.seconds
-    )?;
+    writeln!(out, "  {} MB of JSON lines in {:.1} s", g.bytes / 1_000_000, g.seconds)?;
     let job_path = dir.join("job.toml");
     std::fs::write(&job_path, DEMO_JOB)?;
     let mut job = Job::load(&job_path)?;
@@ -128,31 +115,18 @@ fn run_in(opts: &DemoOptions, dir: &Path, out: &mut impl Write) -> Result<bool> 
 /// Prints the top pages at the day's last window and the UV curve.
 fn show(results: &Path, out: &mut impl Write) -> Result<()> {
     let text = std::fs::read_to_string(results)?;
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let rows: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let day_end = DEMO_DAY_START_MS + 86_400_000;
     let of = |metric: &str| -> Vec<&serde_json::Value> {
-        rows.iter()
-            .filter(|r| r["metric"] == metric && r["window_start"] == DEMO_DAY_START_MS)
-            .collect()
+        rows.iter().filter(|r| r["metric"] == metric && r["window_start"] == DEMO_DAY_START_MS).collect()
     };
     let pages = of("page_uv");
-    let last_end = pages
-        .iter()
-        .filter_map(|r| r["window_end"].as_i64())
-        .max()
-        .unwrap_or(day_end);
+    let last_end = pages.iter().filter_map(|r| r["window_end"].as_i64()).max().unwrap_or(day_end);
     let mut top: Vec<(&str, u64, u64)> = pages
         .iter()
         .filter(|r| r["window_end"] == last_end)
         .map(|r| {
-            (
-                r["dims"]["page"].as_str().unwrap_or("?"),
-                r["pv"].as_u64().unwrap_or(0),
-                r["uv"].as_u64().unwrap_or(0),
-            )
+            (r["dims"]["page"].as_str().unwrap_or("?"), r["pv"].as_u64().unwrap_or(0), r["uv"].as_u64().unwrap_or(0))
         })
         .collect();
     top.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
@@ -160,10 +134,7 @@ fn show(results: &Path, out: &mut impl Write) -> Result<()> {
     for (page, pv, uv) in top.iter().take(8) {
         writeln!(out, "  {page:<6} uv {uv:>9}  pv {pv:>10}")?;
     }
-    writeln!(
-        out,
-        "\ncumulative UV of the day (all events), hourly, +08:00:"
-    )?;
+    writeln!(out, "\ncumulative UV of the day (all events), hourly, +08:00:")?;
     let curve: Vec<(i64, u64)> = of("total_uv")
         .iter()
         .filter_map(|r| Some((r["window_end"].as_i64()?, r["uv"].as_u64()?)))

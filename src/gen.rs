@@ -69,7 +69,7 @@ const DEFAULT_DID_STRINGS: f64 = 0.5;
 pub const CHUNK_EVENTS: u64 = 1 << 16;
 /// More generator threads than this only adds memory: the single writer and
 /// the disk are the bottleneck long before.
-const MAX_THREADS: usize = 16;
+const MAX_THREADS: usize = 8;
 /// Finished chunks each worker may queue ahead of the writer; with the chunk
 /// being built this bounds memory to about `threads * (1 + this)` chunks.
 const CHUNKS_QUEUED_PER_WORKER: usize = 1;
@@ -279,12 +279,7 @@ fn generate_chunked(opts: &GenOptions, threads: usize, chunk_events: u64) -> Res
     let mut sink = Sink::open(files.clone(), opts.format.header())?;
     run_pipeline(&plan, threads, &mut sink)?;
     let (events, bytes) = sink.finish()?;
-    Ok(GenReport {
-        files,
-        events,
-        bytes,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(GenReport { files, events, bytes, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Parses a duration such as `500ms`, `90s`, `5m`, `4h`, `1d` or `1h30m` into
@@ -300,19 +295,12 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let mut rest = text;
     let mut total: i64 = 0;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit_len = rest[digits..]
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len() - digits);
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
         let (number, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
-        let value: i64 = number
-            .parse()
-            .map_err(|_| format!("bad duration {text:?}: expected <number><unit>"))?;
-        let scale = unit_ms(unit).ok_or_else(|| {
-            format!("bad duration {text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")
-        })?;
+        let value: i64 = number.parse().map_err(|_| format!("bad duration {text:?}: expected <number><unit>"))?;
+        let scale = unit_ms(unit)
+            .ok_or_else(|| format!("bad duration {text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"))?;
         total = value
             .checked_mul(scale)
             .and_then(|ms| total.checked_add(ms))
@@ -364,9 +352,10 @@ impl Plan {
     fn new(opts: &GenOptions, chunk_events: u64) -> Result<Self> {
         validate(opts)?;
         let duration_ms = flag_duration("--duration", &opts.duration)?;
-        let page_weights: Vec<f64> = (0..opts.pages)
-            .map(|k| 1.0 / f64::from(k + 1).powf(PAGE_ZIPF_EXPONENT))
-            .collect();
+        let disorder_ms = flag_duration("--disorder", &opts.disorder)?;
+        let late_by_ms = flag_duration("--late-by", &opts.late_by)?;
+        check_time_range(opts.start_ms, duration_ms, disorder_ms.max(late_by_ms))?;
+        let page_weights: Vec<f64> = (0..opts.pages).map(|k| 1.0 / f64::from(k + 1).powf(PAGE_ZIPF_EXPONENT)).collect();
         Ok(Plan {
             events: opts.events,
             chunk_events,
@@ -379,9 +368,9 @@ impl Plan {
             platforms: Categorical::new(&PLATFORM_WEIGHTS),
             app_vers: Categorical::new(&APP_VER_WEIGHTS),
             nets: Categorical::new(&NET_WEIGHTS),
-            disorder_ms: flag_duration("--disorder", &opts.disorder)?,
+            disorder_ms,
             disorder_fraction: opts.disorder_fraction,
-            late_by_ms: flag_duration("--late-by", &opts.late_by)?,
+            late_by_ms,
             late_fraction: opts.late_fraction,
             dup_rate: opts.dup_rate,
             did_strings: opts.did_strings,
@@ -397,22 +386,27 @@ impl Plan {
 fn validate(opts: &GenOptions) -> Result<()> {
     ensure!(opts.devices > 0, "--devices must be at least 1");
     ensure!(opts.pages > 0, "--pages must be at least 1");
-    ensure!(
-        (1..=MAX_FILES).contains(&opts.files),
-        "--files must be between 1 and {MAX_FILES}, got {}",
-        opts.files
-    );
+    ensure!((1..=MAX_FILES).contains(&opts.files), "--files must be between 1 and {MAX_FILES}, got {}", opts.files);
     for (flag, value) in [
         ("--disorder-fraction", opts.disorder_fraction),
         ("--late-fraction", opts.late_fraction),
         ("--dup-rate", opts.dup_rate),
         ("--did-strings", opts.did_strings),
     ] {
-        ensure!(
-            (0.0..=1.0).contains(&value),
-            "{flag} must be within [0, 1], got {value}"
-        );
+        ensure!((0.0..=1.0).contains(&value), "{flag} must be within [0, 1], got {value}");
     }
+    Ok(())
+}
+
+/// Every timestamp lies in `[start - max_shift - LATE_EXTRA_MAX_MS, start +
+/// duration]`; checking the ends once keeps the per-event arithmetic plain.
+fn check_time_range(start_ms: i64, duration_ms: i64, max_shift_ms: i64) -> Result<()> {
+    let end = start_ms.checked_add(duration_ms);
+    let earliest = max_shift_ms.checked_add(LATE_EXTRA_MAX_MS).and_then(|shift| start_ms.checked_sub(shift));
+    ensure!(
+        end.is_some() && earliest.is_some(),
+        "--start-ms {start_ms} with --duration/--disorder/--late-by overflows the timestamp range"
+    );
     Ok(())
 }
 
@@ -423,21 +417,16 @@ fn flag_duration(flag: &str, text: &str) -> Result<i64> {
 /// Event index where each file after the first begins: `k * N / K`.
 fn file_starts(events: u64, files: usize) -> Vec<u64> {
     let files = files as u128;
-    (1..files)
-        .map(|k| (k * u128::from(events) / files) as u64)
-        .collect()
+    (1..files).map(|k| (k * u128::from(events) / files) as u64).collect()
 }
 
 fn output_paths(opts: &GenOptions) -> Result<Vec<PathBuf>> {
-    fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
     let ext = opts.format.extension();
     let paths = if opts.files == 1 {
         vec![opts.out.join(format!("events.{ext}"))]
     } else {
-        (0..opts.files)
-            .map(|k| opts.out.join(format!("events-{k:03}.{ext}")))
-            .collect()
+        (0..opts.files).map(|k| opts.out.join(format!("events-{k:03}.{ext}"))).collect()
     };
     Ok(paths)
 }
@@ -502,9 +491,7 @@ impl Categorical {
             *last = 1.0;
         }
         let slots = cumulative.len() * GUIDE_SLOTS_PER_CATEGORY;
-        let guide = (0..slots)
-            .map(|s| first_above(&cumulative, s as f64 / slots as f64) as u32)
-            .collect();
+        let guide = (0..slots).map(|s| first_above(&cumulative, s as f64 / slots as f64) as u32).collect();
         Categorical { cumulative, guide }
     }
 
@@ -522,9 +509,7 @@ impl Categorical {
 
 /// First index whose cumulative weight exceeds `u` (the last index if none).
 fn first_above(cumulative: &[f64], u: f64) -> usize {
-    cumulative
-        .partition_point(|&c| c <= u)
-        .min(cumulative.len() - 1)
+    cumulative.partition_point(|&c| c <= u).min(cumulative.len() - 1)
 }
 
 /// Draws Zipf-like device ids and scrambles them so that the most active
@@ -592,11 +577,7 @@ impl Clock {
             GenShape::Flat => None,
             GenShape::Peak => Some(peak_cumulative(start_ms, duration_ms)),
         };
-        Clock {
-            start_ms,
-            duration_ms,
-            cumulative,
-        }
+        Clock { start_ms, duration_ms, cumulative }
     }
 
     fn true_ts(&self, index: u64, events: u64) -> i64 {
@@ -612,10 +593,7 @@ impl Clock {
 /// Piecewise-linear inverse of a tabulated cumulative curve; monotone in `u`.
 fn invert_cumulative(cumulative: &[f64], u: f64) -> f64 {
     let bins = cumulative.len() - 1;
-    let bin = cumulative
-        .partition_point(|&c| c <= u)
-        .saturating_sub(1)
-        .min(bins - 1);
+    let bin = cumulative.partition_point(|&c| c <= u).saturating_sub(1).min(bins - 1);
     let (lo, hi) = (cumulative[bin], cumulative[bin + 1]);
     let within = ((u - lo) / (hi - lo)).clamp(0.0, 1.0);
     (bin as f64 + within) / bins as f64
@@ -744,23 +722,12 @@ const fn name(text: &str) -> Name {
         bytes[i] = src[i];
         i += 1;
     }
-    Name {
-        bytes,
-        len: src.len(),
-    }
+    Name { bytes, len: src.len() }
 }
 
-const EVENT_NAME_PADDED: [Name; 4] = [
-    name(EVENT_NAMES[0]),
-    name(EVENT_NAMES[1]),
-    name(EVENT_NAMES[2]),
-    name(EVENT_NAMES[3]),
-];
-const PLATFORM_NAME_PADDED: [Name; 3] = [
-    name(PLATFORM_NAMES[0]),
-    name(PLATFORM_NAMES[1]),
-    name(PLATFORM_NAMES[2]),
-];
+const EVENT_NAME_PADDED: [Name; 4] =
+    [name(EVENT_NAMES[0]), name(EVENT_NAMES[1]), name(EVENT_NAMES[2]), name(EVENT_NAMES[3])];
+const PLATFORM_NAME_PADDED: [Name; 3] = [name(PLATFORM_NAMES[0]), name(PLATFORM_NAMES[1]), name(PLATFORM_NAMES[2])];
 const NET_NAME_PADDED: [Name; 3] = [name(NET_NAMES[0]), name(NET_NAMES[1]), name(NET_NAMES[2])];
 
 /// "00" "01" … "99": two decimal digits per table lookup.
@@ -781,10 +748,7 @@ struct LineBuf {
 
 impl LineBuf {
     fn new() -> Self {
-        LineBuf {
-            bytes: [0; LINE_CAPACITY],
-            len: 0,
-        }
+        LineBuf { bytes: [0; LINE_CAPACITY], len: 0 }
     }
 
     fn clear(&mut self) {
@@ -947,11 +911,7 @@ impl Plan {
                 records += 1;
             }
         }
-        Chunk {
-            bytes,
-            cuts,
-            records,
-        }
+        Chunk { bytes, cuts, records }
     }
 }
 
@@ -978,13 +938,7 @@ fn run_pipeline(plan: &Plan, threads: usize, sink: &mut Sink) -> Result<()> {
     })
 }
 
-fn run_worker(
-    plan: &Plan,
-    worker: usize,
-    threads: usize,
-    tx: Sender<Chunk>,
-    recycle: Receiver<Vec<u8>>,
-) {
+fn run_worker(plan: &Plan, worker: usize, threads: usize, tx: Sender<Chunk>, recycle: Receiver<Vec<u8>>) {
     let chunks = plan.chunk_count();
     for chunk in (worker as u64..chunks).step_by(threads) {
         let buffer = recycle.try_recv().unwrap_or_default();
@@ -994,17 +948,10 @@ fn run_worker(
     }
 }
 
-fn drain_in_order(
-    chunks: u64,
-    queues: Vec<Receiver<Chunk>>,
-    recycle: &Sender<Vec<u8>>,
-    sink: &mut Sink,
-) -> Result<()> {
+fn drain_in_order(chunks: u64, queues: Vec<Receiver<Chunk>>, recycle: &Sender<Vec<u8>>, sink: &mut Sink) -> Result<()> {
     for chunk in 0..chunks {
         let queue = &queues[(chunk % queues.len() as u64) as usize];
-        let built = queue
-            .recv()
-            .map_err(|_| anyhow!("generator thread for chunk {chunk} stopped"))?;
+        let built = queue.recv().map_err(|_| anyhow!("generator thread for chunk {chunk} stopped"))?;
         sink.write_chunk(&built)?;
         // Workers may all be done already; then the buffer is simply freed.
         let _ = recycle.send(built.bytes);
@@ -1029,31 +976,19 @@ struct Sink {
 impl Sink {
     fn open(paths: Vec<PathBuf>, header: &'static [u8]) -> Result<Self> {
         let file = create_file(&paths[0])?;
-        let mut sink = Sink {
-            paths,
-            header,
-            current: 0,
-            file,
-            records: 0,
-            bytes: 0,
-        };
+        let mut sink = Sink { paths, header, current: 0, file, records: 0, bytes: 0 };
         sink.write(header)?;
         Ok(sink)
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all(data)
-            .with_context(|| format!("writing {}", self.paths[self.current].display()))?;
+        self.file.write_all(data).with_context(|| format!("writing {}", self.paths[self.current].display()))?;
         self.bytes += data.len() as u64;
         Ok(())
     }
 
     fn next_file(&mut self) -> Result<()> {
-        ensure!(
-            self.current + 1 < self.paths.len(),
-            "internal error: more file cuts than files"
-        );
+        ensure!(self.current + 1 < self.paths.len(), "internal error: more file cuts than files");
         self.current += 1;
         self.file = create_file(&self.paths[self.current])?;
         self.write(self.header)
@@ -1078,9 +1013,7 @@ impl Sink {
             self.next_file()?;
         }
         let path = &self.paths[self.current];
-        self.file
-            .flush()
-            .with_context(|| format!("writing {}", path.display()))?;
+        self.file.flush().with_context(|| format!("writing {}", path.display()))?;
         Ok((self.records, self.bytes))
     }
 }
@@ -1121,10 +1054,7 @@ mod tests {
 
     fn records(bytes: &[u8]) -> Vec<BinaryRecord> {
         assert_eq!(bytes.len() % BINARY_RECORD_BYTES, 0);
-        bytes
-            .chunks_exact(BINARY_RECORD_BYTES)
-            .map(bytemuck::pod_read_unaligned)
-            .collect()
+        bytes.chunks_exact(BINARY_RECORD_BYTES).map(bytemuck::pod_read_unaligned).collect()
     }
 
     fn binary_run(opts: &GenOptions) -> Vec<BinaryRecord> {
@@ -1253,10 +1183,7 @@ mod tests {
         let dups = recs.len() - without_dups(&recs).len();
         assert_eq!(without_dups(&recs).len() as u64, opts.events);
         let expected = opts.events as f64 * opts.dup_rate;
-        assert!(
-            (dups as f64 - expected).abs() < expected * 0.1,
-            "dups = {dups}"
-        );
+        assert!((dups as f64 - expected).abs() < expected * 0.1, "dups = {dups}");
     }
 
     #[test]
@@ -1265,10 +1192,7 @@ mod tests {
         let opts = small(dir.path(), GenFormat::Jsonl);
         let report = generate_chunked(&opts, 3, TEST_CHUNK).unwrap();
         let text = String::from_utf8(fs::read(&report.files[0]).unwrap()).unwrap();
-        let bin = binary_run(&GenOptions {
-            format: GenFormat::Binary,
-            ..opts.clone()
-        });
+        let bin = binary_run(&GenOptions { format: GenFormat::Binary, ..opts.clone() });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), bin.len());
         let (mut as_string, mut as_int) = (0, 0);
@@ -1289,10 +1213,7 @@ mod tests {
             let page = format!("p{}", rec.dims[0]);
             assert_eq!(v["page"].as_str(), Some(page.as_str()));
             assert_eq!(v["event"].as_str(), Some(EVENT_NAMES[rec.dims[1] as usize]));
-            assert_eq!(
-                v["platform"].as_str(),
-                Some(PLATFORM_NAMES[rec.dims[2] as usize])
-            );
+            assert_eq!(v["platform"].as_str(), Some(PLATFORM_NAMES[rec.dims[2] as usize]));
             assert_eq!(v["app_ver"].as_u64(), Some(u64::from(rec.dims[3])));
         }
         assert!(as_string > lines.len() / 3 && as_int > lines.len() / 3);
@@ -1370,10 +1291,7 @@ mod tests {
         opts.files = 5;
         opts.dup_rate = 0.0;
         let report = generate(&opts).unwrap();
-        let lines: usize = read_all(&report)
-            .iter()
-            .map(|b| b.split(|&c| c == b'\n').count() - 1)
-            .sum();
+        let lines: usize = read_all(&report).iter().map(|b| b.split(|&c| c == b'\n').count() - 1).sum();
         assert_eq!((report.files.len(), lines), (5, 2));
     }
 
@@ -1382,41 +1300,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = small(dir.path(), GenFormat::Jsonl);
         let cases = [
-            (
-                GenOptions {
-                    devices: 0,
-                    ..base.clone()
-                },
-                "--devices",
-            ),
-            (
-                GenOptions {
-                    duration: "4x".into(),
-                    ..base.clone()
-                },
-                "--duration",
-            ),
-            (
-                GenOptions {
-                    late_by: "".into(),
-                    ..base.clone()
-                },
-                "--late-by",
-            ),
-            (
-                GenOptions {
-                    dup_rate: 1.5,
-                    ..base.clone()
-                },
-                "--dup-rate",
-            ),
-            (
-                GenOptions {
-                    files: 0,
-                    ..base.clone()
-                },
-                "--files",
-            ),
+            (GenOptions { devices: 0, ..base.clone() }, "--devices"),
+            (GenOptions { duration: "4x".into(), ..base.clone() }, "--duration"),
+            (GenOptions { late_by: "".into(), ..base.clone() }, "--late-by"),
+            (GenOptions { dup_rate: 1.5, ..base.clone() }, "--dup-rate"),
+            (GenOptions { files: 0, ..base.clone() }, "--files"),
+            (GenOptions { start_ms: i64::MAX - 1_000, ..base.clone() }, "--start-ms"),
         ];
         for (opts, flag) in cases {
             let err = generate(&opts).unwrap_err().to_string();
@@ -1424,10 +1313,7 @@ mod tests {
         }
         let blocker = dir.path().join("file");
         fs::write(&blocker, b"").unwrap();
-        let opts = GenOptions {
-            out: blocker.join("sub"),
-            ..base
-        };
+        let opts = GenOptions { out: blocker.join("sub"), ..base };
         let err = format!("{:#}", generate(&opts).unwrap_err());
         assert!(err.contains("sub"), "{err}");
     }

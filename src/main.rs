@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use tally::job::Job;
 
 #[derive(Parser)]
-#[command(
-    name = "tally",
-    version,
-    about = "Exact real-time warehouse metrics (cumulative PV/UV) from event logs"
-)]
+#[command(name = "tally", version, about = "Exact real-time warehouse metrics (cumulative PV/UV) from event logs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,12 +49,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            job,
-            workers,
-            state_dir,
-            summary,
-        } => run(job, workers, state_dir, summary),
+        Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
         Command::Verify { job, results } => verify(job, results),
         Command::Gen(opts) => match tally::gen::generate(&opts) {
             Ok(r) => {
@@ -91,12 +82,7 @@ fn load(path: &PathBuf) -> Result<Job, ExitCode> {
     Job::load(path).map_err(|e| fail(2, e.to_string()))
 }
 
-fn run(
-    job: PathBuf,
-    workers: Option<usize>,
-    state_dir: Option<PathBuf>,
-    summary: Option<PathBuf>,
-) -> ExitCode {
+fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary: Option<PathBuf>) -> ExitCode {
     let mut job = match load(&job) {
         Ok(j) => j,
         Err(code) => return code,

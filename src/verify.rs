@@ -86,31 +86,17 @@ impl VerifyReport {
     /// difference per measure, then the examples.
     pub fn print(&self, w: &mut impl Write) -> io::Result<()> {
         if self.ok() {
-            writeln!(
-                w,
-                "verify: OK, every result matches the offline recomputation"
-            )?;
+            writeln!(w, "verify: OK, every result matches the offline recomputation")?;
         } else {
-            writeln!(
-                w,
-                "verify: FAILED, results differ from the offline recomputation"
-            )?;
+            writeln!(w, "verify: FAILED, results differ from the offline recomputation")?;
         }
         writeln!(w, "  rows checked:     {}", self.rows_checked)?;
         writeln!(w, "  rows wrong:       {}", self.rows_wrong)?;
         writeln!(w, "  rows missing:     {}", self.rows_missing)?;
-        writeln!(
-            w,
-            "  rows duplicate:   {} (upserts: the last row of a key counts)",
-            self.rows_duplicate
-        )?;
+        writeln!(w, "  rows duplicate:   {} (upserts: the last row of a key counts)", self.rows_duplicate)?;
         writeln!(w, "  windows missing:  {}", self.windows_missing)?;
         if !self.worst_rel_diff.is_empty() {
-            let parts: Vec<String> = self
-                .worst_rel_diff
-                .iter()
-                .map(|(m, d)| format!("{m} {d:.6}"))
-                .collect();
+            let parts: Vec<String> = self.worst_rel_diff.iter().map(|(m, d)| format!("{m} {d:.6}")).collect();
             writeln!(w, "  worst relative difference: {}", parts.join(", "))?;
         }
         if !self.examples.is_empty() {
@@ -140,11 +126,7 @@ enum Dim {
 
 impl Dim {
     fn float(f: f64) -> Dim {
-        Dim::Float(if f == 0.0 {
-            0f64.to_bits()
-        } else {
-            f.to_bits()
-        })
+        Dim::Float(if f == 0.0 { 0f64.to_bits() } else { f.to_bits() })
     }
 
     fn from_field(v: FieldValue) -> Dim {
@@ -161,10 +143,7 @@ impl Dim {
     fn from_json(v: &Value) -> Option<Dim> {
         match v {
             Value::Null => Some(Dim::Null),
-            Value::Number(n) => n
-                .as_i64()
-                .map(Dim::Int)
-                .or_else(|| n.as_f64().map(Dim::float)),
+            Value::Number(n) => n.as_i64().map(Dim::Int).or_else(|| n.as_f64().map(Dim::float)),
             Value::String(s) => Some(Dim::Str(s.clone())),
             _ => None,
         }
@@ -174,8 +153,7 @@ impl Dim {
         match self {
             Dim::Null => Value::Null,
             Dim::Int(i) => Value::from(*i),
-            Dim::Float(bits) => serde_json::Number::from_f64(f64::from_bits(*bits))
-                .map_or(Value::Null, Value::Number),
+            Dim::Float(bits) => serde_json::Number::from_f64(f64::from_bits(*bits)).map_or(Value::Null, Value::Number),
             Dim::Str(s) => Value::String(s.clone()),
         }
     }
@@ -189,14 +167,8 @@ impl Dim {
 #[derive(Clone, Copy)]
 enum Rec<'r> {
     Json(&'r Map<String, Value>),
-    Csv {
-        header: &'r csv::ByteRecord,
-        row: &'r csv::ByteRecord,
-    },
-    Binary {
-        names: &'r [String; BINARY_DIMS],
-        dims: [u32; BINARY_DIMS],
-    },
+    Csv { header: &'r csv::ByteRecord, row: &'r csv::ByteRecord },
+    Binary { names: &'r [String; BINARY_DIMS], dims: [u32; BINARY_DIMS] },
 }
 
 impl<'r> Rec<'r> {
@@ -209,10 +181,9 @@ impl<'r> Rec<'r> {
                 .position(|h| h == name.as_bytes())
                 .and_then(|i| row.get(i))
                 .map_or(FieldValue::Null, csv_field),
-            Rec::Binary { names, dims } => names
-                .iter()
-                .position(|n| n == name)
-                .map_or(FieldValue::Null, |i| binary_field(dims[i])),
+            Rec::Binary { names, dims } => {
+                names.iter().position(|n| n == name).map_or(FieldValue::Null, |i| binary_field(dims[i]))
+            }
         }
     }
 }
@@ -301,11 +272,7 @@ fn read_jsonl(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()
 /// Calls `f` with each line of the file that is non-empty and at most
 /// `max_len` bytes long, without its `\n` and one trailing `\r`. Overlong
 /// lines are skipped without being held in memory.
-fn for_each_line(
-    path: &Path,
-    max_len: usize,
-    f: &mut dyn FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
+fn for_each_line(path: &Path, max_len: usize, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
     let file = File::open(path).context("cannot open")?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line: Vec<u8> = Vec::new();
@@ -316,7 +283,7 @@ fn for_each_line(
         if buf.is_empty() {
             break;
         }
-        let (used, ends) = match buf.iter().position(|&b| b == b'\n') {
+        let (used, ends) = match memchr::memchr(b'\n', buf) {
             Some(i) => (i + 1, true),
             None => (buf.len(), false),
         };
@@ -355,15 +322,8 @@ fn finish_line(
 }
 
 fn read_csv(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_path(path)
-        .context("cannot open")?;
-    let header = rdr
-        .byte_headers()
-        .context("cannot read the CSV header")?
-        .clone();
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_path(path).context("cannot open")?;
+    let header = rdr.byte_headers().context("cannot read the CSV header")?.clone();
     let col = |name: &str| header.iter().position(|h| h == name.as_bytes());
     let (Some(ts_col), Some(did_col)) = (col(&src.ts_field), col(&src.did_field)) else {
         return Ok(()); // no row of this file can have a time and a device
@@ -381,14 +341,7 @@ fn read_csv(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()> 
         if did.is_empty() {
             continue;
         }
-        f(
-            ts,
-            did,
-            Rec::Csv {
-                header: &header,
-                row: &row,
-            },
-        )?;
+        f(ts, did, Rec::Csv { header: &header, row: &row })?;
     }
     Ok(())
 }
@@ -409,14 +362,7 @@ fn read_binary(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<(
         }
         let did = digits.format(u64::from_le(rec.did)).as_bytes();
         let dims = rec.dims.map(u32::from_le);
-        f(
-            ts,
-            did,
-            Rec::Binary {
-                names: &src.binary_dims,
-                dims,
-            },
-        )?;
+        f(ts, did, Rec::Binary { names: &src.binary_dims, dims })?;
     }
 }
 
@@ -459,10 +405,7 @@ struct PeriodTruth {
 
 impl PeriodTruth {
     fn points(&self, key: u32) -> Option<&[Point]> {
-        self.series
-            .binary_search_by_key(&key, |(k, _)| *k)
-            .ok()
-            .map(|i| self.series[i].1.as_slice())
+        self.series.binary_search_by_key(&key, |(k, _)| *k).ok().map(|i| self.series[i].1.as_slice())
     }
 }
 
@@ -503,14 +446,12 @@ impl Offline {
     /// Reads every source some metric uses (each once) and computes the
     /// cumulative values of every metric, key and window.
     pub fn compute(job: &Job) -> Result<Offline> {
-        let mut truths: Vec<MetricTruth> =
-            job.metrics.iter().map(|_| MetricTruth::default()).collect();
+        let mut truths: Vec<MetricTruth> = job.metrics.iter().map(|_| MetricTruth::default()).collect();
         let mut events: Vec<Vec<Ev>> = job.metrics.iter().map(|_| Vec::new()).collect();
         let mut dids: AHashMap<Box<[u8]>, u32> = AHashMap::new();
         for (si, src) in job.sources.iter().enumerate() {
-            let readers: Vec<usize> = (0..job.metrics.len())
-                .filter(|&m| job.metrics[m].sources.contains(&si))
-                .collect();
+            let readers: Vec<usize> =
+                (0..job.metrics.len()).filter(|&m| job.metrics[m].sources.contains(&si)).collect();
             if readers.is_empty() {
                 continue;
             }
@@ -518,10 +459,7 @@ impl Offline {
                 let mut did_id = None;
                 for &mi in &readers {
                     let spec = &job.metrics[mi];
-                    let passes = spec
-                        .filter
-                        .as_ref()
-                        .is_none_or(|f| f.root.passes(&|name: &String| rec.get(name)));
+                    let passes = spec.filter.as_ref().is_none_or(|f| f.root.passes(&|name: &String| rec.get(name)));
                     if !passes {
                         continue;
                     }
@@ -533,11 +471,7 @@ impl Offline {
                             id
                         }
                     };
-                    let key: Vec<Dim> = spec
-                        .group_by
-                        .iter()
-                        .map(|g| Dim::from_field(rec.get(g)))
-                        .collect();
+                    let key: Vec<Dim> = spec.group_by.iter().map(|g| Dim::from_field(rec.get(g))).collect();
                     let key = intern_key(&mut truths[mi], key)?;
                     events[mi].push(Ev { key, did, ts });
                 }
@@ -548,21 +482,13 @@ impl Offline {
         for (mi, evs) in events.into_iter().enumerate() {
             truths[mi].periods = cumulate(job, &job.metrics[mi], evs);
         }
-        Ok(Offline {
-            job: job.clone(),
-            metrics: truths,
-        })
+        Ok(Offline { job: job.clone(), metrics: truths })
     }
 
     /// `(pv, uv)` of a key at a window end, or `None` when the key has no
     /// data there (or `window_end_ms` is not a window end of the metric, or
     /// `dims` does not have one value per group-by field).
-    pub fn value(
-        &self,
-        metric: usize,
-        window_end_ms: i64,
-        dims: &[serde_json::Value],
-    ) -> Option<(u64, u64)> {
+    pub fn value(&self, metric: usize, window_end_ms: i64, dims: &[serde_json::Value]) -> Option<(u64, u64)> {
         let spec = self.job.metrics.get(metric)?;
         let truth = &self.metrics[metric];
         if dims.len() != spec.group_by.len() {
@@ -645,11 +571,7 @@ fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>) -> BTreeMap<i64, Per
                 devices.insert(evs[i].did);
                 i += 1;
             }
-            points.push(Point {
-                end,
-                pv,
-                uv: devices.len() as u64,
-            });
+            points.push(Point { end, pv, uv: devices.len() as u64 });
         }
         let (first, last) = match (points.first(), points.last()) {
             (Some(f), Some(l)) => (f.end, l.end),
@@ -700,11 +622,9 @@ fn window_period(job: &Job, spec: &MetricSpec, end: i64) -> Option<i64> {
 ///    of the job writes to `results`, only its metrics are required here.
 pub fn verify(job: &Job, results: &Path) -> Result<VerifyReport> {
     let offline = Offline::compute(job)?;
-    let file = File::open(results)
-        .with_context(|| format!("cannot open results {}", results.display()))?;
+    let file = File::open(results).with_context(|| format!("cannot open results {}", results.display()))?;
     let required = metrics_written_to(job, results);
-    check(&offline, BufReader::new(file), &required)
-        .with_context(|| format!("reading results {}", results.display()))
+    check(&offline, BufReader::new(file), &required).with_context(|| format!("reading results {}", results.display()))
 }
 
 /// Which metrics a results file must cover: those of the sinks writing to
@@ -840,16 +760,13 @@ impl Checker<'_> {
             None => false,
         };
         let key = self.key_id(p.metric, p.key);
-        self.windows
-            .entry((p.metric, p.period, p.end))
-            .or_default()
-            .push(Got {
-                key,
-                pv: p.pv,
-                uv: p.uv,
-                line,
-                counted,
-            });
+        self.windows.entry((p.metric, p.period, p.end)).or_default().push(Got {
+            key,
+            pv: p.pv,
+            uv: p.uv,
+            line,
+            counted,
+        });
     }
 
     fn parse_row(&self, raw: &[u8]) -> Result<Parsed, String> {
@@ -858,47 +775,24 @@ impl Checker<'_> {
         let Value::Object(obj) = value else {
             return Err("not a JSON object".into());
         };
-        let name = obj
-            .get("metric")
-            .and_then(Value::as_str)
-            .ok_or("no \"metric\" string")?;
-        let metric = job
-            .metrics
-            .iter()
-            .position(|m| m.name == name)
-            .ok_or_else(|| format!("unknown metric {name:?}"))?;
+        let name = obj.get("metric").and_then(Value::as_str).ok_or("no \"metric\" string")?;
+        let metric =
+            job.metrics.iter().position(|m| m.name == name).ok_or_else(|| format!("unknown metric {name:?}"))?;
         let spec = &job.metrics[metric];
-        let int = |field: &str| {
-            obj.get(field)
-                .and_then(Value::as_i64)
-                .ok_or_else(|| format!("no integer {field:?}"))
-        };
+        let int = |field: &str| obj.get(field).and_then(Value::as_i64).ok_or_else(|| format!("no integer {field:?}"));
         let start = int("window_start")?;
         let end = int("window_end")?;
         let period = window_period(job, spec, end).ok_or_else(|| {
-            format!(
-                "window_end {end} is not a window end of metric {:?} (step {} ms)",
-                spec.name, spec.step_ms
-            )
+            format!("window_end {end} is not a window end of metric {:?} (step {} ms)", spec.name, spec.step_ms)
         })?;
-        let dims = obj
-            .get("dims")
-            .and_then(Value::as_object)
-            .ok_or("no \"dims\" object")?;
-        if dims.len() != spec.group_by.len() || spec.group_by.iter().any(|g| !dims.contains_key(g))
-        {
-            return Err(format!(
-                "dims must have exactly the fields {:?}",
-                spec.group_by
-            ));
+        let dims = obj.get("dims").and_then(Value::as_object).ok_or("no \"dims\" object")?;
+        if dims.len() != spec.group_by.len() || spec.group_by.iter().any(|g| !dims.contains_key(g)) {
+            return Err(format!("dims must have exactly the fields {:?}", spec.group_by));
         }
         let mut key = Vec::with_capacity(spec.group_by.len());
         for g in &spec.group_by {
             let v = &dims[g.as_str()];
-            key.push(
-                Dim::from_json(v)
-                    .ok_or_else(|| format!("dims.{g} = {v} is not a possible value"))?,
-            );
+            key.push(Dim::from_json(v).ok_or_else(|| format!("dims.{g} = {v} is not a possible value"))?);
         }
         let mut values = [None, None];
         for (i, (m, field)) in MEASURES.iter().enumerate() {
@@ -908,15 +802,10 @@ impl Checker<'_> {
             }
         }
         for field in obj.keys() {
-            let known = matches!(
-                field.as_str(),
-                "metric" | "window_start" | "window_end" | "dims"
-            ) || MEASURES.iter().any(|(m, f)| f == field && spec.has(*m));
+            let known = matches!(field.as_str(), "metric" | "window_start" | "window_end" | "dims")
+                || MEASURES.iter().any(|(m, f)| f == field && spec.has(*m));
             if !known {
-                return Err(format!(
-                    "unexpected field {field:?} for metric {:?}",
-                    spec.name
-                ));
+                return Err(format!("unexpected field {field:?} for metric {:?}", spec.name));
             }
         }
         let flaw = (start != period).then(|| {
@@ -926,15 +815,7 @@ impl Checker<'_> {
                 fmt_local(period, job.timezone_offset_ms)
             )
         });
-        Ok(Parsed {
-            metric,
-            period,
-            end,
-            key,
-            pv: values[0],
-            uv: values[1],
-            flaw,
-        })
+        Ok(Parsed { metric, period, end, key, pv: values[0], uv: values[1], flaw })
     }
 
     /// Id of a key: the offline id, or a new id past them for keys that never
@@ -960,21 +841,13 @@ impl Checker<'_> {
         let id = id as usize;
         match truth.keys.get(id) {
             Some(k) => k,
-            None => self.extra_keys[metric]
-                .keys
-                .get(id - truth.keys.len())
-                .map_or(&[], Vec::as_slice),
+            None => self.extra_keys[metric].keys.get(id - truth.keys.len()).map_or(&[], Vec::as_slice),
         }
     }
 
     fn describe(&self, metric: usize, end: i64, key: &[Dim]) -> String {
         let spec = &self.off.job.metrics[metric];
-        let dims: Map<String, Value> = spec
-            .group_by
-            .iter()
-            .zip(key)
-            .map(|(g, d)| (g.clone(), d.to_json()))
-            .collect();
+        let dims: Map<String, Value> = spec.group_by.iter().zip(key).map(|(g, d)| (g.clone(), d.to_json())).collect();
         format!(
             "{} window_end {end} ({}) dims {}",
             spec.name,
@@ -988,10 +861,7 @@ impl Checker<'_> {
         let mut parts = Vec::new();
         for ((m, name), v) in MEASURES.iter().zip([pv, uv]) {
             if spec.has(*m) {
-                parts.push(format!(
-                    "{name}={}",
-                    v.map_or("-".to_string(), |v| v.to_string())
-                ));
+                parts.push(format!("{name}={}", v.map_or("-".to_string(), |v| v.to_string())));
             }
         }
         parts.join(" ")
@@ -1011,11 +881,7 @@ impl Checker<'_> {
             let emit = spec.emit;
             let (has_pv, has_uv) = (spec.has(Measure::Pv), spec.has(Measure::Uv));
             let period_truth = self.off.metrics[metric].periods.get(&period);
-            let before = |points: &[Point]| {
-                prev_end
-                    .and_then(|e| value_at(points, e))
-                    .map_or((0, 0), |p| (p.pv, p.uv))
-            };
+            let before = |points: &[Point]| prev_end.and_then(|e| value_at(points, e)).map_or((0, 0), |p| (p.pv, p.uv));
             for row in &rows {
                 let points = period_truth.and_then(|t| t.points(row.key));
                 let expected = points.and_then(|pts| value_at(pts, end));
@@ -1034,16 +900,10 @@ impl Checker<'_> {
                 let what = self.describe(metric, end, self.key_values(metric, row.key));
                 let got = self.show_values(metric, row.pv, row.uv);
                 if expected.is_none() {
-                    self.wrong(format!(
-                        "{what}: the key has no data at this window, got {got} (line {})",
-                        row.line
-                    ));
+                    self.wrong(format!("{what}: the key has no data at this window, got {got} (line {})", row.line));
                 } else if differs {
                     let want = self.show_values(metric, Some(exp.0), Some(exp.1));
-                    self.wrong(format!(
-                        "{what}: expected {want}, got {got} (line {})",
-                        row.line
-                    ));
+                    self.wrong(format!("{what}: expected {want}, got {got} (line {})", row.line));
                 } else if emit == Emit::Changed && points.is_some_and(|pts| before(pts) == exp) {
                     self.wrong(format!(
                         "{what}: emit = changed, but the key did not change since the previous window (line {})",
@@ -1103,10 +963,9 @@ impl Checker<'_> {
             let spec = &off.job.metrics[metric];
             for (&period, pt) in &truth.periods {
                 let needed: BTreeSet<i64> = match spec.emit {
-                    Emit::All => (0..)
-                        .map(|k| pt.first_end + k * spec.step_ms)
-                        .take_while(|e| *e <= pt.last_end)
-                        .collect(),
+                    Emit::All => {
+                        (0..).map(|k| pt.first_end + k * spec.step_ms).take_while(|e| *e <= pt.last_end).collect()
+                    }
                     Emit::Changed => changed_ends(spec, pt),
                 };
                 let emitted: BTreeSet<i64> = self
@@ -1119,12 +978,7 @@ impl Checker<'_> {
                 for gap in gaps(&missing, spec.step_ms) {
                     let tz = off.job.timezone_offset_ms;
                     let text = if gap.0 == gap.1 {
-                        format!(
-                            "{}: window_end {} ({}) not emitted",
-                            spec.name,
-                            gap.0,
-                            fmt_local(gap.0, tz)
-                        )
+                        format!("{}: window_end {} ({}) not emitted", spec.name, gap.0, fmt_local(gap.0, tz))
                     } else {
                         format!(
                             "{}: window_ends {} ({}) to {} ({}) not emitted",
@@ -1148,9 +1002,7 @@ fn changed_ends(spec: &MetricSpec, pt: &PeriodTruth) -> BTreeSet<i64> {
     for (_, points) in &pt.series {
         let mut before = (0, 0);
         for p in points {
-            if (spec.has(Measure::Pv) && p.pv != before.0)
-                || (spec.has(Measure::Uv) && p.uv != before.1)
-            {
+            if (spec.has(Measure::Pv) && p.pv != before.0) || (spec.has(Measure::Uv) && p.uv != before.1) {
                 ends.insert(p.end);
             }
             before = (p.pv, p.uv);
@@ -1217,9 +1069,7 @@ mod tests {
 
     impl Fx {
         fn new() -> Fx {
-            Fx {
-                dir: tempfile::tempdir().unwrap(),
-            }
+            Fx { dir: tempfile::tempdir().unwrap() }
         }
 
         fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
@@ -1255,14 +1105,7 @@ mod tests {
     }
 
     fn page_row(end: i64, page: &str, pv: u64, uv: u64) -> String {
-        row(
-            "page_uv",
-            M,
-            end,
-            &format!(r#"{{"page":"{page}"}}"#),
-            pv,
-            uv,
-        )
+        row("page_uv", M, end, &format!(r#"{{"page":"{page}"}}"#), pv, uv)
     }
 
     fn json_job(extra_source: &str, extra_metric: &str) -> String {
@@ -1322,27 +1165,13 @@ measures = ["pv", "uv"]
         assert_eq!(off.value(0, M + MIN + 1, &home), None, "not a window end");
         assert_eq!(
             off.period_totals(0),
-            vec![
-                (M, vec![Value::from("home")], 4, 2),
-                (M, vec![Value::from("cart")], 1, 1)
-            ]
+            vec![(M, vec![Value::from("home")], 4, 2), (M, vec![Value::from("cart")], 1, 1)]
         );
         let r = fx.verify(&job, &rows);
         assert!(r.ok(), "{r:?}");
         assert_eq!(r.rows_checked, 5);
-        assert_eq!(
-            (
-                r.rows_wrong,
-                r.rows_missing,
-                r.rows_duplicate,
-                r.windows_missing
-            ),
-            (0, 0, 0, 0)
-        );
-        assert_eq!(
-            r.worst_rel_diff,
-            vec![("pv".to_string(), 0.0), ("uv".to_string(), 0.0)]
-        );
+        assert_eq!((r.rows_wrong, r.rows_missing, r.rows_duplicate, r.windows_missing), (0, 0, 0, 0));
+        assert_eq!(r.worst_rel_diff, vec![("pv".to_string(), 0.0), ("uv".to_string(), 0.0)]);
         assert!(r.examples.is_empty());
     }
 
@@ -1368,16 +1197,8 @@ measures = ["pv", "uv"]
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (1, 0, 0));
         assert_eq!(r.worst_rel_diff[0], ("pv".to_string(), 0.25));
         assert_eq!(r.worst_rel_diff[1], ("uv".to_string(), 0.0));
-        assert!(
-            r.examples[0].contains("expected pv=4 uv=2, got pv=5 uv=2"),
-            "{:?}",
-            r.examples
-        );
-        assert!(
-            r.examples[0].contains(r#"{"page":"home"}"#),
-            "{:?}",
-            r.examples
-        );
+        assert!(r.examples[0].contains("expected pv=4 uv=2, got pv=5 uv=2"), "{:?}", r.examples);
+        assert!(r.examples[0].contains(r#"{"page":"home"}"#), "{:?}", r.examples);
     }
 
     #[test]
@@ -1387,21 +1208,14 @@ measures = ["pv", "uv"]
         let r = fx.verify(&job, &rows);
         assert!(!r.ok());
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 1, 0));
-        assert!(
-            r.examples[0].contains("missing row, expected pv=1 uv=1"),
-            "{:?}",
-            r.examples
-        );
+        assert!(r.examples[0].contains("missing row, expected pv=1 uv=1"), "{:?}", r.examples);
     }
 
     #[test]
     fn verify_missing_window_is_counted() {
         let (fx, job, rows) = basic();
-        let without_middle: Vec<String> = rows
-            .iter()
-            .filter(|r| !r.contains(&format!("{}", M + 2 * MIN)))
-            .cloned()
-            .collect();
+        let without_middle: Vec<String> =
+            rows.iter().filter(|r| !r.contains(&format!("{}", M + 2 * MIN))).cloned().collect();
         let r = fx.verify(&job, &without_middle);
         assert!(!r.ok());
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
@@ -1417,22 +1231,11 @@ measures = ["pv", "uv"]
     #[test]
     fn verify_wrong_window_start_is_wrong() {
         let (fx, job, mut rows) = basic();
-        rows[4] = row(
-            "page_uv",
-            M - DAY_MS,
-            M + 3 * MIN,
-            r#"{"page":"home"}"#,
-            4,
-            2,
-        );
+        rows[4] = row("page_uv", M - DAY_MS, M + 3 * MIN, r#"{"page":"home"}"#, 4, 2);
         let r = fx.verify(&job, &rows);
         assert!(!r.ok());
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (1, 0, 0));
-        assert!(
-            r.examples[0].contains("is not the period start"),
-            "{:?}",
-            r.examples
-        );
+        assert!(r.examples[0].contains("is not the period start"), "{:?}", r.examples);
     }
 
     #[test]
@@ -1450,39 +1253,14 @@ measures = ["pv", "uv"]
             r#"{{"metric":"page_uv","window_start":{M},"window_end":{},"dims":{{"page":"home"}},"pv":3,"uv":2,"x":1}}"#,
             M + MIN
         ));
-        rows.push(row(
-            "page_uv",
-            M,
-            M + MIN,
-            r#"{"page":"home","extra":1}"#,
-            3,
-            2,
-        ));
+        rows.push(row("page_uv", M, M + MIN, r#"{"page":"home","extra":1}"#, 3, 2));
         rows.push(row("page_uv", M, M + MIN, r#"{"page":true}"#, 3, 2));
         rows.push(String::new()); // blank lines are not rows
         let r = fx.verify(&job, &rows);
         assert_eq!(r.rows_checked, 13);
-        assert_eq!(
-            (
-                r.rows_wrong,
-                r.rows_missing,
-                r.rows_duplicate,
-                r.windows_missing
-            ),
-            (8, 0, 0, 0)
-        );
-        assert!(
-            r.examples
-                .iter()
-                .any(|e| e.contains("unknown metric \"nope\"")),
-            "{:?}",
-            r.examples
-        );
-        assert!(
-            r.examples.iter().any(|e| e.contains("is not a window end")),
-            "{:?}",
-            r.examples
-        );
+        assert_eq!((r.rows_wrong, r.rows_missing, r.rows_duplicate, r.windows_missing), (8, 0, 0, 0));
+        assert!(r.examples.iter().any(|e| e.contains("unknown metric \"nope\"")), "{:?}", r.examples);
+        assert!(r.examples.iter().any(|e| e.contains("is not a window end")), "{:?}", r.examples);
     }
 
     #[test]
@@ -1546,7 +1324,7 @@ measures = ["pv", "uv"]
             format!(r#"{{"ts":"{t}","did":"x","page":"home","event":"view"}}"#),
             format!(r#"{{"ts":{t}.0,"did":"x","page":"home","event":"view"}}"#),
             format!(r#"{{"ts":{t}.5,"did":"x","page":"home","event":"view"}}"#),
-            ev(946_684_799_999, "\"x\"", "home", "view"), // before 2000
+            ev(946_684_799_999, "\"x\"", "home", "view"),   // before 2000
             ev(4_102_444_800_000, "\"x\"", "home", "view"), // 2100
             format!(r#"{{"did":"x","page":"home","event":"view"}}"#),
             good("null"),
@@ -1571,10 +1349,7 @@ measures = ["pv", "uv"]
         assert_eq!(off.value(0, M + MIN, &[Value::from("home")]), Some((5, 4)));
         assert_eq!(off.value(0, M + MIN, &[Value::Null]), Some((1, 1)));
         assert_eq!(off.period_totals(0).len(), 2);
-        let rows = [
-            page_row(M + MIN, "home", 5, 4),
-            row("page_uv", M, M + MIN, r#"{"page":null}"#, 1, 1),
-        ];
+        let rows = [page_row(M + MIN, "home", 5, 4), row("page_uv", M, M + MIN, r#"{"page":null}"#, 1, 1)];
         assert!(fx.verify(&job, &rows).ok());
     }
 
@@ -1590,20 +1365,9 @@ measures = ["pv", "uv"]
         let job = fx.job(&json_job("", "step = \"1h\""));
         let home = [Value::from("home")];
         let off = Offline::compute(&job).unwrap();
-        assert_eq!(
-            off.value(0, M, &home),
-            Some((1, 1)),
-            "23:00-24:00 window of the previous day"
-        );
-        assert_eq!(
-            off.value(0, M + 60 * MIN, &home),
-            Some((2, 2)),
-            "new day starts from zero"
-        );
-        assert_eq!(
-            off.period_totals(0),
-            vec![(M - DAY_MS, home.to_vec(), 1, 1), (M, home.to_vec(), 2, 2)]
-        );
+        assert_eq!(off.value(0, M, &home), Some((1, 1)), "23:00-24:00 window of the previous day");
+        assert_eq!(off.value(0, M + 60 * MIN, &home), Some((2, 2)), "new day starts from zero");
+        assert_eq!(off.period_totals(0), vec![(M - DAY_MS, home.to_vec(), 1, 1), (M, home.to_vec(), 2, 2)]);
         let good = [
             row("page_uv", M - DAY_MS, M, r#"{"page":"home"}"#, 1, 1),
             row("page_uv", M, M + 60 * MIN, r#"{"page":"home"}"#, 2, 2),
@@ -1660,11 +1424,7 @@ measures = ["pv", "uv"]
         let r = fx.verify(&job, &good[..3]);
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
         // A skipped window: the next one is compared with the last emitted one.
-        let skipped = [
-            good[0].clone(),
-            good[3].clone(),
-            page_row(M + 3 * MIN, "home", 2, 1),
-        ];
+        let skipped = [good[0].clone(), good[3].clone(), page_row(M + 3 * MIN, "home", 2, 1)];
         let r = fx.verify(&job, &skipped);
         assert_eq!((r.rows_wrong, r.rows_missing, r.windows_missing), (0, 0, 1));
     }
@@ -1699,18 +1459,10 @@ measures = ["pv", "uv"]
         );
         fx.write(
             "b.csv",
-            format!(
-                "page,did,ts,app_ver\nhome,d2,{},7\nhome,\"d6\",{},-3\nhome,123,{},-3\n",
-                t(54),
-                t(55),
-                t(56)
-            ),
+            format!("page,did,ts,app_ver\nhome,d2,{},7\nhome,\"d6\",{},-3\nhome,123,{},-3\n", t(54), t(55), t(56)),
         );
         // A JSON source with did 123 (an integer) for the same key and device.
-        fx.write(
-            "e.jsonl",
-            format!(r#"{{"ts":{},"did":123,"page":"home","app_ver":-3}}"#, t(57)),
-        );
+        fx.write("e.jsonl", format!(r#"{{"ts":{},"did":123,"page":"home","app_ver":-3}}"#, t(57)));
         let job = fx.job(
             r#"
 [job]
@@ -1735,11 +1487,7 @@ filter = "page = 'home'"
         let off = Offline::compute(&job).unwrap();
         let v = |dim: Value| off.value(0, M + MIN, &[dim]);
         assert_eq!(v(Value::from(7)), Some((3, 2)));
-        assert_eq!(
-            v(Value::from("7")),
-            None,
-            "integer 7 and string \"7\" are different keys"
-        );
+        assert_eq!(v(Value::from("7")), None, "integer 7 and string \"7\" are different keys");
         assert_eq!(v(Value::from("007")), Some((1, 1)));
         assert_eq!(v(Value::Null), Some((1, 1)));
         assert_eq!(v(Value::from(-3)), Some((3, 2)));
@@ -1758,11 +1506,7 @@ filter = "page = 'home'"
     }
 
     fn record(ts: i64, did: u64, dims: [u32; BINARY_DIMS]) -> BinaryRecord {
-        BinaryRecord {
-            ts_ms: ts.to_le(),
-            did: did.to_le(),
-            dims: dims.map(u32::to_le),
-        }
+        BinaryRecord { ts_ms: ts.to_le(), did: did.to_le(), dims: dims.map(u32::to_le) }
     }
 
     #[test]
@@ -1776,16 +1520,10 @@ filter = "page = 'home'"
             record(0, 999, [3, 1, n, n]), // time out of range
             record(M + 70_000, 456, [3, 2, n, n]),
         ];
-        let mut bytes: Vec<u8> = recs
-            .iter()
-            .flat_map(|r| bytemuck::bytes_of(r).to_vec())
-            .collect();
+        let mut bytes: Vec<u8> = recs.iter().flat_map(|r| bytemuck::bytes_of(r).to_vec()).collect();
         bytes.extend_from_slice(&[7u8; 10]); // trailing partial record
         fx.write("e.bin", bytes);
-        fx.write(
-            "e.jsonl",
-            format!(r#"{{"ts":{},"did":"123","page":3}}"#, M + 40_000),
-        );
+        fx.write("e.jsonl", format!(r#"{{"ts":{},"did":"123","page":3}}"#, M + 40_000));
         let job = fx.job(
             r#"
 [job]
@@ -1819,9 +1557,7 @@ measures = ["uv"]
         assert_eq!(off.value(0, M + MIN, &[Value::Null]), Some((1, 1)));
         assert_eq!(off.value(1, M + MIN, &[Value::from(3)]), Some((2, 2)));
         let uv = |end: i64, dims: &str, uv: u64| {
-            format!(
-                r#"{{"metric":"bin_uv","window_start":{M},"window_end":{end},"dims":{dims},"uv":{uv}}}"#
-            )
+            format!(r#"{{"metric":"bin_uv","window_start":{M},"window_end":{end},"dims":{dims},"uv":{uv}}}"#)
         };
         let good = vec![
             row("all_pv_uv", M, M + MIN, r#"{"page":3}"#, 3, 2),
@@ -1848,10 +1584,7 @@ measures = ["uv"]
              [[sink]]\nkind = \"jsonl\"\npath = \"results.jsonl\"\nmetrics = [\"page_uv\"]\n",
         );
         let job = fx.job(&text);
-        assert!(
-            fx.verify(&job, &rows).ok(),
-            "metric `other` is not written to this file"
-        );
+        assert!(fx.verify(&job, &rows).ok(), "metric `other` is not written to this file");
     }
 
     #[test]

@@ -36,11 +36,7 @@ use super::{check_ts, EventBuf, Raw, Reject};
 /// column `i` fills, if the job uses it. The device id's decimal text goes
 /// to scratch so it hashes like the same id in a text format.
 #[inline]
-pub fn decode(
-    rec: &BinaryRecord,
-    slot_of_dim: &[Option<usize>; BINARY_DIMS],
-    ev: &mut EventBuf,
-) -> Result<(), Reject> {
+pub fn decode(rec: &BinaryRecord, slot_of_dim: &[Option<usize>; BINARY_DIMS], ev: &mut EventBuf) -> Result<(), Reject> {
     ev.reset();
     ev.ts_ms = check_ts(rec.ts_ms)?;
     let mut buf = itoa::Buffer::new();
@@ -48,11 +44,7 @@ pub fn decode(
     for (dim, slot) in slot_of_dim.iter().enumerate() {
         if let Some(slot) = *slot {
             let v = rec.dims[dim];
-            ev.values[slot] = if v == BINARY_NULL {
-                Raw::Null
-            } else {
-                Raw::Int(v as i64)
-            };
+            ev.values[slot] = if v == BINARY_NULL { Raw::Null } else { Raw::Int(v as i64) };
         }
     }
     Ok(())

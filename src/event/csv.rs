@@ -35,10 +35,7 @@ impl CsvParser {
         let mut ev = EventBuf::new(0);
         let mut cells = Vec::new();
         split(line, &mut ev, &mut cells)?;
-        Ok(cells
-            .iter()
-            .map(|c| String::from_utf8_lossy(ev.bytes(line, *c)).into_owned())
-            .collect())
+        Ok(cells.iter().map(|c| String::from_utf8_lossy(ev.bytes(line, *c)).into_owned()).collect())
     }
 
     /// Parses one row (without its `\n`).
@@ -109,10 +106,7 @@ fn split(line: &[u8], ev: &mut EventBuf, cells: &mut Vec<Raw>) -> Result<(), Rej
                     }
                 }
             }
-            cells.push(Raw::Scratch {
-                start,
-                len: ev.scratch.len() as u32 - start,
-            });
+            cells.push(Raw::Scratch { start, len: ev.scratch.len() as u32 - start });
             match line.get(i) {
                 None => return Ok(()),
                 Some(b',') => i += 1,
@@ -120,10 +114,7 @@ fn split(line: &[u8], ev: &mut EventBuf, cells: &mut Vec<Raw>) -> Result<(), Rej
             }
         } else {
             let end = memchr::memchr(b',', &line[i..]).map_or(line.len(), |k| i + k);
-            cells.push(Raw::Span {
-                start: i as u32,
-                len: (end - i) as u32,
-            });
+            cells.push(Raw::Span { start: i as u32, len: (end - i) as u32 });
             if end == line.len() {
                 return Ok(());
             }
@@ -139,11 +130,7 @@ mod tests {
 
     #[test]
     fn maps_by_header_and_types_cells() {
-        let fields = FieldSet {
-            ts: "ts".into(),
-            did: "did".into(),
-            slots: vec!["page".into(), "v".into()],
-        };
+        let fields = FieldSet { ts: "ts".into(), did: "did".into(), slots: vec!["page".into(), "v".into()] };
         let header = CsvParser::split_header(b"v,ts,did,page\r").unwrap();
         assert_eq!(header, ["v", "ts", "did", "page"]);
         let mut p = CsvParser::new(&fields, &header);
@@ -160,9 +147,6 @@ mod tests {
         assert_eq!(ev.value(line, 1), FieldValue::Null);
         assert_eq!(p.parse(b"1,2", &mut ev), Err(Reject::CsvFieldCount));
         assert_eq!(p.parse(b"1,x,3,4", &mut ev), Err(Reject::TsNotInteger));
-        assert_eq!(
-            p.parse(b"1,1771171200000,,4", &mut ev),
-            Err(Reject::MissingDeviceId)
-        );
+        assert_eq!(p.parse(b"1,1771171200000,,4", &mut ev), Err(Reject::MissingDeviceId));
     }
 }

@@ -21,6 +21,8 @@ enum Target {
 /// Parses JSON lines into [`EventBuf`]s.
 pub struct JsonlParser {
     names: Vec<(Vec<u8>, Target)>,
+    /// Names of up to 8 bytes packed into a word, for one-compare matching.
+    packed: Vec<Option<u64>>,
     /// Bit i set when `names[i]` starts with that byte: a cheap pre-filter.
     first_byte: [u64; 256],
     key_scratch: Vec<u8>,
@@ -28,10 +30,8 @@ pub struct JsonlParser {
 
 impl JsonlParser {
     pub fn new(fields: &FieldSet) -> JsonlParser {
-        let mut names = vec![
-            (fields.ts.as_bytes().to_vec(), Target::Ts),
-            (fields.did.as_bytes().to_vec(), Target::Did),
-        ];
+        let mut names =
+            vec![(fields.ts.as_bytes().to_vec(), Target::Ts), (fields.did.as_bytes().to_vec(), Target::Did)];
         for (i, s) in fields.slots.iter().enumerate() {
             names.push((s.as_bytes().to_vec(), Target::Slot(i)));
         }
@@ -41,11 +41,8 @@ impl JsonlParser {
             let b = n.first().copied().unwrap_or(0);
             first_byte[b as usize] |= 1 << i;
         }
-        JsonlParser {
-            names,
-            first_byte,
-            key_scratch: Vec::new(),
-        }
+        let packed = names.iter().map(|(n, _)| pack(n)).collect();
+        JsonlParser { names, packed, first_byte, key_scratch: Vec::new() }
     }
 
     /// Parses one line (without its `\n`; a trailing `\r` is ignored).
@@ -67,9 +64,7 @@ impl JsonlParser {
         s.ws();
         match s.peek() {
             Some(b'{') => s.i += 1,
-            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-                return Err(Reject::NotAnObject)
-            }
+            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => return Err(Reject::NotAnObject),
             _ => return Err(Reject::InvalidJson),
         }
         s.ws();
@@ -108,12 +103,8 @@ impl JsonlParser {
         };
         ev.did = match ev.did {
             None | Some(Raw::Null) => return Err(Reject::MissingDeviceId),
-            Some(Raw::Span { len: 0, .. } | Raw::Scratch { len: 0, .. }) => {
-                return Err(Reject::MissingDeviceId)
-            }
-            Some(Raw::IntText { start, len, .. } | Raw::BigText { start, len }) => {
-                Some(Raw::Span { start, len })
-            }
+            Some(Raw::Span { len: 0, .. } | Raw::Scratch { len: 0, .. }) => return Err(Reject::MissingDeviceId),
+            Some(Raw::IntText { start, len, .. } | Raw::BigText { start, len }) => Some(Raw::Span { start, len }),
             Some(d @ (Raw::Span { .. } | Raw::Scratch { .. })) => Some(d),
             Some(_) => return Err(Reject::BadDeviceId),
         };
@@ -135,15 +126,35 @@ impl JsonlParser {
         };
         let _ = ev;
         let mut cands = self.first_byte[key.first().copied().unwrap_or(0) as usize];
+        if cands == 0 {
+            return Ok(None);
+        }
+        let word = pack(key);
         while cands != 0 {
             let i = cands.trailing_zeros() as usize;
             cands &= cands - 1;
-            if self.names[i].0 == key {
+            let hit = match (word, self.packed[i]) {
+                (Some(a), Some(b)) => a == b && key.len() == self.names[i].0.len(),
+                (None, None) => self.names[i].0 == key,
+                _ => false,
+            };
+            if hit {
                 return Ok(Some(self.names[i].1));
             }
         }
         Ok(None)
     }
+}
+
+/// A name of at most 8 bytes as a little-endian word (zero padded).
+#[inline]
+fn pack(name: &[u8]) -> Option<u64> {
+    if name.len() > 8 {
+        return None;
+    }
+    let mut w = [0u8; 8];
+    w[..name.len()].copy_from_slice(name);
+    Some(u64::from_le_bytes(w))
 }
 
 /// Whether the line has bytes below 0x20 or at/above 0x80. A tab is valid
@@ -172,6 +183,25 @@ fn scan_special(line: &[u8]) -> (bool, bool) {
         has_ctrl = line.iter().any(|&b| b < 0x20);
     }
     (has_ctrl, high != 0)
+}
+
+/// Index of the first `"` or `\\` at or after `i`, eight bytes at a time.
+#[inline]
+fn find_quote_or_backslash(b: &[u8], mut i: usize) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let q = w ^ (LO * b'"' as u64);
+        let s = w ^ (LO * b'\\' as u64);
+        // A zero byte in q or s is a match; the lowest flagged byte is exact.
+        let m = (q.wrapping_sub(LO) & !q | s.wrapping_sub(LO) & !s) & HI;
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    b.get(i..)?.iter().position(|&c| c == b'"' || c == b'\\').map(|k| i + k)
 }
 
 struct Scanner<'a> {
@@ -214,29 +244,22 @@ impl Scanner<'_> {
     fn string_body(&mut self) -> Result<bool, Reject> {
         let mut escaped = false;
         loop {
-            let rest = &self.b[self.i.min(self.b.len())..];
-            match memchr::memchr2(b'"', b'\\', rest) {
-                None => return Err(Reject::InvalidJson),
-                Some(k) => {
-                    self.i += k;
-                    if self.b[self.i] == b'"' {
-                        self.i += 1;
-                        return Ok(escaped);
+            let k = find_quote_or_backslash(self.b, self.i).ok_or(Reject::InvalidJson)?;
+            self.i = k + 1;
+            if self.b[k] == b'"' {
+                return Ok(escaped);
+            }
+            escaped = true;
+            match self.next() {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
+                Some(b'u') => {
+                    let hex = self.b.get(self.i..self.i + 4).ok_or(Reject::InvalidJson)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(Reject::InvalidJson);
                     }
-                    escaped = true;
-                    self.i += 1;
-                    match self.next() {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
-                        Some(b'u') => {
-                            let hex = self.b.get(self.i..self.i + 4).ok_or(Reject::InvalidJson)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return Err(Reject::InvalidJson);
-                            }
-                            self.i += 4;
-                        }
-                        _ => return Err(Reject::InvalidJson),
-                    }
+                    self.i += 4;
                 }
+                _ => return Err(Reject::InvalidJson),
             }
         }
     }
@@ -256,15 +279,9 @@ impl Scanner<'_> {
                 if escaped {
                     let s0 = ev.scratch.len() as u32;
                     unescape_into(&self.b[start..end], &mut ev.scratch)?;
-                    Ok(Raw::Scratch {
-                        start: s0,
-                        len: ev.scratch.len() as u32 - s0,
-                    })
+                    Ok(Raw::Scratch { start: s0, len: ev.scratch.len() as u32 - s0 })
                 } else {
-                    Ok(Raw::Span {
-                        start: start as u32,
-                        len: (end - start) as u32,
-                    })
+                    Ok(Raw::Span { start: start as u32, len: (end - start) as u32 })
                 }
             }
             Some(b'-' | b'0'..=b'9') => self.number(),
@@ -321,11 +338,7 @@ impl Scanner<'_> {
                 v = v * 10 + (d - b'0') as i64;
             }
             let v = if start != int_start { -v } else { v };
-            return Ok(Raw::IntText {
-                start: start as u32,
-                len: text.len() as u32,
-                value: v,
-            });
+            return Ok(Raw::IntText { start: start as u32, len: text.len() as u32, value: v });
         }
         // Long integers (device ids up to u64) keep their text; floats parse.
         let s = std::str::from_utf8(text).map_err(|_| Reject::InvalidJson)?;
@@ -338,9 +351,7 @@ impl Scanner<'_> {
                 return Ok(Raw::BigText { start, len });
             }
         }
-        s.parse::<f64>()
-            .map(Raw::Float)
-            .map_err(|_| Reject::InvalidJson)
+        s.parse::<f64>().map(Raw::Float).map_err(|_| Reject::InvalidJson)
     }
 
     #[inline]
@@ -434,13 +445,9 @@ fn decode_u_escape(raw: &[u8], i: usize) -> Result<(char, usize), Reject> {
             return Err(Reject::InvalidJson);
         }
         let c = 0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00);
-        return char::from_u32(c)
-            .map(|ch| (ch, 10))
-            .ok_or(Reject::InvalidJson);
+        return char::from_u32(c).map(|ch| (ch, 10)).ok_or(Reject::InvalidJson);
     }
-    char::from_u32(hi)
-        .map(|ch| (ch, 4))
-        .ok_or(Reject::InvalidJson)
+    char::from_u32(hi).map(|ch| (ch, 4)).ok_or(Reject::InvalidJson)
 }
 
 #[cfg(test)]
@@ -449,11 +456,7 @@ mod tests {
     use crate::job::filter::FieldValue;
 
     fn fields() -> FieldSet {
-        FieldSet {
-            ts: "ts".into(),
-            did: "did".into(),
-            slots: vec!["page".into(), "v".into()],
-        }
+        FieldSet { ts: "ts".into(), did: "did".into(), slots: vec!["page".into(), "v".into()] }
     }
 
     fn parse(line: &str) -> Result<(i64, Vec<u8>, String, String), Reject> {
@@ -467,21 +470,14 @@ mod tests {
             FieldValue::Str(s) => format!("str:{}", String::from_utf8_lossy(s)),
         };
         let b = line.as_bytes();
-        Ok((
-            ev.ts_ms,
-            ev.did_bytes(b).to_vec(),
-            show(ev.value(b, 0)),
-            show(ev.value(b, 1)),
-        ))
+        Ok((ev.ts_ms, ev.did_bytes(b).to_vec(), show(ev.value(b, 0)), show(ev.value(b, 1))))
     }
 
     const TS: &str = "1771171200000";
 
     #[test]
     fn picks_fields_and_skips_others() {
-        let line = format!(
-            r#"{{"x":{{"a":[1,{{"b":"}}"}}]}},"did":"d1","ts":{TS},"page":"home","v":7,"z":null}}"#
-        );
+        let line = format!(r#"{{"x":{{"a":[1,{{"b":"}}"}}]}},"did":"d1","ts":{TS},"page":"home","v":7,"z":null}}"#);
         let (ts, did, page, v) = parse(&line).unwrap();
         assert_eq!(ts, 1_771_171_200_000);
         assert_eq!(did, b"d1");
@@ -500,10 +496,7 @@ mod tests {
 
     #[test]
     fn escapes_are_resolved() {
-        let (_, did, page, _) = parse(&format!(
-            r#"{{"ts":{TS},"did":"a\"b","page":"\u00e9\ud83d\ude00\n"}}"#
-        ))
-        .unwrap();
+        let (_, did, page, _) = parse(&format!(r#"{{"ts":{TS},"did":"a\"b","page":"\u00e9\ud83d\ude00\n"}}"#)).unwrap();
         assert_eq!(did, b"a\"b");
         assert_eq!(page, "str:\u{e9}\u{1F600}\n");
     }
@@ -530,33 +523,15 @@ mod tests {
             ("\"str\"".into(), Reject::NotAnObject),
             ("hello".into(), Reject::InvalidJson),
             (r#"{"did":1}"#.into(), Reject::MissingTs),
-            (
-                r#"{"ts":"1771171200000","did":1}"#.into(),
-                Reject::TsNotInteger,
-            ),
-            (
-                r#"{"ts":1771171200000.5,"did":1}"#.into(),
-                Reject::TsNotInteger,
-            ),
+            (r#"{"ts":"1771171200000","did":1}"#.into(), Reject::TsNotInteger),
+            (r#"{"ts":1771171200000.5,"did":1}"#.into(), Reject::TsNotInteger),
             (r#"{"ts":17,"did":1}"#.into(), Reject::TsOutOfRange),
             (format!(r#"{{"ts":{TS}}}"#), Reject::MissingDeviceId),
-            (
-                format!(r#"{{"ts":{TS},"did":null}}"#),
-                Reject::MissingDeviceId,
-            ),
-            (
-                format!(r#"{{"ts":{TS},"did":""}}"#),
-                Reject::MissingDeviceId,
-            ),
-            (
-                format!(r#"{{"ts":{TS},"did":{{"a":1}}}}"#),
-                Reject::BadDeviceId,
-            ),
+            (format!(r#"{{"ts":{TS},"did":null}}"#), Reject::MissingDeviceId),
+            (format!(r#"{{"ts":{TS},"did":""}}"#), Reject::MissingDeviceId),
+            (format!(r#"{{"ts":{TS},"did":{{"a":1}}}}"#), Reject::BadDeviceId),
             (format!(r#"{{"ts":{TS},"did":1.5}}"#), Reject::BadDeviceId),
-            (
-                format!("{{\"ts\":{TS},\"did\":\"a\0b\"}}"),
-                Reject::ControlCharacter,
-            ),
+            (format!("{{\"ts\":{TS},\"did\":\"a\0b\"}}"), Reject::ControlCharacter),
             (format!(r#"{{"ts":{TS},"did":01}}"#), Reject::InvalidJson),
             (format!(r#"{{"ts":{TS},"did":"\x"}}"#), Reject::InvalidJson),
         ];
@@ -573,10 +548,7 @@ mod tests {
     #[test]
     fn tab_outside_strings_is_whitespace_but_not_inside() {
         assert!(parse(&format!("{{\"ts\":\t{TS},\"did\":1}}")).is_ok());
-        assert_eq!(
-            parse(&format!("{{\"ts\":{TS},\"did\":\"a\tb\"}}")).map(|_| ()),
-            Err(Reject::ControlCharacter)
-        );
+        assert_eq!(parse(&format!("{{\"ts\":{TS},\"did\":\"a\tb\"}}")).map(|_| ()), Err(Reject::ControlCharacter));
     }
 
     #[test]

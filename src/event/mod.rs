@@ -127,12 +127,7 @@ pub struct EventBuf {
 
 impl EventBuf {
     pub fn new(slots: usize) -> EventBuf {
-        EventBuf {
-            ts_ms: 0,
-            did: None,
-            values: vec![Raw::Null; slots],
-            scratch: Vec::with_capacity(256),
-        }
+        EventBuf { ts_ms: 0, did: None, values: vec![Raw::Null; slots], scratch: Vec::with_capacity(256) }
     }
 
     /// Clears values for the next record without freeing anything.
@@ -179,10 +174,7 @@ impl EventBuf {
     pub fn push_scratch(&mut self, bytes: &[u8]) -> Raw {
         let start = self.scratch.len() as u32;
         self.scratch.extend_from_slice(bytes);
-        Raw::Scratch {
-            start,
-            len: bytes.len() as u32,
-        }
+        Raw::Scratch { start, len: bytes.len() as u32 }
     }
 }
 

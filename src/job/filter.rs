@@ -45,20 +45,9 @@ pub enum CmpOp {
 /// parsed, a slot index once compiled for a router).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Node<F> {
-    Cmp {
-        field: F,
-        op: CmpOp,
-        lit: Literal,
-    },
-    In {
-        field: F,
-        list: Vec<Literal>,
-        negated: bool,
-    },
-    IsNull {
-        field: F,
-        negated: bool,
-    },
+    Cmp { field: F, op: CmpOp, lit: Literal },
+    In { field: F, list: Vec<Literal>, negated: bool },
+    IsNull { field: F, negated: bool },
     And(Box<Node<F>>, Box<Node<F>>),
     Or(Box<Node<F>>, Box<Node<F>>),
     Not(Box<Node<F>>),
@@ -80,10 +69,7 @@ impl Filter {
             .and_then(|mut p| p.parse_expr())
             .map_err(|e| format!("filter {text:?} is not a SQL expression: {e}"))?;
         let root = convert(&expr).map_err(|r| format!("filter {text:?}: {r}"))?;
-        Ok(Filter {
-            text: text.to_string(),
-            root,
-        })
+        Ok(Filter { text: text.to_string(), root })
     }
 
     /// The distinct field names the filter reads, in first-use order.
@@ -106,9 +92,7 @@ impl Filter {
 impl<F> Node<F> {
     fn visit_fields(&self, f: &mut impl FnMut(&F)) {
         match self {
-            Node::Cmp { field, .. } | Node::In { field, .. } | Node::IsNull { field, .. } => {
-                f(field)
-            }
+            Node::Cmp { field, .. } | Node::In { field, .. } | Node::IsNull { field, .. } => f(field),
             Node::And(a, b) | Node::Or(a, b) => {
                 a.visit_fields(f);
                 b.visit_fields(f);
@@ -120,24 +104,9 @@ impl<F> Node<F> {
 
     fn map_fields<G>(&self, f: &impl Fn(&F) -> G) -> Node<G> {
         match self {
-            Node::Cmp { field, op, lit } => Node::Cmp {
-                field: f(field),
-                op: *op,
-                lit: lit.clone(),
-            },
-            Node::In {
-                field,
-                list,
-                negated,
-            } => Node::In {
-                field: f(field),
-                list: list.clone(),
-                negated: *negated,
-            },
-            Node::IsNull { field, negated } => Node::IsNull {
-                field: f(field),
-                negated: *negated,
-            },
+            Node::Cmp { field, op, lit } => Node::Cmp { field: f(field), op: *op, lit: lit.clone() },
+            Node::In { field, list, negated } => Node::In { field: f(field), list: list.clone(), negated: *negated },
+            Node::IsNull { field, negated } => Node::IsNull { field: f(field), negated: *negated },
             Node::And(a, b) => Node::And(Box::new(a.map_fields(f)), Box::new(b.map_fields(f))),
             Node::Or(a, b) => Node::Or(Box::new(a.map_fields(f)), Box::new(b.map_fields(f))),
             Node::Not(a) => Node::Not(Box::new(a.map_fields(f))),
@@ -149,11 +118,7 @@ impl<F> Node<F> {
     pub fn eval<'a>(&self, get: &impl Fn(&F) -> FieldValue<'a>) -> Option<bool> {
         match self {
             Node::Cmp { field, op, lit } => compare(get(field), *op, lit),
-            Node::In {
-                field,
-                list,
-                negated,
-            } => {
+            Node::In { field, list, negated } => {
                 let v = get(field);
                 if v == FieldValue::Null {
                     return None;
@@ -208,9 +173,7 @@ fn equal_by_text(v: FieldValue, lit: &Literal) -> Option<bool> {
         (FieldValue::Int(i), Literal::Float(l)) => (i as f64) == *l,
         (FieldValue::Float(f), Literal::Int(l)) => f == *l as f64,
         (FieldValue::Float(f), Literal::Float(l)) => f == *l,
-        (FieldValue::Int(i), Literal::Str(l)) => {
-            itoa::Buffer::new().format(i).as_bytes() == l.as_bytes()
-        }
+        (FieldValue::Int(i), Literal::Str(l)) => itoa::Buffer::new().format(i).as_bytes() == l.as_bytes(),
         (FieldValue::Str(s), Literal::Int(l)) => s == itoa::Buffer::new().format(*l).as_bytes(),
         (FieldValue::Str(s), Literal::Float(l)) => parse_f64(s) == Some(*l),
         (FieldValue::Float(f), Literal::Str(l)) => l.parse::<f64>().ok() == Some(f),
@@ -245,23 +208,10 @@ fn convert(e: &Expr) -> Result<Node<String>, String> {
             Value::Boolean(b) => Ok(Node::Const(*b)),
             other => Err(format!("a bare value ({other}) is not a condition")),
         },
-        Expr::UnaryOp {
-            op: UnaryOperator::Not,
-            expr,
-        } => Ok(Node::Not(Box::new(convert(expr)?))),
-        Expr::IsNull(inner) => Ok(Node::IsNull {
-            field: field_name(inner)?,
-            negated: false,
-        }),
-        Expr::IsNotNull(inner) => Ok(Node::IsNull {
-            field: field_name(inner)?,
-            negated: true,
-        }),
-        Expr::InList {
-            expr,
-            list,
-            negated,
-        } => Ok(Node::In {
+        Expr::UnaryOp { op: UnaryOperator::Not, expr } => Ok(Node::Not(Box::new(convert(expr)?))),
+        Expr::IsNull(inner) => Ok(Node::IsNull { field: field_name(inner)?, negated: false }),
+        Expr::IsNotNull(inner) => Ok(Node::IsNull { field: field_name(inner)?, negated: true }),
+        Expr::InList { expr, list, negated } => Ok(Node::In {
             field: field_name(expr)?,
             list: list.iter().map(literal).collect::<Result<_, _>>()?,
             negated: *negated,
@@ -273,18 +223,8 @@ fn convert(e: &Expr) -> Result<Node<String>, String> {
 
 fn binary(left: &Expr, op: &BinaryOperator, right: &Expr) -> Result<Node<String>, String> {
     let cmp = match op {
-        BinaryOperator::And => {
-            return Ok(Node::And(
-                Box::new(convert(left)?),
-                Box::new(convert(right)?),
-            ))
-        }
-        BinaryOperator::Or => {
-            return Ok(Node::Or(
-                Box::new(convert(left)?),
-                Box::new(convert(right)?),
-            ))
-        }
+        BinaryOperator::And => return Ok(Node::And(Box::new(convert(left)?), Box::new(convert(right)?))),
+        BinaryOperator::Or => return Ok(Node::Or(Box::new(convert(left)?), Box::new(convert(right)?))),
         BinaryOperator::Eq => CmpOp::Eq,
         BinaryOperator::NotEq => CmpOp::Ne,
         BinaryOperator::Lt => CmpOp::Lt,
@@ -295,11 +235,7 @@ fn binary(left: &Expr, op: &BinaryOperator, right: &Expr) -> Result<Node<String>
     };
     // `'view' = event` is as valid as `event = 'view'`; flip the operator.
     if let (Ok(field), Ok(lit)) = (field_name(left), literal(right)) {
-        return Ok(Node::Cmp {
-            field,
-            op: cmp,
-            lit,
-        });
+        return Ok(Node::Cmp { field, op: cmp, lit });
     }
     if let (Ok(field), Ok(lit)) = (field_name(right), literal(left)) {
         let flipped = match cmp {
@@ -309,25 +245,15 @@ fn binary(left: &Expr, op: &BinaryOperator, right: &Expr) -> Result<Node<String>
             CmpOp::Ge => CmpOp::Le,
             same => same,
         };
-        return Ok(Node::Cmp {
-            field,
-            op: flipped,
-            lit,
-        });
+        return Ok(Node::Cmp { field, op: flipped, lit });
     }
-    Err(format!(
-        "`{left} {op} {right}` must compare a field with a literal"
-    ))
+    Err(format!("`{left} {op} {right}` must compare a field with a literal"))
 }
 
 fn field_name(e: &Expr) -> Result<String, String> {
     match e {
         Expr::Identifier(id) => Ok(id.value.clone()),
-        Expr::CompoundIdentifier(parts) => Ok(parts
-            .iter()
-            .map(|p| p.value.as_str())
-            .collect::<Vec<_>>()
-            .join(".")),
+        Expr::CompoundIdentifier(parts) => Ok(parts.iter().map(|p| p.value.as_str()).collect::<Vec<_>>().join(".")),
         Expr::Nested(inner) => field_name(inner),
         other => Err(format!("`{other}` is not a field name")),
     }
@@ -344,10 +270,7 @@ fn literal(e: &Expr) -> Result<Literal, String> {
                 .map_err(|_| format!("bad number {n}")),
             other => Err(format!("unsupported literal {other}")),
         },
-        Expr::UnaryOp {
-            op: UnaryOperator::Minus,
-            expr,
-        } => match literal(expr)? {
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match literal(expr)? {
             Literal::Int(i) => Ok(Literal::Int(-i)),
             Literal::Float(f) => Ok(Literal::Float(-f)),
             Literal::Str(_) => Err("cannot negate a string".into()),
@@ -362,20 +285,12 @@ mod tests {
 
     fn eval(text: &str, fields: &[(&str, FieldValue)]) -> bool {
         let f = Filter::parse(text).unwrap();
-        f.root.passes(&|name: &String| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(FieldValue::Null, |(_, v)| *v)
-        })
+        f.root.passes(&|name: &String| fields.iter().find(|(n, _)| n == name).map_or(FieldValue::Null, |(_, v)| *v))
     }
 
     #[test]
     fn equality_and_logic() {
-        let view = [
-            ("event", FieldValue::Str(b"view")),
-            ("app_ver", FieldValue::Int(7)),
-        ];
+        let view = [("event", FieldValue::Str(b"view")), ("app_ver", FieldValue::Int(7))];
         assert!(eval("event = 'view'", &view));
         assert!(!eval("event <> 'view'", &view));
         assert!(eval("event = 'view' AND app_ver >= 7", &view));
@@ -389,26 +304,17 @@ mod tests {
 
     #[test]
     fn text_form_equality() {
-        let v = [
-            ("app_ver", FieldValue::Int(7)),
-            ("page", FieldValue::Str(b"12")),
-        ];
+        let v = [("app_ver", FieldValue::Int(7)), ("page", FieldValue::Str(b"12"))];
         assert!(eval("app_ver = '7'", &v));
         assert!(eval("page = 12", &v));
-        assert!(
-            eval("page > 3", &v),
-            "numeric string compares numerically with a number"
-        );
+        assert!(eval("page > 3", &v), "numeric string compares numerically with a number");
     }
 
     #[test]
     fn nulls_are_unknown() {
         let none: [(&str, FieldValue); 0] = [];
         assert!(!eval("event = 'view'", &none));
-        assert!(
-            !eval("NOT (event = 'view')", &none),
-            "NOT unknown is unknown"
-        );
+        assert!(!eval("NOT (event = 'view')", &none), "NOT unknown is unknown");
         assert!(!eval("event <> 'view'", &none));
         assert!(eval("event IS NULL", &none));
         assert!(!eval("event IS NOT NULL", &none));
@@ -417,13 +323,7 @@ mod tests {
 
     #[test]
     fn unsupported_forms_are_rejected() {
-        for bad in [
-            "event = page",
-            "event LIKE 'v%'",
-            "1 + 2",
-            "upper(event) = 'X'",
-            "'a'",
-        ] {
+        for bad in ["event = page", "event LIKE 'v%'", "1 + 2", "upper(event) = 'X'", "'a'"] {
             assert!(Filter::parse(bad).is_err(), "{bad} accepted");
         }
     }

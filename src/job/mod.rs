@@ -31,18 +31,11 @@ pub const METRICS_MAX: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("cannot read job file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("job file {path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("job file {path}: `{key}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, key: String, reason: String },
 }
 
 /// Input encoding of a source.
@@ -87,10 +80,7 @@ impl SourceSpec {
     pub fn can_supply(&self, field: &str) -> bool {
         match self.format {
             Format::Jsonl => true,
-            Format::Csv => self
-                .csv_header
-                .as_ref()
-                .is_some_and(|h| h.iter().any(|c| c == field)),
+            Format::Csv => self.csv_header.as_ref().is_some_and(|h| h.iter().any(|c| c == field)),
             Format::Binary => self.binary_dims.iter().any(|d| d == field),
         }
     }
@@ -173,25 +163,15 @@ impl Job {
     /// Reads and validates a job file; relative paths in it are relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Job, JobError> {
-        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Job::parse(&text, path, base)
     }
 
     /// Parses job text; `origin` names it in errors, `base` resolves paths.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Job, JobError> {
-        let raw = raw::parse(text).map_err(|message| JobError::Syntax {
-            path: origin.to_owned(),
-            message,
-        })?;
-        raw::build(raw, base).map_err(|(key, reason)| JobError::Invalid {
-            path: origin.to_owned(),
-            key,
-            reason,
-        })
+        let raw = raw::parse(text).map_err(|message| JobError::Syntax { path: origin.to_owned(), message })?;
+        raw::build(raw, base).map_err(|(key, reason)| JobError::Invalid { path: origin.to_owned(), key, reason })
     }
 
     /// Start of the period (`size_ms` long, aligned to local midnight) that
@@ -262,10 +242,7 @@ path = "-"
     fn unknown_key_is_named_with_its_path() {
         let (key, reason) = invalid_key(&MINIMAL.replace("measures =", "colour = 1\nmeasures ="));
         assert_eq!(key, "<syntax>");
-        assert!(
-            reason.contains("metric[0]") && reason.contains("colour"),
-            "{reason}"
-        );
+        assert!(reason.contains("metric[0]") && reason.contains("colour"), "{reason}");
     }
 
     #[test]

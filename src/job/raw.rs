@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, Emit, Format,
-    Job, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS,
-    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
+    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, Emit, Format, Job, LatePolicy,
+    Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
 };
 use crate::event::binary::BINARY_DIMS;
 
@@ -112,68 +111,37 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
     if raw.source.is_empty() {
         return Err(invalid("source", "a job needs at least one [[source]]"));
     }
-    let sources = raw
-        .source
-        .iter()
-        .enumerate()
-        .map(|(i, s)| build_source(i, s, base))
-        .collect::<Result<Vec<_>, _>>()?;
+    let sources =
+        raw.source.iter().enumerate().map(|(i, s)| build_source(i, s, base)).collect::<Result<Vec<_>, _>>()?;
     for (i, s) in sources.iter().enumerate() {
         if sources[..i].iter().any(|o| o.name == s.name) {
-            return Err(invalid(
-                format!("source[{i}].name"),
-                format!("duplicate source name {:?}", s.name),
-            ));
+            return Err(invalid(format!("source[{i}].name"), format!("duplicate source name {:?}", s.name)));
         }
     }
     if raw.metric.is_empty() {
         return Err(invalid("metric", "a job needs at least one [[metric]]"));
     }
     if raw.metric.len() > METRICS_MAX {
-        return Err(invalid(
-            "metric",
-            format!("at most {METRICS_MAX} metrics per job"),
-        ));
+        return Err(invalid("metric", format!("at most {METRICS_MAX} metrics per job")));
     }
-    let metrics = raw
-        .metric
-        .iter()
-        .enumerate()
-        .map(|(i, m)| build_metric(i, m, &sources))
-        .collect::<Result<Vec<_>, _>>()?;
+    let metrics =
+        raw.metric.iter().enumerate().map(|(i, m)| build_metric(i, m, &sources)).collect::<Result<Vec<_>, _>>()?;
     for (i, m) in metrics.iter().enumerate() {
         if metrics[..i].iter().any(|o| o.name == m.name) {
-            return Err(invalid(
-                format!("metric[{i}].name"),
-                format!("duplicate metric name {:?}", m.name),
-            ));
+            return Err(invalid(format!("metric[{i}].name"), format!("duplicate metric name {:?}", m.name)));
         }
     }
-    let sinks = raw
-        .sink
-        .iter()
-        .enumerate()
-        .map(|(i, s)| build_sink(i, s, &metrics, base))
-        .collect::<Result<Vec<_>, _>>()?;
+    let sinks =
+        raw.sink.iter().enumerate().map(|(i, s)| build_sink(i, s, &metrics, base)).collect::<Result<Vec<_>, _>>()?;
     let state_dir = raw.job.state_dir.map(|p| base.join(p));
-    Ok(Job {
-        timezone_offset_ms,
-        workers,
-        state_dir,
-        sources,
-        metrics,
-        sinks,
-    })
+    Ok(Job { timezone_offset_ms, workers, state_dir, sources, metrics, sinks })
 }
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {
     let key = |k: &str| format!("source[{i}].{k}");
     if s.kind != "file" {
         let reason = if matches!(s.kind.as_str(), "tcp" | "kafka") {
-            format!(
-                "kind {:?} is not available in `tally run` yet (use \"file\")",
-                s.kind
-            )
+            format!("kind {:?} is not available in `tally run` yet (use \"file\")", s.kind)
         } else {
             format!("unknown source kind {:?} (expected \"file\")", s.kind)
         };
@@ -184,10 +152,7 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         "csv" => Format::Csv,
         "binary" => Format::Binary,
         other => {
-            return Err(invalid(
-                key("format"),
-                format!("unknown format {other:?} (expected jsonl, csv or binary)"),
-            ))
+            return Err(invalid(key("format"), format!("unknown format {other:?} (expected jsonl, csv or binary)")))
         }
     };
     let patterns = match &s.path {
@@ -206,12 +171,8 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
     }
     let binary_dims = match &s.binary_dims {
         None => default_binary_dims(),
-        Some(names) => <[String; BINARY_DIMS]>::try_from(names.clone()).map_err(|_| {
-            invalid(
-                key("binary_dims"),
-                format!("needs exactly {BINARY_DIMS} names"),
-            )
-        })?,
+        Some(names) => <[String; BINARY_DIMS]>::try_from(names.clone())
+            .map_err(|_| invalid(key("binary_dims"), format!("needs exactly {BINARY_DIMS} names")))?,
     };
     let csv_header = match format {
         Format::Csv => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
@@ -267,19 +228,14 @@ fn read_csv_header(path: &Path) -> Result<Vec<String>, String> {
         .has_headers(true)
         .from_path(path)
         .map_err(|e| format!("cannot read CSV header of {}: {e}", path.display()))?;
-    let header = rdr
-        .headers()
-        .map_err(|e| format!("cannot read CSV header of {}: {e}", path.display()))?;
+    let header = rdr.headers().map_err(|e| format!("cannot read CSV header of {}: {e}", path.display()))?;
     Ok(header.iter().map(str::to_string).collect())
 }
 
 fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<MetricSpec, Invalid> {
     let key = |k: &str| format!("metric[{i}].{k}");
     if m.kind != "cumulate" {
-        return Err(invalid(
-            key("kind"),
-            format!("unknown metric kind {:?} (expected \"cumulate\")", m.kind),
-        ));
+        return Err(invalid(key("kind"), format!("unknown metric kind {:?} (expected \"cumulate\")", m.kind)));
     }
     let measures = match &m.measures {
         None => vec![Measure::Pv, Measure::Uv],
@@ -310,22 +266,12 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<Metri
     let emit = match m.emit.as_deref().unwrap_or("all") {
         "all" => Emit::All,
         "changed" => Emit::Changed,
-        other => {
-            return Err(invalid(
-                key("emit"),
-                format!("unknown emit mode {other:?} (expected all, changed)"),
-            ))
-        }
+        other => return Err(invalid(key("emit"), format!("unknown emit mode {other:?} (expected all, changed)"))),
     };
     let late = match m.late.as_deref().unwrap_or("fold") {
         "fold" => LatePolicy::Fold,
         "drop" => LatePolicy::Drop,
-        other => {
-            return Err(invalid(
-                key("late"),
-                format!("unknown late policy {other:?} (expected fold, drop)"),
-            ))
-        }
+        other => return Err(invalid(key("late"), format!("unknown late policy {other:?} (expected fold, drop)"))),
     };
     let source_ids = match &m.sources {
         None => (0..sources.len()).collect(),
@@ -339,24 +285,19 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<Metri
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    check_fields_supplied(&m.group_by, &source_ids, sources)
-        .map_err(|r| invalid(key("group_by"), r))?;
+    check_fields_supplied(&m.group_by, &source_ids, sources).map_err(|r| invalid(key("group_by"), r))?;
     let filter = match &m.filter {
         None => None,
         Some(text) => {
             let f = Filter::parse(text).map_err(|r| invalid(key("filter"), r))?;
-            check_fields_supplied(&f.fields(), &source_ids, sources)
-                .map_err(|r| invalid(key("filter"), r))?;
+            check_fields_supplied(&f.fields(), &source_ids, sources).map_err(|r| invalid(key("filter"), r))?;
             Some(f)
         }
     };
     let mut seen = Vec::new();
     for g in &m.group_by {
         if seen.contains(&g) {
-            return Err(invalid(
-                key("group_by"),
-                format!("field {g:?} listed twice"),
-            ));
+            return Err(invalid(key("group_by"), format!("field {g:?} listed twice")));
         }
         seen.push(g);
     }
@@ -378,18 +319,12 @@ fn duration_or(text: Option<&str>, default_ms: i64) -> Result<i64, String> {
 }
 
 /// Every field must be supplied by every source the metric reads.
-fn check_fields_supplied(
-    fields: &[String],
-    source_ids: &[usize],
-    sources: &[SourceSpec],
-) -> Result<(), String> {
+fn check_fields_supplied(fields: &[String], source_ids: &[usize], sources: &[SourceSpec]) -> Result<(), String> {
     for f in fields {
         for &s in source_ids {
             let src = &sources[s];
             if f == &src.ts_field || f == &src.did_field {
-                return Err(format!(
-                    "field {f:?} is the event time or device id, not a dimension"
-                ));
+                return Err(format!("field {f:?} is the event time or device id, not a dimension"));
             }
             if !src.can_supply(f) {
                 return Err(format!(
@@ -403,18 +338,10 @@ fn check_fields_supplied(
     Ok(())
 }
 
-fn build_sink(
-    i: usize,
-    s: &RawSink,
-    metrics: &[MetricSpec],
-    base: &Path,
-) -> Result<SinkSpec, Invalid> {
+fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Result<SinkSpec, Invalid> {
     let key = |k: &str| format!("sink[{i}].{k}");
     if s.kind != "jsonl" {
-        return Err(invalid(
-            key("kind"),
-            format!("unknown sink kind {:?} (expected \"jsonl\")", s.kind),
-        ));
+        return Err(invalid(key("kind"), format!("unknown sink kind {:?} (expected \"jsonl\")", s.kind)));
     }
     let target = match s.path.as_deref() {
         None | Some("-") => SinkTarget::Stdout,
@@ -432,8 +359,5 @@ fn build_sink(
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    Ok(SinkSpec {
-        target,
-        metrics: ids,
-    })
+    Ok(SinkSpec { target, metrics: ids })
 }

@@ -11,23 +11,16 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d)"))?;
     let (digits, unit) = t.split_at(split);
-    let n: i64 = digits
-        .parse()
-        .map_err(|_| format!("duration {text:?} must start with a whole number"))?;
+    let n: i64 = digits.parse().map_err(|_| format!("duration {text:?} must start with a whole number"))?;
     let unit_ms = match unit {
         "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "duration {text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ))
-        }
+        _ => return Err(format!("duration {text:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     };
-    n.checked_mul(unit_ms)
-        .ok_or_else(|| format!("duration {text:?} is too large"))
+    n.checked_mul(unit_ms).ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
 /// Parses a fixed UTC offset: `+08:00`, `-05:30`, `+0800`, `UTC` or `Z`.

@@ -27,11 +27,7 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(job: &Job, m: &MetricSpec) -> Geometry {
-        Geometry {
-            step_ms: m.step_ms,
-            size_ms: m.size_ms,
-            offset_ms: job.timezone_offset_ms,
-        }
+        Geometry { step_ms: m.step_ms, size_ms: m.size_ms, offset_ms: job.timezone_offset_ms }
     }
 
     /// Slice index (steps since 1970 in local time) holding `ts_ms`.
@@ -144,15 +140,7 @@ impl CumulateShard {
     /// `state_dir`: where this shard keeps its tables (anonymous if none);
     /// `name` prefixes the table files.
     pub fn new(geo: Geometry, state_dir: Option<PathBuf>, name: String) -> CumulateShard {
-        CumulateShard {
-            geo,
-            slices: Vec::new(),
-            last_hit: 0,
-            tables: Vec::new(),
-            state_dir,
-            name,
-            spare: Vec::new(),
-        }
+        CumulateShard { geo, slices: Vec::new(), last_hit: 0, tables: Vec::new(), state_dir, name, spare: Vec::new() }
     }
 
     #[inline]
@@ -186,10 +174,7 @@ impl CumulateShard {
                 };
                 self.tables.push((period, t));
                 self.tables.sort_by_key(|(p, _)| *p);
-                self.tables
-                    .iter()
-                    .position(|(p, _)| *p == period)
-                    .unwrap_or(0)
+                self.tables.iter().position(|(p, _)| *p == period).unwrap_or(0)
             }
         };
         Ok(&mut self.tables[i].1)
@@ -221,10 +206,7 @@ impl CumulateShard {
                 c.uv[k] += 1;
                 let j = self.slice_index(was);
                 let old = &mut self.slices[j];
-                debug_assert!(
-                    old.uv[k] > 0,
-                    "moved a device out of a slice that never had it"
-                );
+                debug_assert!(old.uv[k] > 0, "moved a device out of a slice that never had it");
                 old.uv[k] -= 1;
             }
         }
@@ -234,18 +216,13 @@ impl CumulateShard {
     /// Ships every slice that ends at or before `wm_ms` and frees the
     /// dedup tables of periods that ended.
     pub fn ship(&mut self, wm_ms: i64, out: &mut impl FnMut(SliceCols)) {
-        let n = self
-            .slices
-            .iter()
-            .take_while(|c| self.geo.slice_end_ms(c.slice) <= wm_ms)
-            .count();
+        let n = self.slices.iter().take_while(|c| self.geo.slice_end_ms(c.slice) <= wm_ms).count();
         for c in self.slices.drain(..n) {
             out(c);
         }
         self.last_hit = 0;
         let geo = self.geo;
-        self.tables
-            .retain(|(p, _)| geo.period_start_ms(*p + 1) > wm_ms);
+        self.tables.retain(|(p, _)| geo.period_start_ms(*p + 1) > wm_ms);
     }
 
     /// Returns a shipped column buffer for reuse.
@@ -339,10 +316,7 @@ impl CumulateEmitter {
             uv: Vec::new(),
             written: Vec::new(),
         });
-        debug_assert!(
-            s >= period.next_slice || !period.started,
-            "slice {s} arrived after its window was emitted"
-        );
+        debug_assert!(s >= period.next_slice || !period.started, "slice {s} arrived after its window was emitted");
         if !period.started {
             period.next_slice = period.next_slice.min(s);
         }
@@ -356,11 +330,7 @@ impl CumulateEmitter {
         let open = self.geo.open_slice(wm_ms);
         for p in periods {
             let last = self.geo.last_slice_of_period(p);
-            let bound = if final_flush {
-                self.periods[&p].last_data_slice as i64
-            } else {
-                (open - 1).min(last as i64)
-            };
+            let bound = if final_flush { self.periods[&p].last_data_slice as i64 } else { (open - 1).min(last as i64) };
             let Some(period) = self.periods.get(&p) else {
                 continue;
             };
@@ -399,8 +369,7 @@ impl CumulateEmitter {
             self.dict.catch_up(&mut self.dims);
             let dims = &self.dims;
             self.order = (0..dims.len() as u32).collect();
-            self.order
-                .sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+            self.order.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
         }
         let start = self.geo.period_start_ms(p);
         let end = self.geo.slice_end_ms(s);
@@ -434,11 +403,7 @@ impl CumulateEmitter {
                 line.push_str(itoa::Buffer::new().format(uv));
             }
             line.push_str("}\n");
-            rows.push(Row {
-                window_end_ms: end,
-                metric,
-                line,
-            });
+            rows.push(Row { window_end_ms: end, metric, line });
         }
     }
 }
@@ -448,11 +413,7 @@ mod tests {
     use super::*;
 
     fn geo() -> Geometry {
-        Geometry {
-            step_ms: 60_000,
-            size_ms: 86_400_000,
-            offset_ms: 8 * 3_600_000,
-        }
+        Geometry { step_ms: 60_000, size_ms: 86_400_000, offset_ms: 8 * 3_600_000 }
     }
 
     #[test]
@@ -477,10 +438,7 @@ mod tests {
         assert_eq!(g.place(s, wm, LatePolicy::Drop), Placement::Dropped);
         assert_eq!(g.place(s + 2, wm, LatePolicy::Drop), Placement::OnTime);
         // The day ended: no window of it is left to fold into.
-        assert_eq!(
-            g.place(s - 1, midnight + 86_400_000, LatePolicy::Fold),
-            Placement::Dropped
-        );
+        assert_eq!(g.place(s - 1, midnight + 86_400_000, LatePolicy::Fold), Placement::Dropped);
         assert_eq!(g.place(s, i64::MIN, LatePolicy::Drop), Placement::OnTime);
     }
 

@@ -51,11 +51,8 @@ pub fn render_dims(names: &[String], values: &[FieldValue]) -> String {
         match v {
             FieldValue::Null => out.push_str("null"),
             FieldValue::Int(x) => out.push_str(itoa::Buffer::new().format(*x)),
-            FieldValue::Float(f) => {
-                out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into()))
-            }
-            FieldValue::Str(s) => out
-                .push_str(&serde_json::to_string(&String::from_utf8_lossy(s)).unwrap_or_default()),
+            FieldValue::Float(f) => out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into())),
+            FieldValue::Str(s) => out.push_str(&serde_json::to_string(&String::from_utf8_lossy(s)).unwrap_or_default()),
         }
     }
     out.push('}');
@@ -99,19 +96,11 @@ impl KeyDict {
     /// Appends the rendered dims of keys `out.len()..` to `out`.
     pub fn catch_up(&self, out: &mut Vec<String>) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        out.extend(
-            g.dims_json[out.len().min(g.dims_json.len())..]
-                .iter()
-                .cloned(),
-        );
+        out.extend(g.dims_json[out.len().min(g.dims_json.len())..].iter().cloned());
     }
 
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dims_json
-            .len()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dims_json.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,10 +116,7 @@ pub struct KeyCache {
 
 impl KeyCache {
     pub fn new(metrics: usize) -> KeyCache {
-        KeyCache {
-            maps: (0..metrics).map(|_| AHashMap::new()).collect(),
-            scratch: Vec::with_capacity(128),
-        }
+        KeyCache { maps: (0..metrics).map(|_| AHashMap::new()).collect(), scratch: Vec::with_capacity(128) }
     }
 
     /// The key id for these values of metric `m`'s group-by fields.
@@ -163,14 +149,7 @@ mod tests {
     #[test]
     fn dims_render_as_json_with_types() {
         let names = ["page".to_string(), "v".to_string(), "x".to_string()];
-        let s = render_dims(
-            &names,
-            &[
-                FieldValue::Str(b"h\"o"),
-                FieldValue::Int(7),
-                FieldValue::Null,
-            ],
-        );
+        let s = render_dims(&names, &[FieldValue::Str(b"h\"o"), FieldValue::Int(7), FieldValue::Null]);
         assert_eq!(s, r#"{"page":"h\"o","v":7,"x":null}"#);
     }
 
@@ -179,24 +158,13 @@ mod tests {
         let dict = KeyDict::default();
         let mut cache = KeyCache::new(1);
         let names = ["v".to_string()];
-        let a = cache
-            .id(0, &dict, &names, [FieldValue::Int(7)].into_iter())
-            .unwrap();
-        let b = cache
-            .id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter())
-            .unwrap();
-        let c = cache
-            .id(0, &dict, &names, [FieldValue::Int(7)].into_iter())
-            .unwrap();
+        let a = cache.id(0, &dict, &names, [FieldValue::Int(7)].into_iter()).unwrap();
+        let b = cache.id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter()).unwrap();
+        let c = cache.id(0, &dict, &names, [FieldValue::Int(7)].into_iter()).unwrap();
         assert_ne!(a, b);
         assert_eq!(a, c);
         let mut other = KeyCache::new(1);
-        assert_eq!(
-            other
-                .id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter())
-                .unwrap(),
-            b
-        );
+        assert_eq!(other.id(0, &dict, &names, [FieldValue::Str(b"7")].into_iter()).unwrap(), b);
         let mut dims = Vec::new();
         dict.catch_up(&mut dims);
         assert_eq!(dims, [r#"{"v":7}"#, r#"{"v":"7"}"#]);

@@ -113,28 +113,14 @@ impl RunSummary {
             self.rows
         )?;
         if self.late_folded + self.late_dropped > 0 {
-            writeln!(
-                w,
-                "tally: late events: {} folded, {} dropped",
-                self.late_folded, self.late_dropped
-            )?;
+            writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
         for s in &self.sources {
             if s.rejected == 0 {
                 continue;
             }
-            let reasons: Vec<String> = s
-                .rejected_by_reason
-                .iter()
-                .map(|(r, n)| format!("{r}={n}"))
-                .collect();
-            writeln!(
-                w,
-                "tally: source {:?}: {} skipped ({})",
-                s.name,
-                s.rejected,
-                reasons.join(", ")
-            )?;
+            let reasons: Vec<String> = s.rejected_by_reason.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            writeln!(w, "tally: source {:?}: {} skipped ({})", s.name, s.rejected, reasons.join(", "))?;
             for e in &s.examples {
                 writeln!(w, "tally:   {}: {} {:?}", e.at, e.reason, e.snippet)?;
             }
@@ -147,28 +133,16 @@ impl RunSummary {
 pub fn run(job: &Job) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let plan = Arc::new(Plan::new(job)?);
-    let mut sinks = job
-        .sinks
-        .iter()
-        .map(|s| JsonlSink::open(s, job.metrics.len()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut sinks = job.sinks.iter().map(|s| JsonlSink::open(s, job.metrics.len())).collect::<Result<Vec<_>, _>>()?;
     let n = job.workers;
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
-    let dicts: Vec<Arc<KeyDict>> = job
-        .metrics
-        .iter()
-        .map(|_| Arc::new(KeyDict::default()))
-        .collect();
+    let dicts: Vec<Arc<KeyDict>> = job.metrics.iter().map(|_| Arc::new(KeyDict::default())).collect();
     let sh = Shared {
         job: job.clone(),
         mesh: Mesh::new(n),
         dicts: dicts.clone(),
         geometry: geometry.clone(),
-        prefix: plan
-            .blocks_per_source
-            .iter()
-            .map(|&b| (0..b).map(|_| AtomicI64::new(NOT_READY)).collect())
-            .collect(),
+        prefix: plan.blocks_per_source.iter().map(|&b| (0..b).map(|_| AtomicI64::new(NOT_READY)).collect()).collect(),
         line_counts: (0..plan.tasks.len()).map(|_| AtomicU32::new(0)).collect(),
         abort: AtomicBool::new(false),
         plan: plan.clone(),
@@ -197,13 +171,7 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
     for s in &mut sinks {
         s.flush()?;
     }
-    Ok(summarize(
-        job,
-        &sh,
-        reports,
-        sinks.iter().map(|s| s.rows).sum(),
-        started.elapsed(),
-    ))
+    Ok(summarize(job, &sh, reports, sinks.iter().map(|s| s.rows).sum(), started.elapsed()))
 }
 
 fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affinity::CoreId>) {
@@ -216,11 +184,7 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
     let result: io::Result<()> = (|| {
         while !sh.abort.load(Ordering::Relaxed) {
             let a = shard.poll(sh, &tx)?;
-            let b = if router.done() {
-                false
-            } else {
-                router.step(sh)?
-            };
+            let b = if router.done() { false } else { router.step(sh)? };
             if router.done() && shard.done() {
                 return Ok(());
             }
@@ -294,25 +258,15 @@ fn emit_loop(
     }
 }
 
-fn summarize(
-    job: &Job,
-    sh: &Shared,
-    reports: Vec<WorkerReport>,
-    rows: u64,
-    elapsed: Duration,
-) -> RunSummary {
-    let mut per_source: Vec<SourceStats> =
-        job.sources.iter().map(|_| SourceStats::default()).collect();
+fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elapsed: Duration) -> RunSummary {
+    let mut per_source: Vec<SourceStats> = job.sources.iter().map(|_| SourceStats::default()).collect();
     for r in &reports {
         for (a, b) in per_source.iter_mut().zip(&r.stats) {
             a.merge(b);
         }
     }
-    let sources: Vec<SourceReport> = per_source
-        .iter()
-        .enumerate()
-        .map(|(s, st)| source_report(job, sh, s, st))
-        .collect();
+    let sources: Vec<SourceReport> =
+        per_source.iter().enumerate().map(|(s, st)| source_report(job, sh, s, st)).collect();
     let events: u64 = per_source.iter().map(|s| s.events).sum();
     let seconds = elapsed.as_secs_f64();
     RunSummary {
@@ -355,18 +309,10 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
             .filter(|(_, t)| t.file == task.file && t.lo < task.lo)
             .map(|(i, _)| sh.line_counts[i].load(Ordering::Relaxed) as u64)
             .sum();
-        let unit = if job.sources[s].format == Format::Binary {
-            "record "
-        } else {
-            ""
-        };
+        let unit = if job.sources[s].format == Format::Binary { "record " } else { "" };
         kept.push(Example {
             reason: e.reason.as_str(),
-            at: format!(
-                "{}:{unit}{}",
-                file.path.display(),
-                before + e.index as u64 + 1
-            ),
+            at: format!("{}:{unit}{}", file.path.display(), before + e.index as u64 + 1),
             snippet: e.snippet,
         });
     }

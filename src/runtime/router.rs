@@ -77,9 +77,7 @@ impl Router {
     pub fn new(w: usize, sh: &Shared) -> Router {
         let n = sh.mesh.n;
         let tasks = (w..sh.plan.tasks.len()).step_by(n).collect();
-        let sources = (0..sh.job.sources.len())
-            .map(|s| source_rt(s, sh))
-            .collect();
+        let sources = (0..sh.job.sources.len()).map(|s| source_rt(s, sh)).collect();
         Router {
             w,
             tasks,
@@ -91,12 +89,7 @@ impl Router {
             staged: None,
             ready: (0..n).map(|_| None).collect(),
             allocated: vec![0; n],
-            stats: sh
-                .job
-                .sources
-                .iter()
-                .map(|_| SourceStats::default())
-                .collect(),
+            stats: sh.job.sources.iter().map(|_| SourceStats::default()).collect(),
         }
     }
 
@@ -126,10 +119,7 @@ impl Router {
         };
         let block = block.map_err(|e| {
             let t = sh.plan.tasks[self.tasks[self.next_parse]];
-            io::Error::new(
-                e.kind(),
-                format!("{}: {e}", sh.plan.files[t.file].path.display()),
-            )
+            io::Error::new(e.kind(), format!("{}: {e}", sh.plan.files[t.file].path.display()))
         })?;
         self.next_parse += 1;
         self.parse(sh, block)?;
@@ -159,32 +149,20 @@ impl Router {
     fn parse(&mut self, sh: &Shared, mut block: Block) -> io::Result<()> {
         let task = sh.plan.tasks[block.task];
         let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
-        let mut acc = Accumulator {
-            ts_min: i64::MAX,
-            ts_max: i64::MIN,
-        };
+        let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
         let src = &mut self.sources[task.source];
         let stats = &mut self.stats[task.source];
         let keys = &mut self.keys;
         let lines = match src.format {
-            Format::Binary => parse_binary(
-                src,
-                keys,
-                sh,
-                &block.data,
-                task.hi,
-                block.task,
-                &mut batches,
-                &mut acc,
-                stats,
-            )?,
+            Format::Binary => {
+                parse_binary(src, keys, sh, &block.data, task.hi, block.task, &mut batches, &mut acc, stats)?
+            }
             Format::Jsonl | Format::Csv => {
                 let file = &sh.plan.files[task.file];
                 let is_csv = src.format == Format::Csv;
                 if is_csv && !src.csv.contains_key(&task.file) {
                     let header = file.csv_header.clone().unwrap_or_default();
-                    src.csv
-                        .insert(task.file, CsvParser::new(&src.fields, &header));
+                    src.csv.insert(task.file, CsvParser::new(&src.fields, &header));
                 }
                 let max_line = src.max_line_bytes;
                 let task_id = block.task;
@@ -233,13 +211,7 @@ impl Router {
         stats.lines += lines as u64;
         let task_id = block.task;
         self.reader.recycle(block);
-        self.staged = Some(Staged {
-            task: task_id,
-            batches,
-            ts_min: acc.ts_min,
-            ts_max: acc.ts_max,
-            resolved: false,
-        });
+        self.staged = Some(Staged { task: task_id, batches, ts_min: acc.ts_min, ts_max: acc.ts_max, resolved: false });
         Ok(())
     }
 
@@ -253,19 +225,11 @@ impl Router {
         if !st.resolved {
             let task = sh.plan.tasks[st.task];
             let prefix = &sh.prefix[task.source];
-            let prev = if task.seq == 0 {
-                NO_EVENTS
-            } else {
-                prefix[task.seq as usize - 1].load(Ordering::Acquire)
-            };
+            let prev = if task.seq == 0 { NO_EVENTS } else { prefix[task.seq as usize - 1].load(Ordering::Acquire) };
             if prev == NOT_READY {
                 return false;
             }
-            let mine = if st.ts_max == i64::MIN {
-                prev
-            } else {
-                prev.max(st.ts_max)
-            };
+            let mine = if st.ts_max == i64::MIN { prev } else { prev.max(st.ts_max) };
             prefix[task.seq as usize].store(mine, Ordering::Release);
             let src = &self.sources[task.source];
             let wm_before = to_wm(prev, src.delay_ms);
@@ -362,11 +326,7 @@ fn route(
             .map_err(|e| io::Error::other(format!("metric {:?}: {e}", sh.job.metrics[m].name)))?;
         let slice = sm.geo.slice_of(ts);
         if let Some(b) = &mut batches[shard] {
-            b.records.push(Record {
-                device_fp,
-                key: (m as u32) << KEY_BITS | key,
-                slice,
-            });
+            b.records.push(Record { device_fp, key: (m as u32) << KEY_BITS | key, slice });
         }
     }
     Ok(())
@@ -408,27 +368,17 @@ fn parse_binary(
 fn source_rt(s: usize, sh: &Shared) -> SourceRt {
     let spec = &sh.job.sources[s];
     let mut slots: Vec<String> = Vec::new();
-    let reading: Vec<usize> = (0..sh.job.metrics.len())
-        .filter(|&m| sh.job.metrics[m].sources.contains(&s))
-        .collect();
+    let reading: Vec<usize> = (0..sh.job.metrics.len()).filter(|&m| sh.job.metrics[m].sources.contains(&s)).collect();
     for &m in &reading {
         let metric = &sh.job.metrics[m];
-        let filter_fields = metric
-            .filter
-            .as_ref()
-            .map(|f| f.fields())
-            .unwrap_or_default();
+        let filter_fields = metric.filter.as_ref().map(|f| f.fields()).unwrap_or_default();
         for f in metric.group_by.iter().chain(&filter_fields) {
             if !slots.contains(f) {
                 slots.push(f.clone());
             }
         }
     }
-    let fields = FieldSet {
-        ts: spec.ts_field.clone(),
-        did: spec.did_field.clone(),
-        slots,
-    };
+    let fields = FieldSet { ts: spec.ts_field.clone(), did: spec.did_field.clone(), slots };
     let slot_of = |name: &str| fields.slot_of(name).unwrap_or(0);
     let metrics = reading
         .iter()

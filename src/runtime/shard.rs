@@ -65,11 +65,7 @@ impl Shard {
             .iter()
             .enumerate()
             .map(|(m, _)| {
-                let dir = sh
-                    .job
-                    .state_dir
-                    .as_ref()
-                    .map(|d| d.join(format!("shard-{s}")));
+                let dir = sh.job.state_dir.as_ref().map(|d| d.join(format!("shard-{s}")));
                 CumulateShard::new(sh.geometry[m], dir, format!("m{m}"))
             })
             .collect();
@@ -77,21 +73,9 @@ impl Shard {
             .plan
             .blocks_per_source
             .iter()
-            .map(|&blocks| Progress {
-                next_seq: 0,
-                blocks,
-                wm_ms: i64::MIN,
-                early: BTreeMap::new(),
-            })
+            .map(|&blocks| Progress { next_seq: 0, blocks, wm_ms: i64::MIN, early: BTreeMap::new() })
             .collect();
-        Shard {
-            s,
-            metrics,
-            progress,
-            wm_ms: i64::MIN,
-            state_bytes_max: 0,
-            dedup_entries_max: 0,
-        }
+        Shard { s, metrics, progress, wm_ms: i64::MIN, state_bytes_max: 0, dedup_entries_max: 0 }
     }
 
     /// True once every source is fully received and everything shipped.
@@ -124,11 +108,7 @@ impl Shard {
         let mask = (1u32 << KEY_BITS) - 1;
         for (i, r) in recs.iter().enumerate() {
             if let Some(ahead) = recs.get(i + PREFETCH_DISTANCE) {
-                self.metrics[(ahead.key >> KEY_BITS) as usize].prefetch(
-                    ahead.device_fp,
-                    ahead.key & mask,
-                    ahead.slice,
-                );
+                self.metrics[(ahead.key >> KEY_BITS) as usize].prefetch(ahead.device_fp, ahead.key & mask, ahead.slice);
             }
             debug_assert_eq!(
                 ((r.device_fp as u128 * n as u128) >> 64) as usize,
@@ -142,12 +122,7 @@ impl Shard {
 
     /// Moves the shard watermark and ships what it closed.
     fn advance(&mut self, out: &Sender<ToEmitter>) {
-        let wm = self
-            .progress
-            .iter()
-            .map(Progress::watermark)
-            .min()
-            .unwrap_or(i64::MAX);
+        let wm = self.progress.iter().map(Progress::watermark).min().unwrap_or(i64::MAX);
         if wm <= self.wm_ms {
             return;
         }
@@ -161,9 +136,6 @@ impl Shard {
                 let _ = out.send(ToEmitter::Slice { metric, cols });
             });
         }
-        let _ = out.send(ToEmitter::Watermark {
-            shard: self.s,
-            wm_ms: wm,
-        });
+        let _ = out.send(ToEmitter::Watermark { shard: self.s, wm_ms: wm });
     }
 }

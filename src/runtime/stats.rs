@@ -41,12 +41,7 @@ impl SourceStats {
         self.rejected[i] += 1;
         if self.rejected[i] as usize <= EXAMPLES_PER_REASON {
             let cut = &snippet[..snippet.len().min(EXAMPLE_SNIPPET_BYTES)];
-            self.examples.push(RawExample {
-                reason,
-                task,
-                index,
-                snippet: String::from_utf8_lossy(cut).into_owned(),
-            });
+            self.examples.push(RawExample { reason, task, index, snippet: String::from_utf8_lossy(cut).into_owned() });
         }
     }
 

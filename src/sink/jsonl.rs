@@ -32,10 +32,7 @@ impl JsonlSink {
             SinkTarget::Stdout => (Box::new(io::stdout()), "stdout".into()),
             SinkTarget::File(p) => {
                 let name = p.display().to_string();
-                let err = |source| SinkError {
-                    name: name.clone(),
-                    source,
-                };
+                let err = |source| SinkError { name: name.clone(), source };
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(err)?;
                 }
@@ -46,32 +43,19 @@ impl JsonlSink {
         for &m in &spec.metrics {
             wants[m] = true;
         }
-        Ok(JsonlSink {
-            out: BufWriter::with_capacity(WRITE_BUFFER_BYTES, out),
-            wants,
-            rows: 0,
-            name,
-        })
+        Ok(JsonlSink { out: BufWriter::with_capacity(WRITE_BUFFER_BYTES, out), wants, rows: 0, name })
     }
 
     pub fn write(&mut self, metric: usize, line: &str) -> Result<(), SinkError> {
         if self.wants[metric] {
             self.rows += 1;
-            self.out
-                .write_all(line.as_bytes())
-                .map_err(|source| SinkError {
-                    name: self.name.clone(),
-                    source,
-                })?;
+            self.out.write_all(line.as_bytes()).map_err(|source| SinkError { name: self.name.clone(), source })?;
         }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<(), SinkError> {
-        self.out.flush().map_err(|source| SinkError {
-            name: self.name.clone(),
-            source,
-        })
+        self.out.flush().map_err(|source| SinkError { name: self.name.clone(), source })
     }
 
     pub fn path(spec: &SinkSpec) -> Option<PathBuf> {

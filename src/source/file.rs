@@ -75,10 +75,7 @@ impl Plan {
         for (s, spec) in job.sources.iter().enumerate() {
             let mut tasks = Vec::new();
             for path in &spec.paths {
-                let err = |reason: String| InputError {
-                    path: path.clone(),
-                    reason,
-                };
+                let err = |reason: String| InputError { path: path.clone(), reason };
                 let file = File::open(path).map_err(|e| err(e.to_string()))?;
                 let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
                 let csv_header = match spec.format {
@@ -86,30 +83,16 @@ impl Plan {
                     _ => None,
                 };
                 let block = match spec.format {
-                    Format::Binary => {
-                        BLOCK_BYTES / BINARY_RECORD_BYTES as u64 * BINARY_RECORD_BYTES as u64
-                    }
+                    Format::Binary => BLOCK_BYTES / BINARY_RECORD_BYTES as u64 * BINARY_RECORD_BYTES as u64,
                     _ => BLOCK_BYTES,
                 };
                 let mut lo = 0;
                 while lo < size {
                     let hi = (lo + block).min(size);
-                    tasks.push(Task {
-                        source: s,
-                        file: files.len(),
-                        seq: tasks.len() as u32,
-                        lo,
-                        hi,
-                    });
+                    tasks.push(Task { source: s, file: files.len(), seq: tasks.len() as u32, lo, hi });
                     lo = hi;
                 }
-                files.push(InputFile {
-                    path: path.clone(),
-                    file,
-                    size,
-                    source: s,
-                    csv_header,
-                });
+                files.push(InputFile { path: path.clone(), file, size, source: s, csv_header });
             }
             per_source.push(tasks);
         }
@@ -122,12 +105,7 @@ impl Plan {
             fa.cmp(&fb).then(a.source.cmp(&b.source))
         });
         let formats = job.sources.iter().map(|s| s.format).collect();
-        Ok(Plan {
-            files,
-            formats,
-            tasks,
-            blocks_per_source,
-        })
+        Ok(Plan { files, formats, tasks, blocks_per_source })
     }
 
     pub fn input_bytes(&self) -> u64 {
@@ -180,14 +158,7 @@ impl BlockReader {
                 None
             }
         };
-        BlockReader {
-            ring,
-            pending: VecDeque::new(),
-            free: Vec::new(),
-            plan,
-            next_id: 0,
-            ids: VecDeque::new(),
-        }
+        BlockReader { ring, pending: VecDeque::new(), free: Vec::new(), plan, next_id: 0, ids: VecDeque::new() }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -216,33 +187,15 @@ impl BlockReader {
         let mut buf = self.free.pop().unwrap_or_default();
         buf.clear();
         buf.reserve(want);
-        let mut p = Pending {
-            block: Block {
-                task,
-                base: from,
-                data: buf,
-            },
-            want,
-            result: None,
-        };
+        let mut p = Pending { block: Block { task, base: from, data: buf }, want, result: None };
         match &mut self.ring {
-            None => {
-                p.result = Some(read_full(
-                    &self.plan.files[t.file].file,
-                    &mut p.block.data,
-                    from,
-                    want,
-                ))
-            }
+            None => p.result = Some(read_full(&self.plan.files[t.file].file, &mut p.block.data, from, want)),
             Some(ring) => {
                 let fd = io_uring::types::Fd(self.plan.files[t.file].file.as_raw_fd());
                 let ptr = p.block.data.as_mut_ptr();
                 let id = self.next_id;
                 self.next_id += 1;
-                let sqe = io_uring::opcode::Read::new(fd, ptr, want as u32)
-                    .offset(from)
-                    .build()
-                    .user_data(id);
+                let sqe = io_uring::opcode::Read::new(fd, ptr, want as u32).offset(from).build().user_data(id);
                 // SAFETY: the buffer has capacity for `want` bytes and stays
                 // alive and unmoved (it sits in `pending`, its heap storage
                 // does not move) until the completion is reaped in `poll`.
@@ -306,11 +259,8 @@ impl BlockReader {
             let id = cqe.user_data();
             if let Some(pos) = self.ids.iter().position(|&x| x == id) {
                 let r = cqe.result();
-                self.pending[pos].result = Some(if r < 0 {
-                    Err(io::Error::from_raw_os_error(-r))
-                } else {
-                    Ok(r as usize)
-                });
+                self.pending[pos].result =
+                    Some(if r < 0 { Err(io::Error::from_raw_os_error(-r)) } else { Ok(r as usize) });
             }
         }
     }
@@ -377,28 +327,14 @@ pub fn for_each_line(
         match memchr::memchr(b'\n', &data[pos..]) {
             Some(k) => {
                 let line = &data[pos..pos + k];
-                f(
-                    index,
-                    if line.len() > max_line_bytes {
-                        Line::TooLong
-                    } else {
-                        Line::Text(line)
-                    },
-                );
+                f(index, if line.len() > max_line_bytes { Line::TooLong } else { Line::Text(line) });
                 index += 1;
                 pos += k + 1;
             }
             None if block.base + data.len() as u64 >= file.size => {
                 if pos < data.len() {
                     let line = &data[pos..];
-                    f(
-                        index,
-                        if line.len() > max_line_bytes {
-                            Line::TooLong
-                        } else {
-                            Line::Text(line)
-                        },
-                    );
+                    f(index, if line.len() > max_line_bytes { Line::TooLong } else { Line::Text(line) });
                     index += 1;
                 }
                 break;
@@ -424,10 +360,7 @@ pub fn for_each_line(
                 let from = block.base + data.len() as u64;
                 let want = (max_line_bytes + 1).min((file.size - from) as usize).max(1);
                 if read_full(&file.file, &mut block.data, from, want)? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file shrank while being read",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"));
                 }
             }
         }
@@ -471,28 +404,12 @@ mod tests {
         let mut lo = 0;
         while lo < file.size {
             let hi = (lo + block).min(file.size);
-            let task = Task {
-                source: 0,
-                file: 0,
-                seq: 0,
-                lo,
-                hi,
-            };
+            let task = Task { source: 0, file: 0, seq: 0, lo, hi };
             let from = lo.saturating_sub(1);
             let mut data = Vec::new();
             // A small tail, so long lines exercise the refill paths.
-            read_full(
-                &file.file,
-                &mut data,
-                from,
-                ((hi + 3).min(file.size) - from) as usize,
-            )
-            .unwrap();
-            let mut b = Block {
-                task: 0,
-                base: from,
-                data,
-            };
+            read_full(&file.file, &mut data, from, ((hi + 3).min(file.size) - from) as usize).unwrap();
+            let mut b = Block { task: 0, base: from, data };
             for_each_line(&mut b, &task, &file, max_line, |_, l| {
                 out.push(match l {
                     Line::Text(t) => String::from_utf8_lossy(t).into_owned(),
@@ -508,9 +425,7 @@ mod tests {
     #[test]
     fn every_line_once_whatever_the_block_size() {
         let content = b"alpha\nbeta\n\ngamma-long-line\ndelta";
-        let want: Vec<String> = ["alpha", "beta", "", "gamma-long-line", "delta"]
-            .map(String::from)
-            .to_vec();
+        let want: Vec<String> = ["alpha", "beta", "", "gamma-long-line", "delta"].map(String::from).to_vec();
         for block in 1..=content.len() as u64 + 1 {
             assert_eq!(lines_of(content, block, 100), want, "block {block}");
         }
@@ -520,11 +435,7 @@ mod tests {
     fn long_lines_are_skipped_and_counted() {
         let content = b"ok1\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\nok2\nyyyyyyyyyyyyyyyyyyyyy";
         for block in [4u64, 7, 13, 64] {
-            assert_eq!(
-                lines_of(content, block, 8),
-                ["ok1", "<long>", "ok2", "<long>"],
-                "block {block}"
-            );
+            assert_eq!(lines_of(content, block, 8), ["ok1", "<long>", "ok2", "<long>"], "block {block}");
         }
     }
 }

@@ -47,11 +47,7 @@ pub enum Seen {
 
 enum Backing {
     Anon,
-    File {
-        dir: PathBuf,
-        name: String,
-        generation: u32,
-    },
+    File { dir: PathBuf, name: String, generation: u32 },
 }
 
 /// A growable open-addressing set of [`Entry`].
@@ -78,12 +74,7 @@ impl DedupTable {
     /// An empty table in anonymous memory.
     pub fn anonymous() -> io::Result<DedupTable> {
         let map = MmapMut::map_anon(CAPACITY_MIN_ENTRIES * ENTRY_BYTES)?;
-        Ok(DedupTable {
-            map,
-            capacity: CAPACITY_MIN_ENTRIES,
-            len: 0,
-            backing: Backing::Anon,
-        })
+        Ok(DedupTable { map, capacity: CAPACITY_MIN_ENTRIES, len: 0, backing: Backing::Anon })
     }
 
     /// An empty table backed by `dir/name.N.dedup` files (N grows with
@@ -91,17 +82,8 @@ impl DedupTable {
     pub fn in_dir(dir: PathBuf, name: String) -> io::Result<DedupTable> {
         std::fs::create_dir_all(&dir)?;
         let map = map_file(&dir, &name, 0, CAPACITY_MIN_ENTRIES)?;
-        let backing = Backing::File {
-            dir,
-            name,
-            generation: 0,
-        };
-        Ok(DedupTable {
-            map,
-            capacity: CAPACITY_MIN_ENTRIES,
-            len: 0,
-            backing,
-        })
+        let backing = Backing::File { dir, name, generation: 0 };
+        Ok(DedupTable { map, capacity: CAPACITY_MIN_ENTRIES, len: 0, backing })
     }
 
     pub fn len(&self) -> usize {
@@ -154,11 +136,7 @@ impl DedupTable {
         loop {
             let e = &mut entries[i];
             if e.first_slice == 0 {
-                *e = Entry {
-                    device_fp,
-                    key,
-                    first_slice: slice,
-                };
+                *e = Entry { device_fp, key, first_slice: slice };
                 self.len += 1;
                 return Ok(Seen::New);
             }
@@ -199,11 +177,7 @@ impl DedupTable {
         let capacity = self.capacity + self.capacity / 2;
         let mut map = match &mut self.backing {
             Backing::Anon => MmapMut::map_anon(capacity * ENTRY_BYTES)?,
-            Backing::File {
-                dir,
-                name,
-                generation,
-            } => {
+            Backing::File { dir, name, generation } => {
                 *generation += 1;
                 map_file(dir, name, *generation, capacity)?
             }
@@ -220,12 +194,7 @@ impl DedupTable {
         }
         self.map = map;
         self.capacity = capacity;
-        if let Backing::File {
-            dir,
-            name,
-            generation,
-        } = &self.backing
-        {
+        if let Backing::File { dir, name, generation } = &self.backing {
             let _ = std::fs::remove_file(file_path(dir, name, *generation - 1));
         }
         Ok(())
@@ -235,12 +204,7 @@ impl DedupTable {
 impl Drop for DedupTable {
     /// A dropped table is a finished period: its file goes too.
     fn drop(&mut self) {
-        if let Backing::File {
-            dir,
-            name,
-            generation,
-        } = &self.backing
-        {
+        if let Backing::File { dir, name, generation } = &self.backing {
             let _ = std::fs::remove_file(file_path(dir, name, *generation));
         }
     }
@@ -250,19 +214,9 @@ fn file_path(dir: &std::path::Path, name: &str, generation: u32) -> PathBuf {
     dir.join(format!("{name}.{generation}.dedup"))
 }
 
-fn map_file(
-    dir: &std::path::Path,
-    name: &str,
-    generation: u32,
-    capacity: usize,
-) -> io::Result<MmapMut> {
+fn map_file(dir: &std::path::Path, name: &str, generation: u32, capacity: usize) -> io::Result<MmapMut> {
     let path = file_path(dir, name, generation);
-    let file: File = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
+    let file: File = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
     file.set_len((capacity * ENTRY_BYTES) as u64)?;
     // SAFETY: the file is ours (created and truncated just now under the
     // job's state directory); nothing else maps or resizes it while we do.
@@ -301,11 +255,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = DedupTable::in_dir(dir.path().to_owned(), "m0-p1".into()).unwrap();
         for d in 0..20_000u64 {
-            assert_eq!(
-                t.observe(d.wrapping_mul(0x2545_F491_4F6C_DD1D), 1, 5)
-                    .unwrap(),
-                Seen::New
-            );
+            assert_eq!(t.observe(d.wrapping_mul(0x2545_F491_4F6C_DD1D), 1, 5).unwrap(), Seen::New);
         }
         assert!(t.bytes() as f64 / t.len() as f64 <= 32.0);
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
