@@ -72,11 +72,18 @@ impl JsonlParser {
             s.i += 1;
         } else {
             loop {
-                s.ws();
+                // Whitespace between tokens is rare in logs: look before skipping.
+                if s.peek() != Some(b'"') {
+                    s.ws();
+                }
                 let target = self.key(&mut s, ev)?;
-                s.ws();
+                if s.peek() != Some(b':') {
+                    s.ws();
+                }
                 s.expect(b':')?;
-                s.ws();
+                if let Some(b' ' | b'\t') = s.peek() {
+                    s.ws();
+                }
                 let v = s.value(ev, target.is_some())?;
                 match target {
                     Some(Target::Ts) => ts = Some(v),
@@ -84,7 +91,9 @@ impl JsonlParser {
                     Some(Target::Slot(i)) => ev.values[i] = v,
                     None => {}
                 }
-                s.ws();
+                if let Some(b' ' | b'\t') = s.peek() {
+                    s.ws();
+                }
                 match s.next() {
                     Some(b',') => continue,
                     Some(b'}') => break,
@@ -112,11 +121,15 @@ impl JsonlParser {
     }
 
     /// Reads a key and says which field it names, if any.
+    #[inline(always)]
     fn key(&mut self, s: &mut Scanner, ev: &mut EventBuf) -> Result<Option<Target>, Reject> {
         s.expect(b'"')?;
         let start = s.i;
         let escaped = s.string_body()?;
         let raw = &s.b[start..s.i - 1];
+        if !escaped {
+            return Ok(self.match_key(raw, s.b.get(start..start + 8)));
+        }
         let key: &[u8] = if escaped {
             self.key_scratch.clear();
             unescape_into(raw, &mut self.key_scratch)?;
@@ -125,11 +138,25 @@ impl JsonlParser {
             raw
         };
         let _ = ev;
+        Ok(self.match_key(key, None))
+    }
+
+    /// Which field `key` names. `window`, when given, is 8 bytes of the
+    /// line starting at the key, so short keys pack without a copy.
+    #[inline(always)]
+    fn match_key(&self, key: &[u8], window: Option<&[u8]>) -> Option<Target> {
         let mut cands = self.first_byte[key.first().copied().unwrap_or(0) as usize];
         if cands == 0 {
-            return Ok(None);
+            return None;
         }
-        let word = pack(key);
+        let word = match window {
+            Some(w) if key.len() <= 8 => {
+                let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+                let keep = if key.len() == 8 { u64::MAX } else { (1u64 << (8 * key.len())) - 1 };
+                Some(w & keep)
+            }
+            _ => pack(key),
+        };
         while cands != 0 {
             let i = cands.trailing_zeros() as usize;
             cands &= cands - 1;
@@ -139,10 +166,10 @@ impl JsonlParser {
                 _ => false,
             };
             if hit {
-                return Ok(Some(self.names[i].1));
+                return Some(self.names[i].1);
             }
         }
-        Ok(None)
+        None
     }
 }
 
@@ -210,26 +237,27 @@ struct Scanner<'a> {
 }
 
 impl Scanner<'_> {
-    #[inline]
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<u8> {
         let c = self.peek();
         self.i += 1;
         c
     }
 
-    #[inline]
+    #[inline(always)]
     fn ws(&mut self) {
-        while let Some(b' ' | b'\t') = self.peek() {
+        // Log producers rarely put whitespace between tokens: test once.
+        while let Some(b' ' | b'\t') = self.b.get(self.i) {
             self.i += 1;
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn expect(&mut self, c: u8) -> Result<(), Reject> {
         if self.next() == Some(c) {
             Ok(())
@@ -240,7 +268,7 @@ impl Scanner<'_> {
 
     /// After an opening quote: advances past the closing quote; returns
     /// whether the string has escapes (validated).
-    #[inline]
+    #[inline(always)]
     fn string_body(&mut self) -> Result<bool, Reject> {
         let mut escaped = false;
         loop {
@@ -265,7 +293,7 @@ impl Scanner<'_> {
     }
 
     /// Parses a value; when `keep` is false only validates and skips it.
-    #[inline]
+    #[inline(always)]
     fn value(&mut self, ev: &mut EventBuf, keep: bool) -> Result<Raw, Reject> {
         match self.peek() {
             Some(b'"') => {
@@ -293,6 +321,7 @@ impl Scanner<'_> {
         }
     }
 
+    #[inline(always)]
     fn literal(&mut self, word: &[u8]) -> Result<(), Reject> {
         if self.b[self.i..].starts_with(word) {
             self.i += word.len();
@@ -304,7 +333,7 @@ impl Scanner<'_> {
 
     /// A JSON number. Integers that fit i64 become `IntText` (so a device
     /// id keeps its text); others become floats.
-    #[inline]
+    #[inline(always)]
     fn number(&mut self) -> Result<Raw, Reject> {
         let start = self.i;
         if self.peek() == Some(b'-') {
@@ -354,7 +383,7 @@ impl Scanner<'_> {
         s.parse::<f64>().map(Raw::Float).map_err(|_| Reject::InvalidJson)
     }
 
-    #[inline]
+    #[inline(always)]
     fn digits(&mut self) {
         while let Some(b'0'..=b'9') = self.peek() {
             self.i += 1;
