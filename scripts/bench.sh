@@ -379,7 +379,7 @@ REPORT=$BENCH/report-$STAMP.md
   for fmt in "${FORMATS[@]}"; do echo "${GEN_CMD[$fmt]}"; done
   for fmt in "${FORMATS[@]}"; do for w in "${WORKERS[@]}"; do echo "$(run_cmd "$fmt" "$w" 1)   # x$RUNS"; done; done
   [ -z "$FL_CMD" ] || echo "$FL_CMD"
-  [ -z "$FL_TINY" ] || echo "head -n 1000 ${INPUT[jsonl]} > $OUT/flink-tiny-in.jsonl; bash $FLINK_RUN $OUT/flink-tiny-in.jsonl $OUT/flink-tiny.jsonl"
+  [ -z "$FL_TINY" ] || echo "head -n 1000 ${INPUT[jsonl]} > $OUT/flink-tiny-in.jsonl; ${FLINK_HEAP:+FLINK_HEAP=$FLINK_HEAP }bash $FLINK_RUN $OUT/flink-tiny-in.jsonl $OUT/flink-tiny.jsonl"
   [ -z "$DK_CMD" ] || echo "$DK_CMD"
   echo "$VERIFY_CMD"
   [ -z "$FL_CMP" ] || echo "python3 scripts/bench/compare_rows.py $OUT/flink.jsonl $(rows_path jsonl "${WORKERS[-1]}")"

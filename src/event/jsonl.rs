@@ -49,7 +49,6 @@ impl JsonlParser {
     pub fn parse(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<(), Reject> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         ev.reset();
-        let mut ts: Option<Raw> = None;
         if line.is_empty() {
             return Err(Reject::EmptyLine);
         }
@@ -60,6 +59,93 @@ impl JsonlParser {
         if high && std::str::from_utf8(line).is_err() {
             return Err(Reject::InvalidUtf8);
         }
+        let ts = match self.fast(line, ev) {
+            Some(ts) => ts,
+            None => {
+                ev.reset();
+                self.general(line, ev)?
+            }
+        };
+        finish(ts, ev)
+    }
+
+    /// The common shape, `{"k":v,...}` with no whitespace, escapes, nested
+    /// values, booleans or non-integer numbers, in one tight pass. `None`
+    /// means "not that shape" (not "invalid"): the general scanner decides.
+    #[inline(always)]
+    fn fast(&self, b: &[u8], ev: &mut EventBuf) -> Option<Option<Raw>> {
+        let n = b.len();
+        if n < 2 || b[0] != b'{' || b[n - 1] != b'}' {
+            return None;
+        }
+        let mut ts = None;
+        let mut i = 1;
+        loop {
+            if *b.get(i)? != b'"' {
+                return None;
+            }
+            let ks = i + 1;
+            let ke = find_quote_or_backslash(b, ks)?;
+            if b[ke] != b'"' || *b.get(ke + 1)? != b':' {
+                return None;
+            }
+            let target = self.match_key(&b[ks..ke], b.get(ks..ks + 8));
+            i = ke + 2;
+            let c = *b.get(i)?;
+            let v = if c == b'"' {
+                let vs = i + 1;
+                let ve = find_quote_or_backslash(b, vs)?;
+                if b[ve] != b'"' {
+                    return None;
+                }
+                i = ve + 1;
+                Raw::Span { start: vs as u32, len: (ve - vs) as u32 }
+            } else if c == b'-' || c.is_ascii_digit() {
+                let start = i;
+                i += (c == b'-') as usize;
+                let digits = i;
+                let mut v: i64 = 0;
+                while let Some(&d) = b.get(i) {
+                    if !d.is_ascii_digit() {
+                        break;
+                    }
+                    v = v.wrapping_mul(10).wrapping_add((d - b'0') as i64);
+                    i += 1;
+                }
+                let len = i - digits;
+                // Leading zeros, fractions, exponents and long numbers: general path.
+                if len == 0
+                    || len > 18
+                    || (b[digits] == b'0' && len > 1)
+                    || matches!(b.get(i), Some(b'.' | b'e' | b'E'))
+                {
+                    return None;
+                }
+                let value = if start != digits { -v } else { v };
+                Raw::IntText { start: start as u32, len: (i - start) as u32, value }
+            } else if b.get(i..i + 4) == Some(b"null") {
+                i += 4;
+                Raw::Null
+            } else {
+                return None;
+            };
+            match target {
+                Some(Target::Ts) => ts = Some(v),
+                Some(Target::Did) => ev.did = Some(v),
+                Some(Target::Slot(k)) => ev.values[k] = v,
+                None => {}
+            }
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') if i == n - 1 => return Some(ts),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Any valid JSON object; returns the raw `ts` value.
+    fn general(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<Option<Raw>, Reject> {
+        let mut ts: Option<Raw> = None;
         let mut s = Scanner { b: line, i: 0 };
         s.ws();
         match s.peek() {
@@ -105,19 +191,7 @@ impl JsonlParser {
         if s.i != line.len() {
             return Err(Reject::InvalidJson);
         }
-        ev.ts_ms = match ts {
-            None | Some(Raw::Null) => return Err(Reject::MissingTs),
-            Some(Raw::IntText { value, .. }) => check_ts(value)?,
-            Some(_) => return Err(Reject::TsNotInteger),
-        };
-        ev.did = match ev.did {
-            None | Some(Raw::Null) => return Err(Reject::MissingDeviceId),
-            Some(Raw::Span { len: 0, .. } | Raw::Scratch { len: 0, .. }) => return Err(Reject::MissingDeviceId),
-            Some(Raw::IntText { start, len, .. } | Raw::BigText { start, len }) => Some(Raw::Span { start, len }),
-            Some(d @ (Raw::Span { .. } | Raw::Scratch { .. })) => Some(d),
-            Some(_) => return Err(Reject::BadDeviceId),
-        };
-        Ok(())
+        Ok(ts)
     }
 
     /// Reads a key and says which field it names, if any.
@@ -171,6 +245,24 @@ impl JsonlParser {
         }
         None
     }
+}
+
+/// Checks the event time and device id the scan found.
+#[inline(always)]
+fn finish(ts: Option<Raw>, ev: &mut EventBuf) -> Result<(), Reject> {
+    ev.ts_ms = match ts {
+        None | Some(Raw::Null) => return Err(Reject::MissingTs),
+        Some(Raw::IntText { value, .. }) => check_ts(value)?,
+        Some(_) => return Err(Reject::TsNotInteger),
+    };
+    ev.did = match ev.did {
+        None | Some(Raw::Null) => return Err(Reject::MissingDeviceId),
+        Some(Raw::Span { len: 0, .. } | Raw::Scratch { len: 0, .. }) => return Err(Reject::MissingDeviceId),
+        Some(Raw::IntText { start, len, .. } | Raw::BigText { start, len }) => Some(Raw::Span { start, len }),
+        Some(d @ (Raw::Span { .. } | Raw::Scratch { .. })) => Some(d),
+        Some(_) => return Err(Reject::BadDeviceId),
+    };
+    Ok(())
 }
 
 /// A name of at most 8 bytes as a little-endian word (zero padded).
@@ -584,6 +676,32 @@ mod tests {
     fn last_duplicate_key_wins() {
         let (_, did, _, _) = parse(&format!(r#"{{"ts":{TS},"did":"a","did":"b"}}"#)).unwrap();
         assert_eq!(did, b"b");
+    }
+
+    proptest::proptest! {
+        /// The fast path, when it answers, agrees with the general scanner.
+        #[test]
+        fn fast_path_agrees_with_general(
+            members in proptest::collection::vec((0usize..5, 0usize..8), 0..7),
+            ws in proptest::bool::ANY,
+            cut in 0usize..4,
+        ) {
+            let keys = ["ts", "did", "page", "v", "x\\\"y"];
+            let values = ["1771171200000", "\"d1\"", "-12", "null", "1.5", "\"a\\\"b\"", "[1,{\"a\":2}]", "007"];
+            let sep = if ws { " , " } else { "," };
+            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{}\":{}", keys[*k], values[*v])).collect();
+            let mut line = format!("{{{}}}", body.join(sep));
+            line.truncate(line.len() - cut.min(line.len()));
+            let mut p = JsonlParser::new(&fields());
+            let mut a = EventBuf::new(2);
+            let mut b = EventBuf::new(2);
+            if let Some(ts_fast) = p.fast(line.as_bytes(), &mut a) {
+                let ts_general = p.general(line.as_bytes(), &mut b);
+                proptest::prop_assert_eq!(Ok(ts_fast), ts_general);
+                proptest::prop_assert_eq!(a.did, b.did);
+                proptest::prop_assert_eq!(&a.values, &b.values);
+            }
+        }
     }
 
     #[test]

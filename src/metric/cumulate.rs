@@ -130,17 +130,17 @@ pub struct CumulateShard {
     last_hit: usize,
     /// Dedup tables of open periods, sorted by period.
     tables: Vec<(u32, DedupTable)>,
+    /// (slice, index into `tables`) of the last lookup.
+    table_hit: Option<(u32, usize)>,
     state_dir: Option<PathBuf>,
     name: String,
-    /// Recycled column buffers.
-    spare: Vec<SliceCols>,
 }
 
 impl CumulateShard {
     /// `state_dir`: where this shard keeps its tables (anonymous if none);
     /// `name` prefixes the table files.
     pub fn new(geo: Geometry, state_dir: Option<PathBuf>, name: String) -> CumulateShard {
-        CumulateShard { geo, slices: Vec::new(), last_hit: 0, tables: Vec::new(), state_dir, name, spare: Vec::new() }
+        CumulateShard { geo, slices: Vec::new(), last_hit: 0, tables: Vec::new(), table_hit: None, state_dir, name }
     }
 
     #[inline]
@@ -153,9 +153,7 @@ impl CumulateShard {
         let i = match self.slices.binary_search_by_key(&slice, |c| c.slice) {
             Ok(i) => i,
             Err(i) => {
-                let mut cols = self.spare.pop().unwrap_or_default();
-                cols.slice = slice;
-                self.slices.insert(i, cols);
+                self.slices.insert(i, SliceCols { slice, ..SliceCols::default() });
                 i
             }
         };
@@ -163,8 +161,16 @@ impl CumulateShard {
         i
     }
 
+    /// Index of the dedup table of `slice`'s period, creating it if new.
+    /// Consecutive records mostly share a slice: the last answer is cached.
     #[inline]
-    fn table(&mut self, period: u32) -> io::Result<&mut DedupTable> {
+    fn table_of(&mut self, slice: u32) -> io::Result<usize> {
+        if let Some((s, i)) = self.table_hit {
+            if s == slice {
+                return Ok(i);
+            }
+        }
+        let period = self.geo.period_of_slice(slice);
         let i = match self.tables.iter().position(|(p, _)| *p == period) {
             Some(i) => i,
             None => {
@@ -172,19 +178,26 @@ impl CumulateShard {
                     None => DedupTable::anonymous()?,
                     Some(d) => DedupTable::in_dir(d.clone(), format!("{}-p{period}", self.name))?,
                 };
-                self.tables.push((period, t));
-                self.tables.sort_by_key(|(p, _)| *p);
-                self.tables.iter().position(|(p, _)| *p == period).unwrap_or(0)
+                let at = self.tables.partition_point(|(p, _)| *p < period);
+                self.tables.insert(at, (period, t));
+                at
             }
         };
-        Ok(&mut self.tables[i].1)
+        self.table_hit = Some((slice, i));
+        Ok(i)
     }
 
     /// Hints the dedup probe of a coming record.
     #[inline]
     pub fn prefetch(&self, device_fp: u64, key: u32, slice: u32) {
-        let period = self.geo.period_of_slice(slice);
-        if let Some((_, t)) = self.tables.iter().find(|(p, _)| *p == period) {
+        let table = match self.table_hit {
+            Some((s, i)) if s == slice => self.tables.get(i),
+            _ => {
+                let period = self.geo.period_of_slice(slice);
+                self.tables.iter().find(|(p, _)| *p == period)
+            }
+        };
+        if let Some((_, t)) = table {
             t.prefetch(device_fp, key);
         }
     }
@@ -192,8 +205,8 @@ impl CumulateShard {
     /// Counts one event of `device_fp` with `key` in `slice`.
     #[inline]
     pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32) -> io::Result<()> {
-        let period = self.geo.period_of_slice(slice);
-        let seen = self.table(period)?.observe(device_fp, key, slice)?;
+        let t = self.table_of(slice)?;
+        let seen = self.tables[t].1.observe(device_fp, key, slice)?;
         let k = key as usize;
         let i = self.slice_index(slice);
         let c = &mut self.slices[i];
@@ -221,15 +234,9 @@ impl CumulateShard {
             out(c);
         }
         self.last_hit = 0;
+        self.table_hit = None;
         let geo = self.geo;
         self.tables.retain(|(p, _)| geo.period_start_ms(*p + 1) > wm_ms);
-    }
-
-    /// Returns a shipped column buffer for reuse.
-    pub fn recycle(&mut self, mut cols: SliceCols) {
-        cols.pv.fill(0);
-        cols.uv.fill(0);
-        self.spare.push(cols);
     }
 
     pub fn state_bytes(&self) -> usize {

@@ -17,7 +17,7 @@ use crate::metric::cumulate::CumulateShard;
 use crate::metric::keys::KEY_BITS;
 
 /// Records ahead whose dedup slot is prefetched.
-pub const PREFETCH_DISTANCE: usize = 8;
+pub const PREFETCH_DISTANCE: usize = 16;
 /// Batches taken from one router queue per poll, so routers are served fairly.
 pub const BATCHES_PER_POLL: usize = 4;
 
