@@ -38,7 +38,7 @@ fn fates(files: &[PathBuf], fold: bool) -> (Vec<InputEvent>, Vec<Fate>) {
     (events, fates)
 }
 
-fn tally_fates(fates: &[Fate]) -> (u64, u64) {
+fn count_fates(fates: &[Fate]) -> (u64, u64) {
     let folded = fates.iter().filter(|f| matches!(f, Fate::Folded { .. })).count() as u64;
     let dropped = fates.iter().filter(|f| matches!(f, Fate::Dropped { .. })).count() as u64;
     (folded, dropped)
@@ -63,7 +63,7 @@ fn fold_keeps_every_day_total_exact() {
         (run(&job, 2), model.join().unwrap())
     });
     let summary = summary.ok();
-    let (folded, dropped) = tally_fates(&fates);
+    let (folded, dropped) = count_fates(&fates);
     assert!(folded > 100, "the data must hold late events (model: {folded} folded)");
     assert_eq!(dropped, 0, "no late event outlives its day in this data");
     assert_eq!(count(summary, "late_folded"), folded, "late events counted: {summary}");
@@ -128,7 +128,7 @@ fn fold_drops_and_counts_late_events_of_a_day_already_closed() {
         (run(&job, 2), model.join().unwrap())
     });
     let summary = summary.ok();
-    let (folded, dropped) = tally_fates(&fates);
+    let (folded, dropped) = count_fates(&fates);
     eprintln!("model: {folded} late events folded, {dropped} dropped");
     assert!(folded > 100 && dropped > 0, "the data must hold both kinds (model: {folded} folded, {dropped} dropped)");
     for (e, f) in events.iter().zip(&fates) {
@@ -167,7 +167,7 @@ fn drop_discards_late_events_counts_them_and_leaves_other_windows_exact() {
         (run(&job, 2), model.join().unwrap())
     });
     let summary = summary.ok();
-    let (folded, dropped) = tally_fates(&fates);
+    let (folded, dropped) = count_fates(&fates);
     assert_eq!(folded, 0);
     assert!(dropped > 100, "the data must hold late events (model: {dropped} dropped)");
     assert_eq!(count(summary, "late_dropped"), dropped, "late events counted: {summary}");

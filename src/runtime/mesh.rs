@@ -11,8 +11,11 @@ use crossbeam::queue::ArrayQueue;
 
 /// Batches a queue holds before its router must wait.
 pub const QUEUE_BATCHES: usize = 8;
-/// Batches a (router, shard) pair may own in all (queued, in use, spare).
-pub const POOL_BATCHES: usize = QUEUE_BATCHES + 3;
+/// Parsed blocks a router may hold before they leave: lets it run ahead of
+/// a neighbour whose block it waits on for the watermark.
+pub const STAGED_BLOCKS_MAX: usize = 4;
+/// Batches a (router, shard) pair may own in all (queued, staged, spare).
+pub const POOL_BATCHES: usize = QUEUE_BATCHES + STAGED_BLOCKS_MAX + 2;
 
 /// One counted event for one metric, as a shard receives it.
 #[repr(C)]

@@ -36,6 +36,11 @@ pub(crate) const NOT_READY: i64 = i64::MIN;
 /// Published prefix maximum of blocks that held no event yet.
 pub(crate) const NO_EVENTS: i64 = i64::MIN + 1;
 
+/// Idle time after which a worker sleeps instead of yielding.
+const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(2);
+/// How long an idle worker sleeps between looks.
+const IDLE_SLEEP: Duration = Duration::from_micros(100);
+
 /// What every worker reads.
 pub(crate) struct Shared {
     pub job: Job,
@@ -59,6 +64,8 @@ pub(crate) enum ToEmitter {
 }
 
 pub(crate) struct WorkerReport {
+    /// Time the worker found nothing to do (waiting on neighbours or reads).
+    idle_seconds: f64,
     stats: Vec<SourceStats>,
     state_bytes_max: usize,
     dedup_entries_max: usize,
@@ -94,6 +101,8 @@ pub struct RunSummary {
     pub state_bytes_max: u64,
     /// Distinct (device, key) pairs in that state at most.
     pub dedup_entries_max: u64,
+    /// Per worker: seconds spent waiting with nothing to do.
+    pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
 }
 
@@ -181,6 +190,8 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
     let mut router = Router::new(w, sh);
     let mut shard = Shard::new(w, sh);
     let backoff = crossbeam::utils::Backoff::new();
+    let mut idle_since: Option<Instant> = None;
+    let mut idle = Duration::ZERO;
     let result: io::Result<()> = (|| {
         while !sh.abort.load(Ordering::Relaxed) {
             let a = shard.poll(sh, &tx)?;
@@ -189,11 +200,21 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
                 return Ok(());
             }
             if a || b {
+                if let Some(t) = idle_since.take() {
+                    idle += t.elapsed();
+                }
                 backoff.reset();
-            } else if backoff.is_completed() {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
+                continue;
+            }
+            // Waits for a neighbour's block or a read are short: spin, then
+            // yield; sleep only once idle for long (input exhausted).
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if !backoff.is_completed() {
                 backoff.snooze();
+            } else if since.elapsed() < IDLE_BEFORE_SLEEP {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(IDLE_SLEEP);
             }
         }
         Ok(())
@@ -205,6 +226,7 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
         }
         Ok(()) => tx.send(ToEmitter::Finished(Box::new(WorkerReport {
             io_uring: router.uses_io_uring(),
+            idle_seconds: idle.as_secs_f64(),
             stats: router.stats,
             state_bytes_max: shard.state_bytes_max,
             dedup_entries_max: shard.dedup_entries_max,
@@ -283,6 +305,7 @@ fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elap
         events_per_second: events as f64 / seconds.max(1e-9),
         state_bytes_max: reports.iter().map(|r| r.state_bytes_max as u64).sum(),
         dedup_entries_max: reports.iter().map(|r| r.dedup_entries_max as u64).sum(),
+        worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),
         sources,
     }
 }

@@ -9,12 +9,13 @@
 //! input and the block size, never on thread timing or the number of
 //! workers.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
 
 use ahash::AHashMap;
 
-use super::mesh::{Batch, Record, POOL_BATCHES};
+use super::mesh::{Batch, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::SourceStats;
 use super::{Shared, NOT_READY, NO_EVENTS};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
@@ -66,7 +67,8 @@ pub struct Router {
     reader: BlockReader,
     sources: Vec<SourceRt>,
     keys: KeyCache,
-    staged: Option<Staged>,
+    /// Parsed blocks, oldest first, waiting for their watermark or for queue room.
+    staged: VecDeque<Staged>,
     /// One empty batch per shard, acquired before a block is parsed.
     ready: Vec<Option<Batch>>,
     allocated: Vec<usize>,
@@ -86,7 +88,7 @@ impl Router {
             reader: BlockReader::new(sh.plan.clone()),
             sources,
             keys: KeyCache::new(sh.job.metrics.len()),
-            staged: None,
+            staged: VecDeque::new(),
             ready: (0..n).map(|_| None).collect(),
             allocated: vec![0; n],
             stats: sh.job.sources.iter().map(|_| SourceStats::default()).collect(),
@@ -94,7 +96,7 @@ impl Router {
     }
 
     pub fn done(&self) -> bool {
-        self.staged.is_none() && self.next_parse == self.tasks.len()
+        self.staged.is_empty() && self.next_parse == self.tasks.len()
     }
 
     pub fn uses_io_uring(&self) -> bool {
@@ -104,18 +106,19 @@ impl Router {
     /// Does one piece of work if one can be done without waiting; returns
     /// whether anything moved.
     pub fn step(&mut self, sh: &Shared) -> io::Result<bool> {
-        if self.staged.is_some() {
-            return Ok(self.push_staged(sh));
+        let moved = self.push_staged(sh);
+        if self.staged.len() >= STAGED_BLOCKS_MAX {
+            return Ok(moved);
         }
         while self.reader.in_flight() < READS_IN_FLIGHT && self.next_submit < self.tasks.len() {
             self.reader.submit(self.tasks[self.next_submit])?;
             self.next_submit += 1;
         }
         if self.next_parse == self.tasks.len() || !self.acquire_batches(sh) {
-            return Ok(false);
+            return Ok(moved);
         }
         let Some(block) = self.reader.poll(false) else {
-            return Ok(false);
+            return Ok(moved);
         };
         let block = block.map_err(|e| {
             let t = sh.plan.tasks[self.tasks[self.next_parse]];
@@ -211,53 +214,69 @@ impl Router {
         stats.lines += lines as u64;
         let task_id = block.task;
         self.reader.recycle(block);
-        self.staged = Some(Staged { task: task_id, batches, ts_min: acc.ts_min, ts_max: acc.ts_max, resolved: false });
+        self.staged.push_back(Staged {
+            task: task_id,
+            batches,
+            ts_min: acc.ts_min,
+            ts_max: acc.ts_max,
+            resolved: false,
+        });
         Ok(())
     }
 
-    /// Resolves lateness (once the previous block's watermark is known) and
-    /// sends what the queues take. Returns whether anything moved.
+    /// Resolves lateness of the oldest staged blocks (once the previous
+    /// block's watermark is known) and sends what the queues take, in order.
+    /// Returns whether anything moved.
     fn push_staged(&mut self, sh: &Shared) -> bool {
-        let Some(st) = &mut self.staged else {
-            return false;
-        };
         let mut moved = false;
-        if !st.resolved {
-            let task = sh.plan.tasks[st.task];
-            let prefix = &sh.prefix[task.source];
-            let prev = if task.seq == 0 { NO_EVENTS } else { prefix[task.seq as usize - 1].load(Ordering::Acquire) };
-            if prev == NOT_READY {
-                return false;
+        while let Some(st) = self.staged.front_mut() {
+            if !st.resolved {
+                if !resolve(st, sh, &self.sources, &mut self.stats) {
+                    break;
+                }
+                moved = true;
             }
-            let mine = if st.ts_max == i64::MIN { prev } else { prev.max(st.ts_max) };
-            prefix[task.seq as usize].store(mine, Ordering::Release);
-            let src = &self.sources[task.source];
-            let wm_before = to_wm(prev, src.delay_ms);
-            let wm_after = to_wm(mine, src.delay_ms);
-            if st.ts_min < wm_before {
-                place_late(&mut st.batches, wm_before, sh, &mut self.stats[task.source]);
-            }
-            for b in st.batches.iter_mut().flatten() {
-                b.source = task.source;
-                b.seq = task.seq;
-                b.wm_ms = wm_after;
-            }
-            st.resolved = true;
-            moved = true;
-        }
-        for (s, slot) in st.batches.iter_mut().enumerate() {
-            if let Some(b) = slot.take() {
-                match sh.mesh.send(self.w, s, b) {
-                    Ok(()) => moved = true,
-                    Err(b) => *slot = Some(b),
+            for (s, slot) in st.batches.iter_mut().enumerate() {
+                if let Some(b) = slot.take() {
+                    match sh.mesh.send(self.w, s, b) {
+                        Ok(()) => moved = true,
+                        Err(b) => *slot = Some(b),
+                    }
                 }
             }
-        }
-        if st.batches.iter().all(Option::is_none) {
-            self.staged = None;
+            if st.batches.iter().any(Option::is_some) {
+                break;
+            }
+            self.staged.pop_front();
         }
         moved
     }
+}
+
+/// Publishes a block's event-time prefix and places its late events, once
+/// the previous block of its source has published; false if not yet.
+fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [SourceStats]) -> bool {
+    let task = sh.plan.tasks[st.task];
+    let prefix = &sh.prefix[task.source];
+    let prev = if task.seq == 0 { NO_EVENTS } else { prefix[task.seq as usize - 1].load(Ordering::Acquire) };
+    if prev == NOT_READY {
+        return false;
+    }
+    let mine = if st.ts_max == i64::MIN { prev } else { prev.max(st.ts_max) };
+    prefix[task.seq as usize].store(mine, Ordering::Release);
+    let delay_ms = sources[task.source].delay_ms;
+    let wm_before = to_wm(prev, delay_ms);
+    let wm_after = to_wm(mine, delay_ms);
+    if st.ts_min < wm_before {
+        place_late(&mut st.batches, wm_before, sh, &mut stats[task.source]);
+    }
+    for b in st.batches.iter_mut().flatten() {
+        b.source = task.source;
+        b.seq = task.seq;
+        b.wm_ms = wm_after;
+    }
+    st.resolved = true;
+    true
 }
 
 /// A source's watermark from the largest event time seen so far.

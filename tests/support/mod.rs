@@ -14,9 +14,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
@@ -257,28 +258,54 @@ pub struct Outcome {
     pub stderr: String,
 }
 
-impl From<Output> for Outcome {
-    fn from(o: Output) -> Outcome {
-        Outcome {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-}
+/// Longest a single `tally` process may take before the test fails (a hung
+/// engine must fail the test, not hang the suite).
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Runs `tally ARGS...` to the end.
+/// Runs `tally ARGS...` to the end (killing it after [`PROCESS_TIMEOUT`]).
 pub fn tally<I, S>(args: I) -> Outcome
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new(TALLY)
-        .args(args)
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let mut child = Command::new(TALLY)
+        .args(&args)
         .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot start {TALLY}: {e}"))
-        .into()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {TALLY}: {e}"));
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait().expect("cannot wait for tally") {
+            Some(status) => break status,
+            None if started.elapsed() > PROCESS_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`tally {}` did not finish within {PROCESS_TIMEOUT:?}; killed. stderr:\n{}",
+                    args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
+                    stderr.join().unwrap_or_default()
+                );
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    Outcome {
+        code: status.code(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
 }
 
 /// What `tally run` did: its process outcome and the `--summary` JSON, if
