@@ -10,6 +10,9 @@
 
 use super::{check_ts, EventBuf, FieldSet, Raw, Reject};
 
+/// Deepest nesting accepted (the top-level object is level 1), as serde_json.
+pub const NESTING_MAX: usize = 128;
+
 /// Where a key lands.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Target {
@@ -121,6 +124,9 @@ impl JsonlParser {
                 {
                     return None;
                 }
+                if start != digits && v == 0 {
+                    return None; // `-0` is a float: the general path reads it.
+                }
                 let value = if start != digits { -v } else { v };
                 Raw::IntText { start: start as u32, len: (i - start) as u32, value }
             } else if b.get(i..i + 4) == Some(b"null") {
@@ -167,7 +173,7 @@ impl JsonlParser {
                     s.ws();
                 }
                 s.expect(b':')?;
-                if let Some(b' ' | b'\t') = s.peek() {
+                if let Some(b' ' | b'\t' | b'\r' | b'\n') = s.peek() {
                     s.ws();
                 }
                 let v = s.value(ev, target.is_some())?;
@@ -177,7 +183,7 @@ impl JsonlParser {
                     Some(Target::Slot(i)) => ev.values[i] = v,
                     None => {}
                 }
-                if let Some(b' ' | b'\t') = s.peek() {
+                if let Some(b' ' | b'\t' | b'\r' | b'\n') = s.peek() {
                     s.ws();
                 }
                 match s.next() {
@@ -344,7 +350,7 @@ impl Scanner<'_> {
     #[inline(always)]
     fn ws(&mut self) {
         // Log producers rarely put whitespace between tokens: test once.
-        while let Some(b' ' | b'\t') = self.b.get(self.i) {
+        while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.b.get(self.i) {
             self.i += 1;
         }
     }
@@ -453,6 +459,10 @@ impl Scanner<'_> {
             self.require_digits()?;
         }
         let text = &self.b[start..self.i];
+        if is_int && start != int_start && text == b"-0" {
+            // serde_json reads `-0` as the float -0.0; so do we.
+            return Ok(Raw::Float(-0.0));
+        }
         if is_int && int_end - int_start <= 18 {
             let mut v: i64 = 0;
             for &d in &self.b[int_start..int_end] {
@@ -472,7 +482,11 @@ impl Scanner<'_> {
                 return Ok(Raw::BigText { start, len });
             }
         }
-        s.parse::<f64>().map(Raw::Float).map_err(|_| Reject::InvalidJson)
+        // Like serde_json: out-of-range numbers are errors, not infinities.
+        match s.parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(Raw::Float(f)),
+            _ => Err(Reject::InvalidJson),
+        }
     }
 
     #[inline(always)]
@@ -492,24 +506,52 @@ impl Scanner<'_> {
         }
     }
 
-    /// Skips an object or array, respecting strings.
+    /// Validates and skips an object or array, as strictly as a JSON parser
+    /// would, up to [`NESTING_MAX`] levels (the top-level object is one).
     fn skip_nested(&mut self) -> Result<(), Reject> {
-        let mut depth = 0usize;
-        loop {
-            match self.next() {
-                Some(b'{' | b'[') => depth += 1,
-                Some(b'}' | b']') => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Ok(());
+        self.skip_value(2)
+    }
+
+    fn skip_value(&mut self, depth: usize) -> Result<(), Reject> {
+        match self.peek() {
+            Some(open @ (b'{' | b'[')) => {
+                if depth > NESTING_MAX {
+                    return Err(Reject::InvalidJson);
+                }
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(close) {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    if open == b'{' {
+                        self.expect(b'"')?;
+                        self.string_body()?;
+                        self.ws();
+                        self.expect(b':')?;
+                        self.ws();
+                    }
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.next() {
+                        Some(b',') => continue,
+                        Some(c) if c == close => return Ok(()),
+                        _ => return Err(Reject::InvalidJson),
                     }
                 }
-                Some(b'"') => {
-                    self.string_body()?;
-                }
-                Some(_) => {}
-                None => return Err(Reject::InvalidJson),
             }
+            Some(b'"') => {
+                self.i += 1;
+                self.string_body().map(|_| ())
+            }
+            Some(b'-' | b'0'..=b'9') => self.number().map(|_| ()),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            _ => Err(Reject::InvalidJson),
         }
     }
 }

@@ -29,6 +29,8 @@ pub fn encode_value(v: FieldValue, out: &mut Vec<u8>) {
         }
         FieldValue::Float(f) => {
             out.push(b'f');
+            // -0.0 and 0.0 are one value, as in SQL.
+            let f = if f == 0.0 { 0.0 } else { f };
             out.extend_from_slice(&f.to_bits().to_le_bytes());
         }
         FieldValue::Str(s) => {
@@ -108,20 +110,58 @@ impl KeyDict {
     }
 }
 
+/// Single-integer keys below this use a direct table instead of a hash map.
+const SMALL_INT_KEYS: usize = 1 << 16;
+const NO_ID: u32 = u32::MAX;
+
 /// A router's cache in front of the dictionaries, one map per metric.
 pub struct KeyCache {
     maps: Vec<AHashMap<u64, u32>>,
+    /// Per metric, key ids of single small non-negative integer keys.
+    small: Vec<Vec<u32>>,
     scratch: Vec<u8>,
 }
 
 impl KeyCache {
     pub fn new(metrics: usize) -> KeyCache {
-        KeyCache { maps: (0..metrics).map(|_| AHashMap::new()).collect(), scratch: Vec::with_capacity(128) }
+        KeyCache {
+            maps: (0..metrics).map(|_| AHashMap::new()).collect(),
+            small: vec![Vec::new(); metrics],
+            scratch: Vec::with_capacity(128),
+        }
     }
 
     /// The key id for these values of metric `m`'s group-by fields.
     #[inline]
     pub fn id<'a>(
+        &mut self,
+        m: usize,
+        dict: &KeyDict,
+        names: &[String],
+        values: impl Iterator<Item = FieldValue<'a>> + Clone,
+    ) -> Result<u32, TooManyKeys> {
+        // One small integer dimension (binary codes, versions): a direct table.
+        let mut it = values.clone();
+        if let (Some(FieldValue::Int(v)), None) = (it.next(), it.next()) {
+            if let Some(id) = self.small[m].get(v as usize).copied().filter(|&id| id != NO_ID) {
+                if v >= 0 {
+                    return Ok(id);
+                }
+            }
+            let id = self.hashed(m, dict, names, values)?;
+            if (0..SMALL_INT_KEYS as i64).contains(&v) {
+                let table = &mut self.small[m];
+                if table.len() <= v as usize {
+                    table.resize(v as usize + 1, NO_ID);
+                }
+                table[v as usize] = id;
+            }
+            return Ok(id);
+        }
+        self.hashed(m, dict, names, values)
+    }
+
+    fn hashed<'a>(
         &mut self,
         m: usize,
         dict: &KeyDict,

@@ -170,6 +170,9 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
             scope.spawn(move || worker(w, sh, tx, core));
         }
         drop(tx);
+        // If the emitter fails or panics, the workers must stop too, or the
+        // scope would wait for them forever.
+        let _stop_workers = StopOnDrop(&sh.abort);
         let r = emit_loop(&sh, &rx, n, &mut emitters, &mut sinks);
         if r.is_err() {
             sh.abort.store(true, Ordering::Relaxed);
@@ -181,6 +184,15 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
         s.flush()?;
     }
     Ok(summarize(job, &sh, reports, sinks.iter().map(|s| s.rows).sum(), started.elapsed()))
+}
+
+/// Sets the abort flag when dropped (also while unwinding).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affinity::CoreId>) {

@@ -300,6 +300,17 @@ pub enum Line<'a> {
     TooLong,
 }
 
+/// A line, or `TooLong` if its content (without a CRLF's `\r`) exceeds the limit.
+#[inline]
+fn classify(line: &[u8], max_line_bytes: usize) -> Line<'_> {
+    let content = line.len() - (line.last() == Some(&b'\r')) as usize;
+    if content > max_line_bytes {
+        Line::TooLong
+    } else {
+        Line::Text(line)
+    }
+}
+
 /// Chunk size used to skip over an over-long line without keeping it.
 const SKIP_CHUNK_BYTES: usize = 64 << 10;
 
@@ -327,19 +338,20 @@ pub fn for_each_line(
         match memchr::memchr(b'\n', &data[pos..]) {
             Some(k) => {
                 let line = &data[pos..pos + k];
-                f(index, if line.len() > max_line_bytes { Line::TooLong } else { Line::Text(line) });
+                f(index, classify(line, max_line_bytes));
                 index += 1;
                 pos += k + 1;
             }
             None if block.base + data.len() as u64 >= file.size => {
                 if pos < data.len() {
                     let line = &data[pos..];
-                    f(index, if line.len() > max_line_bytes { Line::TooLong } else { Line::Text(line) });
+                    f(index, classify(line, max_line_bytes));
                     index += 1;
                 }
                 break;
             }
-            None if data.len() - pos > max_line_bytes => {
+            // +1: a CRLF line's `\r` does not count against the limit.
+            None if data.len() - pos > max_line_bytes + 1 => {
                 f(index, Line::TooLong);
                 index += 1;
                 let from = block.base + data.len() as u64;

@@ -714,22 +714,51 @@ pub fn assert_rows_match_model(rows: &[Row], metric: &str, model: &Series) -> us
 // ---------------------------------------------------------------------------
 
 /// The Python interpreter for the DuckDB reference: `$TALLY_PYTHON`, else
-/// `python3`. Fails (never skips) when it cannot import duckdb.
+/// `python3` if it has duckdb, else a venv under `target/test-venv` that this
+/// function creates and installs duckdb into (idempotent), so `cargo test`
+/// works on a fresh machine. Fails (never skips) when none can import duckdb.
 pub fn python_with_duckdb() -> String {
-    let python = std::env::var("TALLY_PYTHON").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into());
-    let probe = Command::new(&python).args(["-c", "import duckdb"]).stdin(Stdio::null()).output();
-    match probe {
-        Ok(o) if o.status.success() => python,
-        Ok(o) => panic!(
-            "`{python} -c 'import duckdb'` failed: the DuckDB reference check needs the `duckdb` Python package. \
-             Run .ci/run (which installs it), or `{python} -m pip install duckdb`, or point TALLY_PYTHON at a \
-             Python that has it.\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!(
-            "cannot start `{python}` ({e}): the DuckDB reference check needs Python 3 with the `duckdb` package. \
-             Run .ci/run (which installs it), or set TALLY_PYTHON."
-        ),
+    static PYTHON: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(find_or_install_duckdb).clone().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn has_duckdb(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import duckdb"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn find_or_install_duckdb() -> Result<String, String> {
+    if let Some(p) = std::env::var("TALLY_PYTHON").ok().filter(|p| !p.is_empty()) {
+        return if has_duckdb(&p) { Ok(p) } else { Err(format!("TALLY_PYTHON={p} cannot import duckdb")) };
+    }
+    if has_duckdb("python3") {
+        return Ok("python3".into());
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("test-venv");
+    let python = venv.join("bin").join("python3").to_string_lossy().into_owned();
+    if !has_duckdb(&python) {
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)))
+            }
+        };
+        let help = "the DuckDB reference check needs Python 3 with venv and pip (run .ci/run)";
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv)).map_err(|e| format!("{help}: {e}"))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "duckdb"]))
+            .map_err(|e| format!("{help}: {e}"))?;
+    }
+    if has_duckdb(&python) {
+        Ok(python)
+    } else {
+        Err(format!("{python} cannot import duckdb after installing it"))
     }
 }
 
