@@ -1,6 +1,6 @@
-//! The thread-per-core runtime: N pinned workers, each a router (its turn
-//! of the input blocks) and a shard (its device-hash range), joined by the
-//! SPSC mesh; the calling thread is the emitter.
+//! The thread-per-core runtime: N pinned workers, each a router (input
+//! blocks, claimed in order from one counter) and a shard (its device-hash
+//! range), joined by the SPSC mesh; the calling thread is the emitter.
 //!
 //! The emitter merges shipped slices from all shards, and when every shard
 //! has passed a window's end (the job watermark), renders that window's
@@ -13,7 +13,7 @@ mod shard;
 pub mod stats;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub prefix: Vec<Vec<AtomicI64>>,
     /// Per task: lines in the block (for locating examples).
     pub line_counts: Vec<AtomicU32>,
+    /// Next block (index into the plan's tasks) a router may claim.
+    pub next_task: AtomicUsize,
     pub abort: AtomicBool,
 }
 
@@ -153,6 +155,7 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
         geometry: geometry.clone(),
         prefix: plan.blocks_per_source.iter().map(|&b| (0..b).map(|_| AtomicI64::new(NOT_READY)).collect()).collect(),
         line_counts: (0..plan.tasks.len()).map(|_| AtomicU32::new(0)).collect(),
+        next_task: AtomicUsize::new(0),
         abort: AtomicBool::new(false),
         plan: plan.clone(),
     };

@@ -1,4 +1,4 @@
-//! Routers: parse a worker's share of the input blocks, filter, intern
+//! Routers: parse the input blocks they claim, filter, intern
 //! group keys, hash device ids and stage one batch per shard.
 //!
 //! Hot path: per event one parse, one xxh3 of the device id, per metric a
@@ -61,9 +61,10 @@ struct Staged {
 
 pub struct Router {
     w: usize,
-    tasks: Vec<usize>,
-    next_submit: usize,
-    next_parse: usize,
+    /// Blocks this router claimed whose reads are queued, in claim order.
+    claimed: usize,
+    /// No block is left to claim.
+    exhausted: bool,
     reader: BlockReader,
     sources: Vec<SourceRt>,
     keys: KeyCache,
@@ -78,13 +79,11 @@ pub struct Router {
 impl Router {
     pub fn new(w: usize, sh: &Shared) -> Router {
         let n = sh.mesh.n;
-        let tasks = (w..sh.plan.tasks.len()).step_by(n).collect();
         let sources = (0..sh.job.sources.len()).map(|s| source_rt(s, sh)).collect();
         Router {
             w,
-            tasks,
-            next_submit: 0,
-            next_parse: 0,
+            claimed: 0,
+            exhausted: false,
             reader: BlockReader::new(sh.plan.clone()),
             sources,
             keys: KeyCache::new(sh.job.metrics.len()),
@@ -96,7 +95,7 @@ impl Router {
     }
 
     pub fn done(&self) -> bool {
-        self.staged.is_empty() && self.next_parse == self.tasks.len()
+        self.staged.is_empty() && self.exhausted && self.claimed == 0
     }
 
     pub fn uses_io_uring(&self) -> bool {
@@ -110,21 +109,25 @@ impl Router {
         if self.staged.len() >= STAGED_BLOCKS_MAX {
             return Ok(moved);
         }
-        while self.reader.in_flight() < READS_IN_FLIGHT && self.next_submit < self.tasks.len() {
-            self.reader.submit(self.tasks[self.next_submit])?;
-            self.next_submit += 1;
+        // Blocks are claimed in order from one counter: a router that runs
+        // faster (its core less busy) simply takes more of them.
+        while !self.exhausted && self.reader.in_flight() < READS_IN_FLIGHT {
+            let task = sh.next_task.fetch_add(1, Ordering::Relaxed);
+            if task >= sh.plan.tasks.len() {
+                self.exhausted = true;
+                break;
+            }
+            self.reader.submit(task)?;
+            self.claimed += 1;
         }
-        if self.next_parse == self.tasks.len() || !self.acquire_batches(sh) {
+        if self.claimed == 0 || !self.acquire_batches(sh) {
             return Ok(moved);
         }
         let Some(block) = self.reader.poll(false) else {
             return Ok(moved);
         };
-        let block = block.map_err(|e| {
-            let t = sh.plan.tasks[self.tasks[self.next_parse]];
-            io::Error::new(e.kind(), format!("{}: {e}", sh.plan.files[t.file].path.display()))
-        })?;
-        self.next_parse += 1;
+        let block = block?;
+        self.claimed -= 1;
         self.parse(sh, block)?;
         self.push_staged(sh);
         Ok(true)

@@ -1,8 +1,9 @@
 //! File sources: the block plan and the io_uring block reader.
 //!
 //! A source's files are one stream cut into fixed blocks of
-//! [`BLOCK_BYTES`]. Blocks are handed to routers in turn, so event time
-//! advances together on every core. A text block owns the lines that
+//! [`BLOCK_BYTES`]. Routers claim blocks in order from one counter, so
+//! event time advances together on every core (and a router on a less busy
+//! core takes more blocks). A text block owns the lines that
 //! *start* inside it; it reads a little past its end for the last line and
 //! fetches more only for a line longer than that. Each worker keeps
 //! [`READS_IN_FLIGHT`] reads queued on its own io_uring ring, into buffers it
@@ -136,6 +137,17 @@ struct Pending {
 
 static SAID_NO_URING: AtomicBool = AtomicBool::new(false);
 
+/// Set to `0` to read with `pread` instead of io_uring (for comparison, or
+/// where io_uring is blocked).
+pub const IO_URING_ENV: &str = "TALLY_IO_URING";
+
+/// Says once per process why files are read without io_uring.
+fn say_once(why: &str) {
+    if !SAID_NO_URING.swap(true, Ordering::Relaxed) {
+        eprintln!("tally: {why}; reading files with pread");
+    }
+}
+
 /// Reads a worker's blocks ahead, in order, with buffers reused.
 pub struct BlockReader {
     ring: Option<io_uring::IoUring>,
@@ -149,13 +161,16 @@ pub struct BlockReader {
 
 impl BlockReader {
     pub fn new(plan: Arc<Plan>) -> BlockReader {
-        let ring = match io_uring::IoUring::new(READS_IN_FLIGHT as u32 * 2) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                if !SAID_NO_URING.swap(true, Ordering::Relaxed) {
-                    eprintln!("tally: io_uring unavailable ({e}); reading files with pread");
+        let ring = if std::env::var_os(IO_URING_ENV).is_some_and(|v| v == "0") {
+            say_once(&format!("io_uring disabled by {IO_URING_ENV}=0"));
+            None
+        } else {
+            match io_uring::IoUring::new(READS_IN_FLIGHT as u32 * 2) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    say_once(&format!("io_uring unavailable ({e})"));
+                    None
                 }
-                None
             }
         };
         BlockReader { ring, pending: VecDeque::new(), free: Vec::new(), plan, next_id: 0, ids: VecDeque::new() }
@@ -219,8 +234,9 @@ impl BlockReader {
         if self.ring.is_some() {
             self.ids.pop_front();
         }
+        let path = &self.plan.files[self.plan.tasks[p.block.task].file].path;
         let res = match p.result.take()? {
-            Err(e) => Err(e),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
             Ok(n) => {
                 // SAFETY: the kernel (or pread) initialised `n` bytes.
                 unsafe { p.block.data.set_len(n) };

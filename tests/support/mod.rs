@@ -117,6 +117,7 @@ pub struct MetricDef {
     pub group_by: Vec<String>,
     pub filter: Option<String>,
     pub late: Option<String>,
+    pub emit: Option<String>,
 }
 
 impl MetricDef {
@@ -126,6 +127,7 @@ impl MetricDef {
             group_by: group_by.iter().map(|s| s.to_string()).collect(),
             filter: None,
             late: None,
+            emit: None,
         }
     }
 
@@ -136,6 +138,11 @@ impl MetricDef {
 
     pub fn late(mut self, policy: &str) -> MetricDef {
         self.late = Some(policy.into());
+        self
+    }
+
+    pub fn emit(mut self, mode: &str) -> MetricDef {
+        self.emit = Some(mode.into());
         self
     }
 
@@ -223,6 +230,9 @@ impl JobDef {
             }
             if let Some(l) = &m.late {
                 t += &format!("late = {}\n", toml_str(l));
+            }
+            if let Some(e) = &m.emit {
+                t += &format!("emit = {}\n", toml_str(e));
             }
         }
         t += &format!("\n[[sink]]\nkind = \"jsonl\"\npath = {}\n", toml_str(&results.to_string_lossy()));
