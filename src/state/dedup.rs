@@ -73,7 +73,7 @@ fn home(h: u64, capacity: usize) -> usize {
 impl DedupTable {
     /// An empty table in anonymous memory.
     pub fn anonymous() -> io::Result<DedupTable> {
-        let map = MmapMut::map_anon(CAPACITY_MIN_ENTRIES * ENTRY_BYTES)?;
+        let map = anon_map(CAPACITY_MIN_ENTRIES)?;
         Ok(DedupTable { map, capacity: CAPACITY_MIN_ENTRIES, len: 0, backing: Backing::Anon })
     }
 
@@ -176,7 +176,7 @@ impl DedupTable {
     fn grow(&mut self) -> io::Result<()> {
         let capacity = self.capacity + self.capacity / 2;
         let mut map = match &mut self.backing {
-            Backing::Anon => MmapMut::map_anon(capacity * ENTRY_BYTES)?,
+            Backing::Anon => anon_map(capacity)?,
             Backing::File { dir, name, generation } => {
                 *generation += 1;
                 map_file(dir, name, *generation, capacity)?
@@ -209,6 +209,21 @@ impl Drop for DedupTable {
         }
     }
 }
+
+/// Anonymous memory for `capacity` entries. Large tables ask for huge
+/// pages: a probe is a random access, and with 4 KiB pages almost every one
+/// also misses the TLB.
+fn anon_map(capacity: usize) -> io::Result<MmapMut> {
+    let map = MmapMut::map_anon(capacity * ENTRY_BYTES)?;
+    if capacity * ENTRY_BYTES >= HUGE_PAGE_MIN_BYTES {
+        // Advice only: where huge pages are off, the table works as before.
+        let _ = map.advise(memmap2::Advice::HugePage);
+    }
+    Ok(map)
+}
+
+/// Tables at least this large are advised to use huge pages.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 
 fn file_path(dir: &std::path::Path, name: &str, generation: u32) -> PathBuf {
     dir.join(format!("{name}.{generation}.dedup"))
