@@ -184,7 +184,7 @@ for r in range(1, runs + 1):
     R.append(int(open(f"{out}/time-{fmt}-w{w}-r{r}.txt").read().split()[-2]))
 med = lambda xs: sorted(xs)[(len(xs) - 1) // 2]
 m = sorted(S, key=lambda s: s["events_per_second"])[(runs - 1) // 2]
-per = m["state_bytes_max"] / m["dedup_entries_max"] if m["dedup_entries_max"] else float("nan")
+per = m.get("dedup_bytes_per_entry") or (m["state_bytes_max"] / m["dedup_entries_max"] if m["dedup_entries_max"] else float("nan"))
 eps = [s["events_per_second"] for s in S]
 print(m["events"], f'{m["seconds"]:.3f}', f'{m["events_per_second"]:.0f}', f"{med(R) / 1024:.0f}",
       f"{per:.1f}", m["rows"], m["rejected"], f"{min(eps)/1e6:.2f}-{max(eps)/1e6:.2f}")

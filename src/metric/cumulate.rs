@@ -132,6 +132,11 @@ pub struct CumulateShard {
     tables: Vec<(u32, DedupTable)>,
     /// (slice, index into `tables`) of the last lookup.
     table_hit: Option<(u32, usize)>,
+    /// Most entries a finished period's table held (sizes the next ones).
+    entries_seen_max: usize,
+    /// Bytes and entries of the tables of finished periods, at their close.
+    pub closed_bytes: usize,
+    pub closed_entries: usize,
     state_dir: Option<PathBuf>,
     name: String,
 }
@@ -140,7 +145,18 @@ impl CumulateShard {
     /// `state_dir`: where this shard keeps its tables (anonymous if none);
     /// `name` prefixes the table files.
     pub fn new(geo: Geometry, state_dir: Option<PathBuf>, name: String) -> CumulateShard {
-        CumulateShard { geo, slices: Vec::new(), last_hit: 0, tables: Vec::new(), table_hit: None, state_dir, name }
+        CumulateShard {
+            geo,
+            slices: Vec::new(),
+            last_hit: 0,
+            tables: Vec::new(),
+            table_hit: None,
+            entries_seen_max: 0,
+            closed_bytes: 0,
+            closed_entries: 0,
+            state_dir,
+            name,
+        }
     }
 
     #[inline]
@@ -174,9 +190,12 @@ impl CumulateShard {
         let i = match self.tables.iter().position(|(p, _)| *p == period) {
             Some(i) => i,
             None => {
+                // Days look alike: size a new day's table like the largest
+                // one this shard holds or held, instead of growing it again.
+                let expected = self.tables.iter().map(|(_, t)| t.len()).max().unwrap_or(0).max(self.entries_seen_max);
                 let t = match &self.state_dir {
-                    None => DedupTable::anonymous()?,
-                    Some(d) => DedupTable::in_dir(d.clone(), format!("{}-p{period}", self.name))?,
+                    None => DedupTable::anonymous_for(expected)?,
+                    Some(d) => DedupTable::in_dir(d.clone(), format!("{}-p{period}", self.name), expected)?,
                 };
                 let at = self.tables.partition_point(|(p, _)| *p < period);
                 self.tables.insert(at, (period, t));
@@ -236,6 +255,11 @@ impl CumulateShard {
         self.last_hit = 0;
         self.table_hit = None;
         let geo = self.geo;
+        for (_, t) in self.tables.iter().filter(|(p, _)| geo.period_start_ms(*p + 1) <= wm_ms) {
+            self.entries_seen_max = self.entries_seen_max.max(t.len());
+            self.closed_bytes += t.bytes();
+            self.closed_entries += t.len();
+        }
         self.tables.retain(|(p, _)| geo.period_start_ms(*p + 1) > wm_ms);
     }
 

@@ -71,6 +71,7 @@ pub(crate) struct WorkerReport {
     stats: Vec<SourceStats>,
     state_bytes_max: usize,
     dedup_entries_max: usize,
+    closed_tables: (usize, usize),
     io_uring: bool,
 }
 
@@ -103,6 +104,9 @@ pub struct RunSummary {
     pub state_bytes_max: u64,
     /// Distinct (device, key) pairs in that state at most.
     pub dedup_entries_max: u64,
+    /// Bytes of dedup table per (device, key) entry, over every day's
+    /// table at the day's close: the state cost of one distinct pair.
+    pub dedup_bytes_per_entry: f64,
     /// Per worker: seconds spent waiting with nothing to do.
     pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
@@ -245,6 +249,7 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
             stats: router.stats,
             state_bytes_max: shard.state_bytes_max,
             dedup_entries_max: shard.dedup_entries_max,
+            closed_tables: shard.closed_tables(),
         }))),
     };
 }
@@ -320,6 +325,11 @@ fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elap
         events_per_second: events as f64 / seconds.max(1e-9),
         state_bytes_max: reports.iter().map(|r| r.state_bytes_max as u64).sum(),
         dedup_entries_max: reports.iter().map(|r| r.dedup_entries_max as u64).sum(),
+        dedup_bytes_per_entry: {
+            let (bytes, entries) =
+                reports.iter().fold((0, 0), |(b, e), r| (b + r.closed_tables.0, e + r.closed_tables.1));
+            bytes as f64 / entries.max(1) as f64
+        },
         worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),
         sources,
     }

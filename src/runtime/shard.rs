@@ -58,6 +58,13 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// (bytes, entries) of the dedup tables of every finished period.
+    pub fn closed_tables(&self) -> (usize, usize) {
+        self.metrics.iter().fold((0, 0), |(b, e), m| (b + m.closed_bytes, e + m.closed_entries))
+    }
+}
+
+impl Shard {
     pub fn new(s: usize, sh: &Shared) -> Shard {
         let metrics = sh
             .job

@@ -18,6 +18,9 @@ use memmap2::MmapMut;
 
 /// Smallest table; a fresh period starts here.
 pub const CAPACITY_MIN_ENTRIES: usize = 1 << 12;
+/// A table sized for an expected count starts at this load (per mille), so
+/// the estimate can be exceeded by a third before the first growth.
+pub const LOAD_EXPECTED_PER_MILLE: usize = 600;
 /// Grow when entries exceed this share of capacity (per mille).
 pub const LOAD_MAX_PER_MILLE: usize = 800;
 
@@ -65,6 +68,10 @@ fn mix(device_fp: u64, key: u32) -> u64 {
     h ^ (h >> 32)
 }
 
+fn capacity_for(expected: usize) -> usize {
+    (expected * 1000 / LOAD_EXPECTED_PER_MILLE).max(CAPACITY_MIN_ENTRIES)
+}
+
 #[inline]
 fn home(h: u64, capacity: usize) -> usize {
     ((h as u128 * capacity as u128) >> 64) as usize
@@ -73,17 +80,24 @@ fn home(h: u64, capacity: usize) -> usize {
 impl DedupTable {
     /// An empty table in anonymous memory.
     pub fn anonymous() -> io::Result<DedupTable> {
-        let map = anon_map(CAPACITY_MIN_ENTRIES)?;
-        Ok(DedupTable { map, capacity: CAPACITY_MIN_ENTRIES, len: 0, backing: Backing::Anon })
+        DedupTable::anonymous_for(0)
+    }
+
+    /// An empty table in anonymous memory with room for `expected` entries
+    /// before its first growth (at [`LOAD_EXPECTED_PER_MILLE`] load).
+    pub fn anonymous_for(expected: usize) -> io::Result<DedupTable> {
+        let capacity = capacity_for(expected);
+        Ok(DedupTable { map: anon_map(capacity)?, capacity, len: 0, backing: Backing::Anon })
     }
 
     /// An empty table backed by `dir/name.N.dedup` files (N grows with
     /// each rehash; the previous file is removed once the new one is built).
-    pub fn in_dir(dir: PathBuf, name: String) -> io::Result<DedupTable> {
+    pub fn in_dir(dir: PathBuf, name: String, expected: usize) -> io::Result<DedupTable> {
         std::fs::create_dir_all(&dir)?;
-        let map = map_file(&dir, &name, 0, CAPACITY_MIN_ENTRIES)?;
+        let capacity = capacity_for(expected);
+        let map = map_file(&dir, &name, 0, capacity)?;
         let backing = Backing::File { dir, name, generation: 0 };
-        Ok(DedupTable { map, capacity: CAPACITY_MIN_ENTRIES, len: 0, backing })
+        Ok(DedupTable { map, capacity, len: 0, backing })
     }
 
     pub fn len(&self) -> usize {
@@ -268,7 +282,7 @@ mod tests {
     #[test]
     fn grows_in_a_file_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let mut t = DedupTable::in_dir(dir.path().to_owned(), "m0-p1".into()).unwrap();
+        let mut t = DedupTable::in_dir(dir.path().to_owned(), "m0-p1".into(), 0).unwrap();
         for d in 0..20_000u64 {
             assert_eq!(t.observe(d.wrapping_mul(0x2545_F491_4F6C_DD1D), 1, 5).unwrap(), Seen::New);
         }
