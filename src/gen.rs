@@ -22,6 +22,7 @@
 //!   or binary files gives the single-file output; CSV repeats its header).
 //! - Changing [`CHUNK_EVENTS`] or any sampling constant changes the output.
 
+use crate::job::parse_duration_ms;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -280,45 +281,6 @@ fn generate_chunked(opts: &GenOptions, threads: usize, chunk_events: u64) -> Res
     run_pipeline(&plan, threads, &mut sink)?;
     let (events, bytes) = sink.finish()?;
     Ok(GenReport { files, events, bytes, seconds: started.elapsed().as_secs_f64() })
-}
-
-/// Parses a duration such as `500ms`, `90s`, `5m`, `4h`, `1d` or `1h30m` into
-/// milliseconds. A bare `0` is accepted.
-pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(0);
-    }
-    if text.is_empty() {
-        return Err("empty duration".to_string());
-    }
-    let mut rest = text;
-    let mut total: i64 = 0;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
-        let (number, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
-        let value: i64 = number.parse().map_err(|_| format!("bad duration {text:?}: expected <number><unit>"))?;
-        let scale = unit_ms(unit)
-            .ok_or_else(|| format!("bad duration {text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"))?;
-        total = value
-            .checked_mul(scale)
-            .and_then(|ms| total.checked_add(ms))
-            .ok_or_else(|| format!("duration {text:?} is too large"))?;
-        rest = &rest[digits + unit_len..];
-    }
-    Ok(total)
-}
-
-fn unit_ms(unit: &str) -> Option<i64> {
-    match unit {
-        "ms" => Some(1),
-        "s" => Some(SECOND_MS),
-        "m" => Some(MINUTE_MS),
-        "h" => Some(HOUR_MS),
-        "d" => Some(DAY_MS),
-        _ => None,
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1084,20 +1046,6 @@ mod tests {
         let cli = Cli::try_parse_from(["gen", "--format", "binary", "--shape", "peak"]).unwrap();
         assert_eq!(cli.gen.format, GenFormat::Binary);
         assert_eq!(cli.gen.shape, GenShape::Peak);
-    }
-
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration_ms("500ms"), Ok(500));
-        assert_eq!(parse_duration_ms("90s"), Ok(90_000));
-        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
-        assert_eq!(parse_duration_ms("4h"), Ok(14_400_000));
-        assert_eq!(parse_duration_ms("1d"), Ok(86_400_000));
-        assert_eq!(parse_duration_ms("1h30m"), Ok(5_400_000));
-        assert_eq!(parse_duration_ms("0"), Ok(0));
-        for bad in ["", "5", "h", "5x", "-5s", "1.5h", "99999999999999999999d"] {
-            assert!(parse_duration_ms(bad).is_err(), "{bad:?} should fail");
-        }
     }
 
     #[test]

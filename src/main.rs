@@ -78,7 +78,7 @@ fn fail(code: u8, msg: String) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn load(path: &PathBuf) -> Result<Job, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Job, ExitCode> {
     Job::load(path).map_err(|e| fail(2, e.to_string()))
 }
 
