@@ -216,8 +216,13 @@ impl BlockReader {
                 // does not move) until the completion is reaped in `poll`.
                 unsafe { ring.submission().push(&sqe) }
                     .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-                ring.submit()?;
+                // From here the kernel may own the buffer: keep it in
+                // `pending` (whose drop waits for completions) before anything
+                // can fail.
                 self.ids.push_back(id);
+                self.pending.push_back(p);
+                ring.submit()?;
+                return Ok(());
             }
         }
         self.pending.push_back(p);
