@@ -32,6 +32,15 @@ fn page_pv(late: &str) -> MetricDef {
 }
 
 /// Fates of the events of `files` for a metric without filter.
+/// Runs the job on 2 workers while the lateness model places the same
+/// events, in parallel.
+fn run_beside_model(job: &JobFile, files: &[PathBuf], fold: bool) -> (RunOutput, (Vec<InputEvent>, Vec<Fate>)) {
+    std::thread::scope(|s| {
+        let model = s.spawn(|| fates(files, fold));
+        (run(job, 2), model.join().unwrap())
+    })
+}
+
 fn fates(files: &[PathBuf], fold: bool) -> (Vec<InputEvent>, Vec<Fate>) {
     let events = read_input_events(files, &["page"]);
     let fates = place_events(&events, BOUND_MS, fold, |_| true);
@@ -58,10 +67,7 @@ fn fold_keeps_every_day_total_exact() {
         files.extend(generate(&dir.path().join(format!("part{i}")), opts));
     }
     let job = JobDef::new("jsonl", &files).metric(page_pv("fold")).write(dir.path(), "fold");
-    let (summary, (events, fates)) = std::thread::scope(|s| {
-        let model = s.spawn(|| fates(&files, true));
-        (run(&job, 2), model.join().unwrap())
-    });
+    let (summary, (events, fates)) = run_beside_model(&job, &files, true);
     let summary = summary.ok();
     let (folded, dropped) = count_fates(&fates);
     assert!(folded > 100, "the data must hold late events (model: {folded} folded)");
@@ -123,10 +129,7 @@ fn fold_drops_and_counts_late_events_of_a_day_already_closed() {
     let dir = tempdir();
     let files = generate_with_a_block_starting_just_after_midnight(&dir.path().join("data"));
     let job = JobDef::new("jsonl", &files).metric(page_pv("fold")).write(dir.path(), "fold");
-    let (summary, (events, fates)) = std::thread::scope(|s| {
-        let model = s.spawn(|| fates(&files, true));
-        (run(&job, 2), model.join().unwrap())
-    });
+    let (summary, (events, fates)) = run_beside_model(&job, &files, true);
     let summary = summary.ok();
     let (folded, dropped) = count_fates(&fates);
     eprintln!("model: {folded} late events folded, {dropped} dropped");
@@ -162,10 +165,7 @@ fn drop_discards_late_events_counts_them_and_leaves_other_windows_exact() {
     let dir = tempdir();
     let files = generate(&dir.path().join("data"), late_options(EVENTS, 5));
     let job = JobDef::new("jsonl", &files).metric(page_pv("drop")).write(dir.path(), "drop");
-    let (summary, (events, fates)) = std::thread::scope(|s| {
-        let model = s.spawn(|| fates(&files, false));
-        (run(&job, 2), model.join().unwrap())
-    });
+    let (summary, (events, fates)) = run_beside_model(&job, &files, false);
     let summary = summary.ok();
     let (folded, dropped) = count_fates(&fates);
     assert_eq!(folded, 0);

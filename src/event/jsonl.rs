@@ -168,7 +168,7 @@ impl JsonlParser {
                 if s.peek() != Some(b'"') {
                     s.ws();
                 }
-                let target = self.key(&mut s, ev)?;
+                let target = self.key(&mut s)?;
                 if s.peek() != Some(b':') {
                     s.ws();
                 }
@@ -202,7 +202,7 @@ impl JsonlParser {
 
     /// Reads a key and says which field it names, if any.
     #[inline(always)]
-    fn key(&mut self, s: &mut Scanner, ev: &mut EventBuf) -> Result<Option<Target>, Reject> {
+    fn key(&mut self, s: &mut Scanner) -> Result<Option<Target>, Reject> {
         s.expect(b'"')?;
         let start = s.i;
         let escaped = s.string_body()?;
@@ -217,7 +217,6 @@ impl JsonlParser {
         } else {
             raw
         };
-        let _ = ev;
         Ok(self.match_key(key, None))
     }
 

@@ -160,9 +160,7 @@ impl Router {
         let stats = &mut self.stats[task.source];
         let keys = &mut self.keys;
         let lines = match src.format {
-            Format::Binary => {
-                parse_binary(src, keys, sh, &block.data, task.hi, block.task, &mut batches, &mut acc, stats)?
-            }
+            Format::Binary => parse_binary(src, keys, sh, &block.data, block.task, &mut batches, &mut acc, stats)?,
             Format::Jsonl | Format::Csv => {
                 let file = &sh.plan.files[task.file];
                 let is_csv = src.format == Format::Csv;
@@ -360,13 +358,11 @@ fn parse_binary(
     keys: &mut KeyCache,
     sh: &Shared,
     data: &[u8],
-    hi: u64,
     task: usize,
     batches: &mut [Option<Batch>],
     acc: &mut Accumulator,
     stats: &mut SourceStats,
 ) -> io::Result<u32> {
-    let _ = hi;
     let whole = data.len() / BINARY_RECORD_BYTES * BINARY_RECORD_BYTES;
     let mut index = 0u32;
     for chunk in data[..whole].chunks_exact(BINARY_RECORD_BYTES) {

@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
 
 use crate::job::{SinkSpec, SinkTarget};
 
@@ -56,12 +55,5 @@ impl JsonlSink {
 
     pub fn flush(&mut self) -> Result<(), SinkError> {
         self.out.flush().map_err(|source| SinkError { name: self.name.clone(), source })
-    }
-
-    pub fn path(spec: &SinkSpec) -> Option<PathBuf> {
-        match &spec.target {
-            SinkTarget::File(p) => Some(p.clone()),
-            SinkTarget::Stdout => None,
-        }
     }
 }
