@@ -53,7 +53,11 @@ pub fn render_dims(names: &[String], values: &[FieldValue]) -> String {
         match v {
             FieldValue::Null => out.push_str("null"),
             FieldValue::Int(x) => out.push_str(itoa::Buffer::new().format(*x)),
-            FieldValue::Float(f) => out.push_str(&serde_json::to_string(f).unwrap_or_else(|_| "null".into())),
+            FieldValue::Float(f) => {
+                // -0.0 and 0.0 are one key: render it one way, whichever came first.
+                let f = if *f == 0.0 { 0.0 } else { *f };
+                out.push_str(&serde_json::to_string(&f).unwrap_or_else(|_| "null".into()))
+            }
             FieldValue::Str(s) => out.push_str(&serde_json::to_string(&String::from_utf8_lossy(s)).unwrap_or_default()),
         }
     }
@@ -99,14 +103,6 @@ impl KeyDict {
     pub fn catch_up(&self, out: &mut Vec<String>) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         out.extend(g.dims_json[out.len().min(g.dims_json.len())..].iter().cloned());
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dims_json.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -191,6 +187,12 @@ mod tests {
         let names = ["page".to_string(), "v".to_string(), "x".to_string()];
         let s = render_dims(&names, &[FieldValue::Str(b"h\"o"), FieldValue::Int(7), FieldValue::Null]);
         assert_eq!(s, r#"{"page":"h\"o","v":7,"x":null}"#);
+    }
+
+    #[test]
+    fn negative_zero_renders_as_zero() {
+        let names = ["v".to_string()];
+        assert_eq!(render_dims(&names, &[FieldValue::Float(-0.0)]), r#"{"v":0.0}"#);
     }
 
     #[test]
