@@ -1,4 +1,5 @@
 //! tally: exact real-time warehouse metrics from event logs.
+pub mod checkpoint;
 pub mod demo;
 pub mod event;
 pub mod gen;

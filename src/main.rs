@@ -25,7 +25,8 @@ enum Command {
         /// Worker threads (default: the job's `workers`, else all cores).
         #[arg(long)]
         workers: Option<usize>,
-        /// Keep dedup tables in memory-mapped files here.
+        /// Keep state here (memory-mapped tables, checkpoints) and resume
+        /// from its checkpoint if it has one.
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Also write the run summary as JSON to this file.
@@ -96,7 +97,14 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
     if state_dir.is_some() {
         job.state_dir = state_dir;
     }
-    match tally::runtime::run(&job) {
+    // SIGTERM or SIGINT: finish the batch, checkpoint, exit 0. A second
+    // SIGINT exits at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    match tally::runtime::run_until(&job, &stop) {
         Ok(s) => {
             let _ = s.print(&mut std::io::stderr());
             if let Some(p) = summary {
@@ -105,9 +113,12 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
                     return fail(1, format!("cannot write summary {}: {e}", p.display()));
                 }
             }
+            if s.stopped && s.checkpoints.generation.is_none() {
+                return fail(1, "stopped by a signal; without a state directory progress is not saved".into());
+            }
             ExitCode::SUCCESS
         }
-        Err(e @ tally::runtime::RunError::Input(_)) => fail(2, e.to_string()),
+        Err(e @ (tally::runtime::RunError::Input(_) | tally::runtime::RunError::State(_))) => fail(2, e.to_string()),
         Err(e) => fail(1, e.to_string()),
     }
 }

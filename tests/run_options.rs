@@ -54,7 +54,9 @@ fn state_dir_and_plain_reads_give_the_same_rows() {
         .output()
         .expect("run tally");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(state.join("shard-0").is_dir() && state.join("shard-1").is_dir(), "shard state directories");
+    let live = state.join("live");
+    assert!(live.join("shard-0").is_dir() && live.join("shard-1").is_dir(), "shard state directories");
+    assert!(state.join("MANIFEST").is_file(), "a checkpoint at the end");
     let left: Vec<_> = walk(&state).into_iter().filter(|p| p.extension().is_some_and(|e| e == "dedup")).collect();
     assert!(left.is_empty(), "finished days free their tables: {left:?}");
 

@@ -18,7 +18,7 @@ pub const TS_MIN_MS: i64 = 946_684_800_000;
 pub const TS_MAX_MS: i64 = 4_102_444_800_000;
 
 /// Why a record was skipped. Counted per source and reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Reject {
     EmptyLine,
     LineTooLong,

@@ -24,6 +24,8 @@ pub const MINUTE_MS: i64 = 60_000;
 pub const DAY_MS: i64 = 86_400_000;
 /// Longest line a source accepts unless the job says otherwise.
 pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
+/// Checkpoint interval unless the job says otherwise.
+pub const CHECKPOINT_INTERVAL_DEFAULT_MS: i64 = 10_000;
 /// Most metrics one job may define (metric ids travel in 6 bits).
 pub const METRICS_MAX: usize = 64;
 
@@ -153,7 +155,12 @@ pub struct Job {
     /// Offset of the job's time zone from UTC; days start at local midnight.
     pub timezone_offset_ms: i64,
     pub workers: usize,
+    /// Where state and checkpoints live; none keeps state in anonymous
+    /// memory and takes no checkpoints.
     pub state_dir: Option<PathBuf>,
+    /// Time between checkpoints (with a state directory); 0 checkpoints
+    /// only at the end and when stopped by a signal.
+    pub checkpoint_interval_ms: i64,
     pub sources: Vec<SourceSpec>,
     pub metrics: Vec<MetricSpec>,
     pub sinks: Vec<SinkSpec>,

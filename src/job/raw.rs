@@ -33,6 +33,7 @@ struct RawJobSection {
     timezone: Option<String>,
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
+    checkpoint_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -134,7 +135,11 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
     let sinks =
         raw.sink.iter().enumerate().map(|(i, s)| build_sink(i, s, &metrics, base)).collect::<Result<Vec<_>, _>>()?;
     let state_dir = raw.job.state_dir.map(|p| base.join(p));
-    Ok(Job { timezone_offset_ms, workers, state_dir, sources, metrics, sinks })
+    let checkpoint_interval_ms = match &raw.job.checkpoint_interval {
+        None => super::CHECKPOINT_INTERVAL_DEFAULT_MS,
+        Some(t) => parse_duration_ms(t).map_err(|e| invalid("job.checkpoint_interval", &e))?,
+    };
+    Ok(Job { timezone_offset_ms, workers, state_dir, checkpoint_interval_ms, sources, metrics, sinks })
 }
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {

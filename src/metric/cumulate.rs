@@ -9,11 +9,14 @@
 //! adding; a window's values are the prefix sum of its period's slices.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::FileRef;
 use crate::job::{Emit, Job, LatePolicy, Measure, MetricSpec};
-use crate::state::dedup::{DedupTable, Seen};
+use crate::state::dedup::{DedupTable, Seen, DELTA_RECORD_BYTES};
 
 use super::keys::KeyDict;
 
@@ -122,6 +125,53 @@ impl SliceCols {
     }
 }
 
+/// The checkpoint files a table is rebuilt from: a base and the deltas
+/// written since.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Chain {
+    pub base: FileRef,
+    pub deltas: Vec<FileRef>,
+}
+
+impl Chain {
+    fn delta_bytes(&self) -> u64 {
+        self.deltas.iter().map(|d| d.bytes).sum()
+    }
+}
+
+/// A dedup table of one open period.
+struct OpenTable {
+    period: u32,
+    table: DedupTable,
+    /// Its files in the last checkpoint written (none before the first).
+    chain: Option<Chain>,
+}
+
+/// A table as a checkpoint records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TableSaved {
+    pub period: u32,
+    pub capacity: u64,
+    pub len: u64,
+    pub chain: Chain,
+}
+
+/// One metric's shard state as a checkpoint records it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CumulateShardSaved {
+    /// Open slices: (slice, pv, uv).
+    pub slices: Vec<(u32, Vec<u32>, Vec<u32>)>,
+    pub tables: Vec<TableSaved>,
+    pub entries_seen_max: u64,
+    pub closed_bytes: u64,
+    pub closed_entries: u64,
+}
+
+/// A delta is written while the deltas since the base stay under this
+/// share of the base (per mille); past it a new base replaces them, which
+/// bounds both restore work and disk use.
+pub const DELTAS_PER_BASE_MAX_PER_MILLE: u64 = 500;
+
 /// One metric's state in one shard.
 pub struct CumulateShard {
     geo: Geometry,
@@ -129,7 +179,9 @@ pub struct CumulateShard {
     slices: Vec<SliceCols>,
     last_hit: usize,
     /// Dedup tables of open periods, sorted by period.
-    tables: Vec<(u32, DedupTable)>,
+    tables: Vec<OpenTable>,
+    /// Whether tables track changes for incremental checkpoints.
+    track: bool,
     /// (slice, index into `tables`) of the last lookup.
     table_hit: Option<(u32, usize)>,
     /// Most entries a finished period's table held (sizes the next ones).
@@ -144,12 +196,13 @@ pub struct CumulateShard {
 impl CumulateShard {
     /// `state_dir`: where this shard keeps its tables (anonymous if none);
     /// `name` prefixes the table files.
-    pub fn new(geo: Geometry, state_dir: Option<PathBuf>, name: String) -> CumulateShard {
+    pub fn new(geo: Geometry, state_dir: Option<PathBuf>, name: String, track: bool) -> CumulateShard {
         CumulateShard {
             geo,
             slices: Vec::new(),
             last_hit: 0,
             tables: Vec::new(),
+            track,
             table_hit: None,
             entries_seen_max: 0,
             closed_bytes: 0,
@@ -187,18 +240,19 @@ impl CumulateShard {
             }
         }
         let period = self.geo.period_of_slice(slice);
-        let i = match self.tables.iter().position(|(p, _)| *p == period) {
+        let i = match self.tables.iter().position(|t| t.period == period) {
             Some(i) => i,
             None => {
                 // Days look alike: size a new day's table like the largest
                 // one this shard holds or held, instead of growing it again.
-                let expected = self.tables.iter().map(|(_, t)| t.len()).max().unwrap_or(0).max(self.entries_seen_max);
-                let t = match &self.state_dir {
-                    None => DedupTable::anonymous_for(expected)?,
-                    Some(d) => DedupTable::in_dir(d.clone(), format!("{}-p{period}", self.name), expected)?,
-                };
-                let at = self.tables.partition_point(|(p, _)| *p < period);
-                self.tables.insert(at, (period, t));
+                let expected = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(self.entries_seen_max);
+                let mut table =
+                    DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?;
+                if self.track {
+                    table.track_changes();
+                }
+                let at = self.tables.partition_point(|t| t.period < period);
+                self.tables.insert(at, OpenTable { period, table, chain: None });
                 at
             }
         };
@@ -213,11 +267,11 @@ impl CumulateShard {
             Some((s, i)) if s == slice => self.tables.get(i),
             _ => {
                 let period = self.geo.period_of_slice(slice);
-                self.tables.iter().find(|(p, _)| *p == period)
+                self.tables.iter().find(|t| t.period == period)
             }
         };
-        if let Some((_, t)) = table {
-            t.prefetch(device_fp, key);
+        if let Some(t) = table {
+            t.table.prefetch(device_fp, key);
         }
     }
 
@@ -225,7 +279,7 @@ impl CumulateShard {
     #[inline]
     pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32) -> io::Result<()> {
         let t = self.table_of(slice)?;
-        let seen = self.tables[t].1.observe(device_fp, key, slice)?;
+        let seen = self.tables[t].table.observe(device_fp, key, slice)?;
         let k = key as usize;
         let i = self.slice_index(slice);
         let c = &mut self.slices[i];
@@ -255,25 +309,102 @@ impl CumulateShard {
         self.last_hit = 0;
         self.table_hit = None;
         let geo = self.geo;
-        for (_, t) in self.tables.iter().filter(|(p, _)| geo.period_start_ms(*p + 1) <= wm_ms) {
-            self.entries_seen_max = self.entries_seen_max.max(t.len());
-            self.closed_bytes += t.bytes();
-            self.closed_entries += t.len();
+        for t in self.tables.iter().filter(|t| geo.period_start_ms(t.period + 1) <= wm_ms) {
+            self.entries_seen_max = self.entries_seen_max.max(t.table.len());
+            self.closed_bytes += t.table.bytes();
+            self.closed_entries += t.table.len();
         }
-        self.tables.retain(|(p, _)| geo.period_start_ms(*p + 1) > wm_ms);
+        self.tables.retain(|t| geo.period_start_ms(t.period + 1) > wm_ms);
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.tables.iter().map(|(_, t)| t.bytes()).sum::<usize>()
+        self.tables.iter().map(|t| t.table.bytes()).sum::<usize>()
             + self.slices.iter().map(|c| c.pv.len() * 8).sum::<usize>()
     }
 
     pub fn dedup_entries(&self) -> usize {
-        self.tables.iter().map(|(_, t)| t.len()).sum()
+        self.tables.iter().map(|t| t.table.len()).sum()
+    }
+
+    /// Writes what changed since the last checkpoint into `dir` (files
+    /// named `{prefix}-p{period}-g{generation}.base|.delta`) and returns
+    /// the state to record, with the bytes written.
+    pub fn checkpoint(&mut self, dir: &Path, prefix: &str, generation: u64) -> io::Result<(CumulateShardSaved, u64)> {
+        let mut written = 0;
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for t in &mut self.tables {
+            let stem = format!("{prefix}-p{}-g{generation}", t.period);
+            let changes = t.table.changes();
+            let chain = match (&mut t.chain, changes) {
+                (Some(chain), Some(0)) => chain.clone(),
+                (Some(chain), Some(n))
+                    if (chain.delta_bytes() + (n * DELTA_RECORD_BYTES) as u64) * 1000
+                        <= chain.base.bytes * DELTAS_PER_BASE_MAX_PER_MILLE =>
+                {
+                    let file = format!("{stem}.delta");
+                    let w = t.table.write_delta(&dir.join(&file))?;
+                    written += w.bytes;
+                    chain.deltas.push(FileRef::new(file, w));
+                    chain.clone()
+                }
+                _ => {
+                    let file = format!("{stem}.base");
+                    let w = t.table.write_base(&dir.join(&file))?;
+                    written += w.bytes;
+                    let chain = Chain { base: FileRef::new(file, w), deltas: Vec::new() };
+                    t.chain = Some(chain.clone());
+                    chain
+                }
+            };
+            tables.push(TableSaved {
+                period: t.period,
+                capacity: t.table.capacity() as u64,
+                len: t.table.len() as u64,
+                chain,
+            });
+        }
+        let slices = self.slices.iter().map(|c| (c.slice, c.pv.clone(), c.uv.clone())).collect();
+        let saved = CumulateShardSaved {
+            slices,
+            tables,
+            entries_seen_max: self.entries_seen_max as u64,
+            closed_bytes: self.closed_bytes as u64,
+            closed_entries: self.closed_entries as u64,
+        };
+        Ok((saved, written))
+    }
+
+    /// Puts back the state of a checkpoint (tables rebuilt from the files
+    /// in `ckpt_dir`, checked against their checksums).
+    pub fn restore(&mut self, saved: &CumulateShardSaved, ckpt_dir: &Path) -> io::Result<()> {
+        assert!(self.tables.is_empty() && self.slices.is_empty(), "restore into a fresh shard");
+        for t in &saved.tables {
+            let base = ckpt_dir.join(&t.chain.base.file);
+            let deltas: Vec<_> = t.chain.deltas.iter().map(|d| (ckpt_dir.join(&d.file), d.written())).collect();
+            let table = DedupTable::restore(
+                self.state_dir.clone(),
+                format!("{}-p{}", self.name, t.period),
+                t.capacity as usize,
+                t.len as usize,
+                (&base, t.chain.base.written()),
+                &deltas,
+            )?;
+            self.tables.push(OpenTable { period: t.period, table, chain: Some(t.chain.clone()) });
+        }
+        self.slices = saved
+            .slices
+            .iter()
+            .map(|(slice, pv, uv)| SliceCols { slice: *slice, pv: pv.clone(), uv: uv.clone() })
+            .collect();
+        self.entries_seen_max = saved.entries_seen_max as usize;
+        self.closed_bytes = saved.closed_bytes as usize;
+        self.closed_entries = saved.closed_entries as usize;
+        Ok(())
     }
 }
 
 /// Cumulative values of one period at the emitter.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Period {
     /// Next slice whose window is to be emitted.
     next_slice: u32,
@@ -301,6 +432,13 @@ pub struct CumulateEmitter {
     periods: std::collections::BTreeMap<u32, Period>,
 }
 
+/// The emitter's state of one metric as a checkpoint records it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CumulateEmitterSaved {
+    pending: std::collections::BTreeMap<u32, (Vec<u64>, Vec<u64>)>,
+    periods: std::collections::BTreeMap<u32, Period>,
+}
+
 /// A rendered row with its sort key.
 pub struct Row {
     pub window_end_ms: i64,
@@ -321,6 +459,15 @@ impl CumulateEmitter {
             pending: Default::default(),
             periods: Default::default(),
         }
+    }
+
+    pub fn saved(&self) -> CumulateEmitterSaved {
+        CumulateEmitterSaved { pending: self.pending.clone(), periods: self.periods.clone() }
+    }
+
+    pub fn restore(&mut self, saved: CumulateEmitterSaved) {
+        self.pending = saved.pending;
+        self.periods = saved.periods;
     }
 
     /// Adds one shard's shipped slice.
@@ -476,7 +623,7 @@ mod tests {
     #[test]
     fn shard_moves_a_device_to_its_earlier_slice() {
         let g = geo();
-        let mut sh = CumulateShard::new(g, None, "t".into());
+        let mut sh = CumulateShard::new(g, None, "t".into(), false);
         sh.apply(1, 0, 100).unwrap();
         sh.apply(1, 0, 98).unwrap();
         sh.apply(2, 0, 100).unwrap();

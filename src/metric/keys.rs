@@ -74,6 +74,8 @@ pub struct KeyDict {
 #[derive(Default)]
 struct Inner {
     ids: AHashMap<u64, u32>,
+    /// Per id: the key's fingerprint and rendered dims.
+    fps: Vec<u64>,
     dims_json: Vec<String>,
 }
 
@@ -95,8 +97,36 @@ impl KeyDict {
             return Err(TooManyKeys);
         }
         g.dims_json.push(render());
+        g.fps.push(fp);
         g.ids.insert(fp, id);
         Ok(id)
+    }
+
+    /// Keys with ids `from..`, in id order: (fingerprint, rendered dims).
+    pub fn entries_from(&self, from: usize) -> Vec<(u64, String)> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let from = from.min(g.fps.len());
+        g.fps[from..].iter().copied().zip(g.dims_json[from..].iter().cloned()).collect()
+    }
+
+    /// Number of keys interned.
+    pub fn count(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).fps.len()
+    }
+
+    /// A dictionary holding these keys with ids in order (from a
+    /// checkpoint); false if a fingerprint repeats.
+    pub fn from_entries(entries: impl IntoIterator<Item = (u64, String)>) -> Option<KeyDict> {
+        let mut inner = Inner::default();
+        for (fp, dims) in entries {
+            let id = inner.fps.len() as u32;
+            if inner.ids.insert(fp, id).is_some() {
+                return None;
+            }
+            inner.fps.push(fp);
+            inner.dims_json.push(dims);
+        }
+        Some(KeyDict { inner: Mutex::new(inner) })
     }
 
     /// Appends the rendered dims of keys `out.len()..` to `out`.

@@ -6,26 +6,37 @@
 //! has passed a window's end (the job watermark), renders that window's
 //! rows in a fixed order — by window end, metric, then key — so output is
 //! identical whatever the number of workers.
+//!
+//! Checkpoints (with a state directory) cut the run between two blocks: the
+//! coordinator pauses the block counter at index T, every worker finishes
+//! the blocks before T, writes its shard's state and reports; the
+//! coordinator, having merged everything the shards shipped before, writes
+//! its own state and the manifest, and lets the routers go on (see
+//! [`coordinator`]).
 
+mod coordinator;
 pub mod mesh;
+mod resume;
 mod router;
 mod shard;
 pub mod stats;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{unbounded, Receiver, Sender};
+use crossbeam::channel::{unbounded, Sender};
 use serde::Serialize;
 
+use crate::checkpoint::CheckpointError;
 use crate::event::Reject;
 use crate::job::{Format, Job};
-use crate::metric::cumulate::{CumulateEmitter, Geometry, Row, SliceCols};
+use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
 use crate::sink::jsonl::{JsonlSink, SinkError};
 use crate::source::file::{InputError, Plan};
+use coordinator::{Coordinator, CutReport, CutRequest};
 use mesh::Mesh;
 use router::Router;
 use shard::Shard;
@@ -52,15 +63,66 @@ pub(crate) struct Shared {
     pub prefix: Vec<Vec<AtomicI64>>,
     /// Per task: lines in the block (for locating examples).
     pub line_counts: Vec<AtomicU32>,
-    /// Next block (index into the plan's tasks) a router may claim.
+    /// Next block (index into the plan's tasks) a router may claim, with
+    /// [`PAUSED`] set while a checkpoint's cut is taken.
     pub next_task: AtomicUsize,
     pub abort: AtomicBool,
+    /// The checkpoint cut workers are asked to reach, and its epoch (0: none yet).
+    pub cut: Mutex<Option<Arc<CutRequest>>>,
+    pub cut_epoch: AtomicU64,
+}
+
+/// Bit of [`Shared::next_task`] that stops routers from claiming blocks.
+pub(crate) const PAUSED: usize = 1 << (usize::BITS - 1);
+
+/// What a router gets when it asks for a block.
+pub(crate) enum Claim {
+    Task(usize),
+    /// A checkpoint is being cut: ask again later.
+    Paused,
+    Exhausted,
+}
+
+impl Shared {
+    pub fn claim(&self) -> Claim {
+        let mut cur = self.next_task.load(Ordering::Relaxed);
+        loop {
+            if cur & PAUSED != 0 {
+                return Claim::Paused;
+            }
+            if cur >= self.plan.tasks.len() {
+                return Claim::Exhausted;
+            }
+            match self.next_task.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Claim::Task(cur),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Stops claims; returns the first block not claimed (the cut).
+    pub fn pause(&self) -> usize {
+        self.next_task.fetch_or(PAUSED, Ordering::SeqCst) & !PAUSED
+    }
+
+    pub fn resume(&self) {
+        self.next_task.fetch_and(!PAUSED, Ordering::SeqCst);
+    }
+
+    /// The cut this worker has yet to reach, if one is asked for.
+    fn cut_wanted(&self, done_epoch: u64) -> Option<Arc<CutRequest>> {
+        if self.cut_epoch.load(Ordering::Acquire) == done_epoch {
+            return None;
+        }
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|c| c.epoch != done_epoch)
+    }
 }
 
 /// Messages from shards to the emitter.
 pub(crate) enum ToEmitter {
     Slice { metric: usize, cols: SliceCols },
     Watermark { shard: usize, wm_ms: i64 },
+    Cut(Box<CutReport>),
     Finished(Box<WorkerReport>),
     Failed(String),
 }
@@ -82,6 +144,8 @@ pub enum RunError {
     Input(#[from] InputError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] CheckpointError),
     #[error("worker failed: {0}")]
     Worker(String),
 }
@@ -99,6 +163,7 @@ pub struct RunSummary {
     pub late_dropped: u64,
     pub rows: u64,
     pub seconds: f64,
+    /// Events this process counted (not those of a resumed checkpoint) per second.
     pub events_per_second: f64,
     /// Largest dedup state held at once, all shards (bytes).
     pub state_bytes_max: u64,
@@ -110,6 +175,25 @@ pub struct RunSummary {
     /// Per worker: seconds spent waiting with nothing to do.
     pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
+    /// Checkpoint generation this run resumed from.
+    pub resumed_from: Option<u64>,
+    /// The run stopped on a signal before its input ended.
+    pub stopped: bool,
+    pub checkpoints: CheckpointReport,
+}
+
+/// Checkpoints a run wrote.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckpointReport {
+    pub count: u64,
+    /// Generation of the last one committed.
+    pub generation: Option<u64>,
+    /// Longest time routers were paused for a cut.
+    pub pause_seconds_max: f64,
+    /// Longest time from pause to committed manifest.
+    pub seconds_max: f64,
+    pub seconds_total: f64,
+    pub bytes_written: u64,
 }
 
 impl RunSummary {
@@ -127,6 +211,21 @@ impl RunSummary {
             if self.io_uring { " (io_uring)" } else { "" },
             self.rows
         )?;
+        if let Some(g) = self.resumed_from {
+            writeln!(w, "tally: resumed from checkpoint {g}")?;
+        }
+        if let Some(g) = self.checkpoints.generation {
+            let c = &self.checkpoints;
+            writeln!(
+                w,
+                "tally: {} checkpoint(s), last {g}{}; longest {:.3} s (routers paused {:.3} s), {} bytes written",
+                c.count,
+                if self.stopped { " (stopped by a signal; run again to resume)" } else { "" },
+                c.seconds_max,
+                c.pause_seconds_max,
+                c.bytes_written
+            )?;
+        }
         if self.late_folded + self.late_dropped > 0 {
             writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
@@ -146,12 +245,32 @@ impl RunSummary {
 
 /// Runs a job over its files to the end and writes every row.
 pub fn run(job: &Job) -> Result<RunSummary, RunError> {
+    run_until(job, &AtomicBool::new(false))
+}
+
+/// Runs a job until its input ends or `stop` is set (by a signal): then,
+/// with a state directory, it cuts a checkpoint at the next block boundary
+/// and returns, to be resumed by the next run with the same directory.
+pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let plan = Arc::new(Plan::new(job)?);
-    let mut sinks = job.sinks.iter().map(|s| JsonlSink::open(s, job.metrics.len())).collect::<Result<Vec<_>, _>>()?;
     let n = job.workers;
+    let resume = match &job.state_dir {
+        Some(dir) => Some(resume::open(job, &plan, dir)?),
+        None => None,
+    };
+    let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
+    let mut sinks = job
+        .sinks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| JsonlSink::open(s, job.metrics.len(), sink_resume(i)))
+        .collect::<Result<Vec<_>, _>>()?;
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
-    let dicts: Vec<Arc<KeyDict>> = job.metrics.iter().map(|_| Arc::new(KeyDict::default())).collect();
+    let dicts: Vec<Arc<KeyDict>> = match &resume {
+        Some(r) => r.dicts.to_vec(),
+        None => job.metrics.iter().map(|_| Arc::new(KeyDict::default())).collect(),
+    };
     let sh = Shared {
         job: job.clone(),
         mesh: Mesh::new(n),
@@ -161,26 +280,27 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
         line_counts: (0..plan.tasks.len()).map(|_| AtomicU32::new(0)).collect(),
         next_task: AtomicUsize::new(0),
         abort: AtomicBool::new(false),
+        cut: Mutex::new(None),
+        cut_epoch: AtomicU64::new(0),
         plan: plan.clone(),
     };
-    let mut emitters: Vec<CumulateEmitter> = job
-        .metrics
-        .iter()
-        .enumerate()
-        .map(|(m, spec)| CumulateEmitter::new(geometry[m], spec, dicts[m].clone()))
-        .collect();
+    let shards = match &resume {
+        Some(r) => r.place(&sh)?,
+        None => (0..n).map(|w| Shard::new(w, &sh, None, false)).collect(),
+    };
+    let mut coord = Coordinator::new(&sh, resume, stop);
     let (tx, rx) = unbounded();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let outcome = std::thread::scope(|scope| {
-        for w in 0..n {
+        for (w, shard) in shards.into_iter().enumerate() {
             let (sh, tx, core) = (&sh, tx.clone(), cores.get(w % cores.len().max(1)).copied());
-            scope.spawn(move || worker(w, sh, tx, core));
+            scope.spawn(move || worker(w, sh, shard, tx, core));
         }
         drop(tx);
-        // If the emitter fails or panics, the workers must stop too, or the
-        // scope would wait for them forever.
+        // If the coordinator fails or panics, the workers must stop too, or
+        // the scope would wait for them forever.
         let _stop_workers = StopOnDrop(&sh.abort);
-        let r = emit_loop(&sh, &rx, n, &mut emitters, &mut sinks);
+        let r = coord.run(&sh, &rx, &mut sinks);
         if r.is_err() {
             sh.abort.store(true, Ordering::Relaxed);
         }
@@ -190,7 +310,13 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
     for s in &mut sinks {
         s.flush()?;
     }
-    Ok(summarize(job, &sh, reports, sinks.iter().map(|s| s.rows).sum(), started.elapsed()))
+    coord.finish(&sh, &reports, &mut sinks)?;
+    let rows = sinks.iter().map(|s| s.rows).sum::<u64>() + coord.rows_before();
+    let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
+    summary.resumed_from = coord.resumed_from();
+    summary.stopped = coord.stopped();
+    summary.checkpoints = coord.report();
+    Ok(summary)
 }
 
 /// Sets the abort flag when dropped (also while unwinding).
@@ -202,19 +328,30 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affinity::CoreId>) {
+fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: Option<core_affinity::CoreId>) {
     if let Some(core) = core {
         core_affinity::set_for_current(core);
     }
     let mut router = Router::new(w, sh);
-    let mut shard = Shard::new(w, sh);
     let backoff = crossbeam::utils::Backoff::new();
     let mut idle_since: Option<Instant> = None;
     let mut idle = Duration::ZERO;
+    let mut cut_done = 0;
     let result: io::Result<()> = (|| {
         while !sh.abort.load(Ordering::Relaxed) {
             let a = shard.poll(sh, &tx)?;
             let b = if router.done() { false } else { router.step(sh)? };
+            if let Some(cut) = sh.cut_wanted(cut_done) {
+                if router.idle() && shard.at_cut(&cut.blocks) {
+                    let written = shard.checkpoint(&cut.dir, cut.generation)?;
+                    let report = CutReport::new(w, &cut, written, router.stats.clone());
+                    let _ = tx.send(ToEmitter::Cut(Box::new(report)));
+                    cut_done = cut.epoch;
+                    if cut.stop {
+                        return Ok(());
+                    }
+                }
+            }
             if router.done() && shard.done() {
                 return Ok(());
             }
@@ -254,54 +391,17 @@ fn worker(w: usize, sh: &Shared, tx: Sender<ToEmitter>, core: Option<core_affini
     };
 }
 
-/// Merges shard output and writes rows until every worker finished.
-fn emit_loop(
+fn summarize(
+    job: &Job,
     sh: &Shared,
-    rx: &Receiver<ToEmitter>,
-    n: usize,
-    emitters: &mut [CumulateEmitter],
-    sinks: &mut [JsonlSink],
-) -> Result<Vec<WorkerReport>, RunError> {
-    let mut shard_wm = vec![i64::MIN; n];
-    let mut job_wm = i64::MIN;
-    let mut reports = Vec::new();
-    let mut rows: Vec<Row> = Vec::new();
-    let mut failure = None;
-    while reports.len() + failure.iter().count() < n {
-        let Ok(msg) = rx.recv() else { break };
-        match msg {
-            ToEmitter::Slice { metric, cols } => emitters[metric].add(&cols),
-            ToEmitter::Watermark { shard, wm_ms } => {
-                shard_wm[shard] = wm_ms;
-                let wm = shard_wm.iter().copied().min().unwrap_or(i64::MIN);
-                if wm > job_wm {
-                    job_wm = wm;
-                    for (m, e) in emitters.iter_mut().enumerate() {
-                        e.emit(m, wm, wm == i64::MAX, &mut rows);
-                    }
-                    rows.sort_by_key(|r| (r.window_end_ms, r.metric));
-                    for r in rows.drain(..) {
-                        for s in sinks.iter_mut() {
-                            s.write(r.metric, &r.line)?;
-                        }
-                    }
-                }
-            }
-            ToEmitter::Finished(r) => reports.push(*r),
-            ToEmitter::Failed(e) => {
-                sh.abort.store(true, Ordering::Relaxed);
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    match failure {
-        Some(e) => Err(RunError::Worker(e)),
-        None => Ok(reports),
-    }
-}
-
-fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elapsed: Duration) -> RunSummary {
-    let mut per_source: Vec<SourceStats> = job.sources.iter().map(|_| SourceStats::default()).collect();
+    reports: Vec<WorkerReport>,
+    before: Vec<SourceStats>,
+    rows: u64,
+    elapsed: Duration,
+) -> RunSummary {
+    let events_before: u64 = before.iter().map(|s| s.events).sum();
+    let mut per_source = before;
+    per_source.resize_with(job.sources.len(), SourceStats::default);
     for r in &reports {
         for (a, b) in per_source.iter_mut().zip(&r.stats) {
             a.merge(b);
@@ -322,7 +422,7 @@ fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elap
         late_dropped: per_source.iter().map(|s| s.late_dropped).sum(),
         rows,
         seconds,
-        events_per_second: events as f64 / seconds.max(1e-9),
+        events_per_second: (events - events_before) as f64 / seconds.max(1e-9),
         state_bytes_max: reports.iter().map(|r| r.state_bytes_max as u64).sum(),
         dedup_entries_max: reports.iter().map(|r| r.dedup_entries_max as u64).sum(),
         dedup_bytes_per_entry: {
@@ -332,6 +432,9 @@ fn summarize(job: &Job, sh: &Shared, reports: Vec<WorkerReport>, rows: u64, elap
         },
         worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),
         sources,
+        resumed_from: None,
+        stopped: false,
+        checkpoints: CheckpointReport::default(),
     }
 }
 

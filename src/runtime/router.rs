@@ -17,7 +17,7 @@ use ahash::AHashMap;
 
 use super::mesh::{Batch, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::SourceStats;
-use super::{Shared, NOT_READY, NO_EVENTS};
+use super::{Claim, Shared, NOT_READY, NO_EVENTS};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
 use crate::event::csv::CsvParser;
 use crate::event::jsonl::JsonlParser;
@@ -98,6 +98,11 @@ impl Router {
         self.staged.is_empty() && self.exhausted && self.claimed == 0
     }
 
+    /// Nothing claimed is left unsent (the state of a checkpoint's cut).
+    pub fn idle(&self) -> bool {
+        self.staged.is_empty() && self.claimed == 0
+    }
+
     pub fn uses_io_uring(&self) -> bool {
         self.reader.uses_io_uring()
     }
@@ -112,13 +117,14 @@ impl Router {
         // Blocks are claimed in order from one counter: a router that runs
         // faster (its core less busy) simply takes more of them.
         while !self.exhausted && self.reader.in_flight() < READS_IN_FLIGHT {
-            let task = sh.next_task.fetch_add(1, Ordering::Relaxed);
-            if task >= sh.plan.tasks.len() {
-                self.exhausted = true;
-                break;
+            match sh.claim() {
+                Claim::Task(task) => {
+                    self.reader.submit(task)?;
+                    self.claimed += 1;
+                }
+                Claim::Paused => break,
+                Claim::Exhausted => self.exhausted = true,
             }
-            self.reader.submit(task)?;
-            self.claimed += 1;
         }
         if self.claimed == 0 || !self.acquire_batches(sh) {
             return Ok(moved);

@@ -8,11 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::Path;
 
 use crossbeam::channel::Sender;
 
 use super::mesh::Batch;
 use super::{Shared, ToEmitter};
+use crate::checkpoint::{self, FileRef, ShardSaved};
 use crate::metric::cumulate::CumulateShard;
 use crate::metric::keys::KEY_BITS;
 
@@ -48,6 +50,16 @@ impl Progress {
     }
 }
 
+/// What a shard wrote for a checkpoint.
+pub struct ShardCheckpoint {
+    pub file: FileRef,
+    /// Every table file its state names (new or from earlier checkpoints).
+    pub tables: Vec<FileRef>,
+    /// Files written for this checkpoint (to be synced), the state file aside.
+    pub new_files: Vec<std::path::PathBuf>,
+    pub bytes: u64,
+}
+
 pub struct Shard {
     s: usize,
     metrics: Vec<CumulateShard>,
@@ -65,15 +77,17 @@ impl Shard {
 }
 
 impl Shard {
-    pub fn new(s: usize, sh: &Shared) -> Shard {
+    /// A shard with empty state; `live_dir` holds its tables (anonymous
+    /// memory if none), `track` turns on change tracking for checkpoints.
+    pub fn new(s: usize, sh: &Shared, live_dir: Option<&Path>, track: bool) -> Shard {
         let metrics = sh
             .job
             .metrics
             .iter()
             .enumerate()
             .map(|(m, _)| {
-                let dir = sh.job.state_dir.as_ref().map(|d| d.join(format!("shard-{s}")));
-                CumulateShard::new(sh.geometry[m], dir, format!("m{m}"))
+                let dir = live_dir.map(|d| d.join(format!("shard-{s}")));
+                CumulateShard::new(sh.geometry[m], dir, format!("m{m}"), track)
             })
             .collect();
         let progress = sh
@@ -83,6 +97,61 @@ impl Shard {
             .map(|&blocks| Progress { next_seq: 0, blocks, wm_ms: i64::MIN, early: BTreeMap::new() })
             .collect();
         Shard { s, metrics, progress, wm_ms: i64::MIN, state_bytes_max: 0, dedup_entries_max: 0 }
+    }
+
+    /// Puts back a checkpoint's state.
+    pub fn restore(&mut self, saved: &ShardSaved, ckpt_dir: &Path) -> io::Result<()> {
+        if saved.metrics.len() != self.metrics.len() || saved.progress.len() != self.progress.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "shard state: metrics or sources differ"));
+        }
+        for (m, st) in self.metrics.iter_mut().zip(&saved.metrics) {
+            m.restore(st, ckpt_dir)?;
+        }
+        for (p, &(next_seq, wm_ms)) in self.progress.iter_mut().zip(&saved.progress) {
+            p.next_seq = next_seq;
+            p.wm_ms = wm_ms;
+        }
+        self.wm_ms = saved.wm_ms;
+        self.state_bytes_max = saved.state_bytes_max as usize;
+        self.dedup_entries_max = saved.dedup_entries_max as usize;
+        Ok(())
+    }
+
+    /// Whether exactly `blocks[s]` blocks of every source `s` are in (and
+    /// nothing past them): the shard stands at that cut.
+    pub fn at_cut(&self, blocks: &[u32]) -> bool {
+        self.progress.iter().zip(blocks).all(|(p, &b)| p.next_seq == b && p.early.is_empty())
+    }
+
+    /// Writes this shard's part of checkpoint `generation` into `dir`:
+    /// its table files and `g{generation}-s{s}.shard`.
+    pub fn checkpoint(&mut self, dir: &Path, generation: u64) -> io::Result<ShardCheckpoint> {
+        let mut bytes = 0;
+        let mut metrics = Vec::with_capacity(self.metrics.len());
+        for (m, st) in self.metrics.iter_mut().enumerate() {
+            let (saved, written) = st.checkpoint(dir, &format!("s{}-m{m}", self.s), generation)?;
+            bytes += written;
+            metrics.push(saved);
+        }
+        let saved = ShardSaved {
+            metrics,
+            progress: self.progress.iter().map(|p| (p.next_seq, p.wm_ms)).collect(),
+            wm_ms: self.wm_ms,
+            state_bytes_max: self.state_bytes_max as u64,
+            dedup_entries_max: self.dedup_entries_max as u64,
+        };
+        let file = checkpoint::write_saved(dir, format!("g{generation}-s{}.shard", self.s), &saved)?;
+        bytes += file.bytes;
+        let tables: Vec<FileRef> = saved
+            .metrics
+            .iter()
+            .flat_map(|m| &m.tables)
+            .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
+            .cloned()
+            .collect();
+        let suffix = format!("-g{generation}.");
+        let new_files = tables.iter().filter(|t| t.file.contains(&suffix)).map(|t| dir.join(&t.file)).collect();
+        Ok(ShardCheckpoint { file, tables, new_files, bytes })
     }
 
     /// True once every source is fully received and everything shipped.

@@ -2,7 +2,7 @@
 //! examples, late events. Each router keeps its own; they are summed once
 //! at the end.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::Reject;
 
@@ -13,7 +13,7 @@ pub const EXAMPLE_SNIPPET_BYTES: usize = 80;
 
 /// A skipped record, located by block and index until line numbers are
 /// known.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RawExample {
     pub reason: Reject,
     pub task: usize,
@@ -21,7 +21,7 @@ pub struct RawExample {
     pub snippet: String,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SourceStats {
     /// Records read (lines, or binary records), good or bad.
     pub lines: u64,

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::checkpoint::identity::FileIdentity;
 use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::event::csv::CsvParser;
 use crate::job::{Format, Job};
@@ -36,6 +37,8 @@ pub struct InputFile {
     pub file: File,
     pub size: u64,
     pub source: usize,
+    /// Path, inode, size and modification time when opened.
+    pub identity: FileIdentity,
     /// Header of a CSV file (its first line).
     pub csv_header: Option<Vec<String>>,
 }
@@ -78,7 +81,9 @@ impl Plan {
             for path in &spec.paths {
                 let err = |reason: String| InputError { path: path.clone(), reason };
                 let file = File::open(path).map_err(|e| err(e.to_string()))?;
-                let size = file.metadata().map_err(|e| err(e.to_string()))?.len();
+                let md = file.metadata().map_err(|e| err(e.to_string()))?;
+                let size = md.len();
+                let identity = FileIdentity::of(path, &md);
                 let csv_header = match spec.format {
                     Format::Csv => Some(read_header(&file, size).map_err(err)?),
                     _ => None,
@@ -93,7 +98,7 @@ impl Plan {
                     tasks.push(Task { source: s, file: files.len(), seq: tasks.len() as u32, lo, hi });
                     lo = hi;
                 }
-                files.push(InputFile { path: path.clone(), file, size, source: s, csv_header });
+                files.push(InputFile { path: path.clone(), file, size, source: s, identity, csv_header });
             }
             per_source.push(tasks);
         }
@@ -431,6 +436,7 @@ mod tests {
             file: File::open(&path).unwrap(),
             size: content.len() as u64,
             source: 0,
+            identity: FileIdentity::of(&path, &std::fs::metadata(&path).unwrap()),
             csv_header: None,
         };
         let mut out = Vec::new();

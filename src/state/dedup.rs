@@ -10,8 +10,8 @@
 //! ahead so the cache misses of a batch overlap.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::path::PathBuf;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 
 use bytemuck::{Pod, Zeroable};
 use memmap2::MmapMut;
@@ -37,6 +37,24 @@ pub struct Entry {
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 const _: () = assert!(ENTRY_BYTES == 16);
 
+/// One changed entry in a delta file: its slot and its value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DeltaRecord {
+    pub slot: u64,
+    pub entry: Entry,
+}
+
+pub const DELTA_RECORD_BYTES: usize = std::mem::size_of::<DeltaRecord>();
+const _: () = assert!(DELTA_RECORD_BYTES == 24);
+
+/// Bytes and xxh3-64 of a file written for a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub xxh3: u64,
+}
+
 /// What an observation changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {
@@ -59,6 +77,12 @@ pub struct DedupTable {
     capacity: usize,
     len: usize,
     backing: Backing,
+    /// One bit per slot written since the last checkpoint (empty when
+    /// changes are not tracked).
+    dirty: Vec<u64>,
+    /// Every slot may have moved (new or grown table): the next checkpoint
+    /// must write a base.
+    moved: bool,
 }
 
 #[inline]
@@ -86,18 +110,57 @@ impl DedupTable {
     /// An empty table in anonymous memory with room for `expected` entries
     /// before its first growth (at [`LOAD_EXPECTED_PER_MILLE`] load).
     pub fn anonymous_for(expected: usize) -> io::Result<DedupTable> {
-        let capacity = capacity_for(expected);
-        Ok(DedupTable { map: anon_map(capacity)?, capacity, len: 0, backing: Backing::Anon })
+        DedupTable::with_capacity(Backing::Anon, capacity_for(expected))
     }
 
     /// An empty table backed by `dir/name.N.dedup` files (N grows with
     /// each rehash; the previous file is removed once the new one is built).
     pub fn in_dir(dir: PathBuf, name: String, expected: usize) -> io::Result<DedupTable> {
-        std::fs::create_dir_all(&dir)?;
-        let capacity = capacity_for(expected);
-        let map = map_file(&dir, &name, 0, capacity)?;
-        let backing = Backing::File { dir, name, generation: 0 };
-        Ok(DedupTable { map, capacity, len: 0, backing })
+        DedupTable::with_capacity(Backing::File { dir, name, generation: 0 }, capacity_for(expected))
+    }
+
+    fn with_capacity(backing: Backing, capacity: usize) -> io::Result<DedupTable> {
+        let map = match &backing {
+            Backing::Anon => anon_map(capacity)?,
+            Backing::File { dir, name, generation } => {
+                std::fs::create_dir_all(dir)?;
+                map_file(dir, name, *generation, capacity)?
+            }
+        };
+        Ok(DedupTable { map, capacity, len: 0, backing, dirty: Vec::new(), moved: true })
+    }
+
+    /// Where a table lives: `dir` for a file-backed one, else anonymous.
+    pub fn create(dir: Option<PathBuf>, name: String, expected: usize) -> io::Result<DedupTable> {
+        match dir {
+            None => DedupTable::anonymous_for(expected),
+            Some(d) => DedupTable::in_dir(d, name, expected),
+        }
+    }
+
+    /// Starts tracking which slots change, for incremental checkpoints.
+    pub fn track_changes(&mut self) {
+        self.dirty = vec![0; self.capacity.div_ceil(64)];
+    }
+
+    /// Slots changed since the last checkpoint, or `None` if every slot
+    /// may have moved (a base must be written).
+    pub fn changes(&self) -> Option<usize> {
+        if self.moved {
+            return None;
+        }
+        Some(self.dirty.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
+    #[inline]
+    fn mark(&mut self, slot: usize) {
+        if let Some(w) = self.dirty.get_mut(slot / 64) {
+            *w |= 1 << (slot % 64);
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn len(&self) -> usize {
@@ -152,12 +215,14 @@ impl DedupTable {
             if e.first_slice == 0 {
                 *e = Entry { device_fp, key, first_slice: slice };
                 self.len += 1;
+                self.mark(i);
                 return Ok(Seen::New);
             }
             if e.device_fp == device_fp && e.key == key {
                 if slice < e.first_slice {
                     let was = e.first_slice;
                     e.first_slice = slice;
+                    self.mark(i);
                     return Ok(Seen::Earlier { was });
                 }
                 return Ok(Seen::Again);
@@ -208,11 +273,112 @@ impl DedupTable {
         }
         self.map = map;
         self.capacity = capacity;
+        self.moved = true;
+        if !self.dirty.is_empty() {
+            self.track_changes();
+        }
         if let Backing::File { dir, name, generation } = &self.backing {
             let _ = std::fs::remove_file(file_path(dir, name, *generation - 1));
         }
         Ok(())
     }
+}
+
+/// Checkpoint files of a table.
+impl DedupTable {
+    /// Writes every slot to `path` (a base) and clears the change bitmap.
+    pub fn write_base(&mut self, path: &Path) -> io::Result<Written> {
+        let bytes = &self.map[..self.capacity * ENTRY_BYTES];
+        let mut f = File::create(path)?;
+        f.write_all(bytes)?;
+        let written = Written { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(bytes) };
+        self.moved = false;
+        self.dirty.fill(0);
+        Ok(written)
+    }
+
+    /// Writes the slots changed since the last checkpoint to `path` (a
+    /// delta) and clears the change bitmap. Must follow a base of this
+    /// capacity ([`DedupTable::changes`] is `Some`).
+    pub fn write_delta(&mut self, path: &Path) -> io::Result<Written> {
+        assert!(!self.moved, "a delta needs a base of the same layout");
+        let mut out: Vec<DeltaRecord> = Vec::with_capacity(self.changes().unwrap_or(0));
+        let entries: &[Entry] = bytemuck::cast_slice(&self.map[..self.capacity * ENTRY_BYTES]);
+        for (w, word) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                out.push(DeltaRecord { slot: slot as u64, entry: entries[slot] });
+            }
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(&out);
+        File::create(path)?.write_all(bytes)?;
+        Ok(Written { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(bytes) })
+    }
+
+    /// Rebuilds a table from its base and deltas (checked against their
+    /// recorded sizes and checksums), tracking changes from there on.
+    /// `dir`/`name` as for [`DedupTable::create`].
+    pub fn restore(
+        dir: Option<PathBuf>,
+        name: String,
+        capacity: usize,
+        len: usize,
+        base: (&Path, Written),
+        deltas: &[(PathBuf, Written)],
+    ) -> io::Result<DedupTable> {
+        if base.1.bytes != (capacity * ENTRY_BYTES) as u64 {
+            return Err(corrupt(base.0, "base size does not match the table's capacity"));
+        }
+        let backing = match dir {
+            None => Backing::Anon,
+            Some(dir) => Backing::File { dir, name, generation: 0 },
+        };
+        let mut t = DedupTable::with_capacity(backing, capacity)?;
+        let bytes = &mut t.map[..capacity * ENTRY_BYTES];
+        read_exactly(base.0, bytes)?;
+        if xxhash_rust::xxh3::xxh3_64(bytes) != base.1.xxh3 {
+            return Err(corrupt(base.0, "checksum mismatch"));
+        }
+        for (path, w) in deltas {
+            let mut buf = vec![0u8; w.bytes as usize];
+            read_exactly(path, &mut buf)?;
+            if !buf.len().is_multiple_of(DELTA_RECORD_BYTES) || xxhash_rust::xxh3::xxh3_64(&buf) != w.xxh3 {
+                return Err(corrupt(path, "checksum mismatch"));
+            }
+            let entries = t.entries_mut();
+            for r in buf.chunks_exact(DELTA_RECORD_BYTES).map(bytemuck::pod_read_unaligned::<DeltaRecord>) {
+                let slot = usize::try_from(r.slot).ok().filter(|&s| s < capacity);
+                let Some(slot) = slot else {
+                    return Err(corrupt(path, "slot outside the table"));
+                };
+                entries[slot] = r.entry;
+            }
+        }
+        let held = t.entries().iter().filter(|e| e.first_slice != 0).count();
+        if held != len {
+            return Err(corrupt(base.0, &format!("holds {held} entries, the checkpoint says {len}")));
+        }
+        t.len = len;
+        t.moved = false;
+        t.track_changes();
+        Ok(t)
+    }
+}
+
+fn corrupt(path: &Path, why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
+}
+
+/// Fills `buf` from the file at `path`, which must be exactly that long.
+fn read_exactly(path: &Path, buf: &mut [u8]) -> io::Result<()> {
+    let mut f = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let size = f.metadata()?.len();
+    if size != buf.len() as u64 {
+        return Err(corrupt(path, &format!("{size} bytes, the checkpoint says {}", buf.len())));
+    }
+    f.read_exact(buf)
 }
 
 impl Drop for DedupTable {

@@ -1,0 +1,473 @@
+//! The coordinator, on the calling thread: merges what shards ship into
+//! window rows, and takes checkpoints.
+//!
+//! Emission: when every shard has passed a window's end (the job
+//! watermark), that window's rows are rendered in a fixed order — by window
+//! end, metric, then key — so output is identical whatever the number of
+//! workers, and whether or not the run was resumed.
+//!
+//! A checkpoint: pause the block counter at T (`Shared::pause`); each
+//! worker, once its router has sent every block before T and its shard has
+//! received them all, writes its shard's state and sends a `Cut` report
+//! behind everything it shipped before. When all N reports are in, the
+//! coordinator has merged exactly the blocks before T: it lets routers go
+//! on, then writes its own state, appends new group keys, flushes the
+//! sinks, syncs all of it and commits the manifest. Routers wait only for
+//! the shards' writes, not for the syncs.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{Receiver, RecvTimeoutError};
+
+use super::resume::Resume;
+use super::shard::ShardCheckpoint;
+use super::stats::SourceStats;
+use super::{CheckpointReport, RunError, Shared, ToEmitter, WorkerReport, NO_EVENTS};
+use crate::checkpoint::dict::DictLog;
+use crate::checkpoint::identity::{job_identity, sink_target};
+use crate::checkpoint::{
+    FileRef, InputCut, Manifest, MetaSaved, ShardSaved, SinkCut, SourceCut, StateDir, FORMAT_VERSION,
+};
+use crate::job::SinkTarget;
+use crate::metric::cumulate::{CumulateEmitter, CumulateShardSaved, Row};
+use crate::sink::jsonl::JsonlSink;
+
+/// How often the coordinator looks at the clock and the stop flag while
+/// no message arrives.
+const TICK: Duration = Duration::from_millis(20);
+
+/// The cut workers are asked to reach.
+pub(crate) struct CutRequest {
+    /// Unique per request (the generation it will commit as).
+    pub epoch: u64,
+    pub generation: u64,
+    /// Blocks of each source before the cut.
+    pub blocks: Vec<u32>,
+    /// Workers exit after writing their part (stopped by a signal).
+    pub stop: bool,
+    /// Where checkpoint files go.
+    pub dir: PathBuf,
+}
+
+/// One worker's part of a checkpoint.
+pub(crate) struct CutReport {
+    shard: usize,
+    epoch: u64,
+    written: ShardCheckpoint,
+    /// The worker's router counters up to the cut (since this process started).
+    stats: Vec<SourceStats>,
+}
+
+impl CutReport {
+    pub fn new(shard: usize, cut: &CutRequest, written: ShardCheckpoint, stats: Vec<SourceStats>) -> CutReport {
+        CutReport { shard, epoch: cut.epoch, written, stats }
+    }
+}
+
+struct Pending {
+    req: Arc<CutRequest>,
+    task: usize,
+    started: Instant,
+    reports: Vec<CutReport>,
+}
+
+/// Checkpointing state (only with a state directory).
+struct Ckpt {
+    state: StateDir,
+    /// Last committed generation (0: none).
+    generation: u64,
+    dict_logs: Vec<DictLog>,
+    interval: Option<Duration>,
+    due: Instant,
+    pending: Option<Pending>,
+    /// The checkpoint resumed from had read all input already.
+    complete_at_start: bool,
+}
+
+pub(crate) struct Coordinator<'a> {
+    emitters: Vec<CumulateEmitter>,
+    shard_wm: Vec<i64>,
+    job_wm: i64,
+    rows: Vec<Row>,
+    stop: &'a AtomicBool,
+    /// A stop request was acted on.
+    stop_seen: bool,
+    stopped: bool,
+    ckpt: Option<Ckpt>,
+    /// Counters and rows of the run(s) before the resumed checkpoint.
+    stats_before: Vec<SourceStats>,
+    rows_before: u64,
+    resumed_from: Option<u64>,
+    report: CheckpointReport,
+}
+
+impl<'a> Coordinator<'a> {
+    pub fn new(sh: &Shared, resume: Option<Resume>, stop: &'a AtomicBool) -> Coordinator<'a> {
+        let n = sh.mesh.n;
+        let mut emitters: Vec<CumulateEmitter> = sh
+            .job
+            .metrics
+            .iter()
+            .enumerate()
+            .map(|(m, spec)| CumulateEmitter::new(sh.geometry[m], spec, sh.dicts[m].clone()))
+            .collect();
+        let mut c = Coordinator {
+            emitters: Vec::new(),
+            shard_wm: vec![i64::MIN; n],
+            job_wm: i64::MIN,
+            rows: Vec::new(),
+            stop,
+            stop_seen: false,
+            stopped: false,
+            ckpt: None,
+            stats_before: Vec::new(),
+            rows_before: 0,
+            resumed_from: None,
+            report: CheckpointReport::default(),
+        };
+        if let Some(r) = resume {
+            let interval = (sh.job.checkpoint_interval_ms > 0)
+                .then(|| Duration::from_millis(sh.job.checkpoint_interval_ms as u64));
+            let mut generation = 0;
+            let mut complete_at_start = false;
+            if let Some(m) = &r.manifest {
+                generation = m.generation;
+                complete_at_start = m.input.next_task >= m.input.tasks;
+                c.resumed_from = Some(m.generation);
+                for (e, saved) in emitters.iter_mut().zip(r.meta.emitters) {
+                    e.restore(saved);
+                }
+                c.shard_wm = r.meta.shard_wm;
+                c.job_wm = r.meta.job_wm;
+                c.stats_before = r.meta.stats;
+                c.rows_before = r.meta.rows;
+            }
+            c.ckpt = Some(Ckpt {
+                state: r.state,
+                generation,
+                dict_logs: r.dict_logs,
+                interval,
+                due: Instant::now() + interval.unwrap_or_default(),
+                pending: None,
+                complete_at_start,
+            });
+        }
+        c.emitters = emitters;
+        c
+    }
+
+    pub fn rows_before(&self) -> u64 {
+        self.rows_before
+    }
+
+    pub fn stats_before(&self) -> Vec<SourceStats> {
+        self.stats_before.clone()
+    }
+
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    pub fn report(&self) -> CheckpointReport {
+        self.report.clone()
+    }
+
+    /// Merges shard output, writes rows and takes checkpoints until every
+    /// worker finished.
+    pub fn run(
+        &mut self,
+        sh: &Shared,
+        rx: &Receiver<ToEmitter>,
+        sinks: &mut [JsonlSink],
+    ) -> Result<Vec<WorkerReport>, RunError> {
+        let n = sh.mesh.n;
+        let mut reports = Vec::new();
+        let mut failure = None;
+        while reports.len() + failure.iter().count() < n {
+            if failure.is_none() {
+                self.tick(sh);
+            }
+            let msg = match rx.recv_timeout(TICK) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            match msg {
+                ToEmitter::Slice { metric, cols } => self.emitters[metric].add(&cols),
+                ToEmitter::Watermark { shard, wm_ms } => self.watermark(shard, wm_ms, sinks)?,
+                ToEmitter::Cut(r) => self.cut_report(sh, *r, sinks)?,
+                ToEmitter::Finished(r) => reports.push(*r),
+                ToEmitter::Failed(e) => {
+                    sh.abort.store(true, Ordering::Relaxed);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(RunError::Worker(e)),
+            None => Ok(reports),
+        }
+    }
+
+    fn watermark(&mut self, shard: usize, wm_ms: i64, sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+        self.shard_wm[shard] = wm_ms;
+        let wm = self.shard_wm.iter().copied().min().unwrap_or(i64::MIN);
+        if wm <= self.job_wm {
+            return Ok(());
+        }
+        self.job_wm = wm;
+        for (m, e) in self.emitters.iter_mut().enumerate() {
+            e.emit(m, wm, wm == i64::MAX, &mut self.rows);
+        }
+        self.rows.sort_by_key(|r| (r.window_end_ms, r.metric));
+        for r in self.rows.drain(..) {
+            for s in sinks.iter_mut() {
+                s.write(r.metric, &r.line)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on a stop request or a due checkpoint.
+    fn tick(&mut self, sh: &Shared) {
+        let stop = !self.stop_seen && self.stop.load(Ordering::Relaxed);
+        let Some(ck) = &mut self.ckpt else {
+            if stop {
+                // Nothing to save progress in: stop where we are.
+                self.stop_seen = true;
+                self.stopped = true;
+                sh.abort.store(true, Ordering::Relaxed);
+            }
+            return;
+        };
+        if ck.pending.is_some() {
+            return;
+        }
+        let due = ck.interval.is_some() && Instant::now() >= ck.due;
+        if !stop && !due {
+            return;
+        }
+        let started = Instant::now();
+        let task = sh.pause();
+        if task >= sh.plan.tasks.len() {
+            // Every block is claimed: the run ends soon and checkpoints then.
+            sh.resume();
+            self.stop_seen |= stop;
+            ck.due = Instant::now() + ck.interval.unwrap_or_default();
+            return;
+        }
+        let mut blocks = vec![0u32; sh.job.sources.len()];
+        for t in &sh.plan.tasks[..task] {
+            blocks[t.source] += 1;
+        }
+        let generation = ck.generation + 1;
+        let req = Arc::new(CutRequest { epoch: generation, generation, blocks, stop, dir: ck.state.ckpt() });
+        *sh.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.clone());
+        sh.cut_epoch.store(generation, Ordering::Release);
+        ck.pending = Some(Pending { req, task, started, reports: Vec::new() });
+        if stop {
+            self.stop_seen = true;
+            self.stopped = true;
+        }
+    }
+
+    fn cut_report(&mut self, sh: &Shared, r: CutReport, sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+        let Some(ck) = &mut self.ckpt else {
+            return Ok(());
+        };
+        let Some(p) = &mut ck.pending else {
+            return Ok(());
+        };
+        debug_assert_eq!(r.epoch, p.req.epoch, "a cut report from another checkpoint");
+        p.reports.push(r);
+        if p.reports.len() < sh.mesh.n {
+            return Ok(());
+        }
+        let Some(mut p) = ck.pending.take() else {
+            return Ok(());
+        };
+        if !p.req.stop {
+            sh.resume();
+        }
+        let pause = p.started.elapsed();
+        p.reports.sort_by_key(|r| r.shard);
+        let mut stats = self.stats_before.clone();
+        let mut shards = Vec::new();
+        let mut tables = Vec::new();
+        let mut new_files = Vec::new();
+        let mut bytes = 0;
+        for r in &p.reports {
+            merge_stats(&mut stats, &r.stats);
+            shards.push(r.written.file.clone());
+            tables.extend(r.written.tables.iter().cloned());
+            new_files.extend(r.written.new_files.iter().cloned());
+            new_files.push(p.req.dir.join(&r.written.file.file));
+            bytes += r.written.bytes;
+        }
+        self.commit(sh, p.req.generation, p.task, shards, tables, new_files, stats, sinks, bytes)?;
+        self.report.pause_seconds_max = self.report.pause_seconds_max.max(pause.as_secs_f64());
+        let took = p.started.elapsed().as_secs_f64();
+        self.report.seconds_max = self.report.seconds_max.max(took);
+        self.report.seconds_total += took;
+        if let Some(ck) = &mut self.ckpt {
+            ck.due = Instant::now() + ck.interval.unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// After the last worker finished: the checkpoint of the end of input
+    /// (shards hold nothing then: every period was flushed).
+    pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+        let Some(ck) = &self.ckpt else {
+            return Ok(());
+        };
+        if self.stopped || ck.complete_at_start {
+            return Ok(());
+        }
+        let generation = ck.generation + 1;
+        let state = &ck.state;
+        let metrics = sh.job.metrics.len();
+        let mut stats = self.stats_before.clone();
+        let mut shards = Vec::new();
+        let mut new_files = Vec::new();
+        for (w, r) in reports.iter().enumerate() {
+            merge_stats(&mut stats, &r.stats);
+            let saved = ShardSaved {
+                metrics: vec![CumulateShardSaved::default(); metrics],
+                progress: sh.plan.blocks_per_source.iter().map(|&b| (b, i64::MAX)).collect(),
+                wm_ms: i64::MAX,
+                state_bytes_max: r.state_bytes_max as u64,
+                dedup_entries_max: r.dedup_entries_max as u64,
+            };
+            let f = state.write_saved(format!("g{generation}-s{w}.shard"), &saved)?;
+            new_files.push(state.ckpt().join(&f.file));
+            shards.push(f);
+        }
+        let started = Instant::now();
+        let tasks = sh.plan.tasks.len();
+        self.commit(sh, generation, tasks, shards, Vec::new(), new_files, stats, sinks, 0)?;
+        let took = started.elapsed().as_secs_f64();
+        self.report.seconds_max = self.report.seconds_max.max(took);
+        self.report.seconds_total += took;
+        Ok(())
+    }
+
+    /// Writes the coordinator's part of checkpoint `generation` (cut before
+    /// block `task`), syncs everything and commits the manifest.
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &mut self,
+        sh: &Shared,
+        generation: u64,
+        task: usize,
+        shards: Vec<FileRef>,
+        tables: Vec<FileRef>,
+        mut new_files: Vec<PathBuf>,
+        stats: Vec<SourceStats>,
+        sinks: &mut [JsonlSink],
+        shard_bytes: u64,
+    ) -> Result<(), RunError> {
+        let rows = self.rows_before + sinks.iter().map(|s| s.rows).sum::<u64>();
+        let Some(ck) = &mut self.ckpt else {
+            return Ok(());
+        };
+        let io = |context: &str| {
+            let dir = ck.state.root.clone();
+            let context = context.to_owned();
+            move |source| crate::checkpoint::CheckpointError::Io { dir, context, source }
+        };
+        let mut sink_cuts = Vec::new();
+        for (s, spec) in sinks.iter_mut().zip(&sh.job.sinks) {
+            s.flush()?;
+            if let SinkTarget::File(p) = &spec.target {
+                new_files.push(p.clone());
+            }
+            sink_cuts.push(SinkCut { target: sink_target(&spec.target), bytes: s.bytes });
+        }
+        let mut dicts = Vec::new();
+        for (m, log) in ck.dict_logs.iter_mut().enumerate() {
+            let (cut, changed) =
+                log.append(&ck.state.ckpt(), &sh.job.metrics[m].name, &sh.dicts[m]).map_err(io("append keys"))?;
+            if changed {
+                new_files.push(ck.state.ckpt().join(&cut.file));
+            }
+            dicts.push(cut);
+        }
+        let meta = MetaSaved {
+            emitters: self.emitters.iter().map(CumulateEmitter::saved).collect(),
+            shard_wm: self.shard_wm.clone(),
+            job_wm: self.job_wm,
+            stats,
+            line_counts: sh.line_counts[..task].iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+            rows,
+        };
+        let meta = ck.state.write_saved(format!("g{generation}.meta"), &meta)?;
+        new_files.push(ck.state.ckpt().join(&meta.file));
+        let bytes = shard_bytes + meta.bytes;
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            generation,
+            workers: sh.mesh.n,
+            job: job_identity(&sh.job),
+            input: input_cut(sh, task),
+            sinks: sink_cuts,
+            dicts,
+            meta,
+            shards,
+            tables,
+        };
+        ck.state.commit(&manifest, &new_files)?;
+        ck.generation = generation;
+        self.report.count += 1;
+        self.report.generation = Some(generation);
+        self.report.bytes_written += bytes;
+        Ok(())
+    }
+}
+
+fn merge_stats(into: &mut Vec<SourceStats>, from: &[SourceStats]) {
+    if into.len() < from.len() {
+        into.resize_with(from.len(), SourceStats::default);
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        a.merge(b);
+    }
+}
+
+/// Every source's position at a cut before block `task`.
+fn input_cut(sh: &Shared, task: usize) -> InputCut {
+    let plan = &sh.plan;
+    let sources = sh
+        .job
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(s, spec)| {
+            let blocks_done = plan.tasks[..task].iter().filter(|t| t.source == s).count() as u32;
+            let prefix_max_ms = match blocks_done {
+                0 => NO_EVENTS,
+                b => sh.prefix[s][b as usize - 1].load(Ordering::Acquire),
+            };
+            let resume_at = plan
+                .tasks
+                .iter()
+                .find(|t| t.source == s && t.seq == blocks_done)
+                .map(|t| (plan.files[t.file].path.display().to_string(), t.lo));
+            SourceCut {
+                name: spec.name.clone(),
+                blocks_done,
+                prefix_max_ms,
+                files: plan.files.iter().filter(|f| f.source == s).map(|f| f.identity.clone()).collect(),
+                resume_at,
+            }
+        })
+        .collect();
+    InputCut { next_task: task, tasks: plan.tasks.len(), sources }
+}
