@@ -175,6 +175,9 @@ pub struct RunSummary {
     /// Per worker: seconds spent waiting with nothing to do.
     pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
+    /// From the start of the run until workers start on input (includes
+    /// checking and restoring a checkpoint).
+    pub startup_seconds: f64,
     /// Checkpoint generation this run resumed from.
     pub resumed_from: Option<u64>,
     /// The run stopped on a signal before its input ended.
@@ -212,7 +215,7 @@ impl RunSummary {
             self.rows
         )?;
         if let Some(g) = self.resumed_from {
-            writeln!(w, "tally: resumed from checkpoint {g}")?;
+            writeln!(w, "tally: resumed from checkpoint {g} ({:.3} s from start to reading input)", self.startup_seconds)?;
         }
         if let Some(g) = self.checkpoints.generation {
             let c = &self.checkpoints;
@@ -289,6 +292,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         None => (0..n).map(|w| Shard::new(w, &sh, None, false)).collect(),
     };
     let mut coord = Coordinator::new(&sh, resume, stop);
+    let startup_seconds = started.elapsed().as_secs_f64();
     let (tx, rx) = unbounded();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let outcome = std::thread::scope(|scope| {
@@ -313,6 +317,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     coord.finish(&sh, &reports, &mut sinks)?;
     let rows = sinks.iter().map(|s| s.rows).sum::<u64>() + coord.rows_before();
     let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
+    summary.startup_seconds = startup_seconds;
     summary.resumed_from = coord.resumed_from();
     summary.stopped = coord.stopped();
     summary.checkpoints = coord.report();
@@ -432,6 +437,7 @@ fn summarize(
         },
         worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),
         sources,
+        startup_seconds: 0.0,
         resumed_from: None,
         stopped: false,
         checkpoints: CheckpointReport::default(),
