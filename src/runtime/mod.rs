@@ -215,7 +215,11 @@ impl RunSummary {
             self.rows
         )?;
         if let Some(g) = self.resumed_from {
-            writeln!(w, "tally: resumed from checkpoint {g} ({:.3} s from start to reading input)", self.startup_seconds)?;
+            writeln!(
+                w,
+                "tally: resumed from checkpoint {g} ({:.3} s from start to reading input)",
+                self.startup_seconds
+            )?;
         }
         if let Some(g) = self.checkpoints.generation {
             let c = &self.checkpoints;

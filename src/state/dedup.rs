@@ -445,6 +445,56 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn base_and_deltas_restore_the_same_table(
+            rounds in proptest::collection::vec(proptest::collection::vec((0u64..2000, 0u32..3, 1u32..40), 0..1500), 1..5)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut t = DedupTable::anonymous().unwrap();
+            t.track_changes();
+            let mut base = None;
+            let mut deltas = Vec::new();
+            for (r, ops) in rounds.iter().enumerate() {
+                for &(d, k, s) in ops {
+                    t.observe(d.wrapping_mul(0x9E37_79B9_7F4A_7C15), k, s).unwrap();
+                }
+                // What the checkpoint writer does: a base when slots moved, else a delta.
+                if t.changes().is_none() {
+                    let p = dir.path().join(format!("b{r}"));
+                    base = Some((p.clone(), t.write_base(&p).unwrap()));
+                    deltas.clear();
+                } else {
+                    let p = dir.path().join(format!("d{r}"));
+                    deltas.push((p.clone(), t.write_delta(&p).unwrap()));
+                }
+                let (bp, bw) = base.clone().unwrap();
+                let back = DedupTable::restore(None, "t".into(), t.capacity(), t.len(), (&bp, bw), &deltas).unwrap();
+                prop_assert_eq!(back.entries(), t.entries());
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_delta_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = DedupTable::anonymous().unwrap();
+        t.track_changes();
+        t.observe(1, 0, 5).unwrap();
+        let b = dir.path().join("b");
+        let bw = t.write_base(&b).unwrap();
+        t.observe(2, 0, 5).unwrap();
+        let d = dir.path().join("d");
+        let dw = t.write_delta(&d).unwrap();
+        assert_eq!(dw.bytes, DELTA_RECORD_BYTES as u64);
+        let mut bytes = std::fs::read(&d).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&d, bytes).unwrap();
+        let e = DedupTable::restore(None, "t".into(), t.capacity(), 2, (&b, bw), &[(d, dw)]).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
     #[test]
     fn grows_in_a_file_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();

@@ -165,6 +165,8 @@ pub fn platform_version() -> MetricDef {
 #[derive(Clone, Debug)]
 pub struct JobDef {
     pub timezone: String,
+    /// Extra `[job]` lines (`checkpoint_interval = "100ms"`).
+    pub job_lines: Vec<String>,
     pub sources: Vec<SourceDef>,
     pub metrics: Vec<MetricDef>,
 }
@@ -182,6 +184,7 @@ impl JobDef {
     pub fn new(format: &str, paths: &[PathBuf]) -> JobDef {
         JobDef {
             timezone: TZ.into(),
+            job_lines: Vec::new(),
             sources: vec![SourceDef {
                 name: "client".into(),
                 paths: paths.to_vec(),
@@ -198,6 +201,12 @@ impl JobDef {
         self
     }
 
+    /// Adds a `[job]` line such as `checkpoint_interval = "100ms"`.
+    pub fn job_line(mut self, line: &str) -> JobDef {
+        self.job_lines.push(line.into());
+        self
+    }
+
     pub fn max_line_bytes(mut self, n: usize) -> JobDef {
         self.sources[0].max_line_bytes = Some(n);
         self
@@ -205,6 +214,10 @@ impl JobDef {
 
     pub fn toml(&self, results: &Path) -> String {
         let mut t = format!("[job]\ntimezone = {}\n", toml_str(&self.timezone));
+        for l in &self.job_lines {
+            t += l;
+            t += "\n";
+        }
         for s in &self.sources {
             let paths: Vec<String> = s.paths.iter().map(|p| toml_str(&p.to_string_lossy())).collect();
             t += &format!(
