@@ -1,0 +1,344 @@
+//! The open-addressing table under every per-shard state: fixed-size
+//! `Pod` slots in a memory map (a file under the state directory, or
+//! anonymous memory), linear probing from a fast-range home slot, growth by
+//! 1.5× at 80% load, and what checkpoints need.
+//!
+//! The home slot comes from a fast range reduction of a mixed hash, so
+//! capacity need not be a power of two and the table can grow by 1.5×,
+//! keeping state between 1.25× and 1.9× the entries' own size.
+//!
+//! Checkpoints: with [`Table::track_changes`] on, every slot written sets one
+//! bit in a bitmap (a bit per slot), so a checkpoint writes only the slots
+//! that changed since the last one (a delta of `(slot u64, entry)`
+//! records) or, after a growth moved every entry, the whole table (a
+//! base). [`Table::restore`] reads a base back and applies its deltas in
+//! order.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use bytemuck::Pod;
+use memmap2::MmapMut;
+
+/// Smallest table; a fresh period starts here.
+pub const CAPACITY_MIN_ENTRIES: usize = 1 << 12;
+/// A table sized for an expected count starts at this load (per mille), so
+/// the estimate can be exceeded by a third before the first growth.
+pub const LOAD_EXPECTED_PER_MILLE: usize = 600;
+/// Grow when entries exceed this share of capacity (per mille).
+pub const LOAD_MAX_PER_MILLE: usize = 800;
+
+/// A table's slot type.
+pub trait Slot: Pod {
+    const BYTES: usize = std::mem::size_of::<Self>();
+    /// Whether the slot holds nothing (an all-zero slot must be empty).
+    fn is_empty(&self) -> bool;
+    /// The mixed hash of the slot's key (decides its home slot).
+    fn hash(&self) -> u64;
+}
+
+/// Bytes and xxh3-64 of a file written for a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub xxh3: u64,
+}
+
+enum Backing {
+    Anon,
+    File { dir: PathBuf, name: String, generation: u32 },
+}
+
+/// A growable open-addressing set of `E` slots.
+pub struct Table<E: Slot> {
+    map: MmapMut,
+    capacity: usize,
+    pub(crate) len: usize,
+    backing: Backing,
+    /// One bit per slot written since the last checkpoint (empty when
+    /// changes are not tracked).
+    dirty: Vec<u64>,
+    /// Every slot may have moved (new or grown table): the next checkpoint
+    /// must write a base.
+    moved: bool,
+    _entry: PhantomData<E>,
+}
+
+fn capacity_for(expected: usize) -> usize {
+    (expected * 1000 / LOAD_EXPECTED_PER_MILLE).max(CAPACITY_MIN_ENTRIES)
+}
+
+/// The home slot of hash `h` in a table of `capacity` slots.
+#[inline]
+pub fn home(h: u64, capacity: usize) -> usize {
+    ((h as u128 * capacity as u128) >> 64) as usize
+}
+
+impl<E: Slot> Table<E> {
+    /// Bytes of one delta record: the slot index, then the entry.
+    pub const DELTA_RECORD_BYTES: usize = 8 + E::BYTES;
+
+    /// Grows first if one more entry would pass the load limit.
+    #[inline]
+    pub(crate) fn reserve_one(&mut self) -> io::Result<()> {
+        if (self.len + 1) * 1000 > self.capacity * LOAD_MAX_PER_MILLE {
+            self.grow()?;
+        }
+        Ok(())
+    }
+}
+
+impl<E: Slot> Table<E> {
+    /// An empty table in anonymous memory.
+    pub fn anonymous() -> io::Result<Table<E>> {
+        Table::anonymous_for(0)
+    }
+
+    /// An empty table in anonymous memory with room for `expected` entries
+    /// before its first growth (at [`LOAD_EXPECTED_PER_MILLE`] load).
+    pub fn anonymous_for(expected: usize) -> io::Result<Table<E>> {
+        Table::with_capacity(Backing::Anon, capacity_for(expected))
+    }
+
+    /// An empty table backed by `dir/name.N.dedup` files (N grows with
+    /// each rehash; the previous file is removed once the new one is built).
+    pub fn in_dir(dir: PathBuf, name: String, expected: usize) -> io::Result<Table<E>> {
+        Table::with_capacity(Backing::File { dir, name, generation: 0 }, capacity_for(expected))
+    }
+
+    fn with_capacity(backing: Backing, capacity: usize) -> io::Result<Table<E>> {
+        let map = match &backing {
+            Backing::Anon => anon_map(capacity * E::BYTES)?,
+            Backing::File { dir, name, generation } => {
+                std::fs::create_dir_all(dir)?;
+                map_file(dir, name, *generation, capacity * E::BYTES)?
+            }
+        };
+        Ok(Table { map, capacity, len: 0, backing, dirty: Vec::new(), moved: true, _entry: PhantomData })
+    }
+
+    /// Where a table lives: `dir` for a file-backed one, else anonymous.
+    pub fn create(dir: Option<PathBuf>, name: String, expected: usize) -> io::Result<Table<E>> {
+        match dir {
+            None => Table::anonymous_for(expected),
+            Some(d) => Table::in_dir(d, name, expected),
+        }
+    }
+
+    /// Starts tracking which slots change, for incremental checkpoints.
+    pub fn track_changes(&mut self) {
+        self.dirty = vec![0; self.capacity.div_ceil(64)];
+    }
+
+    /// Slots changed since the last checkpoint, or `None` if every slot
+    /// may have moved (a base must be written).
+    pub fn changes(&self) -> Option<usize> {
+        if self.moved {
+            return None;
+        }
+        Some(self.dirty.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
+    #[inline]
+    pub(crate) fn mark(&mut self, slot: usize) {
+        if let Some(w) = self.dirty.get_mut(slot / 64) {
+            *w |= 1 << (slot % 64);
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of state the table holds (its whole mapping).
+    pub fn bytes(&self) -> usize {
+        self.capacity * E::BYTES
+    }
+
+    #[inline]
+    pub(crate) fn entries(&self) -> &[E] {
+        bytemuck::cast_slice(&self.map[..self.capacity * E::BYTES])
+    }
+
+    #[inline]
+    pub(crate) fn entries_mut(&mut self) -> &mut [E] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.capacity * E::BYTES])
+    }
+
+    /// Rehashes into a map 1.5× larger.
+    #[cold]
+    pub(crate) fn grow(&mut self) -> io::Result<()> {
+        let capacity = self.capacity + self.capacity / 2;
+        let mut map = match &mut self.backing {
+            Backing::Anon => anon_map(capacity * E::BYTES)?,
+            Backing::File { dir, name, generation } => {
+                *generation += 1;
+                map_file(dir, name, *generation, capacity * E::BYTES)?
+            }
+        };
+        {
+            let new: &mut [E] = bytemuck::cast_slice_mut(&mut map[..capacity * E::BYTES]);
+            for e in self.entries().iter().filter(|e| !e.is_empty()) {
+                let mut i = home(e.hash(), capacity);
+                while !new[i].is_empty() {
+                    i = if i + 1 == capacity { 0 } else { i + 1 };
+                }
+                new[i] = *e;
+            }
+        }
+        self.map = map;
+        self.capacity = capacity;
+        self.moved = true;
+        if !self.dirty.is_empty() {
+            self.track_changes();
+        }
+        if let Backing::File { dir, name, generation } = &self.backing {
+            let _ = std::fs::remove_file(file_path(dir, name, *generation - 1));
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoint files of a table.
+impl<E: Slot> Table<E> {
+    /// Writes every slot to `path` (a base) and clears the change bitmap.
+    pub fn write_base(&mut self, path: &Path) -> io::Result<Written> {
+        let bytes = &self.map[..self.capacity * E::BYTES];
+        let mut f = File::create(path)?;
+        f.write_all(bytes)?;
+        let written = Written { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(bytes) };
+        self.moved = false;
+        self.dirty.fill(0);
+        Ok(written)
+    }
+
+    /// Writes the slots changed since the last checkpoint to `path` (a
+    /// delta) and clears the change bitmap. Must follow a base of this
+    /// capacity ([`Table::changes`] is `Some`).
+    pub fn write_delta(&mut self, path: &Path) -> io::Result<Written> {
+        assert!(!self.moved, "a delta needs a base of the same layout");
+        let mut out: Vec<u8> = Vec::with_capacity(self.changes().unwrap_or(0) * Self::DELTA_RECORD_BYTES);
+        let entries: &[E] = bytemuck::cast_slice(&self.map[..self.capacity * E::BYTES]);
+        for (w, word) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                out.extend_from_slice(&(slot as u64).to_le_bytes());
+                out.extend_from_slice(bytemuck::bytes_of(&entries[slot]));
+            }
+        }
+        File::create(path)?.write_all(&out)?;
+        Ok(Written { bytes: out.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&out) })
+    }
+
+    /// Rebuilds a table from its base and deltas (checked against their
+    /// recorded sizes and checksums), tracking changes from there on.
+    /// `dir`/`name` as for [`Table::create`].
+    pub fn restore(
+        dir: Option<PathBuf>,
+        name: String,
+        capacity: usize,
+        len: usize,
+        base: (&Path, Written),
+        deltas: &[(PathBuf, Written)],
+    ) -> io::Result<Table<E>> {
+        if base.1.bytes != (capacity * E::BYTES) as u64 {
+            return Err(corrupt(base.0, "base size does not match the table's capacity"));
+        }
+        let backing = match dir {
+            None => Backing::Anon,
+            Some(dir) => Backing::File { dir, name, generation: 0 },
+        };
+        let mut t: Table<E> = Table::with_capacity(backing, capacity)?;
+        let bytes = &mut t.map[..capacity * E::BYTES];
+        read_exactly(base.0, bytes)?;
+        if xxhash_rust::xxh3::xxh3_64(bytes) != base.1.xxh3 {
+            return Err(corrupt(base.0, "checksum mismatch"));
+        }
+        for (path, w) in deltas {
+            let mut buf = vec![0u8; w.bytes as usize];
+            read_exactly(path, &mut buf)?;
+            if !buf.len().is_multiple_of(Self::DELTA_RECORD_BYTES) || xxhash_rust::xxh3::xxh3_64(&buf) != w.xxh3 {
+                return Err(corrupt(path, "checksum mismatch"));
+            }
+            let entries = t.entries_mut();
+            for r in buf.chunks_exact(Self::DELTA_RECORD_BYTES) {
+                let slot = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+                let Some(slot) = usize::try_from(slot).ok().filter(|&s| s < capacity) else {
+                    return Err(corrupt(path, "slot outside the table"));
+                };
+                entries[slot] = bytemuck::pod_read_unaligned(&r[8..]);
+            }
+        }
+        let held = t.entries().iter().filter(|e| !e.is_empty()).count();
+        if held != len {
+            return Err(corrupt(base.0, &format!("holds {held} entries, the checkpoint says {len}")));
+        }
+        t.len = len;
+        t.moved = false;
+        t.track_changes();
+        Ok(t)
+    }
+}
+
+fn corrupt(path: &Path, why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
+}
+
+/// Fills `buf` from the file at `path`, which must be exactly that long.
+fn read_exactly(path: &Path, buf: &mut [u8]) -> io::Result<()> {
+    let mut f = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let size = f.metadata()?.len();
+    if size != buf.len() as u64 {
+        return Err(corrupt(path, &format!("{size} bytes, the checkpoint says {}", buf.len())));
+    }
+    f.read_exact(buf)
+}
+
+impl<E: Slot> Drop for Table<E> {
+    /// A dropped table is a finished period: its file goes too.
+    fn drop(&mut self) {
+        if let Backing::File { dir, name, generation } = &self.backing {
+            let _ = std::fs::remove_file(file_path(dir, name, *generation));
+        }
+    }
+}
+
+/// Anonymous memory for `capacity` entries. Large tables ask for huge
+/// pages: a probe is a random access, and with 4 KiB pages almost every one
+/// also misses the TLB.
+fn anon_map(bytes: usize) -> io::Result<MmapMut> {
+    let map = MmapMut::map_anon(bytes)?;
+    if bytes >= HUGE_PAGE_MIN_BYTES {
+        // Advice only: where huge pages are off, the table works as before.
+        let _ = map.advise(memmap2::Advice::HugePage);
+    }
+    Ok(map)
+}
+
+/// Tables at least this large are advised to use huge pages.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+fn file_path(dir: &std::path::Path, name: &str, generation: u32) -> PathBuf {
+    dir.join(format!("{name}.{generation}.dedup"))
+}
+
+fn map_file(dir: &std::path::Path, name: &str, generation: u32, bytes: usize) -> io::Result<MmapMut> {
+    let path = file_path(dir, name, generation);
+    let file: File = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    file.set_len(bytes as u64)?;
+    // SAFETY: the file is ours (created and truncated just now under the
+    // job's state directory); nothing else maps or resizes it while we do.
+    unsafe { MmapMut::map_mut(&file) }
+}
