@@ -129,5 +129,23 @@ fn fold(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parser, dedup, fold);
+/// Device-history import: a CSV snapshot of 1M devices into 2 shards.
+fn history_import(c: &mut Criterion) {
+    const ROWS: u64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("devices.csv");
+    let mut text = String::from("did,first_day,last_day\n");
+    for i in 0..ROWS {
+        let (a, b) = (1 + i % 28, 1 + (i * 7) % 28);
+        text += &format!("d{:x},2025-{:02}-{a:02},2026-01-{b:02}\n", i.wrapping_mul(0x9E37_79B9_7F4A_7C15), 1 + i % 12);
+    }
+    std::fs::write(&path, text).unwrap();
+    let mut g = c.benchmark_group("history");
+    g.throughput(Throughput::Elements(ROWS));
+    g.sample_size(10);
+    g.bench_function("import_1m_rows", |b| b.iter(|| tally::state::history::import(&path, 2, None).unwrap().1.devices));
+    g.finish();
+}
+
+criterion_group!(benches, parser, dedup, fold, history_import);
 criterion_main!(benches);

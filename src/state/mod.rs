@@ -1,4 +1,6 @@
-//! Per-shard state: the dedup tables of distinct (device, key) pairs.
+//! Per-shard state: the dedup tables of distinct (device, key) pairs and
+//! the device history of DAU metrics, both on one open-addressing table.
 
 pub mod dedup;
+pub mod history;
 pub mod table;

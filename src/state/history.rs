@@ -1,0 +1,355 @@
+//! Device history for DAU metrics: per device, the first and the last day
+//! it was seen, imported from an offline snapshot and rolled forward by the
+//! engine as days close.
+//!
+//! Kept per shard in a [`Table`] of 16-byte entries keyed by the device
+//! fingerprint (xxh3-64 of the id's text, as for events), so a shard only
+//! ever looks up devices of its own hash range. Days count from 1970-01-01
+//! (day 0, which no valid date reaches, marks an empty slot).
+//!
+//! The snapshot is a CSV file with the header `did,first_day,last_day` and
+//! days as `YYYY-MM-DD`. A malformed row (bad date, `first_day` after
+//! `last_day`, wrong field count) is counted with its line number and
+//! skipped; a device listed twice keeps the widest range and is counted;
+//! the import fails only when rows exist and none parses.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::table::{home, Slot, Table};
+
+/// One device's history.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HistEntry {
+    pub device_fp: u64,
+    pub first_day: u32,
+    pub last_day: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<HistEntry>() == 16);
+
+#[inline]
+fn mix(device_fp: u64) -> u64 {
+    let h = (device_fp ^ (device_fp >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 29)
+}
+
+impl Slot for HistEntry {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.first_day == 0
+    }
+
+    #[inline]
+    fn hash(&self) -> u64 {
+        mix(self.device_fp)
+    }
+}
+
+/// The history table of one shard.
+pub type DeviceHistory = Table<HistEntry>;
+
+impl DeviceHistory {
+    /// The history of a device, if it has one.
+    pub fn get(&self, device_fp: u64) -> Option<HistEntry> {
+        let entries = self.entries();
+        let mut i = home(mix(device_fp), self.capacity());
+        loop {
+            let e = entries[i];
+            if e.is_empty() {
+                return None;
+            }
+            if e.device_fp == device_fp {
+                return Some(e);
+            }
+            i = (i + 1) % self.capacity();
+        }
+    }
+
+    /// Hints the CPU to load a device's home slot.
+    #[inline]
+    pub fn prefetch(&self, device_fp: u64) {
+        let p = self.entries()[home(mix(device_fp), self.capacity())..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch is a hint that never faults; `p` points into the map.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
+    /// Widens a device's range to include `first..=last` (inserting it if
+    /// new); returns whether the device was already there.
+    pub fn merge(&mut self, device_fp: u64, first_day: u32, last_day: u32) -> io::Result<bool> {
+        debug_assert!(first_day != 0 && first_day <= last_day);
+        self.reserve_one()?;
+        let capacity = self.capacity();
+        let mut i = home(mix(device_fp), capacity);
+        loop {
+            let e = self.entries()[i];
+            if e.is_empty() {
+                self.entries_mut()[i] = HistEntry { device_fp, first_day, last_day };
+                self.len += 1;
+                self.mark(i);
+                return Ok(false);
+            }
+            if e.device_fp == device_fp {
+                let wider =
+                    HistEntry { device_fp, first_day: e.first_day.min(first_day), last_day: e.last_day.max(last_day) };
+                if wider != e {
+                    self.entries_mut()[i] = wider;
+                    self.mark(i);
+                }
+                return Ok(true);
+            }
+            i = if i + 1 == capacity { 0 } else { i + 1 };
+        }
+    }
+}
+
+/// Days from 1970-01-01 of a proleptic Gregorian date.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Earliest and latest dates a history may hold (as event times do).
+const YEAR_MIN: i64 = 2000;
+const YEAR_MAX: i64 = 2099;
+
+/// Parses `YYYY-MM-DD` into a day number.
+pub fn parse_day(text: &[u8]) -> Option<u32> {
+    if text.len() != 10 || text[4] != b'-' || text[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        text[r].iter().try_fold(0i64, |v, &c| c.is_ascii_digit().then(|| v * 10 + (c - b'0') as i64))
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if !(YEAR_MIN..=YEAR_MAX).contains(&y) || !(1..=12).contains(&m) || d < 1 {
+        return None;
+    }
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if d > month_days[(m - 1) as usize] {
+        return None;
+    }
+    u32::try_from(days_from_civil(y, m, d)).ok()
+}
+
+/// Rows reported by line number, at most.
+pub const IMPORT_EXAMPLES_MAX: usize = 5;
+
+/// What an import read.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ImportReport {
+    pub rows: u64,
+    /// Distinct devices imported.
+    pub devices: u64,
+    pub malformed: u64,
+    /// Rows of a device already listed (ranges merged).
+    pub duplicates: u64,
+    /// `(line, reason)` of the first malformed rows.
+    pub examples: Vec<(u64, String)>,
+    pub seconds: f64,
+}
+
+/// A history file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("device history {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("device history {path}: the header must be `did,first_day,last_day`, found {found:?}")]
+    Header { path: PathBuf, found: String },
+    #[error("device history {path}: none of its {rows} rows parses (first: {examples})")]
+    NothingParsed { path: PathBuf, rows: u64, examples: String },
+}
+
+/// Reads a history snapshot into one table per shard (device ranges cut
+/// like the shards': fast range of the fingerprint over `shards`).
+/// `dir`: where file-backed tables live (`history-S` in it), else anonymous.
+pub fn import(
+    path: &Path,
+    shards: usize,
+    dir: Option<&Path>,
+) -> Result<(Vec<DeviceHistory>, ImportReport), HistoryError> {
+    let started = Instant::now();
+    let err = |source| HistoryError::Read { path: path.to_owned(), source };
+    let data = std::fs::read(path).map_err(err)?;
+    let mut lines = data.split(|&b| b == b'\n');
+    let header = lines.next().unwrap_or_default();
+    let header = header.strip_suffix(b"\r").unwrap_or(header);
+    if header != b"did,first_day,last_day" {
+        let found = String::from_utf8_lossy(header).into_owned();
+        return Err(HistoryError::Header { path: path.to_owned(), found });
+    }
+    // ~30 bytes a row: size the tables once for the whole file.
+    let expected = data.len() / 30 / shards.max(1);
+    let mut tables = (0..shards)
+        .map(|s| DeviceHistory::create(dir.map(|d| d.join(format!("history-{s}"))), "history".into(), expected))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(err)?;
+    let mut report = ImportReport::default();
+    let mut quoted = csv::ByteRecord::new();
+    // Rows are parsed a batch ahead of their inserts, whose home slots are
+    // prefetched meanwhile: the inserts' cache misses overlap.
+    let mut batch: Vec<(usize, u64, u32, u32)> = Vec::with_capacity(IMPORT_BATCH_ROWS);
+    for (i, line) in lines.enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        report.rows += 1;
+        let parsed = if line.contains(&b'"') { quoted_row(line, &mut quoted) } else { plain_row(line) };
+        let (did, first, last) = match parsed {
+            Ok(r) => r,
+            Err(why) => {
+                malformed(&mut report, i as u64 + 2, why);
+                continue;
+            }
+        };
+        let fp = xxhash_rust::xxh3::xxh3_64(did);
+        let shard = ((fp as u128 * shards as u128) >> 64) as usize;
+        tables[shard].prefetch(fp);
+        batch.push((shard, fp, first, last));
+        if batch.len() == IMPORT_BATCH_ROWS {
+            insert(&mut tables, &mut batch, &mut report).map_err(err)?;
+        }
+    }
+    insert(&mut tables, &mut batch, &mut report).map_err(err)?;
+    report.devices = tables.iter().map(|t| t.len() as u64).sum();
+    report.seconds = started.elapsed().as_secs_f64();
+    if report.rows > 0 && report.devices == 0 {
+        let examples: Vec<String> = report.examples.iter().map(|(l, r)| format!("line {l}: {r}")).collect();
+        return Err(HistoryError::NothingParsed {
+            path: path.to_owned(),
+            rows: report.rows,
+            examples: examples.join("; "),
+        });
+    }
+    Ok((tables, report))
+}
+
+/// Rows parsed ahead of their inserts.
+const IMPORT_BATCH_ROWS: usize = 16;
+
+fn insert(
+    tables: &mut [DeviceHistory],
+    batch: &mut Vec<(usize, u64, u32, u32)>,
+    report: &mut ImportReport,
+) -> io::Result<()> {
+    for (shard, fp, first, last) in batch.drain(..) {
+        if tables[shard].merge(fp, first, last)? {
+            report.duplicates += 1;
+        }
+    }
+    Ok(())
+}
+
+fn malformed(report: &mut ImportReport, line: u64, why: String) {
+    report.malformed += 1;
+    if report.examples.len() < IMPORT_EXAMPLES_MAX {
+        report.examples.push((line, why));
+    }
+}
+
+/// A row without quotes: `did,first,last`.
+fn plain_row(line: &[u8]) -> Result<(&[u8], u32, u32), String> {
+    let mut it = line.split(|&b| b == b',');
+    let (Some(did), Some(first), Some(last), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        return Err(format!("{} fields, expected 3", line.split(|&b| b == b',').count()));
+    };
+    fields(did, first, last)
+}
+
+/// A row with a quoted field, read by the CSV parser (one line: a device
+/// id holding a line break is not supported).
+fn quoted_row<'a>(line: &[u8], rec: &'a mut csv::ByteRecord) -> Result<(&'a [u8], u32, u32), String> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).from_reader(line);
+    match rdr.read_byte_record(rec) {
+        Ok(true) if rec.len() == 3 => fields(&rec[0], &rec[1], &rec[2]),
+        Ok(true) => Err(format!("{} fields, expected 3", rec.len())),
+        Ok(false) => Err("empty row".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn fields<'a>(did: &'a [u8], first: &[u8], last: &[u8]) -> Result<(&'a [u8], u32, u32), String> {
+    if did.is_empty() {
+        return Err("empty did".into());
+    }
+    let day = |text: &[u8], name: &str| {
+        parse_day(text).ok_or_else(|| {
+            format!("{name} {:?} is not a date YYYY-MM-DD in {YEAR_MIN}..={YEAR_MAX}", String::from_utf8_lossy(text))
+        })
+    };
+    let (first, last) = (day(first, "first_day")?, day(last, "last_day")?);
+    if first > last {
+        return Err("first_day is after last_day".into());
+    }
+    Ok((did, first, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_parse_strictly() {
+        assert_eq!(parse_day(b"1970-01-02"), None, "before 2000");
+        assert_eq!(parse_day(b"2026-02-16"), Some(20_500));
+        assert_eq!(parse_day(b"2024-02-29"), Some(19_782));
+        assert_eq!(parse_day(b"2025-02-29"), None);
+        assert_eq!(parse_day(b"2026-13-01"), None);
+        assert_eq!(parse_day(b"2026-2-16"), None);
+        assert_eq!(parse_day(b"2026-02-16 "), None);
+    }
+
+    #[test]
+    fn import_counts_bad_rows_and_merges_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices.csv");
+        let text = "did,first_day,last_day\n\
+                    a,2026-01-01,2026-02-01\n\
+                    b,2026-02-10,2026-01-01\n\
+                    \"c,1\",2025-12-31,2026-02-15\n\
+                    a,2025-06-01,2026-01-15\n\
+                    d,yesterday,2026-01-01\n\
+                    e,2026-01-01\n\
+                    7,2026-01-05,2026-01-06\n";
+        std::fs::write(&p, text).unwrap();
+        let (tables, r) = import(&p, 2, None).unwrap();
+        assert_eq!((r.rows, r.devices, r.malformed, r.duplicates), (7, 3, 3, 1));
+        let lines: Vec<u64> = r.examples.iter().map(|e| e.0).collect();
+        assert_eq!(lines, [3, 6, 7]);
+        let find = |did: &str| {
+            let fp = xxhash_rust::xxh3::xxh3_64(did.as_bytes());
+            tables.iter().find_map(|t| t.get(fp))
+        };
+        let a = find("a").unwrap();
+        assert_eq!((a.first_day, a.last_day), (parse_day(b"2025-06-01").unwrap(), parse_day(b"2026-02-01").unwrap()));
+        assert!(find("c,1").is_some() && find("7").is_some() && find("b").is_none());
+    }
+
+    #[test]
+    fn import_refuses_a_file_where_nothing_parses_or_the_header_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices.csv");
+        std::fs::write(&p, "did,first_day,last_day\na,x,y\n").unwrap();
+        assert!(matches!(import(&p, 1, None), Err(HistoryError::NothingParsed { rows: 1, .. })));
+        std::fs::write(&p, "device,first,last\na,2026-01-01,2026-01-01\n").unwrap();
+        assert!(matches!(import(&p, 1, None), Err(HistoryError::Header { .. })));
+        std::fs::write(&p, "did,first_day,last_day\n").unwrap();
+        assert_eq!(import(&p, 1, None).unwrap().1.devices, 0);
+    }
+}
