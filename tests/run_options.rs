@@ -32,7 +32,8 @@ fn emit_changed_writes_exactly_the_keys_that_changed() {
     }
 }
 
-/// Dedup tables as memory-mapped files under `--state-dir`, and `pread`
+/// Dedup tables as memory-mapped files under `--state-dir`
+/// (`state_tables = "mapped"`), and `pread`
 /// instead of io_uring (`TALLY_IO_URING=0`), give byte-identical rows.
 #[test]
 fn state_dir_and_plain_reads_give_the_same_rows() {
@@ -40,7 +41,7 @@ fn state_dir_and_plain_reads_give_the_same_rows() {
     let files = generate(&dir.path().join("data"), gen_options(EVENTS));
     let def = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version());
     let plain = def.write(dir.path(), "plain");
-    let mapped = def.write(dir.path(), "mapped");
+    let mapped = def.clone().job_line("state_tables = \"mapped\"").write(dir.path(), "mapped");
     let pread = def.write(dir.path(), "pread");
     run(&plain, 2).ok();
 

@@ -161,6 +161,11 @@ pub struct Job {
     /// Time between checkpoints (with a state directory); 0 checkpoints
     /// only at the end and when stopped by a signal.
     pub checkpoint_interval_ms: i64,
+    /// With a state directory: keep the tables the run works on as
+    /// memory-mapped files under it (state larger than memory pages to
+    /// disk) instead of anonymous memory with huge pages (faster; the
+    /// checkpoints are what a restart reads either way).
+    pub state_tables_mapped: bool,
     pub sources: Vec<SourceSpec>,
     pub metrics: Vec<MetricSpec>,
     pub sinks: Vec<SinkSpec>,

@@ -34,6 +34,7 @@ struct RawJobSection {
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
     checkpoint_interval: Option<String>,
+    state_tables: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,7 +140,21 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
         None => super::CHECKPOINT_INTERVAL_DEFAULT_MS,
         Some(t) => parse_duration_ms(t).map_err(|e| invalid("job.checkpoint_interval", &e))?,
     };
-    Ok(Job { timezone_offset_ms, workers, state_dir, checkpoint_interval_ms, sources, metrics, sinks })
+    let state_tables_mapped = match raw.job.state_tables.as_deref().unwrap_or("memory") {
+        "memory" => false,
+        "mapped" => true,
+        other => return Err(invalid("job.state_tables", format!("unknown value {other:?} (expected memory, mapped)"))),
+    };
+    Ok(Job {
+        timezone_offset_ms,
+        workers,
+        state_dir,
+        checkpoint_interval_ms,
+        state_tables_mapped,
+        sources,
+        metrics,
+        sinks,
+    })
 }
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {

@@ -107,9 +107,10 @@ impl Resume {
     /// watermark bases, line counts) and builds the shards, rebuilding
     /// their tables in parallel.
     pub fn place(&self, sh: &Shared) -> Result<Vec<Shard>, CheckpointError> {
-        let live = self.state.live();
+        let live = sh.job.state_tables_mapped.then(|| self.state.live());
+        let live = live.as_deref();
         let Some(m) = &self.manifest else {
-            return Ok((0..sh.mesh.n).map(|w| Shard::new(w, sh, Some(&live), true)).collect());
+            return Ok((0..sh.mesh.n).map(|w| Shard::new(w, sh, live, true)).collect());
         };
         sh.next_task.store(m.input.next_task, Ordering::Relaxed);
         for (s, cut) in m.input.sources.iter().enumerate() {
@@ -127,9 +128,9 @@ impl Resume {
                 .iter()
                 .enumerate()
                 .map(|(w, saved)| {
-                    let (live, ckpt) = (&live, &ckpt);
+                    let ckpt = &ckpt;
                     scope.spawn(move || {
-                        let mut shard = Shard::new(w, sh, Some(live), true);
+                        let mut shard = Shard::new(w, sh, live, true);
                         shard.restore(saved, ckpt).map(|()| shard)
                     })
                 })
