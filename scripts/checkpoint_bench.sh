@@ -17,7 +17,7 @@
 # The job: page_uv (views by page: pv, uv) and total_uv (all events: pv, uv),
 # CUMULATE 1 min / 1 day, +08:00. Overhead runs, each with a fresh state dir:
 #   (a) no state dir                                 (dedup tables in anonymous memory)
-#   (b) --state-dir, checkpoint_interval = "0"      (tables in files; one checkpoint at the end)
+#   (b) --state-dir, checkpoint_interval = "0"      (one checkpoint, at the end)
 #   (c) --state-dir, checkpoint_interval = "10s"
 #   (d) --state-dir, checkpoint_interval = "2s"
 # Restart: (c) (checkpoint_interval = --restart-interval) stopped at --kill-at of its duration with SIGTERM (must exit 0
