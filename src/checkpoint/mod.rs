@@ -10,7 +10,7 @@
 //! MANIFEST                  the current checkpoint: JSON, then a line `xxh3:<hex>`
 //! live/shard-S/…            the dedup tables the run works on (memory-mapped)
 //! ckpt/sS-mM-pP-gG.base     a table's slots at checkpoint G
-//! ckpt/sS-mM-pP-gG.delta    (slot, entry) records changed since the previous one
+//! ckpt/sS-mM-pP-gG.delta    the entries changed since the previous checkpoint
 //! ckpt/gG-sS.shard          a shard's open slices, progress and table chains
 //! ckpt/gG.meta              emitter state, per-source counters, line counts
 //! ckpt/dict-mM.log          a metric's group keys, appended at each checkpoint

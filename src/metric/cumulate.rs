@@ -130,6 +130,8 @@ impl SliceCols {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Chain {
     pub base: FileRef,
+    /// Slots in the base (the table may have grown since).
+    pub base_capacity: u64,
     pub deltas: Vec<FileRef>,
 }
 
@@ -151,6 +153,7 @@ struct OpenTable {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TableSaved {
     pub period: u32,
+    /// Slots of the chain's base.
     pub capacity: u64,
     pub len: u64,
     pub chain: Chain,
@@ -351,14 +354,15 @@ impl CumulateShard {
                     let file = format!("{stem}.base");
                     let w = t.table.write_base(&dir.join(&file))?;
                     written += w.bytes;
-                    let chain = Chain { base: FileRef::new(file, w), deltas: Vec::new() };
+                    let base_capacity = t.table.capacity() as u64;
+                    let chain = Chain { base: FileRef::new(file, w), base_capacity, deltas: Vec::new() };
                     t.chain = Some(chain.clone());
                     chain
                 }
             };
             tables.push(TableSaved {
                 period: t.period,
-                capacity: t.table.capacity() as u64,
+                capacity: chain.base_capacity,
                 len: t.table.len() as u64,
                 chain,
             });

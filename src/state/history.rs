@@ -48,6 +48,11 @@ impl Slot for HistEntry {
     fn hash(&self) -> u64 {
         mix(self.device_fp)
     }
+
+    #[inline]
+    fn same_key(&self, other: &HistEntry) -> bool {
+        self.device_fp == other.device_fp
+    }
 }
 
 /// The history table of one shard.

@@ -9,9 +9,9 @@
 //!
 //! Checkpoints: with [`Table::track_changes`] on, every slot written sets one
 //! bit in a bitmap (a bit per slot), so a checkpoint writes only the slots
-//! that changed since the last one (a delta of `(slot u64, entry)`
-//! records) or, after a growth moved every entry, the whole table (a
-//! base). [`Table::restore`] reads a base back and applies its deltas in
+//! that changed since the last one (a delta: the changed entries, which
+//! stay marked when a growth moves them) or the whole table (a base).
+//! [`Table::restore`] reads a base back and upserts its deltas' entries in
 //! order.
 
 use std::fs::{File, OpenOptions};
@@ -37,6 +37,8 @@ pub trait Slot: Pod {
     fn is_empty(&self) -> bool;
     /// The mixed hash of the slot's key (decides its home slot).
     fn hash(&self) -> u64;
+    /// Whether two slots hold the same key.
+    fn same_key(&self, other: &Self) -> bool;
 }
 
 /// Bytes and xxh3-64 of a file written for a checkpoint.
@@ -77,8 +79,8 @@ pub fn home(h: u64, capacity: usize) -> usize {
 }
 
 impl<E: Slot> Table<E> {
-    /// Bytes of one delta record: the slot index, then the entry.
-    pub const DELTA_RECORD_BYTES: usize = 8 + E::BYTES;
+    /// Bytes of one delta record: the changed entry itself.
+    pub const DELTA_RECORD_BYTES: usize = E::BYTES;
 
     /// Grows first if one more entry would pass the load limit.
     #[inline]
@@ -186,22 +188,25 @@ impl<E: Slot> Table<E> {
                 map_file(dir, name, *generation, capacity * E::BYTES)?
             }
         };
+        // Changed entries stay marked where they move: deltas hold entries,
+        // not slots, so a growth does not force a base.
+        let mut dirty = if self.dirty.is_empty() { Vec::new() } else { vec![0u64; capacity.div_ceil(64)] };
         {
             let new: &mut [E] = bytemuck::cast_slice_mut(&mut map[..capacity * E::BYTES]);
-            for e in self.entries().iter().filter(|e| !e.is_empty()) {
+            for (j, e) in self.entries().iter().enumerate().filter(|(_, e)| !e.is_empty()) {
                 let mut i = home(e.hash(), capacity);
                 while !new[i].is_empty() {
                     i = if i + 1 == capacity { 0 } else { i + 1 };
                 }
                 new[i] = *e;
+                if self.dirty.get(j / 64).is_some_and(|w| w & (1 << (j % 64)) != 0) {
+                    dirty[i / 64] |= 1 << (i % 64);
+                }
             }
         }
         self.map = map;
         self.capacity = capacity;
-        self.moved = true;
-        if !self.dirty.is_empty() {
-            self.track_changes();
-        }
+        self.dirty = dirty;
         if let Backing::File { dir, name, generation } = &self.backing {
             let _ = std::fs::remove_file(file_path(dir, name, *generation - 1));
         }
@@ -222,9 +227,9 @@ impl<E: Slot> Table<E> {
         Ok(written)
     }
 
-    /// Writes the slots changed since the last checkpoint to `path` (a
-    /// delta) and clears the change bitmap. Must follow a base of this
-    /// capacity ([`Table::changes`] is `Some`).
+    /// Writes the entries changed since the last checkpoint to `path` (a
+    /// delta) and clears the change bitmap. Must follow a base
+    /// ([`Table::changes`] is `Some`).
     pub fn write_delta(&mut self, path: &Path) -> io::Result<Written> {
         assert!(!self.moved, "a delta needs a base of the same layout");
         let mut out: Vec<u8> = Vec::with_capacity(self.changes().unwrap_or(0) * Self::DELTA_RECORD_BYTES);
@@ -234,7 +239,6 @@ impl<E: Slot> Table<E> {
             while bits != 0 {
                 let slot = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                out.extend_from_slice(&(slot as u64).to_le_bytes());
                 out.extend_from_slice(bytemuck::bytes_of(&entries[slot]));
             }
         }
@@ -266,29 +270,50 @@ impl<E: Slot> Table<E> {
         if xxhash_rust::xxh3::xxh3_64(bytes) != base.1.xxh3 {
             return Err(corrupt(base.0, "checksum mismatch"));
         }
+        t.len = t.entries().iter().filter(|e| !e.is_empty()).count();
         for (path, w) in deltas {
             let mut buf = vec![0u8; w.bytes as usize];
             read_exactly(path, &mut buf)?;
             if !buf.len().is_multiple_of(Self::DELTA_RECORD_BYTES) || xxhash_rust::xxh3::xxh3_64(&buf) != w.xxh3 {
                 return Err(corrupt(path, "checksum mismatch"));
             }
-            let entries = t.entries_mut();
             for r in buf.chunks_exact(Self::DELTA_RECORD_BYTES) {
-                let slot = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
-                let Some(slot) = usize::try_from(slot).ok().filter(|&s| s < capacity) else {
-                    return Err(corrupt(path, "slot outside the table"));
-                };
-                entries[slot] = bytemuck::pod_read_unaligned(&r[8..]);
+                let e: E = bytemuck::pod_read_unaligned(r);
+                if e.is_empty() {
+                    return Err(corrupt(path, "an empty entry"));
+                }
+                t.upsert(e)?;
             }
         }
         let held = t.entries().iter().filter(|e| !e.is_empty()).count();
-        if held != len {
+        if held != len || t.len != len {
             return Err(corrupt(base.0, &format!("holds {held} entries, the checkpoint says {len}")));
         }
-        t.len = len;
         t.moved = false;
         t.track_changes();
         Ok(t)
+    }
+}
+
+impl<E: Slot> Table<E> {
+    /// Inserts `e`, or overwrites the entry with its key.
+    fn upsert(&mut self, e: E) -> io::Result<()> {
+        self.reserve_one()?;
+        let capacity = self.capacity;
+        let mut i = home(e.hash(), capacity);
+        loop {
+            let slot = &mut self.entries_mut()[i];
+            if slot.is_empty() {
+                *slot = e;
+                self.len += 1;
+                return Ok(());
+            }
+            if slot.same_key(&e) {
+                *slot = e;
+                return Ok(());
+            }
+            i = if i + 1 == capacity { 0 } else { i + 1 };
+        }
     }
 }
 
