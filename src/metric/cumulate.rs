@@ -243,24 +243,26 @@ impl CumulateShard {
             }
         }
         let period = self.geo.period_of_slice(slice);
-        let i = match self.tables.iter().position(|t| t.period == period) {
-            Some(i) => i,
-            None => {
-                // Days look alike: size a new day's table like the largest
-                // one this shard holds or held, instead of growing it again.
-                let expected = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(self.entries_seen_max);
-                let mut table =
-                    DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?;
-                if self.track {
-                    table.track_changes();
-                }
-                let at = self.tables.partition_point(|t| t.period < period);
-                self.tables.insert(at, OpenTable { period, table, chain: None });
-                at
-            }
-        };
+        // Days look alike: size a new day's table like the largest one this
+        // shard holds or held, instead of growing it again.
+        let expected = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(self.entries_seen_max);
+        let i = self.table_of_period(period, expected)?;
         self.table_hit = Some((slice, i));
         Ok(i)
+    }
+
+    /// Index of `period`'s table, created for `expected` entries if new.
+    fn table_of_period(&mut self, period: u32, expected: usize) -> io::Result<usize> {
+        if let Some(i) = self.tables.iter().position(|t| t.period == period) {
+            return Ok(i);
+        }
+        let mut table = DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?;
+        if self.track {
+            table.track_changes();
+        }
+        let at = self.tables.partition_point(|t| t.period < period);
+        self.tables.insert(at, OpenTable { period, table, chain: None });
+        Ok(at)
     }
 
     /// Hints the dedup probe of a coming record.
@@ -407,6 +409,64 @@ impl CumulateShard {
     }
 }
 
+/// Re-sharding: moves this metric's state from shards cut for one worker
+/// count into shards cut for another (same geometry, same watermark
+/// `wm_ms`). Every (device, key) entry goes to the shard that owns its
+/// fingerprint now; an open slice's `uv` counts exactly the entries whose
+/// first slice it is (late events are only ever moved into open slices), so
+/// it is recounted from the entries; `pv` and the counters are sums and land
+/// in the first shard.
+pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i64) -> io::Result<()> {
+    let n = new.len();
+    // Entries arrive in hash order: tables must be sized for all of them
+    // first, or the first ones would all share the few home slots of a
+    // small table (quadratic probing).
+    let mut per_period: std::collections::BTreeMap<u32, usize> = Default::default();
+    for t in old.iter().flat_map(|o| &o.tables) {
+        *per_period.entry(t.period).or_default() += t.table.len();
+    }
+    for (&period, &total) in &per_period {
+        for target in new.iter_mut() {
+            target.table_of_period(period, total / n + total / (4 * n) + 64)?;
+        }
+    }
+    for o in old {
+        for t in &o.tables {
+            let open = |slice: u32| o.geo.slice_end_ms(slice) > wm_ms;
+            for e in t.table.entries().iter().filter(|e| e.first_slice != 0) {
+                let j = ((e.device_fp as u128 * n as u128) >> 64) as usize;
+                let target = &mut *new[j];
+                let ti = target.table_of_period(t.period, 0)?;
+                let seen = target.tables[ti].table.observe(e.device_fp, e.key, e.first_slice)?;
+                debug_assert_eq!(seen, Seen::New, "shards own disjoint devices");
+                if open(e.first_slice) {
+                    let i = target.slice_index(e.first_slice);
+                    let c = &mut target.slices[i];
+                    c.fit(e.key as usize);
+                    c.uv[e.key as usize] += 1;
+                }
+            }
+        }
+        let first = &mut *new[0];
+        for c in &o.slices {
+            let i = first.slice_index(c.slice);
+            let into = &mut first.slices[i];
+            into.fit(c.pv.len().saturating_sub(1));
+            for (k, &pv) in c.pv.iter().enumerate() {
+                into.pv[k] += pv;
+            }
+        }
+        first.entries_seen_max = first.entries_seen_max.max(o.entries_seen_max);
+        first.closed_bytes += o.closed_bytes;
+        first.closed_entries += o.closed_entries;
+    }
+    for t in new.iter_mut() {
+        t.table_hit = None;
+        t.last_hit = 0;
+    }
+    Ok(())
+}
+
 /// Cumulative values of one period at the emitter.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Period {
@@ -477,7 +537,8 @@ impl CumulateEmitter {
     /// Adds one shard's shipped slice.
     pub fn add(&mut self, cols: &SliceCols) {
         let s = cols.slice;
-        if cols.pv.iter().all(|&p| p == 0) {
+        // (After re-sharding a shard may ship uv without pv.)
+        if cols.pv.iter().all(|&p| p == 0) && cols.uv.iter().all(|&u| u == 0) {
             return;
         }
         let (pv, uv) = self.pending.entry(s).or_default();

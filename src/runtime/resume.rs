@@ -1,10 +1,11 @@
 //! Opening a state directory: resume from its checkpoint, or start fresh.
 //!
 //! Everything is checked before any thread starts: the manifest's
-//! checksum, that the job computes the same things, that the run has as
-//! many shards, that the input files already read are unchanged, and every
-//! checkpoint file's size and checksum. A mismatch is refused with what
-//! differs; nothing is ever silently mixed.
+//! checksum, that the job computes the same things, that the input files
+//! already read are unchanged, and every checkpoint file's size and
+//! checksum. A mismatch is refused with what differs; nothing is ever
+//! silently mixed. A checkpoint cut into another number of shards (another
+//! worker count) is re-sharded: exact, since shards only partition devices.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -51,26 +52,26 @@ pub(crate) fn open(job: &Job, plan: &Plan, dir: &Path) -> Result<Resume, Checkpo
             diffs.join("; ")
         )));
     }
-    if m.workers != job.workers {
-        return Err(refuse(format!(
-            "its checkpoint was cut into {} shards (device ranges follow the worker count); run with --workers {}",
-            m.workers, m.workers
-        )));
-    }
     check_input(&m, plan).map_err(|why| {
         refuse(format!("input changed since its checkpoint: {why}; restore the input, or use a new state directory"))
     })?;
     state.check_tables(&m)?;
     let meta: MetaSaved = state.read_saved(&m.meta)?;
     let shards: Vec<ShardSaved> = m.shards.iter().map(|f| state.read_saved(f)).collect::<Result<_, _>>()?;
-    let shape_ok = shards.len() == job.workers
+    let mut meta = meta;
+    let shape_ok = shards.len() == m.workers
         && meta.emitters.len() == job.metrics.len()
-        && meta.shard_wm.len() == job.workers
+        && meta.shard_wm.len() == m.workers
         && meta.line_counts.len() == m.input.next_task
         && m.dicts.len() == job.metrics.len()
         && m.sinks.len() == job.sinks.len();
     if !shape_ok {
         return Err(state.corrupt(&m.meta.file, "does not match the manifest's job"));
+    }
+    if m.workers != job.workers {
+        // Re-sharded in `place`: every shard stood at the same cut.
+        let wm = meta.shard_wm.iter().copied().min().unwrap_or(i64::MIN);
+        meta.shard_wm = vec![wm; job.workers];
     }
     let mut dict_logs = Vec::new();
     let mut dicts = Vec::new();
@@ -122,6 +123,7 @@ impl Resume {
             c.store(n, Ordering::Relaxed);
         }
         let ckpt = self.state.ckpt();
+        let resharding = self.shards.len() != sh.mesh.n;
         let built: Vec<std::io::Result<Shard>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .shards
@@ -129,8 +131,10 @@ impl Resume {
                 .enumerate()
                 .map(|(w, saved)| {
                     let ckpt = &ckpt;
+                    // Shards of another worker count are rebuilt in memory, then re-sharded.
+                    let live = if resharding { None } else { live };
                     scope.spawn(move || {
-                        let mut shard = Shard::new(w, sh, live, true);
+                        let mut shard = Shard::new(w, sh, live, !resharding);
                         shard.restore(saved, ckpt).map(|()| shard)
                     })
                 })
@@ -140,6 +144,14 @@ impl Resume {
                 .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("a shard panicked while restoring"))))
                 .collect()
         });
+        if resharding {
+            let old =
+                built.into_iter().collect::<std::io::Result<Vec<Shard>>>().map_err(|e| self.state.table_error(e))?;
+            let mut new: Vec<Shard> = (0..sh.mesh.n).map(|w| Shard::new(w, sh, live, true)).collect();
+            Shard::reshard(&old, &mut new).map_err(|e| self.state.table_error(e))?;
+            eprintln!("tally: checkpoint of {} shards re-sharded into {}", old.len(), new.len());
+            return Ok(new);
+        }
         built.into_iter().map(|r| r.map_err(|e| self.state.table_error(e))).collect()
     }
 }

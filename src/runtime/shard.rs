@@ -117,6 +117,29 @@ impl Shard {
         Ok(())
     }
 
+    /// Re-sharding: moves the state of `old` shards (another worker count,
+    /// all at the same cut) into these fresh ones.
+    pub fn reshard(old: &[Shard], new: &mut [Shard]) -> io::Result<()> {
+        let Some(first) = old.first() else {
+            return Ok(());
+        };
+        for m in 0..first.metrics.len() {
+            let olds: Vec<&CumulateShard> = old.iter().map(|o| &o.metrics[m]).collect();
+            let mut news: Vec<&mut CumulateShard> = new.iter_mut().map(|s| &mut s.metrics[m]).collect();
+            crate::metric::cumulate::reshard(&olds, &mut news, first.wm_ms)?;
+        }
+        for s in new.iter_mut() {
+            for (p, q) in s.progress.iter_mut().zip(&first.progress) {
+                p.next_seq = q.next_seq;
+                p.wm_ms = q.wm_ms;
+            }
+            s.wm_ms = first.wm_ms;
+        }
+        new[0].state_bytes_max = old.iter().map(|o| o.state_bytes_max).sum();
+        new[0].dedup_entries_max = old.iter().map(|o| o.dedup_entries_max).sum();
+        Ok(())
+    }
+
     /// Whether exactly `blocks[s]` blocks of every source `s` are in (and
     /// nothing past them): the shard stands at that cut.
     pub fn at_cut(&self, blocks: &[u32]) -> bool {
