@@ -59,11 +59,19 @@ pub(crate) struct CutReport {
     written: ShardCheckpoint,
     /// The worker's router counters up to the cut (since this process started).
     stats: Vec<SourceStats>,
+    /// Seconds to reach the cut, then to write the shard's part.
+    timing: (f64, f64),
 }
 
 impl CutReport {
-    pub fn new(shard: usize, cut: &CutRequest, written: ShardCheckpoint, stats: Vec<SourceStats>) -> CutReport {
-        CutReport { shard, epoch: cut.epoch, written, stats }
+    pub fn new(
+        shard: usize,
+        cut: &CutRequest,
+        written: ShardCheckpoint,
+        stats: Vec<SourceStats>,
+        timing: (f64, f64),
+    ) -> CutReport {
+        CutReport { shard, epoch: cut.epoch, written, stats, timing }
     }
 }
 
@@ -304,6 +312,8 @@ impl<'a> Coordinator<'a> {
         let mut new_files = Vec::new();
         let mut bytes = 0;
         for r in &p.reports {
+            self.report.drain_seconds_max = self.report.drain_seconds_max.max(r.timing.0);
+            self.report.shard_write_seconds_max = self.report.shard_write_seconds_max.max(r.timing.1);
             merge_stats(&mut stats, &r.stats);
             shards.push(r.written.file.clone());
             tables.extend(r.written.tables.iter().cloned());

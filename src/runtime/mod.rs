@@ -193,6 +193,11 @@ pub struct CheckpointReport {
     pub generation: Option<u64>,
     /// Longest time routers were paused for a cut.
     pub pause_seconds_max: f64,
+    /// Of a pause, the longest a worker took to finish its blocks before
+    /// the cut (from seeing the request) ...
+    pub drain_seconds_max: f64,
+    /// ... and to write its shard's part.
+    pub shard_write_seconds_max: f64,
     /// Longest time from pause to committed manifest.
     pub seconds_max: f64,
     pub seconds_total: f64,
@@ -225,11 +230,13 @@ impl RunSummary {
             let c = &self.checkpoints;
             writeln!(
                 w,
-                "tally: {} checkpoint(s), last {g}{}; longest {:.3} s (routers paused {:.3} s), {} bytes written",
+                "tally: {} checkpoint(s), last {g}{}; longest {:.3} s (routers paused {:.3} s: drain {:.3}, shard writes {:.3}), {} bytes written",
                 c.count,
                 if self.stopped { " (stopped by a signal; run again to resume)" } else { "" },
                 c.seconds_max,
                 c.pause_seconds_max,
+                c.drain_seconds_max,
+                c.shard_write_seconds_max,
                 c.bytes_written
             )?;
         }
@@ -346,14 +353,20 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
     let mut idle_since: Option<Instant> = None;
     let mut idle = Duration::ZERO;
     let mut cut_done = 0;
+    let mut cut_seen: Option<Instant> = None;
     let result: io::Result<()> = (|| {
         while !sh.abort.load(Ordering::Relaxed) {
             let a = shard.poll(sh, &tx)?;
             let b = if router.done() { false } else { router.step(sh)? };
             if let Some(cut) = sh.cut_wanted(cut_done) {
+                let seen = *cut_seen.get_or_insert_with(Instant::now);
                 if router.idle() && shard.at_cut(&cut.blocks) {
+                    let drained = seen.elapsed();
+                    let t = Instant::now();
                     let written = shard.checkpoint(&cut.dir, cut.generation)?;
-                    let report = CutReport::new(w, &cut, written, router.stats.clone());
+                    let timing = (drained.as_secs_f64(), t.elapsed().as_secs_f64());
+                    cut_seen = None;
+                    let report = CutReport::new(w, &cut, written, router.stats.clone(), timing);
                     let _ = tx.send(ToEmitter::Cut(Box::new(report)));
                     cut_done = cut.epoch;
                     if cut.stop {
