@@ -41,8 +41,8 @@ const TICK: Duration = Duration::from_millis(20);
 
 /// The cut workers are asked to reach.
 pub(crate) struct CutRequest {
-    /// Unique per request (the generation it will commit as).
-    pub epoch: u64,
+    /// The generation it will commit as (unique per request: it also
+    /// tells workers a new cut is asked for).
     pub generation: u64,
     /// Blocks of each source before the cut.
     pub blocks: Vec<u32>,
@@ -55,7 +55,7 @@ pub(crate) struct CutRequest {
 /// One worker's part of a checkpoint.
 pub(crate) struct CutReport {
     shard: usize,
-    epoch: u64,
+    generation: u64,
     written: ShardCheckpoint,
     /// The worker's router counters up to the cut (since this process started).
     stats: Vec<SourceStats>,
@@ -71,7 +71,7 @@ impl CutReport {
         stats: Vec<SourceStats>,
         timing: (f64, f64),
     ) -> CutReport {
-        CutReport { shard, epoch: cut.epoch, written, stats, timing }
+        CutReport { shard, generation: cut.generation, written, stats, timing }
     }
 }
 
@@ -276,7 +276,7 @@ impl<'a> Coordinator<'a> {
             blocks[t.source] += 1;
         }
         let generation = ck.generation + 1;
-        let req = Arc::new(CutRequest { epoch: generation, generation, blocks, stop, dir: ck.state.ckpt() });
+        let req = Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt() });
         *sh.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.clone());
         sh.cut_epoch.store(generation, Ordering::Release);
         ck.pending = Some(Pending { req, task, started, reports: Vec::new() });
@@ -293,7 +293,7 @@ impl<'a> Coordinator<'a> {
         let Some(p) = &mut ck.pending else {
             return Ok(());
         };
-        debug_assert_eq!(r.epoch, p.req.epoch, "a cut report from another checkpoint");
+        debug_assert_eq!(r.generation, p.req.generation, "a cut report from another checkpoint");
         p.reports.push(r);
         if p.reports.len() < sh.mesh.n {
             return Ok(());

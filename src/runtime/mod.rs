@@ -67,7 +67,7 @@ pub(crate) struct Shared {
     /// [`PAUSED`] set while a checkpoint's cut is taken.
     pub next_task: AtomicUsize,
     pub abort: AtomicBool,
-    /// The checkpoint cut workers are asked to reach, and its epoch (0: none yet).
+    /// The checkpoint cut workers are asked to reach, and its generation (0: none yet).
     pub cut: Mutex<Option<Arc<CutRequest>>>,
     pub cut_epoch: AtomicU64,
 }
@@ -114,7 +114,7 @@ impl Shared {
         if self.cut_epoch.load(Ordering::Acquire) == done_epoch {
             return None;
         }
-        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|c| c.epoch != done_epoch)
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|c| c.generation != done_epoch)
     }
 }
 
@@ -368,7 +368,7 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
                     cut_seen = None;
                     let report = CutReport::new(w, &cut, written, router.stats.clone(), timing);
                     let _ = tx.send(ToEmitter::Cut(Box::new(report)));
-                    cut_done = cut.epoch;
+                    cut_done = cut.generation;
                     if cut.stop {
                         return Ok(());
                     }

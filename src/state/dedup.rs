@@ -71,15 +71,7 @@ impl DedupTable {
     /// Hints the CPU to load the home slot of (device, key).
     #[inline]
     pub fn prefetch(&self, device_fp: u64, key: u32) {
-        let i = home(mix(device_fp, key), self.capacity());
-        let p = self.entries()[i..].as_ptr();
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetch is a hint that never faults; `p` points into the map.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
+        self.prefetch_home(mix(device_fp, key));
     }
 
     /// Records that `device_fp` had an event with `key` in `slice`.

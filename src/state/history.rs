@@ -78,14 +78,7 @@ impl DeviceHistory {
     /// Hints the CPU to load a device's home slot.
     #[inline]
     pub fn prefetch(&self, device_fp: u64) {
-        let p = self.entries()[home(mix(device_fp), self.capacity())..].as_ptr();
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetch is a hint that never faults; `p` points into the map.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
+        self.prefetch_home(mix(device_fp));
     }
 
     /// Widens a device's range to include `first..=last` (inserting it if

@@ -82,6 +82,20 @@ impl<E: Slot> Table<E> {
     /// Bytes of one delta record: the changed entry itself.
     pub const DELTA_RECORD_BYTES: usize = E::BYTES;
 
+    /// Hints the CPU to load the home slot of hash `h`, so the cache
+    /// misses of a batch of probes overlap.
+    #[inline]
+    pub fn prefetch_home(&self, h: u64) {
+        let p = self.entries()[home(h, self.capacity)..].as_ptr();
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch is a hint that never faults; `p` points into the map.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
     /// Grows first if one more entry would pass the load limit.
     #[inline]
     pub(crate) fn reserve_one(&mut self) -> io::Result<()> {
