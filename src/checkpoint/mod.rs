@@ -63,6 +63,43 @@ impl FileRef {
     }
 }
 
+/// A checkpoint file copied out of the live state, held in memory until
+/// the checkpoint writer puts it on disk (so workers wait for a copy, not
+/// for the disk).
+pub struct PendingFile {
+    pub path: PathBuf,
+    pub bytes: Pending,
+}
+
+/// The bytes of a [`PendingFile`]: a table's copy, or encoded state.
+pub enum Pending {
+    Copy(crate::state::snapshot::Snapshot),
+    Encoded(Vec<u8>),
+}
+
+impl std::ops::Deref for Pending {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Pending::Copy(m) => m,
+            Pending::Encoded(v) => v,
+        }
+    }
+}
+
+impl PendingFile {
+    /// `value` encoded (postcard) as `dir/file`, with its reference.
+    pub fn saved<T: Serialize>(dir: &Path, file: String, value: &T) -> io::Result<(PendingFile, FileRef)> {
+        let bytes = postcard::to_stdvec(value).map_err(io::Error::other)?;
+        let r = FileRef { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&bytes), file: file.clone() };
+        Ok((PendingFile { path: dir.join(file), bytes: Pending::Encoded(bytes) }, r))
+    }
+
+    fn write(&self) -> io::Result<()> {
+        File::create(&self.path)?.write_all(&self.bytes)
+    }
+}
+
 /// The current checkpoint of a state directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -275,16 +312,51 @@ impl StateDir {
         }
     }
 
-    /// Writes a postcard file for the next checkpoint (not yet synced).
-    pub fn write_saved<T: Serialize>(&self, file: String, value: &T) -> Result<FileRef, CheckpointError> {
-        write_saved(&self.ckpt(), file.clone(), value).map_err(|e| self.io(format!("write {file}"), e))
+    /// A postcard file for the next checkpoint (see [`PendingFile::saved`]).
+    pub fn saved<T: Serialize>(&self, file: String, value: &T) -> Result<(PendingFile, FileRef), CheckpointError> {
+        PendingFile::saved(&self.ckpt(), file.clone(), value).map_err(|e| self.io(format!("encode {file}"), e))
     }
 
-    /// Makes `m` the current checkpoint: syncs `new_files` (paths), writes
-    /// the manifest atomically, then removes checkpoint files no longer named.
-    pub fn commit(&self, m: &Manifest, new_files: &[PathBuf]) -> Result<(), CheckpointError> {
+    /// Writes and commits checkpoints into this directory (from any thread).
+    pub fn committer(&self) -> Committer {
+        Committer { root: self.root.clone() }
+    }
+
+    /// See [`Committer::remove_unnamed`].
+    pub fn remove_unnamed(&self, m: Option<&Manifest>) {
+        self.committer().remove_unnamed(m)
+    }
+}
+
+/// The part of a state directory that writes checkpoints; cheap to hand
+/// to the checkpoint writer thread (the lock stays with [`StateDir`]).
+#[derive(Clone)]
+pub struct Committer {
+    root: PathBuf,
+}
+
+impl Committer {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn ckpt(&self) -> PathBuf {
+        self.root.join(CKPT_DIR)
+    }
+
+    fn io(&self, context: impl Into<String>, source: io::Error) -> CheckpointError {
+        CheckpointError::Io { dir: self.root.clone(), context: context.into(), source }
+    }
+
+    /// Makes `m` the current checkpoint: writes `files`, syncs them and
+    /// `sync` (paths written before), writes the manifest atomically, then
+    /// removes checkpoint files no longer named.
+    pub fn commit(&self, m: &Manifest, files: &[PendingFile], sync: &[PathBuf]) -> Result<(), CheckpointError> {
+        for f in files {
+            f.write().map_err(|e| self.io(format!("write {}", f.path.display()), e))?;
+        }
         crash_point("files-written", m.generation);
-        for p in new_files {
+        for p in files.iter().map(|f| &f.path).chain(sync) {
             sync_file(p).map_err(|e| self.io(format!("sync {}", p.display()), e))?;
         }
         sync_file(&self.ckpt()).map_err(|e| self.io("sync ckpt/", e))?;
@@ -340,13 +412,6 @@ pub fn crash_point(point: &str, generation: u64) {
             std::process::abort();
         }
     }
-}
-
-/// Writes `value` (postcard) to `dir/file`, not yet synced.
-pub fn write_saved<T: Serialize>(dir: &Path, file: String, value: &T) -> io::Result<FileRef> {
-    let bytes = postcard::to_stdvec(value).map_err(io::Error::other)?;
-    File::create(dir.join(&file))?.write_all(&bytes)?;
-    Ok(FileRef { file, bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&bytes) })
 }
 
 /// fsync a file or directory by path.

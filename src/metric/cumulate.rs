@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::FileRef;
+use crate::checkpoint::{FileRef, Pending, PendingFile};
 use crate::job::{Emit, Job, LatePolicy, Measure, MetricSpec};
 use crate::state::dedup::{DedupTable, Seen, DELTA_RECORD_BYTES};
+use crate::state::snapshot::SnapshotPool;
 
 use super::keys::KeyDict;
 
@@ -331,15 +332,23 @@ impl CumulateShard {
         self.tables.iter().map(|t| t.table.len()).sum()
     }
 
-    /// Writes what changed since the last checkpoint into `dir` (files
-    /// named `{prefix}-p{period}-g{generation}.base|.delta`) and returns
-    /// the state to record, with the bytes written.
-    pub fn checkpoint(&mut self, dir: &Path, prefix: &str, generation: u64) -> io::Result<(CumulateShardSaved, u64)> {
+    /// Copies what changed since the last checkpoint into `files` (to be
+    /// written as `dir/{prefix}-p{period}-g{generation}.base|.delta`) and
+    /// returns the state to record, with the bytes to write.
+    pub fn checkpoint(
+        &mut self,
+        dir: &Path,
+        prefix: &str,
+        generation: u64,
+        pool: &Arc<SnapshotPool>,
+        files: &mut Vec<PendingFile>,
+    ) -> io::Result<(CumulateShardSaved, u64)> {
         let mut written = 0;
         let mut tables = Vec::with_capacity(self.tables.len());
         for t in &mut self.tables {
             let stem = format!("{prefix}-p{}-g{generation}", t.period);
             let changes = t.table.changes();
+
             let chain = match (&mut t.chain, changes) {
                 (Some(chain), Some(0)) => chain.clone(),
                 (Some(chain), Some(n))
@@ -347,14 +356,16 @@ impl CumulateShard {
                         <= chain.base.bytes * DELTAS_PER_BASE_MAX_PER_MILLE =>
                 {
                     let file = format!("{stem}.delta");
-                    let w = t.table.write_delta(&dir.join(&file))?;
+                    let (bytes, w) = t.table.snapshot_delta(pool, generation)?;
+                    files.push(PendingFile { path: dir.join(&file), bytes: Pending::Copy(bytes) });
                     written += w.bytes;
                     chain.deltas.push(FileRef::new(file, w));
                     chain.clone()
                 }
                 _ => {
                     let file = format!("{stem}.base");
-                    let w = t.table.write_base(&dir.join(&file))?;
+                    let (bytes, w) = t.table.snapshot_base(pool, generation)?;
+                    files.push(PendingFile { path: dir.join(&file), bytes: Pending::Copy(bytes) });
                     written += w.bytes;
                     let base_capacity = t.table.capacity() as u64;
                     let chain = Chain { base: FileRef::new(file, w), base_capacity, deltas: Vec::new() };

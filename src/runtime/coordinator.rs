@@ -11,16 +11,19 @@
 //! received them all, writes its shard's state and sends a `Cut` report
 //! behind everything it shipped before. When all N reports are in, the
 //! coordinator has merged exactly the blocks before T: it lets routers go
-//! on, then writes its own state, appends new group keys, flushes the
-//! sinks, syncs all of it and commits the manifest. Routers wait only for
-//! the shards' writes, not for the syncs.
+//! on, encodes its own state, appends new group keys, flushes the sinks,
+//! and hands all of it to the checkpoint writer thread, which writes the
+//! shards' copies, syncs everything and commits the manifest. Workers wait
+//! only for copying their changed state to memory; the emit loop does not
+//! wait for the disk either. One checkpoint is in flight at a time.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, RecvTimeoutError};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::resume::Resume;
 use super::shard::ShardCheckpoint;
@@ -29,11 +32,13 @@ use super::{CheckpointReport, RunError, Shared, ToEmitter, WorkerReport, NO_EVEN
 use crate::checkpoint::dict::DictLog;
 use crate::checkpoint::identity::{job_identity, sink_target};
 use crate::checkpoint::{
-    FileRef, InputCut, Manifest, MetaSaved, ShardSaved, SinkCut, SourceCut, StateDir, FORMAT_VERSION,
+    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, PendingFile, ShardSaved, SinkCut, SourceCut,
+    StateDir, FORMAT_VERSION,
 };
 use crate::job::SinkTarget;
 use crate::metric::cumulate::{CumulateEmitter, CumulateShardSaved, Row};
 use crate::sink::jsonl::JsonlSink;
+use crate::state::snapshot::SnapshotPool;
 
 /// How often the coordinator looks at the clock and the stop flag while
 /// no message arrives.
@@ -50,6 +55,8 @@ pub(crate) struct CutRequest {
     pub stop: bool,
     /// Where checkpoint files go.
     pub dir: PathBuf,
+    /// Memory for the shards' copies.
+    pub snapshots: Arc<SnapshotPool>,
 }
 
 /// One worker's part of a checkpoint.
@@ -82,6 +89,59 @@ struct Pending {
     reports: Vec<CutReport>,
 }
 
+/// A checkpoint handed to the writer.
+struct CommitJob {
+    manifest: Manifest,
+    files: Vec<PendingFile>,
+    /// Files written before (sinks, key logs) that must be synced too.
+    sync: Vec<PathBuf>,
+}
+
+/// A checkpoint the writer has not committed yet.
+struct InFlight {
+    generation: u64,
+    started: Instant,
+    bytes: u64,
+}
+
+/// The checkpoint writer thread: writes, syncs and commits checkpoints in
+/// the order they are handed over.
+struct Writer {
+    jobs: Option<Sender<CommitJob>>,
+    done: Receiver<Result<u64, CheckpointError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(committer: Committer) -> Result<Writer, CheckpointError> {
+        let (jobs, todo) = crossbeam::channel::unbounded::<CommitJob>();
+        let (report, done) = crossbeam::channel::unbounded();
+        let dir = committer.root().to_owned();
+        let thread = std::thread::Builder::new()
+            .name("tally-checkpoint".into())
+            .spawn(move || {
+                for job in todo {
+                    let r = committer.commit(&job.manifest, &job.files, &job.sync);
+                    if report.send(r.map(|()| job.manifest.generation)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| CheckpointError::Io { dir, context: "start the checkpoint writer".into(), source })?;
+        Ok(Writer { jobs: Some(jobs), done, thread: Some(thread) })
+    }
+}
+
+impl Drop for Writer {
+    /// Lets a checkpoint in flight finish (it is whole or not at all anyway).
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Checkpointing state (only with a state directory).
 struct Ckpt {
     state: StateDir,
@@ -91,6 +151,10 @@ struct Ckpt {
     interval: Option<Duration>,
     due: Instant,
     pending: Option<Pending>,
+    snapshots: Arc<SnapshotPool>,
+    /// Started on the first checkpoint.
+    writer: Option<Writer>,
+    in_flight: Option<InFlight>,
     /// The checkpoint resumed from had read all input already.
     complete_at_start: bool,
 }
@@ -160,6 +224,9 @@ impl<'a> Coordinator<'a> {
                 interval,
                 due: Instant::now() + interval.unwrap_or_default(),
                 pending: None,
+                snapshots: Arc::default(),
+                writer: None,
+                in_flight: None,
                 complete_at_start,
             });
         }
@@ -200,6 +267,7 @@ impl<'a> Coordinator<'a> {
         let mut failure = None;
         while reports.len() + failure.iter().count() < n {
             if failure.is_none() {
+                self.committed(false)?;
                 self.tick(sh);
             }
             let msg = match rx.recv_timeout(TICK) {
@@ -255,7 +323,7 @@ impl<'a> Coordinator<'a> {
             }
             return;
         };
-        if ck.pending.is_some() {
+        if ck.pending.is_some() || ck.in_flight.is_some() {
             return;
         }
         let due = ck.interval.is_some() && Instant::now() >= ck.due;
@@ -276,7 +344,7 @@ impl<'a> Coordinator<'a> {
             blocks[t.source] += 1;
         }
         let generation = ck.generation + 1;
-        let req = Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt() });
+        let req = Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt(), snapshots: ck.snapshots.clone() });
         *sh.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.clone());
         sh.cut_epoch.store(generation, Ordering::Release);
         ck.pending = Some(Pending { req, task, started, reports: Vec::new() });
@@ -309,32 +377,26 @@ impl<'a> Coordinator<'a> {
         let mut stats = self.stats_before.clone();
         let mut shards = Vec::new();
         let mut tables = Vec::new();
-        let mut new_files = Vec::new();
+        let mut files = Vec::new();
         let mut bytes = 0;
-        for r in &p.reports {
+        for r in p.reports {
             self.report.drain_seconds_max = self.report.drain_seconds_max.max(r.timing.0);
-            self.report.shard_write_seconds_max = self.report.shard_write_seconds_max.max(r.timing.1);
+            self.report.shard_copy_seconds_max = self.report.shard_copy_seconds_max.max(r.timing.1);
             merge_stats(&mut stats, &r.stats);
-            shards.push(r.written.file.clone());
-            tables.extend(r.written.tables.iter().cloned());
-            new_files.extend(r.written.new_files.iter().cloned());
-            new_files.push(p.req.dir.join(&r.written.file.file));
+            shards.push(r.written.file);
+            tables.extend(r.written.tables);
+            files.extend(r.written.files);
             bytes += r.written.bytes;
         }
-        self.commit(sh, p.req.generation, p.task, shards, tables, new_files, stats, sinks, bytes)?;
         self.report.pause_seconds_max = self.report.pause_seconds_max.max(pause.as_secs_f64());
-        let took = p.started.elapsed().as_secs_f64();
-        self.report.seconds_max = self.report.seconds_max.max(took);
-        self.report.seconds_total += took;
-        if let Some(ck) = &mut self.ckpt {
-            ck.due = Instant::now() + ck.interval.unwrap_or_default();
-        }
-        Ok(())
+        let at = (p.req.generation, p.task, p.started);
+        self.commit(sh, at, shards, tables, files, stats, sinks, bytes)
     }
 
     /// After the last worker finished: the checkpoint of the end of input
     /// (shards hold nothing then: every period was flushed).
     pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+        self.committed(true)?;
         let Some(ck) = &self.ckpt else {
             return Ok(());
         };
@@ -346,7 +408,7 @@ impl<'a> Coordinator<'a> {
         let metrics = sh.job.metrics.len();
         let mut stats = self.stats_before.clone();
         let mut shards = Vec::new();
-        let mut new_files = Vec::new();
+        let mut files = Vec::new();
         for (w, r) in reports.iter().enumerate() {
             merge_stats(&mut stats, &r.stats);
             let saved = ShardSaved {
@@ -356,30 +418,60 @@ impl<'a> Coordinator<'a> {
                 state_bytes_max: r.state_bytes_max as u64,
                 dedup_entries_max: r.dedup_entries_max as u64,
             };
-            let f = state.write_saved(format!("g{generation}-s{w}.shard"), &saved)?;
-            new_files.push(state.ckpt().join(&f.file));
+            let (pending, f) = state.saved(format!("g{generation}-s{w}.shard"), &saved)?;
+            files.push(pending);
             shards.push(f);
         }
-        let started = Instant::now();
-        let tasks = sh.plan.tasks.len();
-        self.commit(sh, generation, tasks, shards, Vec::new(), new_files, stats, sinks, 0)?;
-        let took = started.elapsed().as_secs_f64();
+        let at = (generation, sh.plan.tasks.len(), Instant::now());
+        self.commit(sh, at, shards, Vec::new(), files, stats, sinks, 0)?;
+        self.committed(true)
+    }
+
+    /// Takes the writer's word on the checkpoint in flight, waiting for it
+    /// if `wait`; a failed write fails the run.
+    fn committed(&mut self, wait: bool) -> Result<(), RunError> {
+        let Some(ck) = &mut self.ckpt else {
+            return Ok(());
+        };
+        let (Some(f), Some(w)) = (&ck.in_flight, &ck.writer) else {
+            return Ok(());
+        };
+        let r = match wait {
+            true => w.done.recv().map_err(|_| TryRecvError::Disconnected),
+            false => w.done.try_recv(),
+        };
+        let generation = match r {
+            Ok(r) => r?,
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => {
+                let source = std::io::Error::other("the checkpoint writer stopped");
+                return Err(CheckpointError::Io { dir: ck.state.root.clone(), context: "write".into(), source }.into());
+            }
+        };
+        debug_assert_eq!(generation, f.generation, "checkpoints commit in order");
+        ck.generation = generation;
+        ck.due = Instant::now() + ck.interval.unwrap_or_default();
+        let took = f.started.elapsed().as_secs_f64();
+        self.report.count += 1;
+        self.report.generation = Some(generation);
+        self.report.bytes_written += f.bytes;
         self.report.seconds_max = self.report.seconds_max.max(took);
         self.report.seconds_total += took;
+        ck.in_flight = None;
         Ok(())
     }
 
-    /// Writes the coordinator's part of checkpoint `generation` (cut before
-    /// block `task`), syncs everything and commits the manifest.
+    /// Encodes the coordinator's part of checkpoint `at` = (generation,
+    /// cut before block `task`, started) and hands the checkpoint to the
+    /// writer, which syncs everything and commits the manifest.
     #[allow(clippy::too_many_arguments)]
     fn commit(
         &mut self,
         sh: &Shared,
-        generation: u64,
-        task: usize,
+        (generation, task, started): (u64, usize, Instant),
         shards: Vec<FileRef>,
         tables: Vec<FileRef>,
-        mut new_files: Vec<PathBuf>,
+        mut files: Vec<PendingFile>,
         stats: Vec<SourceStats>,
         sinks: &mut [JsonlSink],
         shard_bytes: u64,
@@ -391,13 +483,14 @@ impl<'a> Coordinator<'a> {
         let io = |context: &str| {
             let dir = ck.state.root.clone();
             let context = context.to_owned();
-            move |source| crate::checkpoint::CheckpointError::Io { dir, context, source }
+            move |source| CheckpointError::Io { dir, context, source }
         };
+        let mut sync = Vec::new();
         let mut sink_cuts = Vec::new();
         for (s, spec) in sinks.iter_mut().zip(&sh.job.sinks) {
             s.flush()?;
             if let SinkTarget::File(p) = &spec.target {
-                new_files.push(p.clone());
+                sync.push(p.clone());
             }
             sink_cuts.push(SinkCut { target: sink_target(&spec.target), bytes: s.bytes });
         }
@@ -406,7 +499,7 @@ impl<'a> Coordinator<'a> {
             let (cut, changed) =
                 log.append(&ck.state.ckpt(), &sh.job.metrics[m].name, &sh.dicts[m]).map_err(io("append keys"))?;
             if changed {
-                new_files.push(ck.state.ckpt().join(&cut.file));
+                sync.push(ck.state.ckpt().join(&cut.file));
             }
             dicts.push(cut);
         }
@@ -418,8 +511,8 @@ impl<'a> Coordinator<'a> {
             line_counts: sh.line_counts[..task].iter().map(|c| c.load(Ordering::Relaxed)).collect(),
             rows,
         };
-        let meta = ck.state.write_saved(format!("g{generation}.meta"), &meta)?;
-        new_files.push(ck.state.ckpt().join(&meta.file));
+        let (pending, meta) = ck.state.saved(format!("g{generation}.meta"), &meta)?;
+        files.push(pending);
         let bytes = shard_bytes + meta.bytes;
         let manifest = Manifest {
             format: FORMAT_VERSION,
@@ -433,11 +526,15 @@ impl<'a> Coordinator<'a> {
             shards,
             tables,
         };
-        ck.state.commit(&manifest, &new_files)?;
-        ck.generation = generation;
-        self.report.count += 1;
-        self.report.generation = Some(generation);
-        self.report.bytes_written += bytes;
+        let writer = match &mut ck.writer {
+            Some(w) => w,
+            None => ck.writer.insert(Writer::start(ck.state.committer())?),
+        };
+        if let Some(jobs) = &writer.jobs {
+            // The writer only hangs up by panicking; `committed` reports that.
+            let _ = jobs.send(CommitJob { manifest, files, sync });
+        }
+        ck.in_flight = Some(InFlight { generation, started, bytes });
         Ok(())
     }
 }

@@ -9,10 +9,10 @@
 //!
 //! Checkpoints (with a state directory) cut the run between two blocks: the
 //! coordinator pauses the block counter at index T, every worker finishes
-//! the blocks before T, writes its shard's state and reports; the
-//! coordinator, having merged everything the shards shipped before, writes
-//! its own state and the manifest, and lets the routers go on (see
-//! [`coordinator`]).
+//! the blocks before T, copies its shard's changed state and reports; the
+//! coordinator, having merged everything the shards shipped before, lets
+//! the routers go on, encodes its own state and hands the checkpoint to a
+//! writer thread that writes, syncs and commits it (see [`coordinator`]).
 
 mod coordinator;
 pub mod mesh;
@@ -196,8 +196,9 @@ pub struct CheckpointReport {
     /// Of a pause, the longest a worker took to finish its blocks before
     /// the cut (from seeing the request) ...
     pub drain_seconds_max: f64,
-    /// ... and to write its shard's part.
-    pub shard_write_seconds_max: f64,
+    /// ... and to copy its shard's part to memory (the writer thread
+    /// puts it on disk).
+    pub shard_copy_seconds_max: f64,
     /// Longest time from pause to committed manifest.
     pub seconds_max: f64,
     pub seconds_total: f64,
@@ -230,13 +231,13 @@ impl RunSummary {
             let c = &self.checkpoints;
             writeln!(
                 w,
-                "tally: {} checkpoint(s), last {g}{}; longest {:.3} s (routers paused {:.3} s: drain {:.3}, shard writes {:.3}), {} bytes written",
+                "tally: {} checkpoint(s), last {g}{}; longest {:.3} s (routers paused {:.3} s: drain {:.3}, shard copies {:.3}), {} bytes written",
                 c.count,
                 if self.stopped { " (stopped by a signal; run again to resume)" } else { "" },
                 c.seconds_max,
                 c.pause_seconds_max,
                 c.drain_seconds_max,
-                c.shard_write_seconds_max,
+                c.shard_copy_seconds_max,
                 c.bytes_written
             )?;
         }
@@ -363,7 +364,7 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
                 if router.idle() && shard.at_cut(&cut.blocks) {
                     let drained = seen.elapsed();
                     let t = Instant::now();
-                    let written = shard.checkpoint(&cut.dir, cut.generation)?;
+                    let written = shard.checkpoint(&cut)?;
                     let timing = (drained.as_secs_f64(), t.elapsed().as_secs_f64());
                     cut_seen = None;
                     let report = CutReport::new(w, &cut, written, router.stats.clone(), timing);

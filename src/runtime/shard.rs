@@ -12,9 +12,10 @@ use std::path::Path;
 
 use crossbeam::channel::Sender;
 
+use super::coordinator::CutRequest;
 use super::mesh::Batch;
 use super::{Shared, ToEmitter};
-use crate::checkpoint::{self, FileRef, ShardSaved};
+use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
 use crate::metric::cumulate::CumulateShard;
 use crate::metric::keys::KEY_BITS;
 
@@ -50,13 +51,13 @@ impl Progress {
     }
 }
 
-/// What a shard wrote for a checkpoint.
+/// A shard's part of a checkpoint, copied out of its state.
 pub struct ShardCheckpoint {
     pub file: FileRef,
     /// Every table file its state names (new or from earlier checkpoints).
     pub tables: Vec<FileRef>,
-    /// Files written for this checkpoint (to be synced), the state file aside.
-    pub new_files: Vec<std::path::PathBuf>,
+    /// Files to write for this checkpoint, the state file included.
+    pub files: Vec<PendingFile>,
     pub bytes: u64,
 }
 
@@ -146,13 +147,15 @@ impl Shard {
         self.progress.iter().zip(blocks).all(|(p, &b)| p.next_seq == b && p.early.is_empty())
     }
 
-    /// Writes this shard's part of checkpoint `generation` into `dir`:
-    /// its table files and `g{generation}-s{s}.shard`.
-    pub fn checkpoint(&mut self, dir: &Path, generation: u64) -> io::Result<ShardCheckpoint> {
+    /// Copies this shard's part of checkpoint `generation`: its table
+    /// files and `g{generation}-s{s}.shard`, to be written into `dir`.
+    pub fn checkpoint(&mut self, cut: &CutRequest) -> io::Result<ShardCheckpoint> {
+        let (dir, generation) = (cut.dir.as_path(), cut.generation);
         let mut bytes = 0;
+        let mut files = Vec::new();
         let mut metrics = Vec::with_capacity(self.metrics.len());
         for (m, st) in self.metrics.iter_mut().enumerate() {
-            let (saved, written) = st.checkpoint(dir, &format!("s{}-m{m}", self.s), generation)?;
+            let (saved, written) = st.checkpoint(dir, &format!("s{}-m{m}", self.s), generation, &cut.snapshots, &mut files)?;
             bytes += written;
             metrics.push(saved);
         }
@@ -163,7 +166,8 @@ impl Shard {
             state_bytes_max: self.state_bytes_max as u64,
             dedup_entries_max: self.dedup_entries_max as u64,
         };
-        let file = checkpoint::write_saved(dir, format!("g{generation}-s{}.shard", self.s), &saved)?;
+        let (pending, file) = PendingFile::saved(dir, format!("g{generation}-s{}.shard", self.s), &saved)?;
+        files.push(pending);
         bytes += file.bytes;
         let tables: Vec<FileRef> = saved
             .metrics
@@ -172,9 +176,7 @@ impl Shard {
             .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
             .cloned()
             .collect();
-        let suffix = format!("-g{generation}.");
-        let new_files = tables.iter().filter(|t| t.file.contains(&suffix)).map(|t| dir.join(&t.file)).collect();
-        Ok(ShardCheckpoint { file, tables, new_files, bytes })
+        Ok(ShardCheckpoint { file, tables, files, bytes })
     }
 
     /// True once every source is fully received and everything shipped.

@@ -3,4 +3,5 @@
 
 pub mod dedup;
 pub mod history;
+pub mod snapshot;
 pub mod table;

@@ -18,9 +18,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytemuck::Pod;
 use memmap2::MmapMut;
+
+use super::snapshot::{Snapshot, SnapshotPool};
 
 /// Smallest table; a fresh period starts here.
 pub const CAPACITY_MIN_ENTRIES: usize = 1 << 12;
@@ -230,34 +233,52 @@ impl<E: Slot> Table<E> {
 
 /// Checkpoint files of a table.
 impl<E: Slot> Table<E> {
-    /// Writes every slot to `path` (a base) and clears the change bitmap.
-    pub fn write_base(&mut self, path: &Path) -> io::Result<Written> {
+    /// Copies every slot (a base) and clears the change bitmap. The copy
+    /// is written out later, off the hot path (see [`Table::write_base`]).
+    pub fn snapshot_base(&mut self, pool: &Arc<SnapshotPool>, generation: u64) -> io::Result<(Snapshot, Written)> {
         let bytes = &self.map[..self.capacity * E::BYTES];
-        let mut f = File::create(path)?;
-        f.write_all(bytes)?;
-        let written = Written { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(bytes) };
+        let mut copy = pool.take(bytes.len(), generation)?;
+        copy.copy_from_slice(bytes);
+        let written = Written { bytes: copy.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&copy) };
         self.moved = false;
         self.dirty.fill(0);
-        Ok(written)
+        Ok((copy, written))
     }
 
-    /// Writes the entries changed since the last checkpoint to `path` (a
-    /// delta) and clears the change bitmap. Must follow a base
-    /// ([`Table::changes`] is `Some`).
-    pub fn write_delta(&mut self, path: &Path) -> io::Result<Written> {
+    /// Copies the entries changed since the last checkpoint (a delta) and
+    /// clears the change bitmap. Must follow a base ([`Table::changes`] is
+    /// `Some`).
+    pub fn snapshot_delta(&mut self, pool: &Arc<SnapshotPool>, generation: u64) -> io::Result<(Snapshot, Written)> {
         assert!(!self.moved, "a delta needs a base of the same layout");
-        let mut out: Vec<u8> = Vec::with_capacity(self.changes().unwrap_or(0) * Self::DELTA_RECORD_BYTES);
+        let mut copy = pool.take(self.changes().unwrap_or(0) * Self::DELTA_RECORD_BYTES, generation)?;
         let entries: &[E] = bytemuck::cast_slice(&self.map[..self.capacity * E::BYTES]);
+        let mut out = copy.chunks_exact_mut(Self::DELTA_RECORD_BYTES);
         for (w, word) in self.dirty.iter_mut().enumerate() {
             let mut bits = std::mem::take(word);
             while bits != 0 {
                 let slot = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                out.extend_from_slice(bytemuck::bytes_of(&entries[slot]));
+                if let Some(o) = out.next() {
+                    o.copy_from_slice(bytemuck::bytes_of(&entries[slot]));
+                }
             }
         }
-        File::create(path)?.write_all(&out)?;
-        Ok(Written { bytes: out.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&out) })
+        let written = Written { bytes: copy.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&copy) };
+        Ok((copy, written))
+    }
+
+    /// [`Table::snapshot_base`] written to `path` (not synced).
+    pub fn write_base(&mut self, path: &Path) -> io::Result<Written> {
+        let (bytes, written) = self.snapshot_base(&Arc::default(), 0)?;
+        File::create(path)?.write_all(&bytes)?;
+        Ok(written)
+    }
+
+    /// [`Table::snapshot_delta`] written to `path` (not synced).
+    pub fn write_delta(&mut self, path: &Path) -> io::Result<Written> {
+        let (bytes, written) = self.snapshot_delta(&Arc::default(), 0)?;
+        File::create(path)?.write_all(&bytes)?;
+        Ok(written)
     }
 
     /// Rebuilds a table from its base and deltas (checked against their
