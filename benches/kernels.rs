@@ -117,9 +117,10 @@ fn fold(c: &mut Criterion) {
         emit: Emit::All,
         late: LatePolicy::Fold,
         sources: vec![0],
+        dau: None,
     };
     let geo = Geometry { step_ms: 60_000, size_ms: 86_400_000, offset_ms: 0 };
-    let cols = SliceCols { slice: 29_000_000, pv: vec![3; KEYS], uv: vec![1; KEYS] };
+    let cols = SliceCols { slice: 29_000_000, pv: vec![3; KEYS], uv: vec![1; KEYS], ..SliceCols::default() };
     let mut g = c.benchmark_group("minute_fold");
     g.throughput(Throughput::Elements(KEYS as u64));
     g.bench_function("add_slice_10k_keys", |b| {

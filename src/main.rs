@@ -118,7 +118,11 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
             }
             ExitCode::SUCCESS
         }
-        Err(e @ (tally::runtime::RunError::Input(_) | tally::runtime::RunError::State(_))) => fail(2, e.to_string()),
+        Err(
+            e @ (tally::runtime::RunError::Input(_)
+            | tally::runtime::RunError::State(_)
+            | tally::runtime::RunError::History(_)),
+        ) => fail(2, e.to_string()),
         Err(e) => fail(1, e.to_string()),
     }
 }

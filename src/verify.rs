@@ -46,8 +46,12 @@ const TS_MIN_MS: i64 = 946_684_800_000;
 const TS_MAX_MS: i64 = 4_102_444_800_000;
 /// How many problems a report describes.
 const EXAMPLES_MAX: usize = 10;
-/// Measures in report order.
-const MEASURES: [(Measure, &str); 2] = [(Measure::Pv, "pv"), (Measure::Uv, "uv")];
+/// Measures in report order; a [`Point`]'s values are in this order.
+const MEASURES: [Measure; MEASURES_N] = [Measure::Pv, Measure::Uv, Measure::Active, Measure::New, Measure::Returning];
+const MEASURES_N: usize = 5;
+
+/// A key's values: pv, uv, then for DAU active (= uv), new, returning.
+type Values = [u64; MEASURES_N];
 
 // ---------------------------------------------------------------------------
 // Report
@@ -388,8 +392,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Point {
     end: i64,
-    pv: u64,
-    uv: u64,
+    v: Values,
 }
 
 /// Everything known about one period of one metric.
@@ -478,9 +481,16 @@ impl Offline {
                 Ok(())
             })?;
         }
+        let mut classes = Vec::new();
+        for (spec, evs) in job.metrics.iter().zip(&events) {
+            classes.push(match &spec.dau {
+                None => None,
+                Some(d) => Some(DauTruth::new(job, d, evs, &dids)?),
+            });
+        }
         drop(dids);
         for (mi, evs) in events.into_iter().enumerate() {
-            truths[mi].periods = cumulate(job, &job.metrics[mi], evs);
+            truths[mi].periods = cumulate(job, &job.metrics[mi], evs, classes[mi].as_ref());
         }
         Ok(Offline { job: job.clone(), metrics: truths })
     }
@@ -498,7 +508,7 @@ impl Offline {
         let id = *truth.key_ids.get(&key)?;
         let period = window_period(&self.job, spec, window_end_ms)?;
         let p = value_at(truth.periods.get(&period)?.points(id)?, window_end_ms)?;
-        Some((p.pv, p.uv))
+        Some((p.v[0], p.v[1]))
     }
 
     /// Day (period) totals: for each period start with data, dims -> (pv, uv)
@@ -513,7 +523,7 @@ impl Offline {
             for (key, points) in &period.series {
                 if let Some(last) = points.last() {
                     let dims = truth.keys[*key as usize].iter().map(Dim::to_json).collect();
-                    out.push((start, dims, last.pv, last.uv));
+                    out.push((start, dims, last.v[0], last.v[1]));
                 }
             }
         }
@@ -544,6 +554,93 @@ fn intern_key(truth: &mut MetricTruth, key: Vec<Dim>) -> Result<u32> {
     Ok(id)
 }
 
+/// What the offline truth knows of devices for one DAU metric: the days
+/// each was seen on (its history file, then its events), read with the
+/// `csv` crate straight from the file.
+struct DauTruth {
+    returning_after_days: i64,
+    /// By device id: (first, last) day of the history file.
+    history: AHashMap<u32, (i64, i64)>,
+    /// By device id: the days with events, ascending.
+    days: AHashMap<u32, Vec<i64>>,
+    tz_ms: i64,
+}
+
+impl DauTruth {
+    fn new(job: &Job, spec: &crate::job::DauSpec, evs: &[Ev], dids: &AHashMap<Box<[u8]>, u32>) -> Result<DauTruth> {
+        let day_of = |ts: i64| (ts + job.timezone_offset_ms).div_euclid(DAY_MS);
+        let mut days: AHashMap<u32, Vec<i64>> = AHashMap::new();
+        for e in evs {
+            days.entry(e.did).or_default().push(day_of(e.ts));
+        }
+        for d in days.values_mut() {
+            d.sort_unstable();
+            d.dedup();
+        }
+        let mut history = AHashMap::new();
+        if let Some(path) = &spec.device_history {
+            let mut rdr = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_path(path)
+                .with_context(|| format!("cannot read device history {}", path.display()))?;
+            for rec in rdr.byte_records() {
+                // Malformed rows are skipped, as the engine does.
+                let Ok(rec) = rec else { continue };
+                if rec.len() != 3 || rec[0].is_empty() {
+                    continue;
+                }
+                let (Some(first), Some(last)) = (civil_day(&rec[1]), civil_day(&rec[2])) else {
+                    continue;
+                };
+                if first > last {
+                    continue;
+                }
+                let Some(&id) = dids.get(&rec[0]) else {
+                    continue; // never in the stream: classifies nothing
+                };
+                let h = history.entry(id).or_insert((first, last));
+                *h = (h.0.min(first), h.1.max(last));
+            }
+        }
+        Ok(DauTruth { returning_after_days: spec.returning_after_days as i64, history, days, tz_ms: job.timezone_offset_ms })
+    }
+
+    /// (new, returning) of device `did` on the day starting at `period_ms`.
+    fn class(&self, did: u32, period_ms: i64) -> (bool, bool) {
+        let day = (period_ms + self.tz_ms).div_euclid(DAY_MS);
+        let earlier = self.days.get(&did).and_then(|d| d.iter().copied().take_while(|&x| x < day).last());
+        let last = match (self.history.get(&did), earlier) {
+            (None, None) => return (true, false),
+            (Some(h), e) => h.1.max(e.unwrap_or(i64::MIN)),
+            (None, Some(e)) => e,
+        };
+        (false, last + self.returning_after_days < day)
+    }
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date in 2000..=2099.
+fn civil_day(text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut it = text.split('-');
+    let (y, m, d) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(2000..=2099).contains(&y) || !(1..=12).contains(&m) || d < 1 || d > month_days[m as usize - 1] {
+        return None;
+    }
+    // Count days year by year and month by month: slow, and plainly right.
+    let mut n = 0;
+    for year in 1970..y {
+        n += if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) { 366 } else { 365 };
+    }
+    n += month_days[..m as usize - 1].iter().sum::<i64>();
+    Some(n + d - 1)
+}
+
 /// End of the window of `period` whose last step holds `ts`.
 fn window_end_of(period: i64, ts: i64, step: i64) -> i64 {
     period + ((ts - period) / step + 1) * step
@@ -552,7 +649,7 @@ fn window_end_of(period: i64, ts: i64, step: i64) -> i64 {
 /// Sorts one metric's events by (key, time) and walks them: for each key and
 /// period, the running pv and the set of distinct devices, recorded at the
 /// end of every window that received events.
-fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>) -> BTreeMap<i64, PeriodTruth> {
+fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>, dau: Option<&DauTruth>) -> BTreeMap<i64, PeriodTruth> {
     evs.sort_unstable_by_key(|e| (e.key, e.ts));
     let mut periods: BTreeMap<i64, PeriodTruth> = BTreeMap::new();
     let mut devices: AHashSet<u32> = AHashSet::new();
@@ -562,16 +659,23 @@ fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>) -> BTreeMap<i64, Per
         let period = job.period_start_ms(evs[i].ts, spec.size_ms);
         let period_end = period + spec.size_ms;
         devices.clear();
-        let mut pv = 0u64;
+        let (mut pv, mut new, mut ret) = (0u64, 0u64, 0u64);
         let mut points = Vec::new();
         while i < evs.len() && evs[i].key == key && evs[i].ts < period_end {
             let end = window_end_of(period, evs[i].ts, spec.step_ms);
             while i < evs.len() && evs[i].key == key && evs[i].ts < end {
                 pv += 1;
-                devices.insert(evs[i].did);
+                if devices.insert(evs[i].did) {
+                    if let Some(d) = dau {
+                        let (n, r) = d.class(evs[i].did, period);
+                        new += n as u64;
+                        ret += r as u64;
+                    }
+                }
                 i += 1;
             }
-            points.push(Point { end, pv, uv: devices.len() as u64 });
+            let uv = devices.len() as u64;
+            points.push(Point { end, v: [pv, uv, uv, new, ret] });
         }
         let (first, last) = match (points.first(), points.last()) {
             (Some(f), Some(l)) => (f.end, l.end),
@@ -656,8 +760,7 @@ fn metrics_written_to(job: &Job, results: &Path) -> Vec<bool> {
 #[derive(Clone, Debug)]
 struct Got {
     key: u32,
-    pv: Option<u64>,
-    uv: Option<u64>,
+    values: [Option<u64>; MEASURES_N],
     line: u64,
     /// Already counted as wrong while parsing (bad `window_start`).
     counted: bool,
@@ -670,8 +773,7 @@ struct Parsed {
     period: i64,
     end: i64,
     key: Vec<Dim>,
-    pv: Option<u64>,
-    uv: Option<u64>,
+    values: [Option<u64>; MEASURES_N],
     flaw: Option<String>,
 }
 
@@ -690,7 +792,7 @@ struct Checker<'a> {
     extra_keys: Vec<ExtraKeys>,
     /// (metric, period, window end) -> rows.
     windows: BTreeMap<(usize, i64, i64), Vec<Got>>,
-    worst: [f64; 2],
+    worst: [f64; MEASURES_N],
 }
 
 fn check(off: &Offline, mut results: impl BufRead, required: &[bool]) -> Result<VerifyReport> {
@@ -699,7 +801,7 @@ fn check(off: &Offline, mut results: impl BufRead, required: &[bool]) -> Result<
         report: VerifyReport::default(),
         extra_keys: off.metrics.iter().map(|_| Default::default()).collect(),
         windows: BTreeMap::new(),
-        worst: [0.0; 2],
+        worst: [0.0; MEASURES_N],
     };
     let mut buf = Vec::new();
     let mut line_no = 0u64;
@@ -721,8 +823,8 @@ fn check(off: &Offline, mut results: impl BufRead, required: &[bool]) -> Result<
     c.report.worst_rel_diff = MEASURES
         .iter()
         .enumerate()
-        .filter(|(_, (m, _))| job.metrics.iter().any(|s| s.has(*m)))
-        .map(|(i, (_, name))| (name.to_string(), c.worst[i]))
+        .filter(|(_, m)| job.metrics.iter().any(|s| s.has(**m)))
+        .map(|(i, m)| (m.name().to_string(), c.worst[i]))
         .collect();
     Ok(c.report)
 }
@@ -762,8 +864,7 @@ impl Checker<'_> {
         let key = self.key_id(p.metric, p.key);
         self.windows.entry((p.metric, p.period, p.end)).or_default().push(Got {
             key,
-            pv: p.pv,
-            uv: p.uv,
+            values: p.values,
             line,
             counted,
         });
@@ -794,16 +895,17 @@ impl Checker<'_> {
             let v = &dims[g.as_str()];
             key.push(Dim::from_json(v).ok_or_else(|| format!("dims.{g} = {v} is not a possible value"))?);
         }
-        let mut values = [None, None];
-        for (i, (m, field)) in MEASURES.iter().enumerate() {
+        let mut values = [None; MEASURES_N];
+        for (i, m) in MEASURES.iter().enumerate() {
             if spec.has(*m) {
-                let v = obj.get(*field).and_then(Value::as_u64);
+                let field = m.name();
+                let v = obj.get(field).and_then(Value::as_u64);
                 values[i] = Some(v.ok_or_else(|| format!("no non-negative integer {field:?}"))?);
             }
         }
         for field in obj.keys() {
             let known = matches!(field.as_str(), "metric" | "window_start" | "window_end" | "dims")
-                || MEASURES.iter().any(|(m, f)| f == field && spec.has(*m));
+                || MEASURES.iter().any(|m| m.name() == field && spec.has(*m));
             if !known {
                 return Err(format!("unexpected field {field:?} for metric {:?}", spec.name));
             }
@@ -815,7 +917,7 @@ impl Checker<'_> {
                 fmt_local(period, job.timezone_offset_ms)
             )
         });
-        Ok(Parsed { metric, period, end, key, pv: values[0], uv: values[1], flaw })
+        Ok(Parsed { metric, period, end, key, values, flaw })
     }
 
     /// Id of a key: the offline id, or a new id past them for keys that never
@@ -856,12 +958,12 @@ impl Checker<'_> {
         )
     }
 
-    fn show_values(&self, metric: usize, pv: Option<u64>, uv: Option<u64>) -> String {
+    fn show_values(&self, metric: usize, values: [Option<u64>; MEASURES_N]) -> String {
         let spec = &self.off.job.metrics[metric];
         let mut parts = Vec::new();
-        for ((m, name), v) in MEASURES.iter().zip([pv, uv]) {
+        for (m, v) in MEASURES.iter().zip(values) {
             if spec.has(*m) {
-                parts.push(format!("{name}={}", v.map_or("-".to_string(), |v| v.to_string())));
+                parts.push(format!("{}={}", m.name(), v.map_or("-".to_string(), |v| v.to_string())));
             }
         }
         parts.join(" ")
@@ -879,15 +981,14 @@ impl Checker<'_> {
             let rows = self.dedup(rows);
             let spec = &self.off.job.metrics[metric];
             let emit = spec.emit;
-            let (has_pv, has_uv) = (spec.has(Measure::Pv), spec.has(Measure::Uv));
             let period_truth = self.off.metrics[metric].periods.get(&period);
-            let before = |points: &[Point]| prev_end.and_then(|e| value_at(points, e)).map_or((0, 0), |p| (p.pv, p.uv));
+            let before = |points: &[Point]| prev_end.and_then(|e| value_at(points, e)).map_or([0; MEASURES_N], |p| p.v);
             for row in &rows {
                 let points = period_truth.and_then(|t| t.points(row.key));
                 let expected = points.and_then(|pts| value_at(pts, end));
-                let exp = expected.map_or((0, 0), |p| (p.pv, p.uv));
+                let exp = expected.map_or([0; MEASURES_N], |p| p.v);
                 let mut differs = false;
-                for (i, (got, want)) in [(row.pv, exp.0), (row.uv, exp.1)].into_iter().enumerate() {
+                for (i, (got, want)) in row.values.into_iter().zip(exp).enumerate() {
                     if let Some(got) = got {
                         let rel = got.abs_diff(want) as f64 / want.max(1) as f64;
                         self.worst[i] = self.worst[i].max(rel);
@@ -898,13 +999,13 @@ impl Checker<'_> {
                     continue;
                 }
                 let what = self.describe(metric, end, self.key_values(metric, row.key));
-                let got = self.show_values(metric, row.pv, row.uv);
+                let got = self.show_values(metric, row.values);
                 if expected.is_none() {
                     self.wrong(format!("{what}: the key has no data at this window, got {got} (line {})", row.line));
                 } else if differs {
-                    let want = self.show_values(metric, Some(exp.0), Some(exp.1));
+                    let want = self.show_values(metric, exp.map(Some));
                     self.wrong(format!("{what}: expected {want}, got {got} (line {})", row.line));
-                } else if emit == Emit::Changed && points.is_some_and(|pts| before(pts) == exp) {
+                } else if emit == Emit::Changed && points.is_some_and(|pts| !changed(spec, &before(pts), &exp)) {
                     self.wrong(format!(
                         "{what}: emit = changed, but the key did not change since the previous window (line {})",
                         row.line
@@ -918,15 +1019,12 @@ impl Checker<'_> {
                     };
                     let needed = match emit {
                         Emit::All => true,
-                        Emit::Changed => {
-                            let (pv0, uv0) = before(points);
-                            (has_pv && p.pv != pv0) || (has_uv && p.uv != uv0)
-                        }
+                        Emit::Changed => changed(spec, &before(points), &p.v),
                     };
                     if needed && rows.binary_search_by_key(key, |r| r.key).is_err() {
                         self.report.rows_missing += 1;
                         let what = self.describe(metric, end, self.key_values(metric, *key));
-                        let want = self.show_values(metric, Some(p.pv), Some(p.uv));
+                        let want = self.show_values(metric, p.v.map(Some));
                         self.problem(format!("{what}: missing row, expected {want}"));
                     }
                 }
@@ -996,16 +1094,21 @@ impl Checker<'_> {
     }
 }
 
+/// Whether some measure the metric outputs differs between `a` and `b`.
+fn changed(spec: &MetricSpec, a: &Values, b: &Values) -> bool {
+    MEASURES.iter().enumerate().any(|(i, m)| spec.has(*m) && a[i] != b[i])
+}
+
 /// Window ends of a period at which some key's output measures changed.
 fn changed_ends(spec: &MetricSpec, pt: &PeriodTruth) -> BTreeSet<i64> {
     let mut ends = BTreeSet::new();
     for (_, points) in &pt.series {
-        let mut before = (0, 0);
+        let mut before = [0; MEASURES_N];
         for p in points {
-            if (spec.has(Measure::Pv) && p.pv != before.0) || (spec.has(Measure::Uv) && p.uv != before.1) {
+            if changed(spec, &before, &p.v) {
                 ends.insert(p.end);
             }
-            before = (p.pv, p.uv);
+            before = p.v;
         }
     }
     ends
@@ -1041,7 +1144,7 @@ fn fmt_local(ms: i64, tz_ms: i64) -> String {
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

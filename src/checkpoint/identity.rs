@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::job::{Emit, Job, LatePolicy, Measure, SinkTarget};
+use crate::job::{Emit, Job, LatePolicy, SinkTarget};
 
 /// An input file as it was when the checkpoint was taken.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,10 +74,12 @@ pub fn job_identity(job: &Job) -> Value {
         .map(|m| {
             json!({
                 "name": m.name,
-                "kind": "cumulate",
+                "kind": if m.dau.is_some() { "dau" } else { "cumulate" },
+                "returning_after_days": m.dau.as_ref().map(|d| d.returning_after_days),
+                "device_history": m.dau.as_ref().and_then(|d| d.device_history.as_ref()).map(|p| absolute(p)),
                 "group_by": m.group_by,
                 "filter": m.filter.as_ref().map(|f| f.text.clone()),
-                "measures": m.measures.iter().map(|x| match x { Measure::Pv => "pv", Measure::Uv => "uv" }).collect::<Vec<_>>(),
+                "measures": m.measures.iter().map(|x| x.name()).collect::<Vec<_>>(),
                 "step_ms": m.step_ms,
                 "size_ms": m.size_ms,
                 "emit": match m.emit { Emit::All => "all", Emit::Changed => "changed" },

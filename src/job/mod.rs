@@ -22,6 +22,8 @@ use crate::event::binary::{BINARY_DIMS, BINARY_DIM_NAMES_DEFAULT};
 pub const MINUTE_MS: i64 = 60_000;
 /// Milliseconds in one day.
 pub const DAY_MS: i64 = 86_400_000;
+/// `returning_after_days` of a dau metric when the job does not say.
+pub const RETURNING_AFTER_DAYS_DEFAULT: u32 = 30;
 /// Longest line a source accepts unless the job says otherwise.
 pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
 /// Checkpoint interval unless the job says otherwise.
@@ -93,6 +95,31 @@ impl SourceSpec {
 pub enum Measure {
     Pv,
     Uv,
+    /// DAU: distinct devices (a DAU metric's `uv`).
+    Active,
+    New,
+    Returning,
+}
+
+impl Measure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::Pv => "pv",
+            Measure::Uv => "uv",
+            Measure::Active => "active",
+            Measure::New => "new",
+            Measure::Returning => "returning",
+        }
+    }
+}
+
+/// What a DAU metric adds to a cumulate one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DauSpec {
+    /// A device is returning on day D if it was last seen before D − N.
+    pub returning_after_days: u32,
+    /// The offline snapshot the device history starts from.
+    pub device_history: Option<PathBuf>,
 }
 
 /// When rows for a window are written.
@@ -127,6 +154,8 @@ pub struct MetricSpec {
     pub late: LatePolicy,
     /// Indexes into [`Job::sources`] of the sources this metric reads.
     pub sources: Vec<usize>,
+    /// Set for `kind = "dau"`: active / new / returning devices.
+    pub dau: Option<DauSpec>,
 }
 
 impl MetricSpec {
@@ -310,5 +339,30 @@ path = "-"
         assert_eq!(job.period_start_ms(midnight, DAY_MS), midnight);
         assert_eq!(job.period_start_ms(midnight - 1, DAY_MS), midnight - DAY_MS);
         assert_eq!(job.period_start_ms(midnight + DAY_MS - 1, DAY_MS), midnight);
+    }
+
+    #[test]
+    fn dau_metric_parses_with_defaults_and_checks_its_keys() {
+        let dau = MINIMAL.replace("\"cumulate\"", "\"dau\"").replace("measures = [\"pv\", \"uv\"]", "");
+        let job = parse(&dau).unwrap();
+        let m = &job.metrics[0];
+        assert_eq!(m.measures, [Measure::Active, Measure::New, Measure::Returning]);
+        let d = m.dau.as_ref().expect("a dau spec");
+        assert_eq!((d.returning_after_days, d.device_history.is_none()), (RETURNING_AFTER_DAYS_DEFAULT, true));
+        let with = dau.replace("group_by", "returning_after_days = 7\ndevice_history = \"h.csv\"\ngroup_by");
+        let d = parse(&with).unwrap().metrics[0].dau.clone().unwrap();
+        assert_eq!(d.returning_after_days, 7);
+        assert!(d.device_history.is_some_and(|p| p.ends_with("h.csv")));
+
+        let (key, reason) = invalid_key(&dau.replace("group_by", "measures = [\"pv\"]\ngroup_by"));
+        assert_eq!(key, "metric[0].measures");
+        assert!(reason.contains("active, new, returning"), "{reason}");
+        let (key, _) = invalid_key(&dau.replace("group_by", "size = \"1h\"\ngroup_by"));
+        assert_eq!(key, "metric[0].size");
+        let (key, reason) = invalid_key(&MINIMAL.replace("group_by", "returning_after_days = 3\ngroup_by"));
+        assert_eq!(key, "metric[0].returning_after_days");
+        assert!(reason.contains("dau"), "{reason}");
+        let (key, _) = invalid_key(&dau.replace("group_by", "sources = [\"server\"]\ngroup_by"));
+        assert_eq!(key, "metric[0].sources");
     }
 }

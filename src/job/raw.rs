@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, Emit, Format, Job, LatePolicy,
+    default_binary_dims, filter::Filter, DauSpec, parse_duration_ms, parse_timezone_offset_ms, Emit, Format, Job, LatePolicy,
     Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
+    RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 
@@ -72,6 +73,8 @@ struct RawMetric {
     emit: Option<String>,
     late: Option<String>,
     sources: Option<Vec<String>>,
+    returning_after_days: Option<u32>,
+    device_history: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -127,7 +130,7 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
         return Err(invalid("metric", format!("at most {METRICS_MAX} metrics per job")));
     }
     let metrics =
-        raw.metric.iter().enumerate().map(|(i, m)| build_metric(i, m, &sources)).collect::<Result<Vec<_>, _>>()?;
+        raw.metric.iter().enumerate().map(|(i, m)| build_metric(i, m, &sources, base)).collect::<Result<Vec<_>, _>>()?;
     for (i, m) in metrics.iter().enumerate() {
         if metrics[..i].iter().any(|o| o.name == m.name) {
             return Err(invalid(format!("metric[{i}].name"), format!("duplicate metric name {:?}", m.name)));
@@ -252,23 +255,42 @@ fn read_csv_header(path: &Path) -> Result<Vec<String>, String> {
     Ok(header.iter().map(str::to_string).collect())
 }
 
-fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<MetricSpec, Invalid> {
+fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) -> Result<MetricSpec, Invalid> {
     let key = |k: &str| format!("metric[{i}].{k}");
-    if m.kind != "cumulate" {
-        return Err(invalid(key("kind"), format!("unknown metric kind {:?} (expected \"cumulate\")", m.kind)));
-    }
+    let dau = match m.kind.as_str() {
+        "cumulate" => {
+            for (k, set) in [("returning_after_days", m.returning_after_days.is_some()), ("device_history", m.device_history.is_some())] {
+                if set {
+                    return Err(invalid(key(k), "only a `kind = \"dau\"` metric takes this key"));
+                }
+            }
+            None
+        }
+        "dau" => Some(DauSpec {
+            returning_after_days: m.returning_after_days.unwrap_or(RETURNING_AFTER_DAYS_DEFAULT),
+            device_history: m.device_history.as_ref().map(|p| base.join(p)),
+        }),
+        other => {
+            return Err(invalid(key("kind"), format!("unknown metric kind {other:?} (expected \"cumulate\" or \"dau\")")))
+        }
+    };
+    let allowed: &[Measure] = match dau {
+        None => &[Measure::Pv, Measure::Uv],
+        Some(_) => &[Measure::Active, Measure::New, Measure::Returning],
+    };
     let measures = match &m.measures {
-        None => vec![Measure::Pv, Measure::Uv],
+        None => allowed.to_vec(),
         Some(list) if list.is_empty() => return Err(invalid(key("measures"), "is empty")),
         Some(list) => list
             .iter()
-            .map(|name| match name.as_str() {
-                "pv" => Ok(Measure::Pv),
-                "uv" => Ok(Measure::Uv),
-                other => Err(invalid(
-                    key("measures"),
-                    format!("unknown measure {other:?} for a cumulate metric (expected pv, uv)"),
-                )),
+            .map(|name| {
+                allowed.iter().copied().find(|a| a.name() == name).ok_or_else(|| {
+                    let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
+                    invalid(
+                        key("measures"),
+                        format!("unknown measure {name:?} for a {} metric (expected {})", m.kind, names.join(", ")),
+                    )
+                })
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
@@ -282,6 +304,9 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<Metri
     }
     if size_ms % step_ms != 0 {
         return Err(invalid(key("step"), "must divide `size` evenly"));
+    }
+    if dau.is_some() && size_ms != DAY_MS {
+        return Err(invalid(key("size"), "a dau metric counts per day: `size` must be 1d"));
     }
     let emit = match m.emit.as_deref().unwrap_or("all") {
         "all" => Emit::All,
@@ -331,6 +356,7 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec]) -> Result<Metri
         emit,
         late,
         sources: source_ids,
+        dau,
     })
 }
 

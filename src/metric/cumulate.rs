@@ -7,6 +7,18 @@
 //! shard's watermark passes a slice's end it ships the columns to the
 //! emitter. Shards own disjoint device ranges, so the emitter merges by
 //! adding; a window's values are the prefix sum of its period's slices.
+//!
+//! A DAU metric (`kind = "dau"`, periods of a day) is the same machinery:
+//! `active` is the `uv` column, and two more columns count the devices
+//! first seen in a slice that are *new* on the day (never seen before it)
+//! or *returning* (last seen more than N days before it). A device's class
+//! on day D depends only on days before D, read from the shard's device
+//! history (imported from a snapshot, rolled forward as each day closes).
+//! So a (device, key) pair is classified when first seen if every earlier
+//! day is closed already; otherwise, when the shard's watermark passes D's
+//! start (closing D − 1 and rolling it into the history), one scan of D's
+//! dedup table classifies every pair seen so far, before any slice of D is
+//! shipped.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{FileRef, Pending, PendingFile};
 use crate::job::{Emit, Job, LatePolicy, Measure, MetricSpec};
-use crate::state::dedup::{DedupTable, Seen, DELTA_RECORD_BYTES};
+use crate::state::dedup::{DedupTable, Seen};
+use crate::state::history::DeviceHistory;
+use crate::state::table::{Slot, Table};
 use crate::state::snapshot::SnapshotPool;
 
 use super::keys::KeyDict;
@@ -113,15 +127,68 @@ pub struct SliceCols {
     pub slice: u32,
     pub pv: Vec<u32>,
     pub uv: Vec<u32>,
+    /// DAU metrics only (else empty): of the devices first seen in this
+    /// slice, those new on the day, and those returning.
+    pub new: Vec<u32>,
+    pub ret: Vec<u32>,
 }
 
 impl SliceCols {
     #[inline]
-    fn fit(&mut self, key: usize) {
+    fn fit(&mut self, key: usize, dau: bool) {
         if key >= self.pv.len() {
             let n = (key + 1).max(self.pv.len() * 2).max(16);
             self.pv.resize(n, 0);
             self.uv.resize(n, 0);
+            if dau {
+                self.new.resize(n, 0);
+                self.ret.resize(n, 0);
+            }
+        }
+    }
+
+    /// The column counting devices of `class` (none for known devices).
+    #[inline]
+    fn class_col(&mut self, class: Class) -> Option<&mut Vec<u32>> {
+        match class {
+            Class::New => Some(&mut self.new),
+            Class::Returning => Some(&mut self.ret),
+            Class::Known => None,
+        }
+    }
+}
+
+/// What a device is on a day, for DAU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Never seen before the day.
+    New,
+    /// Last seen more than `returning_after_days` days before it.
+    Returning,
+    Known,
+}
+
+/// A DAU metric's device history in one shard.
+pub struct Dau {
+    pub history: DeviceHistory,
+    /// The history's files in the last checkpoint written.
+    chain: Option<Chain>,
+    returning_after_days: u32,
+}
+
+impl Dau {
+    pub fn new(history: DeviceHistory, returning_after_days: u32) -> Dau {
+        Dau { history, chain: None, returning_after_days }
+    }
+
+    /// The class of a device on `day` (days since 1970, local), from the
+    /// history of the days before it.
+    #[inline]
+    pub fn class(&self, device_fp: u64, day: u32) -> Class {
+        match self.history.get(device_fp) {
+            None => Class::New,
+            Some(h) if (h.last_day as u64) + (self.returning_after_days as u64) < day as u64 => Class::Returning,
+            Some(_) => Class::Known,
         }
     }
 }
@@ -148,6 +215,9 @@ struct OpenTable {
     table: DedupTable,
     /// Its files in the last checkpoint written (none before the first).
     chain: Option<Chain>,
+    /// DAU: its pairs are classified (new / returning counted); every
+    /// earlier day was closed and rolled into the history.
+    classified: bool,
 }
 
 /// A table as a checkpoint records it.
@@ -158,14 +228,19 @@ pub struct TableSaved {
     pub capacity: u64,
     pub len: u64,
     pub chain: Chain,
+    pub classified: bool,
 }
 
 /// One metric's shard state as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateShardSaved {
-    /// Open slices: (slice, pv, uv).
-    pub slices: Vec<(u32, Vec<u32>, Vec<u32>)>,
+    /// Open slices: (slice, [pv, uv, new, returning]).
+    pub slices: Vec<(u32, [Vec<u32>; 4])>,
     pub tables: Vec<TableSaved>,
+    /// DAU: the device history table.
+    pub history: Option<TableSaved>,
+    /// Watermark of the last ship.
+    pub wm_ms: i64,
     pub entries_seen_max: u64,
     pub closed_bytes: u64,
     pub closed_entries: u64,
@@ -195,6 +270,11 @@ pub struct CumulateShard {
     pub closed_entries: usize,
     state_dir: Option<PathBuf>,
     name: String,
+    /// Set for a DAU metric.
+    pub dau: Option<Dau>,
+    /// Watermark of the last ship: days starting at or before it have
+    /// every earlier day closed.
+    wm_ms: i64,
 }
 
 impl CumulateShard {
@@ -213,6 +293,8 @@ impl CumulateShard {
             closed_entries: 0,
             state_dir,
             name,
+            dau: None,
+            wm_ms: i64::MIN,
         }
     }
 
@@ -262,7 +344,8 @@ impl CumulateShard {
             table.track_changes();
         }
         let at = self.tables.partition_point(|t| t.period < period);
-        self.tables.insert(at, OpenTable { period, table, chain: None });
+        let classified = self.geo.period_start_ms(period) <= self.wm_ms;
+        self.tables.insert(at, OpenTable { period, table, chain: None, classified });
         Ok(at)
     }
 
@@ -286,28 +369,105 @@ impl CumulateShard {
     pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32) -> io::Result<()> {
         let t = self.table_of(slice)?;
         let seen = self.tables[t].table.observe(device_fp, key, slice)?;
+        let class = match (&self.dau, seen) {
+            (Some(dau), Seen::New | Seen::Earlier { .. }) if self.tables[t].classified => {
+                dau.class(device_fp, self.tables[t].period)
+            }
+            _ => Class::Known,
+        };
         let k = key as usize;
         let i = self.slice_index(slice);
+        let dau = self.dau.is_some();
         let c = &mut self.slices[i];
-        c.fit(k);
+        c.fit(k, dau);
         c.pv[k] += 1;
         match seen {
             Seen::Again => {}
-            Seen::New => c.uv[k] += 1,
+            Seen::New => {
+                c.uv[k] += 1;
+                if let Some(col) = c.class_col(class) {
+                    col[k] += 1;
+                }
+            }
             Seen::Earlier { was } => {
                 c.uv[k] += 1;
+                if let Some(col) = c.class_col(class) {
+                    col[k] += 1;
+                }
                 let j = self.slice_index(was);
                 let old = &mut self.slices[j];
                 debug_assert!(old.uv[k] > 0, "moved a device out of a slice that never had it");
                 old.uv[k] -= 1;
+                if let Some(col) = old.class_col(class) {
+                    col[k] -= 1;
+                }
             }
         }
         Ok(())
     }
 
+    /// DAU, as the watermark reaches `wm_ms`: in day order, classifies the
+    /// pairs of each day that now has every earlier day closed, and rolls
+    /// each day that closed into the device history.
+    fn roll_days(&mut self, wm_ms: i64) -> io::Result<()> {
+        let geo = self.geo;
+        for ti in 0..self.tables.len() {
+            let period = self.tables[ti].period;
+            if geo.period_start_ms(period) > wm_ms {
+                break;
+            }
+            if !self.tables[ti].classified {
+                self.classify(ti);
+            }
+            if geo.period_start_ms(period + 1) <= wm_ms {
+                let Some(dau) = &mut self.dau else {
+                    return Ok(());
+                };
+                for e in self.tables[ti].table.entries().iter().filter(|e| e.first_slice != 0) {
+                    dau.history.merge(e.device_fp, period, period)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the new and returning devices among every pair of table `ti`
+    /// in the slice the pair was first seen in (still open: no slice of
+    /// the day was shipped before its day had every earlier day closed).
+    fn classify(&mut self, ti: usize) {
+        let Some(dau) = &self.dau else {
+            return;
+        };
+        let t = &mut self.tables[ti];
+        t.classified = true;
+        for e in t.table.entries().iter().filter(|e| e.first_slice != 0) {
+            let class = dau.class(e.device_fp, t.period);
+            if class == Class::Known {
+                continue;
+            }
+            let k = e.key as usize;
+            let i = match self.slices.binary_search_by_key(&e.first_slice, |c| c.slice) {
+                Ok(i) => i,
+                Err(_) => {
+                    debug_assert!(false, "slice {} of a pair was shipped before its day was classified", e.first_slice);
+                    continue;
+                }
+            };
+            let c = &mut self.slices[i];
+            c.fit(k, true);
+            if let Some(col) = c.class_col(class) {
+                col[k] += 1;
+            }
+        }
+    }
+
     /// Ships every slice that ends at or before `wm_ms` and frees the
     /// dedup tables of periods that ended.
-    pub fn ship(&mut self, wm_ms: i64, out: &mut impl FnMut(SliceCols)) {
+    pub fn ship(&mut self, wm_ms: i64, out: &mut impl FnMut(SliceCols)) -> io::Result<()> {
+        if self.dau.is_some() {
+            self.roll_days(wm_ms)?;
+        }
+        self.wm_ms = self.wm_ms.max(wm_ms);
         let n = self.slices.iter().take_while(|c| self.geo.slice_end_ms(c.slice) <= wm_ms).count();
         for c in self.slices.drain(..n) {
             out(c);
@@ -321,11 +481,13 @@ impl CumulateShard {
             self.closed_entries += t.table.len();
         }
         self.tables.retain(|t| geo.period_start_ms(t.period + 1) > wm_ms);
+        Ok(())
     }
 
     pub fn state_bytes(&self) -> usize {
         self.tables.iter().map(|t| t.table.bytes()).sum::<usize>()
-            + self.slices.iter().map(|c| c.pv.len() * 8).sum::<usize>()
+            + self.dau.as_ref().map_or(0, |d| d.history.bytes())
+            + self.slices.iter().map(|c| (c.pv.len() + c.uv.len() + c.new.len() + c.ret.len()) * 4).sum::<usize>()
     }
 
     pub fn dedup_entries(&self) -> usize {
@@ -333,8 +495,9 @@ impl CumulateShard {
     }
 
     /// Copies what changed since the last checkpoint into `files` (to be
-    /// written as `dir/{prefix}-p{period}-g{generation}.base|.delta`) and
-    /// returns the state to record, with the bytes to write.
+    /// written as `dir/{prefix}-p{period}-g{generation}.base|.delta`, and
+    /// `{prefix}-history-g{generation}.…` for a DAU history) and returns
+    /// the state to record, with the bytes to write.
     pub fn checkpoint(
         &mut self,
         dir: &Path,
@@ -345,45 +508,30 @@ impl CumulateShard {
     ) -> io::Result<(CumulateShardSaved, u64)> {
         let mut written = 0;
         let mut tables = Vec::with_capacity(self.tables.len());
+        let mut out = TableOut { dir, generation, pool, files, written: &mut written };
         for t in &mut self.tables {
             let stem = format!("{prefix}-p{}-g{generation}", t.period);
-            let changes = t.table.changes();
-
-            let chain = match (&mut t.chain, changes) {
-                (Some(chain), Some(0)) => chain.clone(),
-                (Some(chain), Some(n))
-                    if (chain.delta_bytes() + (n * DELTA_RECORD_BYTES) as u64) * 1000
-                        <= chain.base.bytes * DELTAS_PER_BASE_MAX_PER_MILLE =>
-                {
-                    let file = format!("{stem}.delta");
-                    let (bytes, w) = t.table.snapshot_delta(pool, generation)?;
-                    files.push(PendingFile { path: dir.join(&file), bytes: Pending::Copy(bytes) });
-                    written += w.bytes;
-                    chain.deltas.push(FileRef::new(file, w));
-                    chain.clone()
-                }
-                _ => {
-                    let file = format!("{stem}.base");
-                    let (bytes, w) = t.table.snapshot_base(pool, generation)?;
-                    files.push(PendingFile { path: dir.join(&file), bytes: Pending::Copy(bytes) });
-                    written += w.bytes;
-                    let base_capacity = t.table.capacity() as u64;
-                    let chain = Chain { base: FileRef::new(file, w), base_capacity, deltas: Vec::new() };
-                    t.chain = Some(chain.clone());
-                    chain
-                }
-            };
-            tables.push(TableSaved {
-                period: t.period,
-                capacity: chain.base_capacity,
-                len: t.table.len() as u64,
-                chain,
-            });
+            let (chain, capacity, len) = out.table(&mut t.table, &mut t.chain, &stem)?;
+            tables.push(TableSaved { period: t.period, capacity, len, chain, classified: t.classified });
         }
-        let slices = self.slices.iter().map(|c| (c.slice, c.pv.clone(), c.uv.clone())).collect();
+        let history = match &mut self.dau {
+            None => None,
+            Some(dau) => {
+                let stem = format!("{prefix}-history-g{generation}");
+                let (chain, capacity, len) = out.table(&mut dau.history, &mut dau.chain, &stem)?;
+                Some(TableSaved { period: 0, capacity, len, chain, classified: true })
+            }
+        };
+        let slices = self
+            .slices
+            .iter()
+            .map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()]))
+            .collect();
         let saved = CumulateShardSaved {
             slices,
             tables,
+            history,
+            wm_ms: self.wm_ms,
             entries_seen_max: self.entries_seen_max as u64,
             closed_bytes: self.closed_bytes as u64,
             closed_entries: self.closed_entries as u64,
@@ -396,23 +544,30 @@ impl CumulateShard {
     pub fn restore(&mut self, saved: &CumulateShardSaved, ckpt_dir: &Path) -> io::Result<()> {
         assert!(self.tables.is_empty() && self.slices.is_empty(), "restore into a fresh shard");
         for t in &saved.tables {
-            let base = ckpt_dir.join(&t.chain.base.file);
-            let deltas: Vec<_> = t.chain.deltas.iter().map(|d| (ckpt_dir.join(&d.file), d.written())).collect();
-            let table = DedupTable::restore(
-                self.state_dir.clone(),
-                format!("{}-p{}", self.name, t.period),
-                t.capacity as usize,
-                t.len as usize,
-                (&base, t.chain.base.written()),
-                &deltas,
-            )?;
-            self.tables.push(OpenTable { period: t.period, table, chain: Some(t.chain.clone()) });
+            let table = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-p{}", self.name, t.period), t)?;
+            let chain = Some(t.chain.clone());
+            self.tables.push(OpenTable { period: t.period, table, chain, classified: t.classified });
+        }
+        match (&mut self.dau, &saved.history) {
+            (Some(dau), Some(h)) => {
+                dau.history = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-history", self.name), h)?;
+                dau.chain = Some(h.chain.clone());
+            }
+            (None, None) => {}
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "shard state: device history differs from the job")),
         }
         self.slices = saved
             .slices
             .iter()
-            .map(|(slice, pv, uv)| SliceCols { slice: *slice, pv: pv.clone(), uv: uv.clone() })
+            .map(|(slice, [pv, uv, new, ret])| SliceCols {
+                slice: *slice,
+                pv: pv.clone(),
+                uv: uv.clone(),
+                new: new.clone(),
+                ret: ret.clone(),
+            })
             .collect();
+        self.wm_ms = saved.wm_ms;
         self.entries_seen_max = saved.entries_seen_max as usize;
         self.closed_bytes = saved.closed_bytes as usize;
         self.closed_entries = saved.closed_entries as usize;
@@ -420,15 +575,71 @@ impl CumulateShard {
     }
 }
 
+/// Where a checkpoint's table copies go.
+struct TableOut<'a> {
+    dir: &'a Path,
+    generation: u64,
+    pool: &'a Arc<SnapshotPool>,
+    files: &'a mut Vec<PendingFile>,
+    written: &'a mut u64,
+}
+
+impl TableOut<'_> {
+    /// Copies a table's changes since its chain's last file (a delta), or
+    /// the whole table (a base: when new, or when the deltas would pass
+    /// [`DELTAS_PER_BASE_MAX_PER_MILLE`] of the base); returns the chain to
+    /// record, the base's capacity and the table's length.
+    fn table<E: Slot>(
+        &mut self,
+        table: &mut Table<E>,
+        chain: &mut Option<Chain>,
+        stem: &str,
+    ) -> io::Result<(Chain, u64, u64)> {
+        let record = Table::<E>::DELTA_RECORD_BYTES as u64;
+        let c = match (chain.as_mut(), table.changes()) {
+            (Some(c), Some(0)) => c.clone(),
+            (Some(c), Some(n))
+                if (c.delta_bytes() + n as u64 * record) * 1000 <= c.base.bytes * DELTAS_PER_BASE_MAX_PER_MILLE =>
+            {
+                let file = format!("{stem}.delta");
+                let (bytes, w) = table.snapshot_delta(self.pool, self.generation)?;
+                self.files.push(PendingFile { path: self.dir.join(&file), bytes: Pending::Copy(bytes) });
+                *self.written += w.bytes;
+                c.deltas.push(FileRef::new(file, w));
+                c.clone()
+            }
+            _ => {
+                let file = format!("{stem}.base");
+                let (bytes, w) = table.snapshot_base(self.pool, self.generation)?;
+                self.files.push(PendingFile { path: self.dir.join(&file), bytes: Pending::Copy(bytes) });
+                *self.written += w.bytes;
+                let c = Chain { base: FileRef::new(file, w), base_capacity: table.capacity() as u64, deltas: Vec::new() };
+                *chain = Some(c.clone());
+                c
+            }
+        };
+        Ok((c.clone(), c.base_capacity, table.len() as u64))
+    }
+}
+
+/// Rebuilds a table from the chain a checkpoint recorded.
+fn restore_table<E: Slot>(ckpt_dir: &Path, dir: Option<PathBuf>, name: String, t: &TableSaved) -> io::Result<Table<E>> {
+    let base = ckpt_dir.join(&t.chain.base.file);
+    let deltas: Vec<_> = t.chain.deltas.iter().map(|d| (ckpt_dir.join(&d.file), d.written())).collect();
+    Table::restore(dir, name, t.capacity as usize, t.len as usize, (&base, t.chain.base.written()), &deltas)
+}
+
 /// Re-sharding: moves this metric's state from shards cut for one worker
 /// count into shards cut for another (same geometry, same watermark
 /// `wm_ms`). Every (device, key) entry goes to the shard that owns its
-/// fingerprint now; an open slice's `uv` counts exactly the entries whose
-/// first slice it is (late events are only ever moved into open slices), so
-/// it is recounted from the entries; `pv` and the counters are sums and land
-/// in the first shard.
+/// fingerprint now, and so does every device's history; an open slice's
+/// `uv` (and, once its day is classified, `new` and `returning`) counts
+/// exactly the entries whose first slice it is (late events are only ever
+/// moved into open slices), so it is recounted from the entries; `pv` and
+/// the counters are sums and land in the first shard.
 pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i64) -> io::Result<()> {
     let n = new.len();
+    let owner = |fp: u64| ((fp as u128 * n as u128) >> 64) as usize;
     // Entries arrive in hash order: tables must be sized for all of them
     // first, or the first ones would all share the few home slots of a
     // small table (quadratic probing).
@@ -441,28 +652,52 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
             target.table_of_period(period, total / n + total / (4 * n) + 64)?;
         }
     }
+    let histories: usize = old.iter().filter_map(|o| o.dau.as_ref()).map(|d| d.history.len()).sum();
+    for target in new.iter_mut() {
+        target.wm_ms = wm_ms;
+        if let Some(dau) = &mut target.dau {
+            dau.history = DeviceHistory::create(None, String::new(), histories / n + histories / (4 * n) + 64)?;
+            dau.history.track_changes();
+        }
+    }
+    for o in old.iter().filter_map(|o| o.dau.as_ref()) {
+        for h in o.history.entries().iter().filter(|h| !h.is_empty()) {
+            if let Some(dau) = &mut new[owner(h.device_fp)].dau {
+                dau.history.merge(h.device_fp, h.first_day, h.last_day)?;
+            }
+        }
+    }
     for o in old {
         for t in &o.tables {
             let open = |slice: u32| o.geo.slice_end_ms(slice) > wm_ms;
             for e in t.table.entries().iter().filter(|e| e.first_slice != 0) {
-                let j = ((e.device_fp as u128 * n as u128) >> 64) as usize;
-                let target = &mut *new[j];
+                let target = &mut *new[owner(e.device_fp)];
                 let ti = target.table_of_period(t.period, 0)?;
+                target.tables[ti].classified = t.classified;
                 let seen = target.tables[ti].table.observe(e.device_fp, e.key, e.first_slice)?;
                 debug_assert_eq!(seen, Seen::New, "shards own disjoint devices");
                 if open(e.first_slice) {
+                    let class = match &target.dau {
+                        Some(dau) if t.classified => dau.class(e.device_fp, t.period),
+                        _ => Class::Known,
+                    };
+                    let dau = target.dau.is_some();
                     let i = target.slice_index(e.first_slice);
                     let c = &mut target.slices[i];
-                    c.fit(e.key as usize);
+                    c.fit(e.key as usize, dau);
                     c.uv[e.key as usize] += 1;
+                    if let Some(col) = c.class_col(class) {
+                        col[e.key as usize] += 1;
+                    }
                 }
             }
         }
         let first = &mut *new[0];
+        let dau = first.dau.is_some();
         for c in &o.slices {
             let i = first.slice_index(c.slice);
             let into = &mut first.slices[i];
-            into.fit(c.pv.len().saturating_sub(1));
+            into.fit(c.pv.len().saturating_sub(1), dau);
             for (k, &pv) in c.pv.iter().enumerate() {
                 into.pv[k] += pv;
             }
@@ -478,6 +713,9 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
     Ok(())
 }
 
+/// A key's counters at the emitter: pv, uv (DAU: active), new, returning.
+type Sums = [u64; 4];
+
 /// Cumulative values of one period at the emitter.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Period {
@@ -486,31 +724,31 @@ struct Period {
     last_data_slice: u32,
     /// Whether any window of the period was emitted.
     started: bool,
-    pv: Vec<u64>,
-    uv: Vec<u64>,
+    sums: Vec<Sums>,
     /// Values last written per key (for `emit = "changed"`).
-    written: Vec<(u64, u64)>,
+    written: Vec<Sums>,
 }
 
 /// One metric's merge of shard slices into window rows.
 pub struct CumulateEmitter {
     geo: Geometry,
     name_json: String,
-    measures: (bool, bool),
+    /// (field name, index into [`Sums`]) of each measure written.
+    measures: Vec<(&'static str, usize)>,
     emit: Emit,
     dict: Arc<KeyDict>,
     dims: Vec<String>,
     /// Key ids sorted by rendered dims: the row order within a window.
     order: Vec<u32>,
     /// Merged slices not yet folded into a window, by slice.
-    pending: std::collections::BTreeMap<u32, (Vec<u64>, Vec<u64>)>,
+    pending: std::collections::BTreeMap<u32, Vec<Sums>>,
     periods: std::collections::BTreeMap<u32, Period>,
 }
 
 /// The emitter's state of one metric as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateEmitterSaved {
-    pending: std::collections::BTreeMap<u32, (Vec<u64>, Vec<u64>)>,
+    pending: std::collections::BTreeMap<u32, Vec<Sums>>,
     periods: std::collections::BTreeMap<u32, Period>,
 }
 
@@ -523,10 +761,23 @@ pub struct Row {
 
 impl CumulateEmitter {
     pub fn new(geo: Geometry, spec: &MetricSpec, dict: Arc<KeyDict>) -> CumulateEmitter {
+        let measures = spec
+            .measures
+            .iter()
+            .map(|&m| {
+                let at = match m {
+                    Measure::Pv => 0,
+                    Measure::Uv | Measure::Active => 1,
+                    Measure::New => 2,
+                    Measure::Returning => 3,
+                };
+                (m.name(), at)
+            })
+            .collect();
         CumulateEmitter {
             geo,
             name_json: serde_json::to_string(&spec.name).unwrap_or_default(),
-            measures: (spec.has(Measure::Pv), spec.has(Measure::Uv)),
+            measures,
             emit: spec.emit,
             dict,
             dims: Vec::new(),
@@ -552,22 +803,23 @@ impl CumulateEmitter {
         if cols.pv.iter().all(|&p| p == 0) && cols.uv.iter().all(|&u| u == 0) {
             return;
         }
-        let (pv, uv) = self.pending.entry(s).or_default();
-        if pv.len() < cols.pv.len() {
-            pv.resize(cols.pv.len(), 0);
-            uv.resize(cols.pv.len(), 0);
+        let sums = self.pending.entry(s).or_default();
+        if sums.len() < cols.pv.len() {
+            sums.resize(cols.pv.len(), [0; 4]);
         }
-        for (k, (&p, &u)) in cols.pv.iter().zip(&cols.uv).enumerate() {
-            pv[k] += p as u64;
-            uv[k] += u as u64;
+        let col = |v: &Vec<u32>, k: usize| v.get(k).copied().unwrap_or(0) as u64;
+        for (k, sum) in sums.iter_mut().enumerate().take(cols.pv.len()) {
+            sum[0] += col(&cols.pv, k);
+            sum[1] += col(&cols.uv, k);
+            sum[2] += col(&cols.new, k);
+            sum[3] += col(&cols.ret, k);
         }
         let p = self.geo.period_of_slice(s);
         let period = self.periods.entry(p).or_insert_with(|| Period {
             next_slice: s,
             last_data_slice: s,
             started: false,
-            pv: Vec::new(),
-            uv: Vec::new(),
+            sums: Vec::new(),
             written: Vec::new(),
         });
         debug_assert!(s >= period.next_slice || !period.started, "slice {s} arrived after its window was emitted");
@@ -608,18 +860,18 @@ impl CumulateEmitter {
             return;
         };
         period.started = true;
-        if let Some((pv, uv)) = self.pending.remove(&s) {
-            if period.pv.len() < pv.len() {
-                period.pv.resize(pv.len(), 0);
-                period.uv.resize(pv.len(), 0);
-                period.written.resize(pv.len(), (0, 0));
+        if let Some(add) = self.pending.remove(&s) {
+            if period.sums.len() < add.len() {
+                period.sums.resize(add.len(), [0; 4]);
+                period.written.resize(add.len(), [0; 4]);
             }
-            for k in 0..pv.len() {
-                period.pv[k] += pv[k];
-                period.uv[k] += uv[k];
+            for (sum, a) in period.sums.iter_mut().zip(&add) {
+                for (x, y) in sum.iter_mut().zip(a) {
+                    *x += y;
+                }
             }
         }
-        if self.dims.len() < period.pv.len() {
+        if self.dims.len() < period.sums.len() {
             self.dict.catch_up(&mut self.dims);
             let dims = &self.dims;
             self.order = (0..dims.len() as u32).collect();
@@ -637,24 +889,22 @@ impl CumulateEmitter {
         head.push_str(",\"dims\":");
         for &k in &self.order {
             let k = k as usize;
-            let (pv, uv) = match (period.pv.get(k), period.uv.get(k)) {
-                (Some(&pv), Some(&uv)) if pv > 0 => (pv, uv),
+            let sums = match period.sums.get(k) {
+                Some(&sums) if sums[0] > 0 => sums,
                 _ => continue,
             };
-            if self.emit == Emit::Changed && period.written[k] == (pv, uv) {
+            if self.emit == Emit::Changed && period.written[k] == sums {
                 continue;
             }
-            period.written[k] = (pv, uv);
+            period.written[k] = sums;
             let mut line = String::with_capacity(head.len() + self.dims[k].len() + 40);
             line.push_str(&head);
             line.push_str(&self.dims[k]);
-            if self.measures.0 {
-                line.push_str(",\"pv\":");
-                line.push_str(itoa::Buffer::new().format(pv));
-            }
-            if self.measures.1 {
-                line.push_str(",\"uv\":");
-                line.push_str(itoa::Buffer::new().format(uv));
+            for &(name, at) in &self.measures {
+                line.push_str(",\"");
+                line.push_str(name);
+                line.push_str("\":");
+                line.push_str(itoa::Buffer::new().format(sums[at]));
             }
             line.push_str("}\n");
             rows.push(Row { window_end_ms: end, metric, line });
@@ -704,7 +954,7 @@ mod tests {
         sh.apply(1, 0, 98).unwrap();
         sh.apply(2, 0, 100).unwrap();
         let mut got = Vec::new();
-        sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0])));
+        sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0]))).unwrap();
         assert_eq!(got, [(98, 1, 1), (100, 2, 1)]);
     }
 }

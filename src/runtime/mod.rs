@@ -36,6 +36,7 @@ use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
 use crate::sink::jsonl::{JsonlSink, SinkError};
 use crate::source::file::{InputError, Plan};
+use crate::state::history::{DeviceHistory, HistoryError, ImportReport};
 use coordinator::{Coordinator, CutReport, CutRequest};
 use mesh::Mesh;
 use router::Router;
@@ -146,6 +147,10 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] CheckpointError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error("shard state: {0}")]
+    Table(io::Error),
     #[error("worker failed: {0}")]
     Worker(String),
 }
@@ -183,6 +188,17 @@ pub struct RunSummary {
     /// The run stopped on a signal before its input ended.
     pub stopped: bool,
     pub checkpoints: CheckpointReport,
+    /// Device histories imported for DAU metrics (a fresh start only).
+    pub history_imports: Vec<HistoryImport>,
+}
+
+/// One DAU metric's device history import.
+#[derive(Debug, Serialize)]
+pub struct HistoryImport {
+    pub metric: String,
+    pub path: String,
+    #[serde(flatten)]
+    pub report: ImportReport,
 }
 
 /// Checkpoints a run wrote.
@@ -241,6 +257,17 @@ impl RunSummary {
                 c.bytes_written
             )?;
         }
+        for h in &self.history_imports {
+            let r = &h.report;
+            writeln!(
+                w,
+                "tally: metric {:?}: device history {}: {} rows, {} devices, {} malformed, {} duplicate dids, {:.3} s",
+                h.metric, h.path, r.rows, r.devices, r.malformed, r.duplicates, r.seconds
+            )?;
+            for (line, why) in &r.examples {
+                writeln!(w, "tally:   {}:{line}: {why}", h.path)?;
+            }
+        }
         if self.late_folded + self.late_dropped > 0 {
             writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
@@ -274,6 +301,11 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         Some(dir) => Some(resume::open(job, &plan, dir)?),
         None => None,
     };
+    // Device histories are read before anything is written: a bad one
+    // stops the run here.
+    let fresh = resume.as_ref().is_none_or(|r| r.manifest.is_none());
+    let live = resume.as_ref().filter(|_| job.state_tables_mapped).map(|r| r.state.live());
+    let (histories, history_imports) = if fresh { import_histories(job, live.as_deref())? } else { Default::default() };
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
     let mut sinks = job
         .sinks
@@ -299,10 +331,15 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         cut_epoch: AtomicU64::new(0),
         plan: plan.clone(),
     };
-    let shards = match &resume {
+    let mut shards = match &resume {
         Some(r) => r.place(&sh)?,
-        None => (0..n).map(|w| Shard::new(w, &sh, None, false)).collect(),
+        None => (0..n).map(|w| Shard::new(w, &sh, None, false)).collect::<io::Result<_>>().map_err(RunError::Table)?,
     };
+    for (m, tables) in histories {
+        for (shard, table) in shards.iter_mut().zip(tables) {
+            shard.set_history(m, table, resume.is_some());
+        }
+    }
     let mut coord = Coordinator::new(&sh, resume, stop);
     let startup_seconds = started.elapsed().as_secs_f64();
     let (tx, rx) = unbounded();
@@ -333,7 +370,28 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     summary.resumed_from = coord.resumed_from();
     summary.stopped = coord.stopped();
     summary.checkpoints = coord.report();
+    summary.history_imports = history_imports;
     Ok(summary)
+}
+
+/// DAU metrics' device histories: per metric, one table per shard.
+type Histories = Vec<(usize, Vec<DeviceHistory>)>;
+
+/// Reads the device history snapshot of every DAU metric that names one,
+/// cut by device hash like the shards.
+fn import_histories(job: &Job, live: Option<&std::path::Path>) -> Result<(Histories, Vec<HistoryImport>), RunError> {
+    let mut tables = Vec::new();
+    let mut imports = Vec::new();
+    for (m, spec) in job.metrics.iter().enumerate() {
+        let Some(path) = spec.dau.as_ref().and_then(|d| d.device_history.as_ref()) else {
+            continue;
+        };
+        let dir = live.map(|l| l.join(format!("history-m{m}")));
+        let (t, report) = crate::state::history::import(path, job.workers, dir.as_deref())?;
+        tables.push((m, t));
+        imports.push(HistoryImport { metric: spec.name.clone(), path: path.display().to_string(), report });
+    }
+    Ok((tables, imports))
 }
 
 /// Sets the abort flag when dropped (also while unwinding).
@@ -459,6 +517,7 @@ fn summarize(
         resumed_from: None,
         stopped: false,
         checkpoints: CheckpointReport::default(),
+        history_imports: Vec::new(),
     }
 }
 

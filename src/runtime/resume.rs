@@ -111,7 +111,8 @@ impl Resume {
         let live = sh.job.state_tables_mapped.then(|| self.state.live());
         let live = live.as_deref();
         let Some(m) = &self.manifest else {
-            return Ok((0..sh.mesh.n).map(|w| Shard::new(w, sh, live, true)).collect());
+            let fresh = (0..sh.mesh.n).map(|w| Shard::new(w, sh, live, true)).collect::<std::io::Result<Vec<_>>>();
+            return fresh.map_err(|e| self.state.table_error(e));
         };
         sh.next_task.store(m.input.next_task, Ordering::Relaxed);
         for (s, cut) in m.input.sources.iter().enumerate() {
@@ -134,7 +135,7 @@ impl Resume {
                     // Shards of another worker count are rebuilt in memory, then re-sharded.
                     let live = if resharding { None } else { live };
                     scope.spawn(move || {
-                        let mut shard = Shard::new(w, sh, live, !resharding);
+                        let mut shard = Shard::new(w, sh, live, !resharding)?;
                         shard.restore(saved, ckpt).map(|()| shard)
                     })
                 })
@@ -147,7 +148,10 @@ impl Resume {
         if resharding {
             let old =
                 built.into_iter().collect::<std::io::Result<Vec<Shard>>>().map_err(|e| self.state.table_error(e))?;
-            let mut new: Vec<Shard> = (0..sh.mesh.n).map(|w| Shard::new(w, sh, live, true)).collect();
+            let mut new: Vec<Shard> = (0..sh.mesh.n)
+                .map(|w| Shard::new(w, sh, live, true))
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| self.state.table_error(e))?;
             Shard::reshard(&old, &mut new).map_err(|e| self.state.table_error(e))?;
             eprintln!("tally: checkpoint of {} shards re-sharded into {}", old.len(), new.len());
             return Ok(new);

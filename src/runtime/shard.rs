@@ -16,7 +16,8 @@ use super::coordinator::CutRequest;
 use super::mesh::Batch;
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
-use crate::metric::cumulate::CumulateShard;
+use crate::metric::cumulate::{CumulateShard, Dau};
+use crate::state::history::DeviceHistory;
 use crate::metric::keys::KEY_BITS;
 
 /// Records ahead whose dedup slot is prefetched.
@@ -80,24 +81,38 @@ impl Shard {
 impl Shard {
     /// A shard with empty state; `live_dir` holds its tables (anonymous
     /// memory if none), `track` turns on change tracking for checkpoints.
-    pub fn new(s: usize, sh: &Shared, live_dir: Option<&Path>, track: bool) -> Shard {
-        let metrics = sh
-            .job
-            .metrics
-            .iter()
-            .enumerate()
-            .map(|(m, _)| {
-                let dir = live_dir.map(|d| d.join(format!("shard-{s}")));
-                CumulateShard::new(sh.geometry[m], dir, format!("m{m}"), track)
-            })
-            .collect();
+    /// A DAU metric starts with an empty device history.
+    pub fn new(s: usize, sh: &Shared, live_dir: Option<&Path>, track: bool) -> io::Result<Shard> {
+        let mut metrics = Vec::with_capacity(sh.job.metrics.len());
+        for (m, spec) in sh.job.metrics.iter().enumerate() {
+            let dir = live_dir.map(|d| d.join(format!("shard-{s}")));
+            let mut st = CumulateShard::new(sh.geometry[m], dir.clone(), format!("m{m}"), track);
+            if let Some(d) = &spec.dau {
+                let mut history = DeviceHistory::create(dir, format!("m{m}-history"), 0)?;
+                if track {
+                    history.track_changes();
+                }
+                st.dau = Some(Dau::new(history, d.returning_after_days));
+            }
+            metrics.push(st);
+        }
         let progress = sh
             .plan
             .blocks_per_source
             .iter()
             .map(|&blocks| Progress { next_seq: 0, blocks, wm_ms: i64::MIN, early: BTreeMap::new() })
             .collect();
-        Shard { s, metrics, progress, wm_ms: i64::MIN, state_bytes_max: 0, dedup_entries_max: 0 }
+        Ok(Shard { s, metrics, progress, wm_ms: i64::MIN, state_bytes_max: 0, dedup_entries_max: 0 })
+    }
+
+    /// Puts in the device history imported for DAU metric `m`.
+    pub fn set_history(&mut self, m: usize, mut history: DeviceHistory, track: bool) {
+        if let Some(dau) = &mut self.metrics[m].dau {
+            if track {
+                history.track_changes();
+            }
+            dau.history = history;
+        }
     }
 
     /// Puts back a checkpoint's state.
@@ -172,7 +187,7 @@ impl Shard {
         let tables: Vec<FileRef> = saved
             .metrics
             .iter()
-            .flat_map(|m| &m.tables)
+            .flat_map(|m| m.tables.iter().chain(&m.history))
             .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
             .cloned()
             .collect();
@@ -199,7 +214,7 @@ impl Shard {
             }
         }
         if moved || self.wm_ms == i64::MIN {
-            self.advance(out);
+            self.advance(out)?;
         }
         Ok(moved)
     }
@@ -222,10 +237,10 @@ impl Shard {
     }
 
     /// Moves the shard watermark and ships what it closed.
-    fn advance(&mut self, out: &Sender<ToEmitter>) {
+    fn advance(&mut self, out: &Sender<ToEmitter>) -> io::Result<()> {
         let wm = self.progress.iter().map(Progress::watermark).min().unwrap_or(i64::MAX);
         if wm <= self.wm_ms {
-            return;
+            return Ok(());
         }
         let bytes: usize = self.metrics.iter().map(CumulateShard::state_bytes).sum();
         let entries: usize = self.metrics.iter().map(CumulateShard::dedup_entries).sum();
@@ -235,8 +250,9 @@ impl Shard {
         for (metric, m) in self.metrics.iter_mut().enumerate() {
             m.ship(wm, &mut |cols| {
                 let _ = out.send(ToEmitter::Slice { metric, cols });
-            });
+            })?;
         }
         let _ = out.send(ToEmitter::Watermark { shard: self.s, wm_ms: wm });
+        Ok(())
     }
 }

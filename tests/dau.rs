@@ -1,0 +1,249 @@
+//! DAU metrics end to end: three sources whose disorder differs, a device
+//! history holding new, recently seen and long-absent devices (and rows
+//! that are malformed, duplicated or quoted), data crossing a local
+//! midnight. Every row must equal the offline recomputation of `tally
+//! verify` (which reads the history file itself, with the `csv` crate);
+//! the rows are the same bytes whatever the worker count, and after a
+//! crash and a restart.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use support::*;
+
+/// Events per source.
+const EVENTS: u64 = 400_000;
+/// Devices 1..=DEVICES, shared by the three sources.
+const DEVICES: u64 = 40_000;
+
+/// The local day the generated span starts on (it ends on the next one).
+fn first_day() -> i64 {
+    (MIDNIGHT_MS - 1 + TZ_OFFSET_MS).div_euclid(DAY_MS)
+}
+
+/// `YYYY-MM-DD` of days since 1970-01-01.
+fn date(days: i64) -> String {
+    let (y, m, d) = tally::verify::civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The device history: by `did % 6`, no row (new on the first day), last
+/// seen 3 days before, 45 days before, 31 days before (returning on the
+/// first day after 30), 30 days before (returning only on the second day),
+/// or a quoted did. Some devices have a second, narrower row (merged).
+/// Four malformed rows; they are reported and skipped.
+fn write_history(path: &Path) -> usize {
+    let d0 = first_day();
+    let mut t = String::from("did,first_day,last_day\n");
+    for did in 1..=DEVICES {
+        let row = |first: i64, last: i64| format!("{did},{},{}\n", date(first), date(last));
+        match did % 6 {
+            0 => {}
+            1 => t += &row(d0 - 100, d0 - 3),
+            2 => t += &row(d0 - 200, d0 - 45),
+            3 => t += &row(d0 - 60, d0 - 31),
+            4 => t += &row(d0 - 30, d0 - 30),
+            _ => t += &format!("\"{did}\",{},{}\n", date(d0 - 400), date(d0 - 8)),
+        }
+        if did % 12 == 1 {
+            t += &row(d0 - 50, d0 - 10);
+        }
+    }
+    t += "x1,2026-13-01,2026-01-01\n";
+    t += "x2,2026-02-01,2026-01-01\n";
+    t += "x3,2026-01-01\n";
+    t += ",2026-01-01,2026-01-02\n";
+    fs::write(path, t).unwrap();
+    4
+}
+
+struct Source {
+    name: &'static str,
+    format: &'static str,
+    files: Vec<PathBuf>,
+}
+
+fn sources(dir: &Path) -> Vec<Source> {
+    let gen = |name: &'static str, format: GenFormat, seed: u64, disorder: &str, fraction: f64| {
+        let opts = GenOptions {
+            devices: DEVICES,
+            format,
+            seed,
+            disorder: disorder.into(),
+            disorder_fraction: fraction,
+            ..gen_options(EVENTS)
+        };
+        let fmt = if format == GenFormat::Csv { "csv" } else { "jsonl" };
+        Source { name, format: fmt, files: generate(&dir.join(name), opts) }
+    };
+    vec![
+        gen("client", GenFormat::Jsonl, 11, "2m", 0.3),
+        gen("server", GenFormat::Csv, 22, "4m", 0.6),
+        gen("binlog", GenFormat::Jsonl, 33, "20s", 0.05),
+    ]
+}
+
+fn job_toml(sources: &[Source], history: &Path, results: &Path, extra: &str) -> String {
+    let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    let mut t = format!("[job]\ntimezone = \"{TZ}\"\n{extra}\n");
+    for s in sources {
+        let paths: Vec<String> = s.files.iter().map(|p| q(p)).collect();
+        t += &format!(
+            "[[source]]\nname = \"{}\"\nkind = \"file\"\npath = [{}]\nformat = \"{}\"\nmax_out_of_orderness = \"5m\"\n\n",
+            s.name,
+            paths.join(", "),
+            s.format
+        );
+    }
+    let h = q(history);
+    t += &format!(
+        "[[metric]]\nname = \"dau_platform\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\ndevice_history = {h}\n\n\
+         [[metric]]\nname = \"dau_total\"\nkind = \"dau\"\nsources = [\"client\", \"server\"]\n\
+         returning_after_days = 7\nemit = \"changed\"\ndevice_history = {h}\n\n\
+         [[metric]]\nname = \"page_uv\"\nkind = \"cumulate\"\ngroup_by = [\"page\"]\n\n\
+         [[sink]]\nkind = \"jsonl\"\npath = {}\n",
+        q(results)
+    );
+    t
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    sources: Vec<Source>,
+    history: PathBuf,
+    malformed: usize,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempdir();
+    let sources = sources(&dir.path().join("data"));
+    let history = dir.path().join("history.csv");
+    let malformed = write_history(&history);
+    Fixture { dir, sources, history, malformed }
+}
+
+impl Fixture {
+    fn job(&self, name: &str, extra: &str) -> JobFile {
+        let d = self.dir.path();
+        let results = d.join(format!("{name}-out")).join("results.jsonl");
+        let path = d.join(format!("{name}.toml"));
+        fs::write(&path, job_toml(&self.sources, &self.history, &results, extra)).unwrap();
+        JobFile { path, results, summary: d.join(format!("{name}-summary.json")) }
+    }
+}
+
+/// The largest `field` of any row of `metric` per local day.
+fn max_per_day(results: &Path, metric: &str, field: &str) -> Vec<(i64, u64)> {
+    let mut out: std::collections::BTreeMap<i64, u64> = Default::default();
+    for line in read_lines(results) {
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        if v["metric"] != metric {
+            continue;
+        }
+        let day = (v["window_start"].as_i64().unwrap() + TZ_OFFSET_MS).div_euclid(DAY_MS);
+        let x = out.entry(day).or_default();
+        *x = (*x).max(v[field].as_u64().unwrap());
+    }
+    out.into_iter().collect()
+}
+
+#[test]
+fn dau_rows_equal_the_offline_computation() {
+    let f = fixture();
+    let job = f.job("dau", "");
+    let out = run(&job, 2);
+    let summary = out.ok();
+    let lines: usize = f
+        .sources
+        .iter()
+        .flat_map(|s| s.files.iter().map(move |p| read_lines(p).len() - usize::from(s.format == "csv")))
+        .sum();
+    assert_eq!(count(summary, "events"), lines as u64, "every event of the three sources is counted");
+    let imports = summary["history_imports"].as_array().expect("history_imports in the summary");
+    assert_eq!(imports.len(), 2, "one import per dau metric: {imports:?}");
+    for i in imports {
+        assert_eq!(i["malformed"].as_u64(), Some(f.malformed as u64), "{i}");
+        let examples = i["examples"].to_string();
+        assert!(examples.contains("first_day is after last_day") && examples.contains("2 fields"), "{examples}");
+        assert!(i["duplicates"].as_u64().unwrap() > 0, "{i}");
+    }
+    assert!(out.outcome.stderr.contains("malformed"), "the import is reported: {}", out.outcome.stderr);
+    assert_verifies(&job, &job.results, "dau, 2 workers");
+
+    // Not vacuous: each day has new and returning devices, in both metrics.
+    for metric in ["dau_platform", "dau_total"] {
+        for field in ["active", "new", "returning"] {
+            let per_day = max_per_day(&job.results, metric, field);
+            assert_eq!(per_day.len(), 2, "{metric}: rows on both sides of midnight");
+            assert!(per_day.iter().all(|&(_, x)| x > 0), "{metric}.{field} is zero on some day: {per_day:?}");
+        }
+    }
+
+    for workers in [1, 3] {
+        let other = f.job(&format!("dau-w{workers}"), "");
+        run(&other, workers).ok();
+        assert!(
+            fs::read(&other.results).unwrap() == fs::read(&job.results).unwrap(),
+            "{workers} workers write other rows than 2"
+        );
+    }
+}
+
+#[test]
+fn dau_restarts_after_a_crash_with_the_same_rows() {
+    let f = fixture();
+    let plain = f.job("plain", "");
+    run(&plain, 2).ok();
+    let want = fs::read(&plain.results).unwrap();
+    // Crash right after checkpoint 2 commits, then resume: with 2 workers,
+    // and (from a second crash) re-sharded onto 3.
+    for (i, resume_workers) in [(0, "2"), (1, "3")] {
+        let job = f.job(&format!("ckpt{i}"), "checkpoint_interval = \"20ms\"");
+        let state = f.dir.path().join(format!("state{i}"));
+        let tally = |workers: &str, crash: Option<&str>| {
+            let mut cmd = Command::new(TALLY);
+            cmd.args(["run", "--workers", workers, "--job"]).arg(&job.path).arg("--state-dir").arg(&state);
+            if let Some(at) = crash {
+                cmd.env("TALLY_CRASH_AT", at);
+            }
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().unwrap()
+        };
+        let crashed = tally("2", Some("renamed:2"));
+        let log = String::from_utf8_lossy(&crashed.stderr);
+        assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+        let resumed = tally(resume_workers, None);
+        let log = String::from_utf8_lossy(&resumed.stderr);
+        assert!(resumed.status.success() && log.contains("resumed from checkpoint 2"), "{log}");
+        assert!(
+            fs::read(&job.results).unwrap() == want,
+            "resumed with {resume_workers} workers: rows differ from the uninterrupted run"
+        );
+    }
+}
+
+#[test]
+fn bad_device_histories_are_refused_before_the_run() {
+    let f = fixture();
+    let cases: [(&str, &str, &str); 3] = [
+        ("missing", "", "No such file"),
+        ("header", "device,first,last\n1,2026-01-01,2026-01-02\n", "header must be `did,first_day,last_day`"),
+        ("nothing", "did,first_day,last_day\n1,yesterday,today\n2,2026-02-30,2026-03-01\n", "none of its 2 rows parses"),
+    ];
+    for (name, text, why) in cases {
+        let history = f.dir.path().join(format!("{name}.csv"));
+        if !text.is_empty() {
+            fs::write(&history, text).unwrap();
+        }
+        let results = f.dir.path().join(format!("{name}-out")).join("results.jsonl");
+        let path = f.dir.path().join(format!("{name}.toml"));
+        fs::write(&path, job_toml(&f.sources, &history, &results, "")).unwrap();
+        let out = tally([std::ffi::OsString::from("run"), "--job".into(), path.into_os_string()]);
+        assert_ne!(out.code, Some(0), "{name}: accepted");
+        assert!(out.stderr.contains(why) && out.stderr.contains(&*history.to_string_lossy()), "{name}: {}", out.stderr);
+        assert!(!results.exists() || fs::read(&results).unwrap().is_empty(), "{name}: rows were written");
+    }
+}
