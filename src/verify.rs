@@ -602,7 +602,12 @@ impl DauTruth {
                 *h = (h.0.min(first), h.1.max(last));
             }
         }
-        Ok(DauTruth { returning_after_days: spec.returning_after_days as i64, history, days, tz_ms: job.timezone_offset_ms })
+        Ok(DauTruth {
+            returning_after_days: spec.returning_after_days as i64,
+            history,
+            days,
+            tz_ms: job.timezone_offset_ms,
+        })
     }
 
     /// (new, returning) of device `did` on the day starting at `period_ms`.
@@ -862,12 +867,7 @@ impl Checker<'_> {
             None => false,
         };
         let key = self.key_id(p.metric, p.key);
-        self.windows.entry((p.metric, p.period, p.end)).or_default().push(Got {
-            key,
-            values: p.values,
-            line,
-            counted,
-        });
+        self.windows.entry((p.metric, p.period, p.end)).or_default().push(Got { key, values: p.values, line, counted });
     }
 
     fn parse_row(&self, raw: &[u8]) -> Result<Parsed, String> {

@@ -231,7 +231,11 @@ fn bad_device_histories_are_refused_before_the_run() {
     let cases: [(&str, &str, &str); 3] = [
         ("missing", "", "No such file"),
         ("header", "device,first,last\n1,2026-01-01,2026-01-02\n", "header must be `did,first_day,last_day`"),
-        ("nothing", "did,first_day,last_day\n1,yesterday,today\n2,2026-02-30,2026-03-01\n", "none of its 2 rows parses"),
+        (
+            "nothing",
+            "did,first_day,last_day\n1,yesterday,today\n2,2026-02-30,2026-03-01\n",
+            "none of its 2 rows parses",
+        ),
     ];
     for (name, text, why) in cases {
         let history = f.dir.path().join(format!("{name}.csv"));

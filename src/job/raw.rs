@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, DauSpec, parse_duration_ms, parse_timezone_offset_ms, Emit, Format, Job, LatePolicy,
-    Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
-    RETURNING_AFTER_DAYS_DEFAULT,
+    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
+    LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, MAX_LINE_BYTES_DEFAULT, METRICS_MAX,
+    MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 
@@ -129,8 +129,12 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
     if raw.metric.len() > METRICS_MAX {
         return Err(invalid("metric", format!("at most {METRICS_MAX} metrics per job")));
     }
-    let metrics =
-        raw.metric.iter().enumerate().map(|(i, m)| build_metric(i, m, &sources, base)).collect::<Result<Vec<_>, _>>()?;
+    let metrics = raw
+        .metric
+        .iter()
+        .enumerate()
+        .map(|(i, m)| build_metric(i, m, &sources, base))
+        .collect::<Result<Vec<_>, _>>()?;
     for (i, m) in metrics.iter().enumerate() {
         if metrics[..i].iter().any(|o| o.name == m.name) {
             return Err(invalid(format!("metric[{i}].name"), format!("duplicate metric name {:?}", m.name)));
@@ -259,7 +263,10 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
     let key = |k: &str| format!("metric[{i}].{k}");
     let dau = match m.kind.as_str() {
         "cumulate" => {
-            for (k, set) in [("returning_after_days", m.returning_after_days.is_some()), ("device_history", m.device_history.is_some())] {
+            for (k, set) in [
+                ("returning_after_days", m.returning_after_days.is_some()),
+                ("device_history", m.device_history.is_some()),
+            ] {
                 if set {
                     return Err(invalid(key(k), "only a `kind = \"dau\"` metric takes this key"));
                 }
@@ -271,7 +278,10 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
             device_history: m.device_history.as_ref().map(|p| base.join(p)),
         }),
         other => {
-            return Err(invalid(key("kind"), format!("unknown metric kind {other:?} (expected \"cumulate\" or \"dau\")")))
+            return Err(invalid(
+                key("kind"),
+                format!("unknown metric kind {other:?} (expected \"cumulate\" or \"dau\")"),
+            ))
         }
     };
     let allowed: &[Measure] = match dau {

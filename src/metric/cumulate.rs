@@ -30,8 +30,8 @@ use crate::checkpoint::{FileRef, Pending, PendingFile};
 use crate::job::{Emit, Job, LatePolicy, Measure, MetricSpec};
 use crate::state::dedup::{DedupTable, Seen};
 use crate::state::history::DeviceHistory;
-use crate::state::table::{Slot, Table};
 use crate::state::snapshot::SnapshotPool;
+use crate::state::table::{Slot, Table};
 
 use super::keys::KeyDict;
 
@@ -522,11 +522,8 @@ impl CumulateShard {
                 Some(TableSaved { period: 0, capacity, len, chain, classified: true })
             }
         };
-        let slices = self
-            .slices
-            .iter()
-            .map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()]))
-            .collect();
+        let slices =
+            self.slices.iter().map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()])).collect();
         let saved = CumulateShardSaved {
             slices,
             tables,
@@ -554,7 +551,12 @@ impl CumulateShard {
                 dau.chain = Some(h.chain.clone());
             }
             (None, None) => {}
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "shard state: device history differs from the job")),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "shard state: device history differs from the job",
+                ))
+            }
         }
         self.slices = saved
             .slices
@@ -613,7 +615,8 @@ impl TableOut<'_> {
                 let (bytes, w) = table.snapshot_base(self.pool, self.generation)?;
                 self.files.push(PendingFile { path: self.dir.join(&file), bytes: Pending::Copy(bytes) });
                 *self.written += w.bytes;
-                let c = Chain { base: FileRef::new(file, w), base_capacity: table.capacity() as u64, deltas: Vec::new() };
+                let c =
+                    Chain { base: FileRef::new(file, w), base_capacity: table.capacity() as u64, deltas: Vec::new() };
                 *chain = Some(c.clone());
                 c
             }

@@ -344,7 +344,8 @@ impl<'a> Coordinator<'a> {
             blocks[t.source] += 1;
         }
         let generation = ck.generation + 1;
-        let req = Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt(), snapshots: ck.snapshots.clone() });
+        let req =
+            Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt(), snapshots: ck.snapshots.clone() });
         *sh.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.clone());
         sh.cut_epoch.store(generation, Ordering::Release);
         ck.pending = Some(Pending { req, task, started, reports: Vec::new() });

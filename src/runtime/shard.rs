@@ -17,8 +17,8 @@ use super::mesh::Batch;
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
 use crate::metric::cumulate::{CumulateShard, Dau};
-use crate::state::history::DeviceHistory;
 use crate::metric::keys::KEY_BITS;
+use crate::state::history::DeviceHistory;
 
 /// Records ahead whose dedup slot is prefetched.
 pub const PREFETCH_DISTANCE: usize = 16;
@@ -170,7 +170,8 @@ impl Shard {
         let mut files = Vec::new();
         let mut metrics = Vec::with_capacity(self.metrics.len());
         for (m, st) in self.metrics.iter_mut().enumerate() {
-            let (saved, written) = st.checkpoint(dir, &format!("s{}-m{m}", self.s), generation, &cut.snapshots, &mut files)?;
+            let (saved, written) =
+                st.checkpoint(dir, &format!("s{}-m{m}", self.s), generation, &cut.snapshots, &mut files)?;
             bytes += written;
             metrics.push(saved);
         }
