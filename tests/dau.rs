@@ -251,3 +251,44 @@ fn bad_device_histories_are_refused_before_the_run() {
         assert!(!results.exists() || fs::read(&results).unwrap().is_empty(), "{name}: rows were written");
     }
 }
+
+#[test]
+fn minute_dedup_drops_repeats_and_counts_what_is_older_than_its_ring() {
+    let dir = tempdir();
+    let at = |h: i64, m: i64, s: i64| MIDNIGHT_MS + ((h * 60 + m) * 60 + s) * 1000;
+    let ev = |ts: i64, did: &str| format!("{{\"ts\":{ts},\"did\":\"{did}\",\"platform\":\"ios\"}}\n");
+    let input = dir.path().join("e.jsonl");
+    let lines = [
+        ev(at(10, 30, 0), "a"),
+        ev(at(10, 5, 0), "a"), // 25 steps before a's latest: older than the ring
+        ev(at(10, 20, 0), "b"),
+        ev(at(10, 20, 1), "b"), // same step again
+        ev(at(10, 14, 0), "a"), // 16 steps before: inside the ring, a now counts from 10:14
+    ];
+    fs::write(&input, lines.concat()).unwrap();
+    let results = dir.path().join("out.jsonl");
+    let path = dir.path().join("job.toml");
+    let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    fs::write(
+        &path,
+        format!(
+            "[job]\ntimezone = \"{TZ}\"\n[[source]]\nname = \"client\"\nkind = \"file\"\npath = {}\nformat = \"jsonl\"\n\
+             max_out_of_orderness = \"1h\"\n[[metric]]\nname = \"dau\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n\
+             dedup_tolerance = 16\nemit = \"changed\"\n[[sink]]\nkind = \"jsonl\"\npath = {}\n",
+            q(&input),
+            q(&results)
+        ),
+    )
+    .unwrap();
+    let job = JobFile { path, results: results.clone(), summary: dir.path().join("summary.json") };
+    let out = run(&job, 2);
+    let s = out.ok();
+    assert_eq!(count(source_report(s, 0), "late_dropped"), 1, "{s}");
+    let rows: Vec<(i64, u64)> = read_lines(&results)
+        .iter()
+        .map(|l| serde_json::from_slice::<Value>(l).unwrap())
+        .map(|v| (v["window_end"].as_i64().unwrap(), v["active"].as_u64().unwrap()))
+        .collect();
+    let end = |h, m| at(h, m, 0);
+    assert_eq!(rows, [(end(10, 15), 1), (end(10, 21), 2)], "a counts from 10:14, b from 10:20; 10:05 is dropped");
+}

@@ -76,6 +76,7 @@ pub fn job_identity(job: &Job) -> Value {
                 "name": m.name,
                 "kind": if m.dau.is_some() { "dau" } else { "cumulate" },
                 "returning_after_days": m.dau.as_ref().map(|d| d.returning_after_days),
+                "dedup_tolerance": m.dau.as_ref().map(|d| d.dedup_tolerance),
                 "device_history": m.dau.as_ref().and_then(|d| d.device_history.as_ref()).map(|p| absolute(p)),
                 "group_by": m.group_by,
                 "filter": m.filter.as_ref().map(|f| f.text.clone()),

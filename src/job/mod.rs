@@ -24,6 +24,8 @@ pub const MINUTE_MS: i64 = 60_000;
 pub const DAY_MS: i64 = 86_400_000;
 /// `returning_after_days` of a dau metric when the job does not say.
 pub const RETURNING_AFTER_DAYS_DEFAULT: u32 = 30;
+/// `dedup_tolerance` (steps) of a dau metric when the job does not say.
+pub const DEDUP_TOLERANCE_DEFAULT: u32 = 16;
 /// Longest line a source accepts unless the job says otherwise.
 pub const MAX_LINE_BYTES_DEFAULT: usize = 1 << 20;
 /// Checkpoint interval unless the job says otherwise.
@@ -120,6 +122,8 @@ pub struct DauSpec {
     pub returning_after_days: u32,
     /// The offline snapshot the device history starts from.
     pub device_history: Option<PathBuf>,
+    /// Steps of disorder the per-source minute dedup tolerates.
+    pub dedup_tolerance: u32,
 }
 
 /// When rows for a window are written.

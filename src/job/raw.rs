@@ -7,10 +7,11 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
-    LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, MAX_LINE_BYTES_DEFAULT, METRICS_MAX,
-    MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT,
+    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
+use crate::state::ring::{RING_SOURCES_MAX, TOLERANCE_MAX};
 
 /// (key path, reason)
 type Invalid = (String, String);
@@ -75,6 +76,7 @@ struct RawMetric {
     sources: Option<Vec<String>>,
     returning_after_days: Option<u32>,
     device_history: Option<PathBuf>,
+    dedup_tolerance: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +268,7 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
             for (k, set) in [
                 ("returning_after_days", m.returning_after_days.is_some()),
                 ("device_history", m.device_history.is_some()),
+                ("dedup_tolerance", m.dedup_tolerance.is_some()),
             ] {
                 if set {
                     return Err(invalid(key(k), "only a `kind = \"dau\"` metric takes this key"));
@@ -273,10 +276,20 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
             }
             None
         }
-        "dau" => Some(DauSpec {
-            returning_after_days: m.returning_after_days.unwrap_or(RETURNING_AFTER_DAYS_DEFAULT),
-            device_history: m.device_history.as_ref().map(|p| base.join(p)),
-        }),
+        "dau" => {
+            let dedup_tolerance = m.dedup_tolerance.unwrap_or(DEDUP_TOLERANCE_DEFAULT);
+            if dedup_tolerance > TOLERANCE_MAX {
+                return Err(invalid(key("dedup_tolerance"), format!("at most {TOLERANCE_MAX} steps")));
+            }
+            if sources.len() > RING_SOURCES_MAX {
+                return Err(invalid(key("kind"), format!("a dau metric reads at most {RING_SOURCES_MAX} sources")));
+            }
+            Some(DauSpec {
+                returning_after_days: m.returning_after_days.unwrap_or(RETURNING_AFTER_DAYS_DEFAULT),
+                device_history: m.device_history.as_ref().map(|p| base.join(p)),
+                dedup_tolerance,
+            })
+        }
         other => {
             return Err(invalid(
                 key("kind"),

@@ -27,9 +27,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{FileRef, Pending, PendingFile};
-use crate::job::{Emit, Job, LatePolicy, Measure, MetricSpec};
+use crate::job::{DauSpec, Emit, Job, LatePolicy, Measure, MetricSpec};
 use crate::state::dedup::{DedupTable, Seen};
 use crate::state::history::DeviceHistory;
+use crate::state::ring::{ring_key, Ring, RingTable};
 use crate::state::snapshot::SnapshotPool;
 use crate::state::table::{Slot, Table};
 
@@ -174,11 +175,13 @@ pub struct Dau {
     /// The history's files in the last checkpoint written.
     chain: Option<Chain>,
     returning_after_days: u32,
+    /// Steps of disorder the minute dedup of each source tolerates.
+    tolerance: u32,
 }
 
 impl Dau {
-    pub fn new(history: DeviceHistory, returning_after_days: u32) -> Dau {
-        Dau { history, chain: None, returning_after_days }
+    pub fn new(history: DeviceHistory, spec: &DauSpec) -> Dau {
+        Dau { history, chain: None, returning_after_days: spec.returning_after_days, tolerance: spec.dedup_tolerance }
     }
 
     /// The class of a device on `day` (days since 1970, local), from the
@@ -218,6 +221,8 @@ struct OpenTable {
     /// DAU: its pairs are classified (new / returning counted); every
     /// earlier day was closed and rolled into the history.
     classified: bool,
+    /// DAU: the day's minute-dedup rings of every source.
+    rings: Option<(RingTable, Option<Chain>)>,
 }
 
 /// A table as a checkpoint records it.
@@ -229,6 +234,8 @@ pub struct TableSaved {
     pub len: u64,
     pub chain: Chain,
     pub classified: bool,
+    /// DAU: the day's rings.
+    pub rings: Option<Box<TableSaved>>,
 }
 
 /// One metric's shard state as a checkpoint records it.
@@ -340,18 +347,28 @@ impl CumulateShard {
             return Ok(i);
         }
         let mut table = DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?;
+        let mut rings = match &self.dau {
+            None => None,
+            Some(_) => {
+                Some(RingTable::create(self.state_dir.clone(), format!("{}-p{period}-rings", self.name), expected)?)
+            }
+        };
         if self.track {
             table.track_changes();
+            if let Some(r) = &mut rings {
+                r.track_changes();
+            }
         }
         let at = self.tables.partition_point(|t| t.period < period);
         let classified = self.geo.period_start_ms(period) <= self.wm_ms;
-        self.tables.insert(at, OpenTable { period, table, chain: None, classified });
+        let rings = rings.map(|r| (r, None));
+        self.tables.insert(at, OpenTable { period, table, chain: None, classified, rings });
         Ok(at)
     }
 
     /// Hints the dedup probe of a coming record.
     #[inline]
-    pub fn prefetch(&self, device_fp: u64, key: u32, slice: u32) {
+    pub fn prefetch(&self, device_fp: u64, key: u32, slice: u32, source: usize) {
         let table = match self.table_hit {
             Some((s, i)) if s == slice => self.tables.get(i),
             _ => {
@@ -361,13 +378,25 @@ impl CumulateShard {
         };
         if let Some(t) = table {
             t.table.prefetch(device_fp, key);
+            if let Some((r, _)) = &t.rings {
+                r.prefetch(device_fp, ring_key(source, key));
+            }
         }
     }
 
-    /// Counts one event of `device_fp` with `key` in `slice`.
+    /// Counts one event of `device_fp` with `key` in `slice`, from
+    /// `source`; returns false if a DAU metric's minute dedup found it
+    /// late (older than its ring).
     #[inline]
-    pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32) -> io::Result<()> {
+    pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32, source: usize) -> io::Result<bool> {
         let t = self.table_of(slice)?;
+        if let (Some((rings, _)), Some(dau)) = (&mut self.tables[t].rings, &self.dau) {
+            match rings.observe(device_fp, ring_key(source, key), slice, dau.tolerance)? {
+                Ring::Pass => {}
+                Ring::Again => return Ok(true),
+                Ring::Late => return Ok(false),
+            }
+        }
         let seen = self.tables[t].table.observe(device_fp, key, slice)?;
         let class = match (&self.dau, seen) {
             (Some(dau), Seen::New | Seen::Earlier { .. }) if self.tables[t].classified => {
@@ -403,7 +432,7 @@ impl CumulateShard {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// DAU, as the watermark reaches `wm_ms`: in day order, classifies the
@@ -512,14 +541,21 @@ impl CumulateShard {
         for t in &mut self.tables {
             let stem = format!("{prefix}-p{}-g{generation}", t.period);
             let (chain, capacity, len) = out.table(&mut t.table, &mut t.chain, &stem)?;
-            tables.push(TableSaved { period: t.period, capacity, len, chain, classified: t.classified });
+            let rings = match &mut t.rings {
+                None => None,
+                Some((r, rchain)) => {
+                    let (chain, capacity, len) = out.table(r, rchain, &format!("{stem}-rings"))?;
+                    Some(Box::new(TableSaved { period: t.period, capacity, len, chain, classified: true, rings: None }))
+                }
+            };
+            tables.push(TableSaved { period: t.period, capacity, len, chain, classified: t.classified, rings });
         }
         let history = match &mut self.dau {
             None => None,
             Some(dau) => {
                 let stem = format!("{prefix}-history-g{generation}");
                 let (chain, capacity, len) = out.table(&mut dau.history, &mut dau.chain, &stem)?;
-                Some(TableSaved { period: 0, capacity, len, chain, classified: true })
+                Some(TableSaved { period: 0, capacity, len, chain, classified: true, rings: None })
             }
         };
         let slices =
@@ -543,7 +579,20 @@ impl CumulateShard {
         for t in &saved.tables {
             let table = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-p{}", self.name, t.period), t)?;
             let chain = Some(t.chain.clone());
-            self.tables.push(OpenTable { period: t.period, table, chain, classified: t.classified });
+            let rings = match (&self.dau, &t.rings) {
+                (Some(_), Some(r)) => {
+                    let name = format!("{}-p{}-rings", self.name, t.period);
+                    Some((restore_table(ckpt_dir, self.state_dir.clone(), name, r)?, Some(r.chain.clone())))
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "shard state: dedup rings differ from the job",
+                    ))
+                }
+            };
+            self.tables.push(OpenTable { period: t.period, table, chain, classified: t.classified, rings });
         }
         match (&mut self.dau, &saved.history) {
             (Some(dau), Some(h)) => {
@@ -672,6 +721,13 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
     }
     for o in old {
         for t in &o.tables {
+            for r in t.rings.iter().flat_map(|(r, _)| r.entries()).filter(|r| !r.is_empty()) {
+                let target = &mut *new[owner(r.device_fp)];
+                let ti = target.table_of_period(t.period, 0)?;
+                if let Some((rings, _)) = &mut target.tables[ti].rings {
+                    rings.upsert(*r)?;
+                }
+            }
             let open = |slice: u32| o.geo.slice_end_ms(slice) > wm_ms;
             for e in t.table.entries().iter().filter(|e| e.first_slice != 0) {
                 let target = &mut *new[owner(e.device_fp)];
@@ -896,7 +952,8 @@ impl CumulateEmitter {
                 Some(&sums) if sums[0] > 0 => sums,
                 _ => continue,
             };
-            if self.emit == Emit::Changed && period.written[k] == sums {
+            let written = &period.written[k];
+            if self.emit == Emit::Changed && self.measures.iter().all(|&(_, at)| written[at] == sums[at]) {
                 continue;
             }
             period.written[k] = sums;
@@ -953,9 +1010,9 @@ mod tests {
     fn shard_moves_a_device_to_its_earlier_slice() {
         let g = geo();
         let mut sh = CumulateShard::new(g, None, "t".into(), false);
-        sh.apply(1, 0, 100).unwrap();
-        sh.apply(1, 0, 98).unwrap();
-        sh.apply(2, 0, 100).unwrap();
+        sh.apply(1, 0, 100, 0).unwrap();
+        sh.apply(1, 0, 98, 0).unwrap();
+        sh.apply(2, 0, 100, 0).unwrap();
         let mut got = Vec::new();
         sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0]))).unwrap();
         assert_eq!(got, [(98, 1, 1), (100, 2, 1)]);

@@ -425,7 +425,9 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
                     let written = shard.checkpoint(&cut)?;
                     let timing = (drained.as_secs_f64(), t.elapsed().as_secs_f64());
                     cut_seen = None;
-                    let report = CutReport::new(w, &cut, written, router.stats.clone(), timing);
+                    let mut stats = router.stats.clone();
+                    shard.add_counts(&mut stats);
+                    let report = CutReport::new(w, &cut, written, stats, timing);
                     let _ = tx.send(ToEmitter::Cut(Box::new(report)));
                     cut_done = cut.generation;
                     if cut.stop {
@@ -464,7 +466,11 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
         Ok(()) => tx.send(ToEmitter::Finished(Box::new(WorkerReport {
             io_uring: router.uses_io_uring(),
             idle_seconds: idle.as_secs_f64(),
-            stats: router.stats,
+            stats: {
+                let mut stats = router.stats;
+                shard.add_counts(&mut stats);
+                stats
+            },
             state_bytes_max: shard.state_bytes_max,
             dedup_entries_max: shard.dedup_entries_max,
             closed_tables: shard.closed_tables(),

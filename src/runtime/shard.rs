@@ -5,6 +5,12 @@
 //! and two counter bumps. A shard's watermark is the minimum over sources
 //! of the watermark of the longest run of blocks it has fully received
 //! (block markers arrive in-band, after the block's records).
+//!
+//! With a DAU metric, a shard applies each source's blocks in their order
+//! in the source (holding a block that arrives from one router before an
+//! earlier one from another): its minute dedup must see a source's events
+//! in input order, so what it drops depends only on the input, never on
+//! thread timing or the number of workers.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,6 +20,7 @@ use crossbeam::channel::Sender;
 
 use super::coordinator::CutRequest;
 use super::mesh::Batch;
+use super::stats::SourceStats;
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
 use crate::metric::cumulate::{CumulateShard, Dau};
@@ -69,6 +76,13 @@ pub struct Shard {
     wm_ms: i64,
     pub state_bytes_max: usize,
     pub dedup_entries_max: usize,
+    /// Per source: events a minute-dedup ring found late.
+    ring_late: Vec<u64>,
+    /// Apply each source's blocks in order (a DAU metric's rings need it).
+    ordered: bool,
+    /// Per source, when `ordered`: blocks that arrived before an earlier
+    /// one, by position, with the router they came from.
+    held: Vec<BTreeMap<u32, (usize, Batch)>>,
 }
 
 impl Shard {
@@ -92,7 +106,7 @@ impl Shard {
                 if track {
                     history.track_changes();
                 }
-                st.dau = Some(Dau::new(history, d.returning_after_days));
+                st.dau = Some(Dau::new(history, d));
             }
             metrics.push(st);
         }
@@ -102,7 +116,17 @@ impl Shard {
             .iter()
             .map(|&blocks| Progress { next_seq: 0, blocks, wm_ms: i64::MIN, early: BTreeMap::new() })
             .collect();
-        Ok(Shard { s, metrics, progress, wm_ms: i64::MIN, state_bytes_max: 0, dedup_entries_max: 0 })
+        Ok(Shard {
+            s,
+            metrics,
+            progress,
+            wm_ms: i64::MIN,
+            state_bytes_max: 0,
+            dedup_entries_max: 0,
+            ring_late: vec![0; sh.job.sources.len()],
+            ordered: sh.job.metrics.iter().any(|m| m.dau.is_some()),
+            held: sh.job.sources.iter().map(|_| BTreeMap::new()).collect(),
+        })
     }
 
     /// Puts in the device history imported for DAU metric `m`.
@@ -160,6 +184,7 @@ impl Shard {
     /// nothing past them): the shard stands at that cut.
     pub fn at_cut(&self, blocks: &[u32]) -> bool {
         self.progress.iter().zip(blocks).all(|(p, &b)| p.next_seq == b && p.early.is_empty())
+            && self.held.iter().all(BTreeMap::is_empty)
     }
 
     /// Copies this shard's part of checkpoint `generation`: its table
@@ -188,7 +213,7 @@ impl Shard {
         let tables: Vec<FileRef> = saved
             .metrics
             .iter()
-            .flat_map(|m| m.tables.iter().chain(&m.history))
+            .flat_map(|m| m.tables.iter().flat_map(|t| std::iter::once(t).chain(t.rings.as_deref())).chain(&m.history))
             .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
             .cloned()
             .collect();
@@ -208,10 +233,16 @@ impl Shard {
                 let Some(batch) = sh.mesh.recv(r, self.s) else {
                     break;
                 };
-                self.apply(&batch, sh.mesh.n)?;
-                self.progress[batch.source].mark(batch.seq, batch.wm_ms);
-                sh.mesh.give_back(r, self.s, batch);
                 moved = true;
+                let source = batch.source;
+                if self.ordered && batch.seq != self.progress[source].next_seq {
+                    self.held[source].insert(batch.seq, (r, batch));
+                    continue;
+                }
+                self.take(sh, r, batch)?;
+                while let Some((r, b)) = self.held[source].remove(&self.progress[source].next_seq) {
+                    self.take(sh, r, b)?;
+                }
             }
         }
         if moved || self.wm_ms == i64::MIN {
@@ -220,21 +251,42 @@ impl Shard {
         Ok(moved)
     }
 
+    /// Applies one block's batch and gives it back to its router.
+    fn take(&mut self, sh: &Shared, r: usize, batch: Batch) -> io::Result<()> {
+        self.apply(&batch, sh.mesh.n)?;
+        self.progress[batch.source].mark(batch.seq, batch.wm_ms);
+        sh.mesh.give_back(r, self.s, batch);
+        Ok(())
+    }
+
     fn apply(&mut self, batch: &Batch, n: usize) -> io::Result<()> {
         let recs = &batch.records;
         let mask = (1u32 << KEY_BITS) - 1;
+        let source = batch.source;
         for (i, r) in recs.iter().enumerate() {
             if let Some(ahead) = recs.get(i + PREFETCH_DISTANCE) {
-                self.metrics[(ahead.key >> KEY_BITS) as usize].prefetch(ahead.device_fp, ahead.key & mask, ahead.slice);
+                let m = &self.metrics[(ahead.key >> KEY_BITS) as usize];
+                m.prefetch(ahead.device_fp, ahead.key & mask, ahead.slice, source);
             }
             debug_assert_eq!(
                 ((r.device_fp as u128 * n as u128) >> 64) as usize,
                 self.s,
                 "record outside the shard's range"
             );
-            self.metrics[(r.key >> KEY_BITS) as usize].apply(r.device_fp, r.key & mask, r.slice)?;
+            if !self.metrics[(r.key >> KEY_BITS) as usize].apply(r.device_fp, r.key & mask, r.slice, source)? {
+                self.ring_late[source] += 1;
+            }
         }
         Ok(())
+    }
+
+    /// Adds what the shard dropped (events older than a DAU metric's
+    /// minute-dedup ring, since this process started) to the router's
+    /// counters of each source.
+    pub fn add_counts(&self, stats: &mut [SourceStats]) {
+        for (st, &late) in stats.iter_mut().zip(&self.ring_late) {
+            st.late_dropped += late;
+        }
     }
 
     /// Moves the shard watermark and ships what it closed.

@@ -61,7 +61,7 @@ impl Slot for Entry {
 pub type DedupTable = Table<Entry>;
 
 #[inline]
-fn mix(device_fp: u64, key: u32) -> u64 {
+pub(crate) fn mix(device_fp: u64, key: u32) -> u64 {
     let h = device_fp ^ (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^ (h >> 32)

@@ -3,5 +3,6 @@
 
 pub mod dedup;
 pub mod history;
+pub mod ring;
 pub mod snapshot;
 pub mod table;

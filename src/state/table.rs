@@ -332,7 +332,7 @@ impl<E: Slot> Table<E> {
 
 impl<E: Slot> Table<E> {
     /// Inserts `e`, or overwrites the entry with its key.
-    fn upsert(&mut self, e: E) -> io::Result<()> {
+    pub(crate) fn upsert(&mut self, e: E) -> io::Result<()> {
         self.reserve_one()?;
         let capacity = self.capacity;
         let mut i = home(e.hash(), capacity);
