@@ -275,6 +275,8 @@ pub struct CumulateShard {
     /// Bytes and entries of the tables of finished periods, at their close.
     pub closed_bytes: usize,
     pub closed_entries: usize,
+    /// DAU: (bytes, entries) of the minute-dedup rings of finished days.
+    pub closed_rings: (usize, usize),
     state_dir: Option<PathBuf>,
     name: String,
     /// Set for a DAU metric.
@@ -298,6 +300,7 @@ impl CumulateShard {
             entries_seen_max: 0,
             closed_bytes: 0,
             closed_entries: 0,
+            closed_rings: (0, 0),
             state_dir,
             name,
             dau: None,
@@ -508,6 +511,10 @@ impl CumulateShard {
             self.entries_seen_max = self.entries_seen_max.max(t.table.len());
             self.closed_bytes += t.table.bytes();
             self.closed_entries += t.table.len();
+            if let Some((r, _)) = &t.rings {
+                self.closed_rings.0 += r.bytes();
+                self.closed_rings.1 += r.len();
+            }
         }
         self.tables.retain(|t| geo.period_start_ms(t.period + 1) > wm_ms);
         Ok(())
@@ -764,6 +771,8 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
         first.entries_seen_max = first.entries_seen_max.max(o.entries_seen_max);
         first.closed_bytes += o.closed_bytes;
         first.closed_entries += o.closed_entries;
+        first.closed_rings.0 += o.closed_rings.0;
+        first.closed_rings.1 += o.closed_rings.1;
     }
     for t in new.iter_mut() {
         t.table_hit = None;

@@ -135,6 +135,7 @@ pub(crate) struct WorkerReport {
     state_bytes_max: usize,
     dedup_entries_max: usize,
     closed_tables: (usize, usize),
+    dau_tables: [(usize, usize); 2],
     io_uring: bool,
 }
 
@@ -177,6 +178,12 @@ pub struct RunSummary {
     /// Bytes of dedup table per (device, key) entry, over every day's
     /// table at the day's close: the state cost of one distinct pair.
     pub dedup_bytes_per_entry: f64,
+    /// DAU: bytes of minute-dedup ring per (source, device, key) entry,
+    /// over every day's rings at the day's close.
+    pub ring_bytes_per_entry: f64,
+    /// DAU: device history entries at the end, and bytes per device.
+    pub history_devices: u64,
+    pub history_bytes_per_device: f64,
     /// Per worker: seconds spent waiting with nothing to do.
     pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
@@ -474,6 +481,7 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
             state_bytes_max: shard.state_bytes_max,
             dedup_entries_max: shard.dedup_entries_max,
             closed_tables: shard.closed_tables(),
+            dau_tables: shard.dau_tables(),
         }))),
     };
 }
@@ -516,6 +524,15 @@ fn summarize(
             let (bytes, entries) =
                 reports.iter().fold((0, 0), |(b, e), r| (b + r.closed_tables.0, e + r.closed_tables.1));
             bytes as f64 / entries.max(1) as f64
+        },
+        ring_bytes_per_entry: {
+            let (b, e) = reports.iter().fold((0, 0), |(b, e), r| (b + r.dau_tables[0].0, e + r.dau_tables[0].1));
+            b as f64 / e.max(1) as f64
+        },
+        history_devices: reports.iter().map(|r| r.dau_tables[1].1 as u64).sum(),
+        history_bytes_per_device: {
+            let (b, e) = reports.iter().fold((0, 0), |(b, e), r| (b + r.dau_tables[1].0, e + r.dau_tables[1].1));
+            b as f64 / e.max(1) as f64
         },
         worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),
         sources,

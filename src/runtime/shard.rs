@@ -90,6 +90,21 @@ impl Shard {
     pub fn closed_tables(&self) -> (usize, usize) {
         self.metrics.iter().fold((0, 0), |(b, e), m| (b + m.closed_bytes, e + m.closed_entries))
     }
+
+    /// DAU: (bytes, entries) of the minute-dedup rings of finished days,
+    /// and of the device histories now.
+    pub fn dau_tables(&self) -> [(usize, usize); 2] {
+        let mut out = [(0, 0); 2];
+        for m in &self.metrics {
+            out[0].0 += m.closed_rings.0;
+            out[0].1 += m.closed_rings.1;
+            if let Some(d) = &m.dau {
+                out[1].0 += d.history.bytes();
+                out[1].1 += d.history.len();
+            }
+        }
+        out
+    }
 }
 
 impl Shard {
