@@ -292,3 +292,16 @@ fn minute_dedup_drops_repeats_and_counts_what_is_older_than_its_ring() {
     let end = |h, m| at(h, m, 0);
     assert_eq!(rows, [(end(10, 15), 1), (end(10, 21), 2)], "a counts from 10:14, b from 10:20; 10:05 is dropped");
 }
+
+#[test]
+fn a_source_with_no_events_holds_nothing_back() {
+    let mut f = fixture();
+    let empty = f.dir.path().join("binlog-empty.jsonl");
+    fs::write(&empty, "").unwrap();
+    f.sources[2].files = vec![empty];
+    let job = f.job("empty", "");
+    let s = run(&job, 2);
+    assert_eq!(count(source_report(s.ok(), 2), "events"), 0);
+    assert_verifies(&job, &job.results, "dau with an empty source");
+    assert!(!read_lines(&job.results).is_empty());
+}
