@@ -176,6 +176,11 @@ pub enum HistoryError {
 /// Reads a history snapshot into one table per shard (device ranges cut
 /// like the shards': fast range of the fingerprint over `shards`).
 /// `dir`: where file-backed tables live (`history-S` in it), else anonymous.
+///
+/// Two passes, each on every core: the file is cut at line boundaries into
+/// one part per core, each parsed into per-shard rows; then each shard's
+/// table takes its rows, parts in file order (merging is order-free
+/// anyway: the widest range wins).
 pub fn import(
     path: &Path,
     shards: usize,
@@ -184,47 +189,68 @@ pub fn import(
     let started = Instant::now();
     let err = |source| HistoryError::Read { path: path.to_owned(), source };
     let data = std::fs::read(path).map_err(err)?;
-    let mut lines = data.split(|&b| b == b'\n');
-    let header = lines.next().unwrap_or_default();
+    let header_end = memchr::memchr(b'\n', &data).map_or(data.len(), |i| i + 1);
+    let header = data[..header_end].strip_suffix(b"\n").unwrap_or(&data[..header_end]);
     let header = header.strip_suffix(b"\r").unwrap_or(header);
     if header != b"did,first_day,last_day" {
         let found = String::from_utf8_lossy(header).into_owned();
         return Err(HistoryError::Header { path: path.to_owned(), found });
     }
-    // ~30 bytes a row: size the tables once for the whole file.
-    let expected = data.len() / 30 / shards.max(1);
-    let mut tables = (0..shards)
-        .map(|s| DeviceHistory::create(dir.map(|d| d.join(format!("history-{s}"))), "history".into(), expected))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(err)?;
+    let shards = shards.max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts = line_parts(&data[header_end..], cores.min(IMPORT_PARTS_MAX));
+    // Line number (1-based) of each part's first line: the header is line 1.
+    let mut first_line = Vec::with_capacity(parts.len());
+    let mut line = 2u64;
+    for p in &parts {
+        first_line.push(line);
+        line += memchr::memchr_iter(b'\n', p).count() as u64;
+    }
+    let parsed: Vec<Parsed> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .iter()
+            .zip(&first_line)
+            .map(|(&part, &first)| scope.spawn(move || parse_part(part, first, shards)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
     let mut report = ImportReport::default();
-    let mut quoted = csv::ByteRecord::new();
-    // Rows are parsed a batch ahead of their inserts, whose home slots are
-    // prefetched meanwhile: the inserts' cache misses overlap.
-    let mut batch: Vec<(usize, u64, u32, u32)> = Vec::with_capacity(IMPORT_BATCH_ROWS);
-    for (i, line) in lines.enumerate() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
-        report.rows += 1;
-        let parsed = if line.contains(&b'"') { quoted_row(line, &mut quoted) } else { plain_row(line) };
-        let (did, first, last) = match parsed {
-            Ok(r) => r,
-            Err(why) => {
-                malformed(&mut report, i as u64 + 2, why);
-                continue;
+    for p in &parsed {
+        report.rows += p.report.rows;
+        report.malformed += p.report.malformed;
+        for e in &p.report.examples {
+            if report.examples.len() < IMPORT_EXAMPLES_MAX {
+                report.examples.push(e.clone());
             }
-        };
-        let fp = xxhash_rust::xxh3::xxh3_64(did);
-        let shard = ((fp as u128 * shards as u128) >> 64) as usize;
-        tables[shard].prefetch(fp);
-        batch.push((shard, fp, first, last));
-        if batch.len() == IMPORT_BATCH_ROWS {
-            insert(&mut tables, &mut batch, &mut report).map_err(err)?;
         }
     }
-    insert(&mut tables, &mut batch, &mut report).map_err(err)?;
+    let filled: Vec<io::Result<(DeviceHistory, u64)>> = std::thread::scope(|scope| {
+        let parsed = &parsed;
+        let handles: Vec<_> = (0..shards)
+            .map(|s| {
+                scope.spawn(move || {
+                    let rows: usize = parsed.iter().map(|p| p.rows[s].len()).sum();
+                    let sub = dir.map(|d| d.join(format!("history-{s}")));
+                    let mut table = DeviceHistory::create(sub, "history".into(), rows)?;
+                    let mut duplicates = 0;
+                    for p in parsed {
+                        duplicates += insert(&mut table, &p.rows[s])?;
+                    }
+                    Ok((table, duplicates))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("a history import thread panicked"))))
+            .collect()
+    });
+    let mut tables = Vec::with_capacity(shards);
+    for f in filled {
+        let (table, duplicates) = f.map_err(err)?;
+        report.duplicates += duplicates;
+        tables.push(table);
+    }
     report.devices = tables.iter().map(|t| t.len() as u64).sum();
     report.seconds = started.elapsed().as_secs_f64();
     if report.rows > 0 && report.devices == 0 {
@@ -238,20 +264,72 @@ pub fn import(
     Ok((tables, report))
 }
 
-/// Rows parsed ahead of their inserts.
-const IMPORT_BATCH_ROWS: usize = 16;
+/// Parts a file is cut into for parsing, at most.
+const IMPORT_PARTS_MAX: usize = 8;
+/// Inserts ahead of which a home slot is prefetched.
+const IMPORT_PREFETCH_ROWS: usize = 16;
 
-fn insert(
-    tables: &mut [DeviceHistory],
-    batch: &mut Vec<(usize, u64, u32, u32)>,
-    report: &mut ImportReport,
-) -> io::Result<()> {
-    for (shard, fp, first, last) in batch.drain(..) {
-        if tables[shard].merge(fp, first, last)? {
-            report.duplicates += 1;
+/// One part of a history file, parsed: per shard (fingerprint, first, last).
+#[derive(Default)]
+struct Parsed {
+    rows: Vec<Vec<(u64, u32, u32)>>,
+    report: ImportReport,
+}
+
+/// Cuts `body` into at most `n` parts, each ending at a line end.
+fn line_parts(body: &[u8], n: usize) -> Vec<&[u8]> {
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = body;
+    for k in (1..=n.max(1)).rev() {
+        if k == 1 || rest.is_empty() {
+            parts.push(rest);
+            break;
+        }
+        let at = rest.len() / k;
+        let cut = memchr::memchr(b'\n', &rest[at..]).map_or(rest.len(), |i| at + i + 1);
+        parts.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    parts
+}
+
+/// Parses the rows of one part; `first_line` is the file line of its first.
+fn parse_part(part: &[u8], first_line: u64, shards: usize) -> Parsed {
+    let mut out = Parsed { rows: vec![Vec::new(); shards], report: ImportReport::default() };
+    let mut quoted = csv::ByteRecord::new();
+    // (`split` would yield an empty piece after the last line end.)
+    let body = part.strip_suffix(b"\n").unwrap_or(part);
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        out.report.rows += 1;
+        let parsed = if line.contains(&b'"') { quoted_row(line, &mut quoted) } else { plain_row(line) };
+        match parsed {
+            Ok((did, first, last)) => {
+                let fp = xxhash_rust::xxh3::xxh3_64(did);
+                let shard = ((fp as u128 * shards as u128) >> 64) as usize;
+                out.rows[shard].push((fp, first, last));
+            }
+            Err(why) => malformed(&mut out.report, first_line + i as u64, why),
         }
     }
-    Ok(())
+    out
+}
+
+/// Merges rows into a table, prefetching ahead; returns the duplicates.
+fn insert(table: &mut DeviceHistory, rows: &[(u64, u32, u32)]) -> io::Result<u64> {
+    let mut duplicates = 0;
+    for (i, &(fp, first, last)) in rows.iter().enumerate() {
+        if let Some(&(ahead, _, _)) = rows.get(i + IMPORT_PREFETCH_ROWS) {
+            table.prefetch(ahead);
+        }
+        if table.merge(fp, first, last)? {
+            duplicates += 1;
+        }
+    }
+    Ok(duplicates)
 }
 
 fn malformed(report: &mut ImportReport, line: u64, why: String) {
@@ -349,5 +427,35 @@ mod tests {
         assert!(matches!(import(&p, 1, None), Err(HistoryError::Header { .. })));
         std::fs::write(&p, "did,first_day,last_day\n").unwrap();
         assert_eq!(import(&p, 1, None).unwrap().1.devices, 0);
+    }
+
+    #[test]
+    fn parts_keep_line_numbers_and_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("devices.csv");
+        let mut text = String::from("did,first_day,last_day\r\n");
+        let bad = [500u64, 4_999, 5_000, 9_001, 9_999];
+        for line in 2..=10_001u64 {
+            if bad.contains(&line) {
+                text += "broken\r\n";
+            } else {
+                text += &format!("d{},2026-01-01,2026-01-{:02}\r\n", line % 7_000, 1 + line % 28);
+            }
+        }
+        text.pop(); // the last line ends without "\n" (but with "\r")
+        std::fs::write(&p, text).unwrap();
+        for parts in [1, 2, 3, 8] {
+            let body_start = b"did,first_day,last_day\r\n".len();
+            let data = std::fs::read(&p).unwrap();
+            let cut = line_parts(&data[body_start..], parts);
+            assert_eq!(cut.concat(), &data[body_start..], "{parts} parts cover the body");
+            assert!(cut[..cut.len() - 1].iter().all(|c| c.ends_with(b"\n")), "parts end at line ends");
+        }
+        let (tables, r) = import(&p, 3, None).unwrap();
+        assert_eq!((r.rows, r.malformed), (10_000, 5));
+        assert_eq!(r.examples.iter().map(|e| e.0).collect::<Vec<_>>(), bad);
+        assert_eq!(r.devices, 6_998, "d4999 and d5000 appear only on broken lines");
+        assert_eq!(r.devices + r.duplicates, r.rows - r.malformed);
+        assert_eq!(tables.iter().map(|t| t.len() as u64).sum::<u64>(), 6_998);
     }
 }
