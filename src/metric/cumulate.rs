@@ -246,8 +246,6 @@ pub struct CumulateShardSaved {
     pub tables: Vec<TableSaved>,
     /// DAU: the device history table.
     pub history: Option<TableSaved>,
-    /// Watermark of the last ship.
-    pub wm_ms: i64,
     pub entries_seen_max: u64,
     pub closed_bytes: u64,
     pub closed_entries: u64,
@@ -571,7 +569,6 @@ impl CumulateShard {
             slices,
             tables,
             history,
-            wm_ms: self.wm_ms,
             entries_seen_max: self.entries_seen_max as u64,
             closed_bytes: self.closed_bytes as u64,
             closed_entries: self.closed_entries as u64,
@@ -580,8 +577,9 @@ impl CumulateShard {
     }
 
     /// Puts back the state of a checkpoint (tables rebuilt from the files
-    /// in `ckpt_dir`, checked against their checksums).
-    pub fn restore(&mut self, saved: &CumulateShardSaved, ckpt_dir: &Path) -> io::Result<()> {
+    /// in `ckpt_dir`, checked against their checksums) cut when the shard's
+    /// watermark was `wm_ms`.
+    pub fn restore(&mut self, saved: &CumulateShardSaved, ckpt_dir: &Path, wm_ms: i64) -> io::Result<()> {
         assert!(self.tables.is_empty() && self.slices.is_empty(), "restore into a fresh shard");
         for t in &saved.tables {
             let table = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-p{}", self.name, t.period), t)?;
@@ -625,7 +623,7 @@ impl CumulateShard {
                 ret: ret.clone(),
             })
             .collect();
-        self.wm_ms = saved.wm_ms;
+        self.wm_ms = wm_ms;
         self.entries_seen_max = saved.entries_seen_max as usize;
         self.closed_bytes = saved.closed_bytes as usize;
         self.closed_entries = saved.closed_entries as usize;
@@ -702,20 +700,28 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
     // Entries arrive in hash order: tables must be sized for all of them
     // first, or the first ones would all share the few home slots of a
     // small table (quadratic probing).
-    let mut per_period: std::collections::BTreeMap<u32, usize> = Default::default();
+    // Every old shard stood at the same cut: a day is classified in all or none.
+    let mut per_period: std::collections::BTreeMap<u32, (usize, bool)> = Default::default();
     for t in old.iter().flat_map(|o| &o.tables) {
-        *per_period.entry(t.period).or_default() += t.table.len();
+        let p = per_period.entry(t.period).or_default();
+        p.0 += t.table.len();
+        p.1 |= t.classified;
     }
-    for (&period, &total) in &per_period {
+    for (&period, &(total, classified)) in &per_period {
         for target in new.iter_mut() {
-            target.table_of_period(period, total / n + total / (4 * n) + 64)?;
+            let ti = target.table_of_period(period, total / n + total / (4 * n) + 64)?;
+            target.tables[ti].classified = classified;
         }
     }
     let histories: usize = old.iter().filter_map(|o| o.dau.as_ref()).map(|d| d.history.len()).sum();
     for target in new.iter_mut() {
         target.wm_ms = wm_ms;
         if let Some(dau) = &mut target.dau {
-            dau.history = DeviceHistory::create(None, String::new(), histories / n + histories / (4 * n) + 64)?;
+            // The empty table goes first: a file-backed one would share its file.
+            drop(std::mem::replace(&mut dau.history, DeviceHistory::anonymous()?));
+            let name = format!("{}-history", target.name);
+            dau.history =
+                DeviceHistory::create(target.state_dir.clone(), name, histories / n + histories / (4 * n) + 64)?;
             dau.history.track_changes();
         }
     }
@@ -739,7 +745,6 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
             for e in t.table.entries().iter().filter(|e| e.first_slice != 0) {
                 let target = &mut *new[owner(e.device_fp)];
                 let ti = target.table_of_period(t.period, 0)?;
-                target.tables[ti].classified = t.classified;
                 let seen = target.tables[ti].table.observe(e.device_fp, e.key, e.first_slice)?;
                 debug_assert_eq!(seen, Seen::New, "shards own disjoint devices");
                 if open(e.first_slice) {

@@ -160,7 +160,7 @@ impl Shard {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "shard state: metrics or sources differ"));
         }
         for (m, st) in self.metrics.iter_mut().zip(&saved.metrics) {
-            m.restore(st, ckpt_dir)?;
+            m.restore(st, ckpt_dir, saved.wm_ms)?;
         }
         for (p, &(next_seq, wm_ms)) in self.progress.iter_mut().zip(&saved.progress) {
             p.next_seq = next_seq;
