@@ -40,6 +40,11 @@ enum Command {
         /// Result rows (JSON lines) written by `tally run`.
         #[arg(long)]
         results: PathBuf,
+        /// Read source NAME from these files instead (repeatable; needed
+        /// for a Kafka source: dump its topics to a file first, one message
+        /// per line, in any order within a partition's order).
+        #[arg(long, value_name = "NAME=PATH")]
+        input: Vec<String>,
     },
     /// Generate deterministic synthetic event logs.
     Gen(tally::gen::GenOptions),
@@ -51,7 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
-        Command::Verify { job, results } => verify(job, results),
+        Command::Verify { job, results, input } => verify(job, results, &input),
         Command::Gen(opts) => match tally::gen::generate(&opts) {
             Ok(r) => {
                 eprintln!(
@@ -121,17 +126,26 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
         Err(
             e @ (tally::runtime::RunError::Input(_)
             | tally::runtime::RunError::State(_)
-            | tally::runtime::RunError::History(_)),
+            | tally::runtime::RunError::History(_)
+            | tally::runtime::RunError::Kafka(_)),
         ) => fail(2, e.to_string()),
         Err(e) => fail(1, e.to_string()),
     }
 }
 
-fn verify(job: PathBuf, results: PathBuf) -> ExitCode {
-    let job = match load(&job) {
+fn verify(job: PathBuf, results: PathBuf, inputs: &[String]) -> ExitCode {
+    let mut job = match load(&job) {
         Ok(j) => j,
         Err(code) => return code,
     };
+    for arg in inputs {
+        let Some((name, path)) = arg.split_once('=') else {
+            return fail(2, format!("--input {arg:?}: expected NAME=PATH"));
+        };
+        if let Err(e) = job.read_source_from(name, PathBuf::from(path)) {
+            return fail(2, format!("--input {arg:?}: {e}"));
+        }
+    }
     match tally::verify::verify(&job, &results) {
         Ok(report) => {
             let _ = report.print(&mut std::io::stdout());

@@ -239,6 +239,13 @@ type EventSink<'s> = dyn FnMut(i64, &[u8], Rec<'_>) -> Result<()> + 's;
 /// Reads every file of a source in order, calling `f` for each event that has
 /// a valid time and device id.
 fn read_source(src: &SourceSpec, f: &mut EventSink<'_>) -> Result<()> {
+    if src.kafka.is_some() {
+        anyhow::bail!(
+            "source {:?} reads Kafka: verify recomputes from files; dump its topics to a file and pass --input {}=FILE",
+            src.name,
+            src.name
+        );
+    }
     for path in &src.paths {
         match src.format {
             Format::Jsonl => read_jsonl(src, path, f),

@@ -65,6 +65,8 @@ pub fn job_identity(job: &Job) -> Value {
                 "ts_field": s.ts_field,
                 "did_field": s.did_field,
                 "binary_dims": s.binary_dims,
+                "kafka_topics": s.kafka.as_ref().map(|k| &k.topics),
+                "csv_columns": s.kafka.as_ref().and(s.csv_header.as_ref()),
             })
         })
         .collect();

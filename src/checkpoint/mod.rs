@@ -39,7 +39,7 @@ use crate::runtime::stats::SourceStats;
 use crate::state::dedup::Written;
 
 /// Version of the state directory layout.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const CKPT_DIR: &str = "ckpt";
 pub const LIVE_DIR: &str = "live";
@@ -137,6 +137,8 @@ pub struct SourceCut {
     pub files: Vec<identity::FileIdentity>,
     /// First byte not yet read (file and offset), if any is left.
     pub resume_at: Option<(String, u64)>,
+    /// A stream source's partitions (offsets) and watermarks at the cut.
+    pub stream: Option<crate::source::stream::Chain>,
 }
 
 /// How long a sink's output was at the cut.

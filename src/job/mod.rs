@@ -76,9 +76,53 @@ pub struct SourceSpec {
     pub did_field: String,
     /// Names of the four dimension columns of a binary record.
     pub binary_dims: [String; BINARY_DIMS],
-    /// CSV header of the first file (known before start), if CSV.
+    /// CSV header of the first file (known before start), if CSV; for a
+    /// Kafka source, the job's `csv_columns`.
     pub csv_header: Option<Vec<String>>,
+    /// A `kind = "kafka"` source's settings (`paths` is empty then).
+    pub kafka: Option<KafkaSpec>,
 }
+
+/// Where a Kafka source starts reading a partition that its state
+/// directory holds no position for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaStart {
+    /// The group's committed offset (`auto.offset.reset` if none; default earliest).
+    Committed,
+    Earliest,
+    Latest,
+}
+
+/// When a Kafka source ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaStop {
+    Never,
+    /// At the end of every assigned partition as first seen: flush and exit.
+    CaughtUp,
+}
+
+/// A `kind = "kafka"` source: topics read by a consumer group with
+/// librdkafka, one record per message.
+#[derive(Clone, Debug)]
+pub struct KafkaSpec {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub start: KafkaStart,
+    pub stop: KafkaStop,
+    /// After this long without a message, a partition stops holding the
+    /// source's watermark back until it has data again.
+    pub idle_timeout_ms: i64,
+    /// librdkafka settings passed through (SASL, TLS, tuning).
+    pub properties: Vec<(String, String)>,
+}
+
+/// `idle_timeout` of a Kafka source when the job does not say.
+pub const KAFKA_IDLE_TIMEOUT_DEFAULT_MS: i64 = 30_000;
+/// librdkafka settings tally sets itself: offsets are committed only with
+/// checkpoints, and a partition's end must be reported.
+pub const KAFKA_RESERVED_PROPERTIES: [&str; 5] =
+    ["group.id", "bootstrap.servers", "enable.auto.commit", "enable.auto.offset.store", "enable.partition.eof"];
 
 impl SourceSpec {
     /// Whether this source can supply a field with this name. JSON lines are
@@ -213,6 +257,21 @@ impl Job {
         Job::parse(&text, path, base)
     }
 
+    /// Makes source `name` read `path` (a file in the source's format;
+    /// CSV with a header) instead of its input: how `tally verify` checks
+    /// a Kafka job against a dump of its topics.
+    pub fn read_source_from(&mut self, name: &str, path: PathBuf) -> Result<(), String> {
+        let Some(src) = self.sources.iter_mut().find(|s| s.name == name) else {
+            return Err(format!("the job has no source named {name:?}"));
+        };
+        if !path.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        src.paths = vec![path];
+        src.kafka = None;
+        Ok(())
+    }
+
     /// Parses job text; `origin` names it in errors, `base` resolves paths.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Job, JobError> {
         let raw = raw::parse(text).map_err(|message| JobError::Syntax { path: origin.to_owned(), message })?;
@@ -326,6 +385,49 @@ path = "-"
         let (key, reason) = invalid_key(&MINIMAL.replace("e.jsonl", "nope.jsonl"));
         assert_eq!(key, "source[0].path");
         assert!(reason.contains("nope.jsonl"), "{reason}");
+    }
+
+    #[test]
+    fn kafka_source_parses_with_defaults_and_checks_its_keys() {
+        let kafka = MINIMAL.replace(
+            "kind = \"file\"\npath = \"e.jsonl\"",
+            "kind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = [\"a\", \"b\"]\ngroup_id = \"g\"",
+        );
+        let job = parse(&kafka).unwrap();
+        let k = job.sources[0].kafka.as_ref().expect("a kafka spec");
+        assert_eq!(k.topics, ["a", "b"]);
+        assert_eq!((k.start, k.stop, k.idle_timeout_ms), (KafkaStart::Committed, KafkaStop::Never, 30_000));
+        assert!(job.sources[0].paths.is_empty());
+        let tuned = kafka.replace(
+            "group_id = \"g\"",
+            "group_id = \"g\"\nstart = \"earliest\"\nstop = \"caught_up\"\nidle_timeout = \"5s\"\nproperties = { \"fetch.min.bytes\" = 1, \"security.protocol\" = \"plaintext\" }",
+        );
+        let k = parse(&tuned).unwrap().sources[0].kafka.clone().unwrap();
+        assert_eq!((k.start, k.stop, k.idle_timeout_ms), (KafkaStart::Earliest, KafkaStop::CaughtUp, 5_000));
+        assert!(k.properties.contains(&("fetch.min.bytes".into(), "1".into())));
+
+        for (edit, want_key) in [
+            (kafka.replace("brokers = \"127.0.0.1:9092\"\n", ""), "source[0].brokers"),
+            (kafka.replace("group_id = \"g\"", "group_id = \"\""), "source[0].group_id"),
+            (kafka.replace("[\"a\", \"b\"]", "[\"a\", \"a\"]"), "source[0].topic"),
+            (kafka.replace("group_id = \"g\"", "group_id = \"g\"\nstop = \"soon\""), "source[0].stop"),
+            (kafka.replace("group_id = \"g\"", "group_id = \"g\"\npath = \"e.jsonl\""), "source[0].path"),
+            (
+                kafka.replace("group_id = \"g\"", "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = true }"),
+                "source[0].properties.\"enable.auto.commit\"",
+            ),
+            (kafka.replace("format = \"jsonl\"", "format = \"csv\""), "source[0].csv_columns"),
+            (MINIMAL.replace("format = \"jsonl\"", "format = \"jsonl\"\ngroup_id = \"g\""), "source[0].group_id"),
+        ] {
+            assert_eq!(invalid_key(&edit).0, want_key, "{edit}");
+        }
+        let csv = kafka
+            .replace("format = \"jsonl\"", "format = \"csv\"\ncsv_columns = [\"ts\", \"did\", \"page\"]")
+            .replace("filter = \"event = 'view'\"\n", "");
+        assert_eq!(
+            parse(&csv).unwrap().sources[0].csv_header.as_deref(),
+            Some(&["ts".into(), "did".into(), "page".into()][..])
+        );
     }
 
     #[test]

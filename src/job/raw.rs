@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
-    LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT,
-    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS,
+    DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
+    METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::state::ring::{RING_SOURCES_MAX, TOLERANCE_MAX};
@@ -58,6 +59,14 @@ struct RawSource {
     ts_field: Option<String>,
     did_field: Option<String>,
     binary_dims: Option<Vec<String>>,
+    brokers: Option<String>,
+    topic: Option<OneOrMany>,
+    group_id: Option<String>,
+    start: Option<String>,
+    stop: Option<String>,
+    idle_timeout: Option<String>,
+    csv_columns: Option<Vec<String>>,
+    properties: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -168,13 +177,38 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {
     let key = |k: &str| format!("source[{i}].{k}");
-    if s.kind != "file" {
-        let reason = if matches!(s.kind.as_str(), "tcp" | "kafka") {
-            format!("kind {:?} is not available in `tally run` yet (use \"file\")", s.kind)
-        } else {
-            format!("unknown source kind {:?} (expected \"file\")", s.kind)
-        };
-        return Err(invalid(key("kind"), reason));
+    match s.kind.as_str() {
+        "file" | "kafka" => {}
+        "tcp" => {
+            return Err(invalid(
+                key("kind"),
+                "kind \"tcp\" is not available in `tally run` yet (use \"file\" or \"kafka\")",
+            ))
+        }
+        other => {
+            return Err(invalid(key("kind"), format!("unknown source kind {other:?} (expected \"file\" or \"kafka\")")))
+        }
+    }
+    let kafka = if s.kind == "kafka" { Some(build_kafka(s, &key)?) } else { None };
+    for (k, set) in [("path", s.path.is_some() && kafka.is_some()), ("brokers", s.brokers.is_some() && kafka.is_none())]
+    {
+        if set {
+            return Err(invalid(key(k), format!("not a key of a {:?} source", s.kind)));
+        }
+    }
+    if kafka.is_none() {
+        let kafka_keys = [
+            ("topic", s.topic.is_some()),
+            ("group_id", s.group_id.is_some()),
+            ("start", s.start.is_some()),
+            ("stop", s.stop.is_some()),
+            ("idle_timeout", s.idle_timeout.is_some()),
+            ("csv_columns", s.csv_columns.is_some()),
+            ("properties", s.properties.is_some()),
+        ];
+        if let Some((k, _)) = kafka_keys.iter().find(|(_, set)| *set) {
+            return Err(invalid(key(k), "only a `kind = \"kafka\"` source takes this key"));
+        }
     }
     let format = match s.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => Format::Jsonl,
@@ -184,12 +218,11 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
             return Err(invalid(key("format"), format!("unknown format {other:?} (expected jsonl, csv or binary)")))
         }
     };
-    let patterns = match &s.path {
-        None => return Err(invalid(key("path"), "a file source needs `path`")),
-        Some(OneOrMany::One(p)) => vec![p.clone()],
-        Some(OneOrMany::Many(ps)) => ps.clone(),
+    let paths = match (&s.path, &kafka) {
+        (_, Some(_)) => Vec::new(),
+        (None, None) => return Err(invalid(key("path"), "a file source needs `path`")),
+        (Some(p), None) => expand_paths(&one_or_many(p), base).map_err(|r| invalid(key("path"), r))?,
     };
-    let paths = expand_paths(&patterns, base).map_err(|r| invalid(key("path"), r))?;
     let max_out_of_orderness_ms = match &s.max_out_of_orderness {
         Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("max_out_of_orderness"), r))?,
         None => 0,
@@ -203,8 +236,20 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         Some(names) => <[String; BINARY_DIMS]>::try_from(names.clone())
             .map_err(|_| invalid(key("binary_dims"), format!("needs exactly {BINARY_DIMS} names")))?,
     };
-    let csv_header = match format {
-        Format::Csv => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
+    let csv_header = match (format, &kafka) {
+        (Format::Csv, None) => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
+        (Format::Csv, Some(_)) => match &s.csv_columns {
+            Some(c) if !c.is_empty() => Some(c.clone()),
+            _ => {
+                return Err(invalid(
+                    key("csv_columns"),
+                    "a CSV Kafka source needs its column names (messages carry no header)",
+                ))
+            }
+        },
+        (_, Some(_)) if s.csv_columns.is_some() => {
+            return Err(invalid(key("csv_columns"), "only a `format = \"csv\"` source takes this key"))
+        }
         _ => None,
     };
     Ok(SourceSpec {
@@ -217,7 +262,77 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         did_field: s.did_field.clone().unwrap_or_else(|| "did".into()),
         binary_dims,
         csv_header,
+        kafka,
     })
+}
+
+fn one_or_many(v: &OneOrMany) -> Vec<String> {
+    match v {
+        OneOrMany::One(p) => vec![p.clone()],
+        OneOrMany::Many(ps) => ps.clone(),
+    }
+}
+
+fn build_kafka(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<KafkaSpec, Invalid> {
+    let brokers = match &s.brokers {
+        Some(b) if !b.trim().is_empty() => b.clone(),
+        _ => return Err(invalid(key("brokers"), "a Kafka source needs `brokers` (host:port, comma-separated)")),
+    };
+    let topics = match &s.topic {
+        None => return Err(invalid(key("topic"), "a Kafka source needs `topic` (a name or a list)")),
+        Some(t) => one_or_many(t),
+    };
+    if topics.is_empty() || topics.iter().any(|t| t.is_empty()) {
+        return Err(invalid(key("topic"), "topic names must not be empty"));
+    }
+    if topics.iter().enumerate().any(|(i, t)| topics[..i].contains(t)) {
+        return Err(invalid(key("topic"), "a topic is listed twice"));
+    }
+    let group_id = match &s.group_id {
+        Some(g) if !g.is_empty() => g.clone(),
+        _ => return Err(invalid(key("group_id"), "a Kafka source needs `group_id` (its consumer group)")),
+    };
+    let start = match s.start.as_deref().unwrap_or("committed") {
+        "committed" => KafkaStart::Committed,
+        "earliest" => KafkaStart::Earliest,
+        "latest" => KafkaStart::Latest,
+        other => {
+            return Err(invalid(
+                key("start"),
+                format!("unknown start {other:?} (expected committed, earliest, latest)"),
+            ))
+        }
+    };
+    let stop = match s.stop.as_deref().unwrap_or("never") {
+        "never" => KafkaStop::Never,
+        "caught_up" => KafkaStop::CaughtUp,
+        other => return Err(invalid(key("stop"), format!("unknown stop {other:?} (expected never, caught_up)"))),
+    };
+    let idle_timeout_ms = match &s.idle_timeout {
+        None => KAFKA_IDLE_TIMEOUT_DEFAULT_MS,
+        Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("idle_timeout"), r))?,
+    };
+    if idle_timeout_ms <= 0 {
+        return Err(invalid(key("idle_timeout"), "must be positive"));
+    }
+    let mut properties = Vec::new();
+    for (k, v) in s.properties.iter().flatten() {
+        if KAFKA_RESERVED_PROPERTIES.contains(&k.as_str()) {
+            return Err(invalid(
+                key(&format!("properties.{k:?}")),
+                "tally sets this itself (offsets are committed with checkpoints; use `brokers`, `group_id`)",
+            ));
+        }
+        let text = match v {
+            toml::Value::String(t) => t.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            _ => return Err(invalid(key(&format!("properties.{k:?}")), "must be a string, number or boolean")),
+        };
+        properties.push((k.clone(), text));
+    }
+    Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, properties })
 }
 
 /// Expands each entry (a file or a glob, relative to `base`) in order; glob

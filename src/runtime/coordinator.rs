@@ -38,6 +38,8 @@ use crate::checkpoint::{
 use crate::job::SinkTarget;
 use crate::metric::cumulate::{CumulateEmitter, CumulateShardSaved, Row};
 use crate::sink::jsonl::JsonlSink;
+use crate::source::kafka::KafkaSource;
+use crate::source::stream::Chain;
 use crate::state::snapshot::SnapshotPool;
 
 /// How often the coordinator looks at the clock and the stop flag while
@@ -102,6 +104,8 @@ struct InFlight {
     generation: u64,
     started: Instant,
     bytes: u64,
+    /// Stream sources' positions, committed to Kafka once the checkpoint is.
+    chains: Vec<Option<Chain>>,
 }
 
 /// The checkpoint writer thread: writes, syncs and commits checkpoints in
@@ -157,6 +161,9 @@ struct Ckpt {
     in_flight: Option<InFlight>,
     /// The checkpoint resumed from had read all input already.
     complete_at_start: bool,
+    /// Blocks per source before the last cut asked for: a stream source
+    /// that brought nothing new since is not checkpointed again.
+    last_cut: Option<Vec<u32>>,
 }
 
 pub(crate) struct Coordinator<'a> {
@@ -174,10 +181,17 @@ pub(crate) struct Coordinator<'a> {
     rows_before: u64,
     resumed_from: Option<u64>,
     report: CheckpointReport,
+    /// Per source: its Kafka readers (offsets are committed through them).
+    kafka: &'a [Option<KafkaSource>],
 }
 
 impl<'a> Coordinator<'a> {
-    pub fn new(sh: &Shared, resume: Option<Resume>, stop: &'a AtomicBool) -> Coordinator<'a> {
+    pub fn new(
+        sh: &Shared,
+        resume: Option<Resume>,
+        stop: &'a AtomicBool,
+        kafka: &'a [Option<KafkaSource>],
+    ) -> Coordinator<'a> {
         let n = sh.mesh.n;
         let mut emitters: Vec<CumulateEmitter> = sh
             .job
@@ -199,6 +213,7 @@ impl<'a> Coordinator<'a> {
             rows_before: 0,
             resumed_from: None,
             report: CheckpointReport::default(),
+            kafka,
         };
         if let Some(r) = resume {
             let interval = (sh.job.checkpoint_interval_ms > 0)
@@ -207,7 +222,8 @@ impl<'a> Coordinator<'a> {
             let mut complete_at_start = false;
             if let Some(m) = &r.manifest {
                 generation = m.generation;
-                complete_at_start = m.input.next_task >= m.input.tasks;
+                complete_at_start = m.input.next_task >= m.input.tasks
+                    && m.input.sources.iter().all(|c| c.stream.as_ref().is_none_or(|s| s.ended));
                 c.resumed_from = Some(m.generation);
                 for (e, saved) in emitters.iter_mut().zip(r.meta.emitters) {
                     e.restore(saved);
@@ -228,6 +244,7 @@ impl<'a> Coordinator<'a> {
                 writer: None,
                 in_flight: None,
                 complete_at_start,
+                last_cut: None,
             });
         }
         c.emitters = emitters;
@@ -269,6 +286,10 @@ impl<'a> Coordinator<'a> {
             if failure.is_none() {
                 self.committed(false)?;
                 self.tick(sh);
+                if let Some(e) = self.kafka.iter().flatten().find_map(|k| k.failed.lock().ok()?.clone()) {
+                    sh.abort.store(true, Ordering::Relaxed);
+                    failure = Some(format!("a Kafka source failed: {e}"));
+                }
             }
             let msg = match rx.recv_timeout(TICK) {
                 Ok(msg) => msg,
@@ -332,7 +353,8 @@ impl<'a> Coordinator<'a> {
         }
         let started = Instant::now();
         let task = sh.pause();
-        if task >= sh.plan.tasks.len() {
+        let stream_cut = sh.pause_streams();
+        if task >= sh.plan.tasks.len() && !sh.streams_live() {
             // Every block is claimed: the run ends soon and checkpoints then.
             sh.resume();
             self.stop_seen |= stop;
@@ -343,6 +365,18 @@ impl<'a> Coordinator<'a> {
         for t in &sh.plan.tasks[..task] {
             blocks[t.source] += 1;
         }
+        for (b, cut) in blocks.iter_mut().zip(stream_cut) {
+            if let Some(seq) = cut {
+                *b = seq;
+            }
+        }
+        if !stop && ck.last_cut.as_ref() == Some(&blocks) {
+            // Nothing arrived since the last checkpoint (an idle stream).
+            sh.resume();
+            ck.due = Instant::now() + ck.interval.unwrap_or_default();
+            return;
+        }
+        ck.last_cut = Some(blocks.clone());
         let generation = ck.generation + 1;
         let req =
             Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt(), snapshots: ck.snapshots.clone() });
@@ -370,6 +404,8 @@ impl<'a> Coordinator<'a> {
         let Some(mut p) = ck.pending.take() else {
             return Ok(());
         };
+        // Streams stand at the cut until the routers go on.
+        let chains = sh.chains();
         if !p.req.stop {
             sh.resume();
         }
@@ -391,7 +427,7 @@ impl<'a> Coordinator<'a> {
         }
         self.report.pause_seconds_max = self.report.pause_seconds_max.max(pause.as_secs_f64());
         let at = (p.req.generation, p.task, p.started);
-        self.commit(sh, at, shards, tables, files, stats, sinks, bytes)
+        self.commit(sh, at, chains, shards, tables, files, stats, sinks, bytes)
     }
 
     /// After the last worker finished: the checkpoint of the end of input
@@ -407,6 +443,7 @@ impl<'a> Coordinator<'a> {
         let generation = ck.generation + 1;
         let state = &ck.state;
         let metrics = sh.job.metrics.len();
+        let chains = sh.chains();
         let mut stats = self.stats_before.clone();
         let mut shards = Vec::new();
         let mut files = Vec::new();
@@ -414,7 +451,13 @@ impl<'a> Coordinator<'a> {
             merge_stats(&mut stats, &r.stats);
             let saved = ShardSaved {
                 metrics: vec![CumulateShardSaved::default(); metrics],
-                progress: sh.plan.blocks_per_source.iter().map(|&b| (b, i64::MAX)).collect(),
+                progress: sh
+                    .plan
+                    .blocks_per_source
+                    .iter()
+                    .zip(&chains)
+                    .map(|(&b, c)| (c.as_ref().map_or(b, |c| c.next_seq), i64::MAX))
+                    .collect(),
                 wm_ms: i64::MAX,
                 state_bytes_max: r.state_bytes_max as u64,
                 dedup_entries_max: r.dedup_entries_max as u64,
@@ -424,7 +467,7 @@ impl<'a> Coordinator<'a> {
             shards.push(f);
         }
         let at = (generation, sh.plan.tasks.len(), Instant::now());
-        self.commit(sh, at, shards, Vec::new(), files, stats, sinks, 0)?;
+        self.commit(sh, at, chains, shards, Vec::new(), files, stats, sinks, 0)?;
         self.committed(true)
     }
 
@@ -458,6 +501,12 @@ impl<'a> Coordinator<'a> {
         self.report.bytes_written += f.bytes;
         self.report.seconds_max = self.report.seconds_max.max(took);
         self.report.seconds_total += took;
+        // Only now may the consumer group learn how far the input was read.
+        for (k, chain) in self.kafka.iter().zip(&f.chains) {
+            if let (Some(k), Some(chain)) = (k, chain) {
+                k.commit(&chain.offsets(), wait);
+            }
+        }
         ck.in_flight = None;
         Ok(())
     }
@@ -470,6 +519,7 @@ impl<'a> Coordinator<'a> {
         &mut self,
         sh: &Shared,
         (generation, task, started): (u64, usize, Instant),
+        chains: Vec<Option<Chain>>,
         shards: Vec<FileRef>,
         tables: Vec<FileRef>,
         mut files: Vec<PendingFile>,
@@ -520,7 +570,7 @@ impl<'a> Coordinator<'a> {
             generation,
             workers: sh.mesh.n,
             job: job_identity(&sh.job),
-            input: input_cut(sh, task),
+            input: input_cut(sh, task, &chains),
             sinks: sink_cuts,
             dicts,
             meta,
@@ -535,7 +585,7 @@ impl<'a> Coordinator<'a> {
             // The writer only hangs up by panicking; `committed` reports that.
             let _ = jobs.send(CommitJob { manifest, files, sync });
         }
-        ck.in_flight = Some(InFlight { generation, started, bytes });
+        ck.in_flight = Some(InFlight { generation, started, bytes, chains });
         Ok(())
     }
 }
@@ -549,8 +599,9 @@ fn merge_stats(into: &mut Vec<SourceStats>, from: &[SourceStats]) {
     }
 }
 
-/// Every source's position at a cut before block `task`.
-fn input_cut(sh: &Shared, task: usize) -> InputCut {
+/// Every source's position at a cut before block `task` (stream sources:
+/// their chains at the cut).
+fn input_cut(sh: &Shared, task: usize, chains: &[Option<Chain>]) -> InputCut {
     let plan = &sh.plan;
     let sources = sh
         .job
@@ -558,6 +609,16 @@ fn input_cut(sh: &Shared, task: usize) -> InputCut {
         .iter()
         .enumerate()
         .map(|(s, spec)| {
+            if let Some(chain) = &chains[s] {
+                return SourceCut {
+                    name: spec.name.clone(),
+                    blocks_done: chain.next_seq,
+                    prefix_max_ms: NO_EVENTS,
+                    files: Vec::new(),
+                    resume_at: None,
+                    stream: Some(chain.clone()),
+                };
+            }
             let blocks_done = plan.tasks[..task].iter().filter(|t| t.source == s).count() as u32;
             let prefix_max_ms = match blocks_done {
                 0 => NO_EVENTS,
@@ -574,6 +635,7 @@ fn input_cut(sh: &Shared, task: usize) -> InputCut {
                 prefix_max_ms,
                 files: plan.files.iter().filter(|f| f.source == s).map(|f| f.identity.clone()).collect(),
                 resume_at,
+                stream: None,
             }
         })
         .collect();

@@ -36,6 +36,8 @@ use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
 use crate::sink::jsonl::{JsonlSink, SinkError};
 use crate::source::file::{InputError, Plan};
+use crate::source::kafka::{KafkaSource, KafkaSourceError};
+use crate::source::stream::{Chain, Stream};
 use crate::state::history::{DeviceHistory, HistoryError, ImportReport};
 use coordinator::{Coordinator, CutReport, CutRequest};
 use mesh::Mesh;
@@ -71,6 +73,8 @@ pub(crate) struct Shared {
     /// The checkpoint cut workers are asked to reach, and its generation (0: none yet).
     pub cut: Mutex<Option<Arc<CutRequest>>>,
     pub cut_epoch: AtomicU64,
+    /// Per source: its stream, for a source read while the job runs (Kafka).
+    pub streams: Vec<Option<Arc<Stream>>>,
 }
 
 /// Bit of [`Shared::next_task`] that stops routers from claiming blocks.
@@ -108,6 +112,25 @@ impl Shared {
 
     pub fn resume(&self) {
         self.next_task.fetch_and(!PAUSED, Ordering::SeqCst);
+        for s in self.streams.iter().flatten() {
+            s.resume();
+        }
+    }
+
+    /// Stops claims of stream blocks; per source, the seq of the first
+    /// block not claimed (`None` for file sources).
+    pub fn pause_streams(&self) -> Vec<Option<u32>> {
+        self.streams.iter().map(|s| s.as_ref().map(|s| s.pause())).collect()
+    }
+
+    /// Whether a stream source may still deliver blocks.
+    pub fn streams_live(&self) -> bool {
+        self.streams.iter().flatten().any(|s| !s.exhausted())
+    }
+
+    /// Every stream source's watermark chain now.
+    pub fn chains(&self) -> Vec<Option<Chain>> {
+        self.streams.iter().map(|s| s.as_ref().map(|s| s.chain())).collect()
     }
 
     /// The cut this worker has yet to reach, if one is asked for.
@@ -150,6 +173,8 @@ pub enum RunError {
     State(#[from] CheckpointError),
     #[error(transparent)]
     History(#[from] HistoryError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSourceError),
     #[error("shard state: {0}")]
     Table(io::Error),
     #[error("worker failed: {0}")]
@@ -313,6 +338,19 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     let fresh = resume.as_ref().is_none_or(|r| r.manifest.is_none());
     let live = resume.as_ref().filter(|_| job.state_tables_mapped).map(|r| r.state.live());
     let (histories, history_imports) = if fresh { import_histories(job, live.as_deref())? } else { Default::default() };
+    // Stopped when dropped, at the end of this function.
+    let mut kafka = Vec::new();
+    for (s, spec) in job.sources.iter().enumerate() {
+        let chain = resume
+            .as_ref()
+            .and_then(|r| r.manifest.as_ref())
+            .and_then(|m| m.input.sources.get(s))
+            .and_then(|c| c.stream.clone());
+        kafka.push(match spec.kafka {
+            Some(_) => Some(KafkaSource::start(s, spec, chain)?),
+            None => None,
+        });
+    }
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
     let mut sinks = job
         .sinks
@@ -337,6 +375,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         cut: Mutex::new(None),
         cut_epoch: AtomicU64::new(0),
         plan: plan.clone(),
+        streams: kafka.iter().map(|k| k.as_ref().map(|k| k.stream.clone())).collect(),
     };
     let mut shards = match &resume {
         Some(r) => r.place(&sh)?,
@@ -347,7 +386,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
             shard.set_history(m, table, resume.is_some());
         }
     }
-    let mut coord = Coordinator::new(&sh, resume, stop);
+    let mut coord = Coordinator::new(&sh, resume, stop, &kafka);
     let startup_seconds = started.elapsed().as_secs_f64();
     let (tx, rx) = unbounded();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -509,7 +548,8 @@ fn summarize(
     RunSummary {
         workers: job.workers,
         io_uring: reports.iter().any(|r| r.io_uring),
-        input_bytes: sh.plan.input_bytes(),
+        input_bytes: sh.plan.input_bytes()
+            + sh.streams.iter().flatten().map(|s| s.bytes.load(Ordering::Relaxed)).sum::<u64>(),
         records: per_source.iter().map(|s| s.lines).sum(),
         events,
         rejected: per_source.iter().map(|s| s.rejected_total()).sum(),
@@ -546,13 +586,19 @@ fn summarize(
 
 fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceReport {
     let mut examples = st.examples.clone();
-    examples.sort_by_key(|e| (e.reason, e.task, e.index));
+    examples.sort_by_key(|e| (e.reason, e.at, e.task, e.index));
+    let stream = sh.streams[s].as_deref();
     let mut kept: Vec<Example> = Vec::new();
     let mut per_reason = std::collections::BTreeMap::new();
     for e in examples {
         let count = per_reason.entry(e.reason).or_insert(0usize);
         *count += 1;
         if *count > stats::EXAMPLES_PER_REASON {
+            continue;
+        }
+        if let (Some((part, offset)), Some(stream)) = (e.at, stream) {
+            let name = stream.part_id(part).map_or_else(|| format!("partition #{part}"), |p| p.to_string());
+            kept.push(Example { reason: e.reason.as_str(), at: format!("{name}@{offset}"), snippet: e.snippet });
             continue;
         }
         let task = sh.plan.tasks[e.task];
@@ -586,5 +632,24 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
         late_folded: st.late_folded,
         late_dropped: st.late_dropped,
         examples: kept,
+        partitions: stream.map(|stream| partition_reports(&stream.chain(), st)).unwrap_or_default(),
     }
+}
+
+fn partition_reports(chain: &Chain, st: &SourceStats) -> Vec<stats::PartitionReport> {
+    chain
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let rejects = st.parts.get(i).cloned().unwrap_or_default();
+            stats::PartitionReport {
+                partition: p.id.to_string(),
+                messages: p.messages,
+                rejected: rejects.rejected,
+                rejected_offsets: rejects.offsets,
+                next_offset: p.next_offset,
+            }
+        })
+        .collect()
 }

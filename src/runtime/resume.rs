@@ -116,7 +116,7 @@ impl Resume {
         };
         sh.next_task.store(m.input.next_task, Ordering::Relaxed);
         for (s, cut) in m.input.sources.iter().enumerate() {
-            if cut.blocks_done > 0 {
+            if cut.blocks_done > 0 && cut.stream.is_none() {
                 sh.prefix[s][cut.blocks_done as usize - 1].store(cut.prefix_max_ms, Ordering::Relaxed);
             }
         }

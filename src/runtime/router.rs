@@ -27,6 +27,7 @@ use crate::job::{Format, LatePolicy};
 use crate::metric::cumulate::{Geometry, Placement};
 use crate::metric::keys::{KeyCache, KEY_BITS};
 use crate::source::file::{for_each_line, Block, BlockReader, Line, READS_IN_FLIGHT};
+use crate::source::stream::{BlockMeta, StreamBlock, StreamClaim};
 
 /// A metric as one source feeds it.
 struct SourceMetric {
@@ -43,6 +44,8 @@ struct SourceRt {
     jsonl: JsonlParser,
     /// CSV parsers by file index (each file has its own header).
     csv: AHashMap<usize, CsvParser>,
+    /// A stream source's CSV parser (columns from the job).
+    csv_stream: Option<CsvParser>,
     binary_slots: [Option<usize>; BINARY_DIMS],
     ev: EventBuf,
     metrics: Vec<SourceMetric>,
@@ -50,9 +53,17 @@ struct SourceRt {
     max_line_bytes: usize,
 }
 
+/// Where a staged block came from.
+enum Origin {
+    /// A file block (index into the plan's tasks).
+    File(usize),
+    /// A stream source's block.
+    Stream { source: usize, meta: BlockMeta },
+}
+
 /// A parsed block whose batches have not all left yet.
 struct Staged {
-    task: usize,
+    origin: Origin,
     batches: Vec<Option<Batch>>,
     ts_min: i64,
     ts_max: i64,
@@ -63,8 +74,12 @@ pub struct Router {
     w: usize,
     /// Blocks this router claimed whose reads are queued, in claim order.
     claimed: usize,
-    /// No block is left to claim.
+    /// No file block is left to claim.
     exhausted: bool,
+    /// Stream sources (by source index) that still have blocks to claim.
+    streams_open: Vec<usize>,
+    /// Stream to ask first next time (round robin).
+    next_stream: usize,
     reader: BlockReader,
     sources: Vec<SourceRt>,
     keys: KeyCache,
@@ -84,6 +99,8 @@ impl Router {
             w,
             claimed: 0,
             exhausted: false,
+            streams_open: (0..sh.streams.len()).filter(|&s| sh.streams[s].is_some()).collect(),
+            next_stream: 0,
             reader: BlockReader::new(sh.plan.clone()),
             sources,
             keys: KeyCache::new(sh.job.metrics.len()),
@@ -95,7 +112,7 @@ impl Router {
     }
 
     pub fn done(&self) -> bool {
-        self.staged.is_empty() && self.exhausted && self.claimed == 0
+        self.staged.is_empty() && self.exhausted && self.claimed == 0 && self.streams_open.is_empty()
     }
 
     /// Nothing claimed is left unsent (the state of a checkpoint's cut).
@@ -126,17 +143,111 @@ impl Router {
                 Claim::Exhausted => self.exhausted = true,
             }
         }
-        if self.claimed == 0 || !self.acquire_batches(sh) {
+        if !self.acquire_batches(sh) {
             return Ok(moved);
         }
-        let Some(block) = self.reader.poll(false) else {
-            return Ok(moved);
-        };
-        let block = block?;
-        self.claimed -= 1;
-        self.parse(sh, block)?;
-        self.push_staged(sh);
-        Ok(true)
+        if self.claimed > 0 {
+            if let Some(block) = self.reader.poll(false) {
+                self.claimed -= 1;
+                self.parse(sh, block?)?;
+                self.push_staged(sh);
+                return Ok(true);
+            }
+        }
+        if let Some((source, block)) = self.claim_stream(sh) {
+            self.parse_stream(sh, source, block)?;
+            self.push_staged(sh);
+            return Ok(true);
+        }
+        Ok(moved)
+    }
+
+    /// The next block of a stream source that has one, taking the sources
+    /// in turn.
+    fn claim_stream(&mut self, sh: &Shared) -> Option<(usize, StreamBlock)> {
+        let n = self.streams_open.len();
+        for k in 0..n {
+            let i = (self.next_stream + k) % n;
+            let Some(stream) = &sh.streams[self.streams_open[i]] else { continue };
+            match stream.claim() {
+                StreamClaim::Block(b) => {
+                    self.next_stream = i + 1;
+                    return Some((stream.source, b));
+                }
+                StreamClaim::Exhausted => {
+                    self.streams_open.remove(i);
+                    return None;
+                }
+                StreamClaim::Empty | StreamClaim::Paused => {}
+            }
+        }
+        None
+    }
+
+    /// Parses a stream block: each message is one record (JSON or CSV
+    /// text), or whole binary records.
+    fn parse_stream(&mut self, sh: &Shared, source: usize, block: StreamBlock) -> io::Result<()> {
+        let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
+        let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
+        let src = &mut self.sources[source];
+        let stats = &mut self.stats[source];
+        let keys = &mut self.keys;
+        let mut records = 0u64;
+        for i in 0..block.ends.len() {
+            let msg = block.message(i);
+            let offset = block.offsets[i];
+            if src.format == Format::Binary {
+                let whole = msg.len() / BINARY_RECORD_BYTES * BINARY_RECORD_BYTES;
+                for chunk in msg[..whole].chunks_exact(BINARY_RECORD_BYTES) {
+                    records += 1;
+                    let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
+                    match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
+                        Ok(()) => {
+                            route(src, keys, sh, &[], &mut batches, &mut acc)?;
+                            stats.events += 1;
+                        }
+                        Err(reason) => stats.reject_message(reason, block.part, offset, &[]),
+                    }
+                }
+                if whole < msg.len() || msg.is_empty() {
+                    records += 1;
+                    stats.reject_message(Reject::TruncatedRecord, block.part, offset, &[]);
+                }
+                continue;
+            }
+            records += 1;
+            let text = trim_eol(msg);
+            let parsed = if text.len() > src.max_line_bytes {
+                Err(Reject::LineTooLong)
+            } else if src.format == Format::Csv {
+                src.csv_stream.as_mut().map_or(Err(Reject::InvalidCsv), |p| p.parse(text, &mut src.ev))
+            } else {
+                src.jsonl.parse(text, &mut src.ev)
+            };
+            match parsed {
+                Ok(()) => {
+                    route(src, keys, sh, text, &mut batches, &mut acc)?;
+                    stats.events += 1;
+                }
+                Err(reason) => {
+                    let snippet = if reason == Reject::LineTooLong { &[][..] } else { text };
+                    stats.reject_message(reason, block.part, offset, snippet);
+                }
+            }
+        }
+        stats.lines += records;
+        let meta = block.meta();
+        if let Some(stream) = &sh.streams[source] {
+            stream.recycle(block);
+        }
+        self.staged.push_back(Staged {
+            origin: Origin::Stream { source, meta },
+            batches,
+            ts_min: acc.ts_min,
+            ts_max: acc.ts_max,
+            resolved: false,
+        });
+        Ok(())
     }
 
     /// Takes one empty batch per shard; false if a pool is exhausted.
@@ -222,7 +333,7 @@ impl Router {
         let task_id = block.task;
         self.reader.recycle(block);
         self.staged.push_back(Staged {
-            task: task_id,
+            origin: Origin::File(task_id),
             batches,
             ts_min: acc.ts_min,
             ts_max: acc.ts_max,
@@ -263,7 +374,11 @@ impl Router {
 /// Publishes a block's event-time prefix and places its late events, once
 /// the previous block of its source has published; false if not yet.
 fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [SourceStats]) -> bool {
-    let task = sh.plan.tasks[st.task];
+    let task = match st.origin {
+        Origin::File(task) => task,
+        Origin::Stream { source, meta } => return resolve_stream(st, sh, source, &meta, stats),
+    };
+    let task = sh.plan.tasks[task];
     let prefix = &sh.prefix[task.source];
     let prev = if task.seq == 0 { NO_EVENTS } else { prefix[task.seq as usize - 1].load(Ordering::Acquire) };
     if prev == NOT_READY {
@@ -284,6 +399,34 @@ fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [Sour
     }
     st.resolved = true;
     true
+}
+
+/// A stream block's [`resolve`]: its partition's and source's watermark
+/// come from the stream's chain.
+fn resolve_stream(st: &mut Staged, sh: &Shared, source: usize, meta: &BlockMeta, stats: &mut [SourceStats]) -> bool {
+    let Some(stream) = &sh.streams[source] else {
+        return false;
+    };
+    let Some(r) = stream.resolve(meta, st.ts_max) else {
+        return false;
+    };
+    if st.ts_min < r.late_before_ms {
+        place_late(&mut st.batches, r.late_before_ms, sh, &mut stats[source]);
+    }
+    for b in st.batches.iter_mut().flatten() {
+        b.source = source;
+        b.seq = meta.seq;
+        b.wm_ms = r.wm_after_ms;
+    }
+    st.resolved = true;
+    true
+}
+
+/// A message without its line end, if it has one.
+#[inline]
+fn trim_eol(msg: &[u8]) -> &[u8] {
+    let msg = msg.strip_suffix(b"\n").unwrap_or(msg);
+    msg.strip_suffix(b"\r").unwrap_or(msg)
 }
 
 /// A source's watermark from the largest event time seen so far.
@@ -421,6 +564,10 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         format: spec.format,
         jsonl: JsonlParser::new(&fields),
         csv: AHashMap::new(),
+        csv_stream: match (&spec.kafka, spec.format, &spec.csv_header) {
+            (Some(_), Format::Csv, Some(header)) => Some(CsvParser::new(&fields, header)),
+            _ => None,
+        },
         binary_slots,
         ev: EventBuf::new(fields.slots.len()),
         fields,

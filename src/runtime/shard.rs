@@ -125,11 +125,19 @@ impl Shard {
             }
             metrics.push(st);
         }
+        // A stream's length is unknown: it ends with a block whose
+        // watermark is the end of time.
         let progress = sh
             .plan
             .blocks_per_source
             .iter()
-            .map(|&blocks| Progress { next_seq: 0, blocks, wm_ms: i64::MIN, early: BTreeMap::new() })
+            .zip(&sh.streams)
+            .map(|(&blocks, stream)| Progress {
+                next_seq: 0,
+                blocks: if stream.is_some() { u32::MAX } else { blocks },
+                wm_ms: i64::MIN,
+                early: BTreeMap::new(),
+            })
             .collect();
         Ok(Shard {
             s,

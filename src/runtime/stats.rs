@@ -19,6 +19,17 @@ pub struct RawExample {
     pub task: usize,
     pub index: u32,
     pub snippet: String,
+    /// A stream source's message: (partition index, offset).
+    #[serde(default)]
+    pub at: Option<(u32, i64)>,
+}
+
+/// A stream source's skipped messages in one partition.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartRejects {
+    pub rejected: u64,
+    /// Offsets of the first few.
+    pub offsets: Vec<i64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -33,15 +44,37 @@ pub struct SourceStats {
     /// Late (event, metric) records not counted.
     pub late_dropped: u64,
     pub examples: Vec<RawExample>,
+    /// Stream sources: skipped messages per partition (by dense index).
+    #[serde(default)]
+    pub parts: Vec<PartRejects>,
 }
 
 impl SourceStats {
     pub fn reject(&mut self, reason: Reject, task: usize, index: u32, snippet: &[u8]) {
+        self.count_reject(reason, task, index, None, snippet);
+    }
+
+    fn count_reject(&mut self, reason: Reject, task: usize, index: u32, at: Option<(u32, i64)>, snippet: &[u8]) {
         let i = reason.index();
         self.rejected[i] += 1;
         if self.rejected[i] as usize <= EXAMPLES_PER_REASON {
             let cut = &snippet[..snippet.len().min(EXAMPLE_SNIPPET_BYTES)];
-            self.examples.push(RawExample { reason, task, index, snippet: String::from_utf8_lossy(cut).into_owned() });
+            let snippet = String::from_utf8_lossy(cut).into_owned();
+            self.examples.push(RawExample { reason, task, index, snippet, at });
+        }
+    }
+
+    /// A stream source's message at `offset` of partition `part` skipped.
+    pub fn reject_message(&mut self, reason: Reject, part: u32, offset: i64, snippet: &[u8]) {
+        self.count_reject(reason, 0, 0, Some((part, offset)), snippet);
+        let p = part as usize;
+        if self.parts.len() <= p {
+            self.parts.resize_with(p + 1, PartRejects::default);
+        }
+        let pr = &mut self.parts[p];
+        pr.rejected += 1;
+        if pr.offsets.len() < EXAMPLES_PER_REASON {
+            pr.offsets.push(offset);
         }
     }
 
@@ -54,6 +87,15 @@ impl SourceStats {
         self.late_folded += o.late_folded;
         self.late_dropped += o.late_dropped;
         self.examples.extend(o.examples.iter().cloned());
+        if self.parts.len() < o.parts.len() {
+            self.parts.resize_with(o.parts.len(), PartRejects::default);
+        }
+        for (a, b) in self.parts.iter_mut().zip(&o.parts) {
+            a.rejected += b.rejected;
+            a.offsets.extend(&b.offsets);
+            a.offsets.sort_unstable();
+            a.offsets.truncate(EXAMPLES_PER_REASON);
+        }
     }
 
     pub fn rejected_total(&self) -> u64 {
@@ -82,4 +124,21 @@ pub struct SourceReport {
     pub late_folded: u64,
     pub late_dropped: u64,
     pub examples: Vec<Example>,
+    /// Stream sources: each partition read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionReport>,
+}
+
+/// What a run did to one partition of a stream source.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionReport {
+    /// `topic[partition]`.
+    pub partition: String,
+    /// Messages counted (good or bad), over every run of the state directory.
+    pub messages: u64,
+    pub rejected: u64,
+    /// Offsets of the first skipped messages.
+    pub rejected_offsets: Vec<i64>,
+    /// Offset of the first message not counted (-1: none counted).
+    pub next_offset: i64,
 }

@@ -2,3 +2,5 @@
 //! routers parse.
 
 pub mod file;
+pub mod kafka;
+pub mod stream;

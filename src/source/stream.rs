@@ -1,0 +1,454 @@
+//! Stream sources: input that arrives while the job runs (Kafka topics),
+//! handed to the routers as a sequence of blocks.
+//!
+//! A reader thread (one per topic) packs the messages of one partition into
+//! a [`StreamBlock`] and pushes it onto the source's [`Stream`], which
+//! numbers blocks in push order. Routers claim blocks in that order, like
+//! a file's blocks; a checkpoint's cut is "blocks before seq S". Changes of
+//! a partition's state (assigned, revoked, idle, done) travel as blocks
+//! without records, so every shard sees them in the same place.
+//!
+//! Watermarks ([`Chain`]): each partition has its own (largest event time
+//! seen − `max_out_of_orderness`); the source's watermark is the minimum
+//! over assigned partitions that are neither idle nor done, and never moves
+//! back. A block's lateness is judged against the larger of its
+//! partition's watermark and the source's, both as of the block before it:
+//! so which events are late depends only on each partition's own order
+//! (and on idleness, a processing-time decision, as in Flink), never on how
+//! partitions interleave.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::NO_EVENTS;
+
+/// Bytes of messages a reader packs into one block before pushing it.
+pub const STREAM_BLOCK_BYTES: usize = 1 << 20;
+/// Blocks a stream holds before its readers wait for the routers.
+pub const STREAM_QUEUE_BLOCKS: usize = 32;
+
+/// What a block says about its partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    /// Messages.
+    Data,
+    /// The partition was assigned to this consumer: it holds the watermark
+    /// back until it has data, goes idle or is done.
+    Assigned,
+    /// The partition went to another consumer of the group.
+    Revoked,
+    /// No message for `idle_timeout`: the partition stops holding the
+    /// watermark back until its next message.
+    Idle,
+    /// The partition was read to its end (`stop = "caught_up"`).
+    Done,
+    /// The source ended: every partition is done.
+    End,
+}
+
+/// Messages of one partition (or a change of its state), in offset order.
+#[derive(Debug)]
+pub struct StreamBlock {
+    pub seq: u32,
+    /// Dense index of the partition in the source's [`Stream::parts`].
+    pub part: u32,
+    pub kind: BlockKind,
+    /// Message payloads, back to back.
+    pub data: Vec<u8>,
+    /// End of each message in `data`.
+    pub ends: Vec<u32>,
+    /// Offset of each message.
+    pub offsets: Vec<i64>,
+}
+
+impl StreamBlock {
+    pub fn marker(part: u32, kind: BlockKind) -> StreamBlock {
+        StreamBlock { seq: 0, part, kind, data: Vec::new(), ends: Vec::new(), offsets: Vec::new() }
+    }
+
+    /// What the watermark chain needs of the block, once it is parsed.
+    pub fn meta(&self) -> BlockMeta {
+        BlockMeta {
+            seq: self.seq,
+            part: self.part,
+            kind: self.kind,
+            next_offset: self.offsets.last().map(|o| o + 1),
+            messages: self.ends.len() as u64,
+        }
+    }
+
+    /// Message `i`'s payload.
+    pub fn message(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.data[start..self.ends[i] as usize]
+    }
+}
+
+/// A block as the watermark chain counts it.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockMeta {
+    pub seq: u32,
+    pub part: u32,
+    pub kind: BlockKind,
+    /// The offset after the block's last message.
+    pub next_offset: Option<i64>,
+    pub messages: u64,
+}
+
+/// A partition of a stream source: topic and partition number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PartId {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl std::fmt::Display for PartId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// A partition's part in the source watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartState {
+    Active,
+    Idle,
+    Unassigned,
+    Done,
+}
+
+/// A partition as the chain (and a checkpoint) knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartWm {
+    pub id: PartId,
+    /// Largest event time of its messages so far ([`NO_EVENTS`] if none).
+    pub max_ts_ms: i64,
+    pub state: PartState,
+    /// Offset of the first message not yet counted (-1: none counted).
+    pub next_offset: i64,
+    /// Messages counted.
+    pub messages: u64,
+}
+
+/// The watermark state of a stream source after its first `next_seq`
+/// blocks: what a checkpoint saves of the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    pub next_seq: u32,
+    pub parts: Vec<PartWm>,
+    pub wm_ms: i64,
+    /// The source ended (`End` counted): every window may be flushed.
+    pub ended: bool,
+}
+
+/// How a block's events are judged, once it is its turn in the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Events before this are late.
+    pub late_before_ms: i64,
+    /// The source's watermark once the block is counted.
+    pub wm_after_ms: i64,
+}
+
+impl Default for Chain {
+    /// A stream before its first block: no partition, no watermark.
+    fn default() -> Chain {
+        Chain { next_seq: 0, parts: Vec::new(), wm_ms: i64::MIN, ended: false }
+    }
+}
+
+impl Chain {
+    /// Counts a block whose latest event time is `ts_max` (`i64::MIN` if
+    /// it has none) if it is the next; `None` if an earlier block is not
+    /// counted yet. `ids` names the partitions by index.
+    pub fn resolve(&mut self, b: &BlockMeta, ts_max: i64, delay_ms: i64, ids: &[PartId]) -> Option<Resolved> {
+        if b.seq != self.next_seq {
+            return None;
+        }
+        self.next_seq += 1;
+        let (part, kind) = (b.part as usize, b.kind);
+        while self.parts.len() <= part && self.parts.len() < ids.len() {
+            let id = ids[self.parts.len()].clone();
+            self.parts.push(PartWm {
+                id,
+                max_ts_ms: NO_EVENTS,
+                state: PartState::Unassigned,
+                next_offset: -1,
+                messages: 0,
+            });
+        }
+        let wm_before = self.wm_ms;
+        let mut late_before_ms = wm_before;
+        if kind == BlockKind::End {
+            self.ended = true;
+            self.wm_ms = i64::MAX;
+        } else if let Some(p) = self.parts.get_mut(part) {
+            match kind {
+                BlockKind::Data => {
+                    late_before_ms = late_before_ms.max(to_wm(p.max_ts_ms, delay_ms));
+                    if ts_max != i64::MIN {
+                        p.max_ts_ms = p.max_ts_ms.max(ts_max);
+                    }
+                    if let Some(o) = b.next_offset {
+                        p.next_offset = o;
+                    }
+                    p.messages += b.messages;
+                    p.state = PartState::Active;
+                }
+                BlockKind::Assigned => p.state = PartState::Active,
+                BlockKind::Idle if p.state == PartState::Active => p.state = PartState::Idle,
+                BlockKind::Idle => {}
+                BlockKind::Revoked => p.state = PartState::Unassigned,
+                BlockKind::Done => p.state = PartState::Done,
+                BlockKind::End => {}
+            }
+            let active = self.parts.iter().filter(|p| p.state == PartState::Active);
+            if let Some(wm) = active.map(|p| to_wm(p.max_ts_ms, delay_ms)).min() {
+                self.wm_ms = self.wm_ms.max(wm);
+            }
+        }
+        Some(Resolved { late_before_ms, wm_after_ms: self.wm_ms })
+    }
+
+    /// Where each partition stands: (partition, next offset), for those
+    /// with messages counted.
+    pub fn offsets(&self) -> Vec<(PartId, i64)> {
+        self.parts.iter().filter(|p| p.next_offset >= 0).map(|p| (p.id.clone(), p.next_offset)).collect()
+    }
+}
+
+/// A partition's watermark from its largest event time.
+fn to_wm(max_ts_ms: i64, delay_ms: i64) -> i64 {
+    if max_ts_ms == NO_EVENTS {
+        i64::MIN
+    } else {
+        max_ts_ms - delay_ms
+    }
+}
+
+/// What a router gets when it asks a stream for a block.
+pub enum StreamClaim {
+    Block(StreamBlock),
+    /// Nothing queued now.
+    Empty,
+    /// A checkpoint is being cut.
+    Paused,
+    /// The source ended and every block was claimed.
+    Exhausted,
+}
+
+struct Queue {
+    blocks: VecDeque<StreamBlock>,
+    /// Seq of the next block pushed.
+    next_push: u32,
+    /// Seq of the next block claimed.
+    next_claim: u32,
+    paused: bool,
+    end_pushed: bool,
+}
+
+/// One stream source's blocks between its readers and the routers, its
+/// partition table and its watermark chain. Locks are taken per block,
+/// never per event.
+pub struct Stream {
+    pub source: usize,
+    pub delay_ms: i64,
+    queue: Mutex<Queue>,
+    chain: Mutex<Chain>,
+    /// Partitions by dense index (only ever appended to).
+    parts: Mutex<Vec<PartId>>,
+    /// Buffers of parsed blocks, for readers to reuse.
+    free: Mutex<Vec<StreamBlock>>,
+    /// Payload bytes pushed.
+    pub bytes: AtomicU64,
+    /// Readers stop when this is set.
+    pub stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Stream {
+    /// A stream at the start, or at a checkpoint's `chain`.
+    pub fn new(source: usize, delay_ms: i64, chain: Option<Chain>) -> Stream {
+        let chain = chain.unwrap_or_default();
+        let seq = chain.next_seq;
+        let parts = chain.parts.iter().map(|p| p.id.clone()).collect();
+        Stream {
+            source,
+            delay_ms,
+            queue: Mutex::new(Queue {
+                blocks: VecDeque::new(),
+                next_push: seq,
+                next_claim: seq,
+                paused: false,
+                end_pushed: chain.ended,
+            }),
+            chain: Mutex::new(chain),
+            parts: Mutex::new(parts),
+            free: Mutex::new(Vec::new()),
+            bytes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The dense index of a partition, adding it if new.
+    pub fn part_index(&self, id: &PartId) -> u32 {
+        let mut parts = lock(&self.parts);
+        match parts.iter().position(|p| p == id) {
+            Some(i) => i as u32,
+            None => {
+                parts.push(id.clone());
+                (parts.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn part_id(&self, part: u32) -> Option<PartId> {
+        lock(&self.parts).get(part as usize).cloned()
+    }
+
+    /// Queues a block; gives it back if the queue is full.
+    pub fn push(&self, mut block: StreamBlock) -> Result<(), StreamBlock> {
+        let mut q = lock(&self.queue);
+        if q.end_pushed {
+            return Ok(());
+        }
+        if q.blocks.len() >= STREAM_QUEUE_BLOCKS && block.kind == BlockKind::Data {
+            return Err(block);
+        }
+        block.seq = q.next_push;
+        q.next_push += 1;
+        q.end_pushed = block.kind == BlockKind::End;
+        self.bytes.fetch_add(block.data.len() as u64, Ordering::Relaxed);
+        q.blocks.push_back(block);
+        Ok(())
+    }
+
+    /// The next block, in push order.
+    pub fn claim(&self) -> StreamClaim {
+        let mut q = lock(&self.queue);
+        if q.paused {
+            return StreamClaim::Paused;
+        }
+        match q.blocks.pop_front() {
+            Some(b) => {
+                debug_assert_eq!(b.seq, q.next_claim, "stream blocks are claimed in order");
+                q.next_claim += 1;
+                StreamClaim::Block(b)
+            }
+            None if q.end_pushed => StreamClaim::Exhausted,
+            None => StreamClaim::Empty,
+        }
+    }
+
+    /// Stops claims; returns the seq of the first block not claimed (the cut).
+    pub fn pause(&self) -> u32 {
+        let mut q = lock(&self.queue);
+        q.paused = true;
+        q.next_claim
+    }
+
+    pub fn resume(&self) {
+        lock(&self.queue).paused = false;
+    }
+
+    /// Whether every block of an ended source was claimed.
+    pub fn exhausted(&self) -> bool {
+        let q = lock(&self.queue);
+        q.end_pushed && q.blocks.is_empty()
+    }
+
+    /// Counts a parsed block in the watermark chain (see [`Chain::resolve`]).
+    pub fn resolve(&self, block: &BlockMeta, ts_max: i64) -> Option<Resolved> {
+        let mut chain = lock(&self.chain);
+        if block.seq != chain.next_seq {
+            return None;
+        }
+        let ids = lock(&self.parts);
+        chain.resolve(block, ts_max, self.delay_ms, &ids)
+    }
+
+    /// The chain as it stands (at a cut: exactly the blocks before it).
+    pub fn chain(&self) -> Chain {
+        lock(&self.chain).clone()
+    }
+
+    /// A block's buffers, emptied, for a reader to fill again.
+    pub fn recycle(&self, mut block: StreamBlock) {
+        block.data.clear();
+        block.ends.clear();
+        block.offsets.clear();
+        let mut free = lock(&self.free);
+        if free.len() < STREAM_QUEUE_BLOCKS {
+            free.push(block);
+        }
+    }
+
+    /// An empty data block for partition `part`, reusing buffers.
+    pub fn fresh_block(&self, part: u32) -> StreamBlock {
+        let mut b = lock(&self.free).pop().unwrap_or_else(|| StreamBlock::marker(part, BlockKind::Data));
+        b.part = part;
+        b.kind = BlockKind::Data;
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: i32) -> Vec<PartId> {
+        (0..n).map(|partition| PartId { topic: "t".into(), partition }).collect()
+    }
+
+    #[test]
+    fn source_watermark_is_the_minimum_over_active_partitions() {
+        let ids = ids(2);
+        let mut c = Chain::default();
+        let meta = |seq, part, kind| BlockMeta { seq, part, kind, next_offset: Some(1), messages: 1 };
+        let r = |c: &mut Chain, seq, part, kind, ts| c.resolve(&meta(seq, part, kind), ts, 10, &ids).unwrap();
+        r(&mut c, 0, 0, BlockKind::Assigned, i64::MIN);
+        r(&mut c, 1, 1, BlockKind::Assigned, i64::MIN);
+        let a = r(&mut c, 2, 0, BlockKind::Data, 1000);
+        assert_eq!(a.wm_after_ms, i64::MIN, "partition 1 has no data yet");
+        let b = r(&mut c, 3, 1, BlockKind::Data, 500);
+        assert_eq!(b.wm_after_ms, 490);
+        // Late against its own partition's watermark, not the source's.
+        let d = r(&mut c, 4, 0, BlockKind::Data, 1100);
+        assert_eq!(d.late_before_ms, 990);
+        assert_eq!(d.wm_after_ms, 490);
+        // An idle partition stops holding the watermark back ...
+        let e = r(&mut c, 5, 1, BlockKind::Idle, i64::MIN);
+        assert_eq!(e.wm_after_ms, 1090);
+        // ... and its events below the source's watermark are then late.
+        let f = r(&mut c, 6, 1, BlockKind::Data, 600);
+        assert_eq!(f.late_before_ms, 1090);
+        assert_eq!(f.wm_after_ms, 1090, "the watermark never moves back");
+        assert!(c.resolve(&meta(8, 0, BlockKind::Data), 1, 10, &ids).is_none(), "blocks count in order");
+        let g = r(&mut c, 7, 0, BlockKind::End, i64::MIN);
+        assert_eq!(g.wm_after_ms, i64::MAX);
+        assert_eq!(c.offsets(), vec![(ids[0].clone(), 1), (ids[1].clone(), 1)]);
+    }
+
+    #[test]
+    fn claims_follow_push_order_and_stop_at_a_pause() {
+        let s = Stream::new(0, 0, None);
+        for part in 0..3 {
+            s.push(StreamBlock::marker(part, BlockKind::Assigned)).unwrap();
+        }
+        assert!(matches!(s.claim(), StreamClaim::Block(b) if b.seq == 0));
+        assert_eq!(s.pause(), 1);
+        assert!(matches!(s.claim(), StreamClaim::Paused));
+        s.resume();
+        assert!(matches!(s.claim(), StreamClaim::Block(b) if b.seq == 1 && b.part == 1));
+        s.push(StreamBlock::marker(0, BlockKind::End)).unwrap();
+        assert!(matches!(s.claim(), StreamClaim::Block(b) if b.seq == 2));
+        assert!(matches!(s.claim(), StreamClaim::Block(b) if b.kind == BlockKind::End));
+        assert!(matches!(s.claim(), StreamClaim::Exhausted));
+    }
+}

@@ -1,0 +1,307 @@
+//! Kafka sources against a real broker (Tansu on loopback, started and
+//! killed by `support::kafka`): generated events produced into a
+//! multi-partition topic keyed by device, read by `tally run` with
+//! `stop = "caught_up"`, and checked against `tally verify`'s offline
+//! recomputation from a file holding the same messages, and against the
+//! same job over that file (byte for byte: a partition's order is all
+//! that decides lateness).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::kafka::Broker;
+use support::*;
+
+const PARTITIONS: i32 = 4;
+const TOPIC: &str = "client_log";
+
+/// Partition of an event line: by its device id's text, as a producer
+/// keyed by device id would (lines without one go by their index).
+fn by_device(index: usize, line: &[u8]) -> i32 {
+    let did = serde_json::from_slice::<serde_json::Value>(line).ok().and_then(|v| match &v["did"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    match did {
+        Some(d) => (xxhash_rust::xxh3::xxh3_64(d.as_bytes()) % PARTITIONS as u64) as i32,
+        None => index as i32 % PARTITIONS,
+    }
+}
+
+/// The Kafka twin of a file job: its source reads `topic` instead, with
+/// `props` added to its librdkafka settings (`, "key" = "value"`).
+fn kafka_job(file_job: &JobFile, broker: &Broker, group: &str, props: &str, name: &str) -> JobFile {
+    let text = fs::read_to_string(&file_job.path).expect("read the file job");
+    let start = text.find("kind = \"file\"").expect("a file source");
+    let end = start + text[start..].find("\nformat").expect("a format line");
+    let source = format!(
+        "kind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ngroup_id = \"{group}\"\nstart = \"earliest\"\nstop = \"caught_up\"\nproperties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\"{props} }}\n",
+        broker.addr
+    );
+    let dir = file_job.path.parent().expect("a job directory");
+    let results = dir.join(format!("{name}-out")).join("results.jsonl");
+    let old_results = file_job.results.to_string_lossy().into_owned();
+    let text =
+        format!("{}{source}{}", &text[..start], &text[end + 1..]).replace(&old_results, &results.to_string_lossy());
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).expect("write the kafka job");
+    JobFile { path, results, summary: dir.join(format!("{name}-summary.json")) }
+}
+
+/// Two result files hold the same rows, byte for byte (the first
+/// difference shown, not the whole files).
+fn assert_same_rows(got: &Path, want: &Path, what: &str) {
+    let (g, w) = (read_lines(got), read_lines(want));
+    if let Some(i) = (0..g.len().min(w.len())).find(|&i| g[i] != w[i]) {
+        panic!(
+            "{what}: line {} differs:\n got  {}\n want {}",
+            i + 1,
+            String::from_utf8_lossy(&g[i]),
+            String::from_utf8_lossy(&w[i])
+        );
+    }
+    assert_eq!(g.len(), w.len(), "{what}: {} rows, want {}", g.len(), w.len());
+}
+
+/// `tally verify` of a Kafka job, reading source `client` from `dump`.
+fn assert_verifies_from(job: &JobFile, dump: &Path, what: &str) {
+    let input = format!("client={}", dump.display());
+    let v = tally([
+        OsStr::new("verify"),
+        OsStr::new("--job"),
+        job.path.as_os_str(),
+        OsStr::new("--results"),
+        job.results.as_os_str(),
+        OsStr::new("--input"),
+        OsStr::new(&input),
+    ]);
+    assert_eq!(v.code, Some(0), "{what}: tally verify failed:\n{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains("verify: OK"), "{what}: no OK line:\n{}", v.stdout);
+}
+
+/// Generated events (crossing local midnight, disorder below the bound)
+/// as lines, written to `dir/dump.jsonl` too.
+fn events(dir: &Path, n: u64) -> (Vec<Vec<u8>>, PathBuf) {
+    let files = generate(&dir.join("data"), gen_options(n));
+    let lines: Vec<Vec<u8>> = files.iter().flat_map(|f| read_lines(f)).collect();
+    let dump = dir.join("dump.jsonl");
+    write_lines(&dump, &lines, b"\n");
+    (lines, dump)
+}
+
+/// Every message of a topic counted exactly: rows equal the offline
+/// recomputation and the same job over a file of the same messages, and
+/// malformed messages are skipped, counted per partition with their offsets.
+#[test]
+fn kafka_source_rows_equal_offline_and_bad_messages_are_located() {
+    let dir = tempdir();
+    let (mut lines, _) = events(dir.path(), 120_000);
+    // Bad messages between good ones: each lands in partition index % 4.
+    let bad: [&[u8]; 4] = [b"{\"ts\":17711", b"not json at all", b"", b"{\"ts\":1771171200000,\"page\":\"p1\"}"];
+    for (k, b) in bad.iter().enumerate() {
+        lines.insert(1000 + 7 * k, b.to_vec());
+    }
+    let dump = dir.path().join("dump.jsonl");
+    write_lines(&dump, &lines, b"\n");
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump))
+        .metric(page_uv())
+        .metric(platform_version())
+        .write(dir.path(), "file");
+    let kafka = kafka_job(&file, &broker, "rows", "", "kafka");
+    let runs = run_all(&[(&file, 2), (&kafka, 2)]);
+    let summary = runs[1].ok();
+    runs[0].ok();
+    assert_verifies_from(&kafka, &dump, "kafka source");
+    assert_same_rows(&kafka.results, &file.results, "the topic and a file of its messages give the same rows");
+
+    // Where each bad message went: partition and offset, as produced.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut want: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (i, l) in lines.iter().enumerate() {
+        let p = by_device(i, l);
+        let offset = *next.entry(p).and_modify(|o| *o += 1).or_insert(0);
+        if bad.contains(&l.as_slice()) {
+            want.entry(format!("{TOPIC}[{p}]")).or_default().push(offset);
+        }
+    }
+    let src = source_report(summary, 0);
+    assert_eq!(count(src, "rejected"), bad.len() as u64, "{src}");
+    assert_eq!(count(src, "records"), lines.len() as u64);
+    let parts = src["partitions"].as_array().expect("a partition report");
+    assert_eq!(parts.len(), PARTITIONS as usize);
+    for p in parts {
+        let name = p["partition"].as_str().unwrap().to_string();
+        let got: Vec<i64> = p["rejected_offsets"].as_array().unwrap().iter().map(|o| o.as_i64().unwrap()).collect();
+        assert_eq!(got, want.get(&name).cloned().unwrap_or_default(), "{name}");
+        assert_eq!(
+            p["next_offset"].as_i64().unwrap(),
+            next[&(name[TOPIC.len() + 1..name.len() - 1].parse::<i32>().unwrap())] + 1
+        );
+    }
+    let examples = src["examples"].as_array().unwrap();
+    assert!(
+        examples
+            .iter()
+            .all(|e| e["at"].as_str().is_some_and(|a| a.starts_with(&format!("{TOPIC}[")) && a.contains('@'))),
+        "examples located by topic[partition]@offset: {examples:?}"
+    );
+}
+
+/// Binary records (several per message) from a topic give the rows the
+/// same records give from a file.
+#[test]
+fn kafka_binary_messages_equal_the_file_run() {
+    let dir = tempdir();
+    let files = generate(&dir.path().join("data"), GenOptions { format: GenFormat::Binary, ..gen_options(60_000) });
+    let bytes: Vec<u8> = files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    // 1 to 9 records per message, runs of 50 messages per partition (a
+    // partition's records keep the file's order, so its disorder too).
+    let mut messages = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = (at + (1 + messages.len() % 9) * 32).min(bytes.len());
+        messages.push(bytes[at..end].to_vec());
+        at = end;
+    }
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &messages, |_| None, |i, _| (i / 50) as i32 % PARTITIONS);
+    let file = JobDef::new("binary", &files).metric(platform_version()).write(dir.path(), "file");
+    let kafka = kafka_job(&file, &broker, "binary", "", "kafka");
+    let runs = run_all(&[(&file, 2), (&kafka, 2)]);
+    let (f, k) = (runs[0].ok(), runs[1].ok());
+    assert_eq!(count(k, "events"), count(f, "events"));
+    assert_eq!(count(k, "rejected"), 0);
+    assert_same_rows(&kafka.results, &file.results, "kafka vs file");
+    assert_verifies(&file, &kafka.results, "binary messages");
+}
+
+/// Starts `tally run` on a job with a state directory, in the background.
+fn spawn_run(job: &JobFile, state: &Path) -> Child {
+    Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--summary")
+        .arg(&job.summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tally")
+}
+
+/// The checkpoint generation a state directory's manifest names, if any.
+fn generation(state: &Path) -> Option<u64> {
+    let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
+    let json = text.rsplit_once("\nxxh3:").map_or(text.as_str(), |(j, _)| j);
+    serde_json::from_str::<serde_json::Value>(json).ok()?["generation"].as_u64()
+}
+
+/// Waits for a child to exit within the process timeout.
+fn wait(mut child: Child, what: &str) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            assert!(status.success(), "{what} failed: {err}");
+            return err;
+        }
+        assert!(started.elapsed() < PROCESS_TIMEOUT, "{what} did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kill -9` twice mid-topic, at seeded random moments after a checkpoint;
+/// each restart resumes from the checkpoint's offsets (not the group's
+/// committed ones) and the final rows are byte-identical to the same job
+/// over a file, and exact.
+#[test]
+fn kafka_restart_after_kill_rewrites_same_rows() {
+    let dir = tempdir();
+    let (lines, dump) = events(dir.path(), 600_000);
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
+    let kafka = kafka_job(&file, &broker, "restart", "", "kafka");
+    // Checkpoint often so kills land between and inside checkpoints.
+    let text = fs::read_to_string(&kafka.path).unwrap().replace("[job]\n", "[job]\ncheckpoint_interval = \"150ms\"\n");
+    fs::write(&kafka.path, text).unwrap();
+    run(&file, 2).ok();
+
+    let seed: u64 = std::env::var("TALLY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let state = dir.path().join("state");
+    let mut kills = 0;
+    let mut last = 0;
+    for round in 0..2u64 {
+        let mut child = spawn_run(&kafka, &state);
+        // Wait for a new checkpoint, then kill after a pseudo-random delay.
+        let started = Instant::now();
+        while generation(&state).unwrap_or(0) <= last && started.elapsed() < Duration::from_secs(60) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis((seed * 7919 + round * 104_729) % 400));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        let _ = child.wait();
+        last = generation(&state).unwrap_or(0);
+    }
+    assert!(kills > 0, "the run ended before any kill: use more events");
+    let err = wait(spawn_run(&kafka, &state), "the last restart");
+    assert!(err.contains("resumed from checkpoint"), "{err}");
+    assert_same_rows(&kafka.results, &file.results, "after {kills} kill(s) the rows are those of an uninterrupted run");
+    assert_verifies_from(&kafka, &dump, "after kill -9");
+}
+
+/// The broker frozen mid-run (SIGSTOP: a network partition) and thawed:
+/// the run waits, then finishes with exact rows.
+#[test]
+fn kafka_broker_frozen_mid_run_then_back() {
+    let dir = tempdir();
+    let (lines, dump) = events(dir.path(), 400_000);
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
+    // A small prefetch queue, so the run needs the broker until its end.
+    let props = r#", "queued.max.messages.kbytes" = "2048""#;
+    let kafka = kafka_job(&file, &broker, "frozen", props, "kafka");
+    let state = dir.path().join("state");
+    let mut child = spawn_run(&kafka, &state);
+    // Freeze once rows are coming out.
+    let started = Instant::now();
+    while fs::metadata(&kafka.results).map_or(0, |m| m.len()) == 0 && started.elapsed() < Duration::from_secs(60) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    broker.pause();
+    let rows_at_pause = fs::metadata(&kafka.results).map_or(0, |m| m.len());
+    std::thread::sleep(Duration::from_secs(3));
+    let rows_after_pause = fs::metadata(&kafka.results).map_or(0, |m| m.len());
+    broker.resume();
+    let _ = wait(child, "the run across a frozen broker");
+    assert!(rows_at_pause > 0, "rows were coming out before the freeze");
+    run(&file, 2).ok();
+    let all = fs::metadata(&file.results).unwrap().len();
+    assert!(rows_after_pause < all, "the run needed the broker to go on ({rows_after_pause} of {all} bytes)");
+    assert_same_rows(&kafka.results, &file.results, "kafka vs file");
+    assert_verifies_from(&kafka, &dump, "frozen broker");
+}
