@@ -108,6 +108,7 @@ pub fn sink_target(t: &SinkTarget) -> String {
     match t {
         SinkTarget::Stdout => "-".into(),
         SinkTarget::File(p) => absolute(p),
+        SinkTarget::Kafka(k) => format!("kafka:{}", k.topic),
     }
 }
 

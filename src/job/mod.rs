@@ -217,6 +217,17 @@ impl MetricSpec {
 pub enum SinkTarget {
     Stdout,
     File(PathBuf),
+    /// A Kafka topic: one message per row, keyed by (metric, dims).
+    Kafka(KafkaSinkSpec),
+}
+
+/// A `kind = "kafka"` sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaSinkSpec {
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka settings passed through.
+    pub properties: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -428,6 +439,27 @@ path = "-"
             parse(&csv).unwrap().sources[0].csv_header.as_deref(),
             Some(&["ts".into(), "did".into(), "page".into()][..])
         );
+    }
+
+    #[test]
+    fn kafka_sink_parses_and_checks_its_keys() {
+        let kafka = MINIMAL.replace(
+            "kind = \"jsonl\"\npath = \"-\"",
+            "kind = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"results\"\nproperties = { \"acks\" = \"all\" }",
+        );
+        let job = parse(&kafka).unwrap();
+        let SinkTarget::Kafka(k) = &job.sinks[0].target else { panic!("a kafka sink") };
+        assert_eq!((k.brokers.as_str(), k.topic.as_str()), ("b:9092", "results"));
+        assert_eq!(k.properties, [("acks".to_string(), "all".to_string())]);
+        for (edit, want_key) in [
+            (kafka.replace("topic = \"results\"\n", ""), "sink[0].topic"),
+            (kafka.replace("brokers = \"b:9092\"\n", ""), "sink[0].brokers"),
+            (kafka.replace("topic = ", "path = \"x\"\ntopic = "), "sink[0].path"),
+            (MINIMAL.replace("path = \"-\"", "path = \"-\"\ntopic = \"t\""), "sink[0].topic"),
+            (MINIMAL.replace("kind = \"jsonl\"\npath", "kind = \"redis\"\npath"), "sink[0].kind"),
+        ] {
+            assert_eq!(invalid_key(&edit).0, want_key, "{edit}");
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
-    KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec, DAY_MS,
-    DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
+    KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec,
+    DAY_MS, DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
     METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
@@ -94,6 +94,9 @@ struct RawSink {
     kind: String,
     path: Option<String>,
     metrics: Option<Vec<String>>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    properties: Option<toml::Table>,
 }
 
 pub(super) fn parse(text: &str) -> Result<RawJob, String> {
@@ -315,11 +318,23 @@ fn build_kafka(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<KafkaSpec,
     if idle_timeout_ms <= 0 {
         return Err(invalid(key("idle_timeout"), "must be positive"));
     }
-    let mut properties = Vec::new();
-    for (k, v) in s.properties.iter().flatten() {
-        if KAFKA_RESERVED_PROPERTIES.contains(&k.as_str()) {
+    let properties = properties(s.properties.as_ref(), key, &KAFKA_RESERVED_PROPERTIES)?;
+    Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, properties })
+}
+
+/// A `properties` table of librdkafka settings, as text; `reserved` ones
+/// (set by tally itself) are refused.
+fn properties(
+    table: Option<&toml::Table>,
+    key: &dyn Fn(&str) -> String,
+    reserved: &[&str],
+) -> Result<Vec<(String, String)>, Invalid> {
+    let mut out = Vec::new();
+    for (k, v) in table.into_iter().flatten() {
+        let at = || key(&format!("properties.{k:?}"));
+        if reserved.contains(&k.as_str()) {
             return Err(invalid(
-                key(&format!("properties.{k:?}")),
+                at(),
                 "tally sets this itself (offsets are committed with checkpoints; use `brokers`, `group_id`)",
             ));
         }
@@ -328,11 +343,11 @@ fn build_kafka(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<KafkaSpec,
             toml::Value::Integer(n) => n.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
             toml::Value::Float(f) => f.to_string(),
-            _ => return Err(invalid(key(&format!("properties.{k:?}")), "must be a string, number or boolean")),
+            _ => return Err(invalid(at(), "must be a string, number or boolean")),
         };
-        properties.push((k.clone(), text));
+        out.push((k.clone(), text));
     }
-    Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, properties })
+    Ok(out)
 }
 
 /// Expands each entry (a file or a glob, relative to `base`) in order; glob
@@ -524,12 +539,38 @@ fn check_fields_supplied(fields: &[String], source_ids: &[usize], sources: &[Sou
 
 fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Result<SinkSpec, Invalid> {
     let key = |k: &str| format!("sink[{i}].{k}");
-    if s.kind != "jsonl" {
-        return Err(invalid(key("kind"), format!("unknown sink kind {:?} (expected \"jsonl\")", s.kind)));
-    }
-    let target = match s.path.as_deref() {
-        None | Some("-") => SinkTarget::Stdout,
-        Some(p) => SinkTarget::File(base.join(p)),
+    let target = match s.kind.as_str() {
+        "jsonl" => {
+            if let Some(k) =
+                [("brokers", s.brokers.is_some()), ("topic", s.topic.is_some()), ("properties", s.properties.is_some())]
+                    .iter()
+                    .find_map(|&(k, set)| set.then_some(k))
+            {
+                return Err(invalid(key(k), "only a `kind = \"kafka\"` sink takes this key"));
+            }
+            match s.path.as_deref() {
+                None | Some("-") => SinkTarget::Stdout,
+                Some(p) => SinkTarget::File(base.join(p)),
+            }
+        }
+        "kafka" => {
+            if s.path.is_some() {
+                return Err(invalid(key("path"), "a Kafka sink writes to `topic`"));
+            }
+            let brokers = match &s.brokers {
+                Some(b) if !b.trim().is_empty() => b.clone(),
+                _ => return Err(invalid(key("brokers"), "a Kafka sink needs `brokers`")),
+            };
+            let topic = match &s.topic {
+                Some(t) if !t.is_empty() => t.clone(),
+                _ => return Err(invalid(key("topic"), "a Kafka sink needs `topic`")),
+            };
+            let properties = properties(s.properties.as_ref(), &key, &["bootstrap.servers"])?;
+            SinkTarget::Kafka(KafkaSinkSpec { brokers, topic, properties })
+        }
+        other => {
+            return Err(invalid(key("kind"), format!("unknown sink kind {other:?} (expected \"jsonl\" or \"kafka\")")))
+        }
     };
     let ids = match &s.metrics {
         None => (0..metrics.len()).collect(),

@@ -830,6 +830,15 @@ pub struct Row {
     pub window_end_ms: i64,
     pub metric: usize,
     pub line: String,
+    /// Where the group key's JSON (`{"page":"home"}`) sits in `line`.
+    pub dims_at: std::ops::Range<usize>,
+}
+
+impl Row {
+    /// The row's group key as JSON.
+    pub fn dims(&self) -> &str {
+        &self.line[self.dims_at.clone()]
+    }
 }
 
 impl CumulateEmitter {
@@ -973,6 +982,7 @@ impl CumulateEmitter {
             period.written[k] = sums;
             let mut line = String::with_capacity(head.len() + self.dims[k].len() + 40);
             line.push_str(&head);
+            let dims_at = line.len()..line.len() + self.dims[k].len();
             line.push_str(&self.dims[k]);
             for &(name, at) in &self.measures {
                 line.push_str(",\"");
@@ -981,7 +991,7 @@ impl CumulateEmitter {
                 line.push_str(itoa::Buffer::new().format(sums[at]));
             }
             line.push_str("}\n");
-            rows.push(Row { window_end_ms: end, metric, line });
+            rows.push(Row { window_end_ms: end, metric, line, dims_at });
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::checkpoint::{
 };
 use crate::job::SinkTarget;
 use crate::metric::cumulate::{CumulateEmitter, CumulateShardSaved, Row};
-use crate::sink::jsonl::JsonlSink;
+use crate::sink::Sink;
 use crate::source::kafka::KafkaSource;
 use crate::source::stream::Chain;
 use crate::state::snapshot::SnapshotPool;
@@ -277,7 +277,7 @@ impl<'a> Coordinator<'a> {
         &mut self,
         sh: &Shared,
         rx: &Receiver<ToEmitter>,
-        sinks: &mut [JsonlSink],
+        sinks: &mut [Sink],
     ) -> Result<Vec<WorkerReport>, RunError> {
         let n = sh.mesh.n;
         let mut reports = Vec::new();
@@ -313,7 +313,7 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    fn watermark(&mut self, shard: usize, wm_ms: i64, sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+    fn watermark(&mut self, shard: usize, wm_ms: i64, sinks: &mut [Sink]) -> Result<(), RunError> {
         self.shard_wm[shard] = wm_ms;
         let wm = self.shard_wm.iter().copied().min().unwrap_or(i64::MIN);
         if wm <= self.job_wm {
@@ -326,7 +326,7 @@ impl<'a> Coordinator<'a> {
         self.rows.sort_by_key(|r| (r.window_end_ms, r.metric));
         for r in self.rows.drain(..) {
             for s in sinks.iter_mut() {
-                s.write(r.metric, &r.line)?;
+                s.write(&r)?;
             }
         }
         Ok(())
@@ -389,7 +389,7 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    fn cut_report(&mut self, sh: &Shared, r: CutReport, sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+    fn cut_report(&mut self, sh: &Shared, r: CutReport, sinks: &mut [Sink]) -> Result<(), RunError> {
         let Some(ck) = &mut self.ckpt else {
             return Ok(());
         };
@@ -432,7 +432,7 @@ impl<'a> Coordinator<'a> {
 
     /// After the last worker finished: the checkpoint of the end of input
     /// (shards hold nothing then: every period was flushed).
-    pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [JsonlSink]) -> Result<(), RunError> {
+    pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [Sink]) -> Result<(), RunError> {
         self.committed(true)?;
         let Some(ck) = &self.ckpt else {
             return Ok(());
@@ -524,10 +524,10 @@ impl<'a> Coordinator<'a> {
         tables: Vec<FileRef>,
         mut files: Vec<PendingFile>,
         stats: Vec<SourceStats>,
-        sinks: &mut [JsonlSink],
+        sinks: &mut [Sink],
         shard_bytes: u64,
     ) -> Result<(), RunError> {
-        let rows = self.rows_before + sinks.iter().map(|s| s.rows).sum::<u64>();
+        let rows = self.rows_before + sinks.iter().map(Sink::rows).sum::<u64>();
         let Some(ck) = &mut self.ckpt else {
             return Ok(());
         };
@@ -543,7 +543,7 @@ impl<'a> Coordinator<'a> {
             if let SinkTarget::File(p) = &spec.target {
                 sync.push(p.clone());
             }
-            sink_cuts.push(SinkCut { target: sink_target(&spec.target), bytes: s.bytes });
+            sink_cuts.push(SinkCut { target: sink_target(&spec.target), bytes: s.bytes() });
         }
         let mut dicts = Vec::new();
         for (m, log) in ck.dict_logs.iter_mut().enumerate() {

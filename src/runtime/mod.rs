@@ -34,7 +34,8 @@ use crate::event::Reject;
 use crate::job::{Format, Job};
 use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
-use crate::sink::jsonl::{JsonlSink, SinkError};
+use crate::sink::jsonl::SinkError;
+use crate::sink::Sink;
 use crate::source::file::{InputError, Plan};
 use crate::source::kafka::{KafkaSource, KafkaSourceError};
 use crate::source::stream::{Chain, Stream};
@@ -352,12 +353,8 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         });
     }
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
-    let mut sinks = job
-        .sinks
-        .iter()
-        .enumerate()
-        .map(|(i, s)| JsonlSink::open(s, job.metrics.len(), sink_resume(i)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut sinks =
+        job.sinks.iter().enumerate().map(|(i, s)| Sink::open(s, job, sink_resume(i))).collect::<Result<Vec<_>, _>>()?;
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
     let dicts: Vec<Arc<KeyDict>> = match &resume {
         Some(r) => r.dicts.to_vec(),
@@ -410,7 +407,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         s.flush()?;
     }
     coord.finish(&sh, &reports, &mut sinks)?;
-    let rows = sinks.iter().map(|s| s.rows).sum::<u64>() + coord.rows_before();
+    let rows = sinks.iter().map(Sink::rows).sum::<u64>() + coord.rows_before();
     let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
     summary.startup_seconds = startup_seconds;
     summary.resumed_from = coord.resumed_from();
