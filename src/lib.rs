@@ -4,6 +4,7 @@ pub mod demo;
 pub mod event;
 pub mod gen;
 pub mod job;
+pub mod merge;
 pub mod metric;
 pub mod runtime;
 pub mod sink;

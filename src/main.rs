@@ -46,6 +46,20 @@ enum Command {
         #[arg(long, value_name = "NAME=PATH")]
         input: Vec<String>,
     },
+    /// Sum the rows of instances that each own a disjoint set of devices
+    /// (one consumer group over a topic partitioned by device) into the
+    /// rows one instance over everything writes.
+    Merge {
+        /// Result files (JSON lines) of the instances.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where the merged rows go ("-": stdout).
+        #[arg(long)]
+        out: PathBuf,
+        /// The instances' job: rows ordered by its metrics, its emit modes applied.
+        #[arg(long)]
+        job: Option<PathBuf>,
+    },
     /// Generate deterministic synthetic event logs.
     Gen(tally::gen::GenOptions),
     /// Generate a day of events, run the embedded job, verify, and show it.
@@ -57,6 +71,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
         Command::Verify { job, results, input } => verify(job, results, &input),
+        Command::Merge { inputs, out, job } => merge(&inputs, &out, job),
         Command::Gen(opts) => match tally::gen::generate(&opts) {
             Ok(r) => {
                 eprintln!(
@@ -130,6 +145,31 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
             | tally::runtime::RunError::Kafka(_)),
         ) => fail(2, e.to_string()),
         Err(e) => fail(1, e.to_string()),
+    }
+}
+
+fn merge(inputs: &[PathBuf], out: &std::path::Path, job: Option<PathBuf>) -> ExitCode {
+    let job = match job.as_deref().map(load).transpose() {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let result = if out.as_os_str() == "-" {
+        tally::merge::merge(&inputs, job.as_ref(), &mut std::io::stdout().lock())
+    } else {
+        std::fs::File::create(out).map_err(anyhow::Error::from).map(std::io::BufWriter::new).and_then(|mut w| {
+            tally::merge::merge(&inputs, job.as_ref(), &mut w).and_then(|r| {
+                std::io::Write::flush(&mut w)?;
+                Ok(r)
+            })
+        })
+    };
+    match result {
+        Ok(r) => {
+            eprintln!("tally merge: {} rows from {} inputs -> {} rows", r.rows_in, inputs.len(), r.rows_out);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("merge: {e:#}")),
     }
 }
 

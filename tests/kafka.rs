@@ -345,3 +345,56 @@ fn kafka_sink_writes_every_row_keyed_by_metric_and_dims() {
         assert!(got.get(k) == Some(w), "rows of key {} differ", String::from_utf8_lossy(k));
     }
 }
+
+/// Scale-out: two instances in one consumer group over a topic partitioned
+/// by device each read a disjoint set of partitions (waiting for the group
+/// to settle first), and `tally merge` sums their rows into exactly the
+/// rows of one instance over everything.
+#[test]
+fn two_instances_in_one_group_merge_to_the_single_instance_rows() {
+    let dir = tempdir();
+    let (lines, dump) = events(dir.path(), 200_000);
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump))
+        .metric(page_uv())
+        .metric(platform_version().emit("changed"))
+        .write(dir.path(), "file");
+    let instances: Vec<JobFile> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let job = kafka_job(&file, &broker, "scale-out", "", name);
+            let text = fs::read_to_string(&job.path).unwrap();
+            fs::write(&job.path, text.replace("stop = \"caught_up\"", "stop = \"caught_up\"\ngroup_settle = \"6s\""))
+                .unwrap();
+            job
+        })
+        .collect();
+    run(&file, 2).ok();
+    let runs = run_all(&[(&instances[0], 1), (&instances[1], 1)]);
+    let mut owned: Vec<Vec<String>> = Vec::new();
+    for r in &runs {
+        let parts = source_report(r.ok(), 0)["partitions"].as_array().cloned().unwrap_or_default();
+        owned.push(
+            parts.iter().filter(|p| p["messages"].as_u64() > Some(0)).map(|p| p["partition"].to_string()).collect(),
+        );
+    }
+    assert!(owned.iter().all(|o| !o.is_empty()), "each instance read some partitions: {owned:?}");
+    let logs = format!("A:\n{}\nB:\n{}", runs[0].outcome.stderr, runs[1].outcome.stderr);
+    assert!(owned[0].iter().all(|p| !owned[1].contains(p)), "disjoint partitions: {owned:?}\n{logs}");
+    assert_eq!(owned[0].len() + owned[1].len(), PARTITIONS as usize, "{owned:?}");
+
+    let merged = dir.path().join("merged.jsonl");
+    let m = tally([
+        OsStr::new("merge"),
+        OsStr::new("--job"),
+        file.path.as_os_str(),
+        OsStr::new("--out"),
+        merged.as_os_str(),
+        instances[0].results.as_os_str(),
+        instances[1].results.as_os_str(),
+    ]);
+    assert_eq!(m.code, Some(0), "tally merge: {}", m.stderr);
+    assert_same_rows(&merged, &file.results, "two instances merged vs one over everything");
+    assert_verifies(&file, &merged, "merged rows");
+}

@@ -113,6 +113,11 @@ pub struct KafkaSpec {
     /// After this long without a message, a partition stops holding the
     /// source's watermark back until it has data again.
     pub idle_timeout_ms: i64,
+    /// After each partition assignment, wait this long (restarting on
+    /// every new rebalance) before reading: instances of one group that
+    /// start together then each read only their own partitions from the
+    /// first message (0: read at once).
+    pub group_settle_ms: i64,
     /// librdkafka settings passed through (SASL, TLS, tuning).
     pub properties: Vec<(String, String)>,
 }

@@ -65,6 +65,7 @@ struct RawSource {
     start: Option<String>,
     stop: Option<String>,
     idle_timeout: Option<String>,
+    group_settle: Option<String>,
     csv_columns: Option<Vec<String>>,
     properties: Option<toml::Table>,
 }
@@ -206,6 +207,7 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
             ("start", s.start.is_some()),
             ("stop", s.stop.is_some()),
             ("idle_timeout", s.idle_timeout.is_some()),
+            ("group_settle", s.group_settle.is_some()),
             ("csv_columns", s.csv_columns.is_some()),
             ("properties", s.properties.is_some()),
         ];
@@ -318,8 +320,12 @@ fn build_kafka(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<KafkaSpec,
     if idle_timeout_ms <= 0 {
         return Err(invalid(key("idle_timeout"), "must be positive"));
     }
+    let group_settle_ms = match &s.group_settle {
+        None => 0,
+        Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("group_settle"), r))?,
+    };
     let properties = properties(s.properties.as_ref(), key, &KAFKA_RESERVED_PROPERTIES)?;
-    Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, properties })
+    Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, group_settle_ms, properties })
 }
 
 /// A `properties` table of librdkafka settings, as text; `reserved` ones

@@ -92,6 +92,8 @@ struct Ctx {
     resume_at: Mutex<HashMap<i32, i64>>,
     events: Mutex<Vec<Rebalanced>>,
     errors: Throttle,
+    /// Pause partitions as they are assigned (`group_settle`).
+    settle: bool,
 }
 
 impl ClientContext for Ctx {
@@ -135,11 +137,9 @@ impl ConsumerContext for Ctx {
                     let _ = tpl.set_partition_offset(&self.topic, p, offset);
                 }
                 self.push(Rebalanced::Assigned(partitions));
-                if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                }
+                let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                // Settling: fetch nothing until the group is stable.
+                r.and_then(|()| if self.settle { consumer.pause(tpl) } else { Ok(()) })
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.push(Rebalanced::Revoked(partitions));
@@ -200,6 +200,7 @@ impl KafkaSource {
                 resume_at: Mutex::new(positions.clone()),
                 events: Mutex::new(Vec::new()),
                 errors: Throttle(Mutex::new(None)),
+                settle: k.group_settle_ms > 0,
             };
             let consumer = consumer(&spec.name, k, ctx)?;
             consumer.subscribe(&[topic]).map_err(|e| KafkaSourceError {
@@ -216,11 +217,15 @@ impl KafkaSource {
                 topic: topic.clone(),
                 caught_up: k.stop == KafkaStop::CaughtUp,
                 idle_timeout: Duration::from_millis(k.idle_timeout_ms as u64),
+                settle: Duration::from_millis(k.group_settle_ms as u64),
+                settle_until: None,
+                dropped: HashMap::new(),
                 open: HashMap::new(),
                 assigned: HashMap::new(),
                 positions,
                 revoked: HashMap::new(),
                 done,
+                share: None,
                 ever_assigned: false,
                 awaiting_assignment: false,
                 finished: false,
@@ -318,6 +323,12 @@ struct Reader {
     topic: String,
     caught_up: bool,
     idle_timeout: Duration,
+    /// `group_settle`, and when the current wait ends.
+    settle: Duration,
+    settle_until: Option<Instant>,
+    /// While settling: per partition, the first offset fetched anyway
+    /// (read again from there once settled).
+    dropped: HashMap<i32, i64>,
     open: HashMap<i32, Open>,
     assigned: HashMap<i32, Assigned>,
     /// Per partition: the offset after the last message read.
@@ -328,6 +339,10 @@ struct Reader {
     revoked: HashMap<i32, Instant>,
     /// Partitions read to their end (`caught_up`).
     done: HashSet<i32>,
+    /// `caught_up`: the partitions this reader started reading (after the
+    /// group settled). Partitions a later rebalance hands over (another
+    /// member left) are that member's share: not read here.
+    share: Option<HashSet<i32>>,
     ever_assigned: bool,
     /// Partitions were revoked and no new assignment came yet.
     awaiting_assignment: bool,
@@ -356,6 +371,11 @@ impl Reader {
             self.rebalanced(c);
             match polled {
                 None => self.flush_all(),
+                Some(Ok(m)) if self.settle_until.is_some() => {
+                    let o = self.dropped.entry(m.partition()).or_insert(m.offset());
+                    *o = (*o).min(m.offset());
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) if self.settle_until.is_some() => {}
                 Some(Ok(m)) => {
                     let (p, offset) = (m.partition(), m.offset());
                     let payload = m.payload().unwrap_or_default();
@@ -371,6 +391,9 @@ impl Reader {
                         eprintln!("tally: source {:?}: kafka: {e} (retrying)", self.name);
                     }
                 }
+            }
+            if self.settle_until.is_some_and(|t| Instant::now() >= t) {
+                self.settled(c);
             }
             if last_sweep.elapsed() >= STREAM_FLUSH_INTERVAL {
                 last_sweep = Instant::now();
@@ -497,12 +520,30 @@ impl Reader {
                     eprintln!("tally: source {:?}: assigned {} partitions {ps:?}", self.name, self.topic);
                     self.ever_assigned = true;
                     self.awaiting_assignment = false;
+                    if !self.settle.is_zero() {
+                        self.settle_until = Some(Instant::now() + self.settle);
+                    }
+                    let first = self.share.is_none() && self.settle.is_zero();
                     for p in ps {
                         self.assigned.insert(p, Assigned { last_message: Instant::now(), at_end: false, idle: false });
+                        if self.caught_up && self.share.as_ref().is_some_and(|s| !s.contains(&p)) && self.done.insert(p)
+                        {
+                            eprintln!(
+                                "tally: source {:?}: {}[{p}] was another member's share; not read (stop = \"caught_up\")",
+                                self.name, self.topic
+                            );
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(&self.topic, p);
+                            let _ = c.pause(&tpl);
+                            continue;
+                        }
                         // Back from a revocation: it never left the watermark.
                         if self.revoked.remove(&p).is_none() && !self.done.contains(&p) {
                             self.marker(p, BlockKind::Assigned);
                         }
+                    }
+                    if first {
+                        self.share = Some(self.assigned.keys().copied().collect());
                     }
                 }
                 Rebalanced::Revoked(ps) => {
@@ -521,6 +562,40 @@ impl Reader {
             }
         }
         self.check_finished();
+    }
+
+    /// The group was stable for `group_settle`: read the partitions, from
+    /// where messages were fetched while waiting, if any were.
+    fn settled(&mut self, c: &BaseConsumer<Ctx>) {
+        self.settle_until = None;
+        if self.share.is_none() {
+            self.share = Some(self.assigned.keys().copied().collect());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, a) in self.assigned.iter_mut() {
+            a.last_message = Instant::now();
+            if self.done.contains(&p) {
+                continue;
+            }
+            if let Some(o) = self.dropped.remove(&p) {
+                if let Err(e) = c.seek(&self.topic, p, Offset::Offset(o), Duration::from_secs(10)) {
+                    self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!(
+                        "cannot go back to offset {o} of {}[{p}] after settling: {e}",
+                        self.topic
+                    ));
+                }
+            }
+            tpl.add_partition(&self.topic, p);
+        }
+        self.dropped.clear();
+        if let Err(e) = c.resume(&tpl) {
+            self.fail(format!("cannot resume partitions after settling: {e}"));
+        }
+        eprintln!("tally: source {:?}: group settled; reading {} partitions {:?}", self.name, self.topic, {
+            let mut ps: Vec<i32> = self.assigned.keys().copied().collect();
+            ps.sort_unstable();
+            ps
+        });
     }
 
     fn partition_end(&mut self, c: &BaseConsumer<Ctx>, p: i32) {
@@ -543,7 +618,12 @@ impl Reader {
     /// between a revocation and the next assignment), this topic is
     /// finished; the last topic to finish ends the source.
     fn check_finished(&mut self) {
-        if !self.caught_up || self.finished || !self.ever_assigned || self.awaiting_assignment {
+        if !self.caught_up
+            || self.finished
+            || !self.ever_assigned
+            || self.awaiting_assignment
+            || self.settle_until.is_some()
+        {
             return;
         }
         if !self.revoked.is_empty() {
