@@ -398,3 +398,38 @@ fn two_instances_in_one_group_merge_to_the_single_instance_rows() {
     assert_same_rows(&merged, &file.results, "two instances merged vs one over everything");
     assert_verifies(&file, &merged, "merged rows");
 }
+
+/// A broker that is not up when the run starts: the run says so, keeps
+/// retrying, and once the broker is there reads the topic with exact rows.
+#[test]
+fn kafka_broker_down_at_start_is_waited_for() {
+    let dir = tempdir();
+    let (lines, dump) = events(dir.path(), 100_000);
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
+    let port = support::kafka::free_port();
+    // A job for a broker on `port`, written before the broker exists; the
+    // settle keeps it from reading the topic while the test still fills it.
+    let text = fs::read_to_string(&file.path).unwrap();
+    let start = text.find("kind = \"file\"").unwrap();
+    let end = start + text[start..].find("\nformat").unwrap();
+    let results = dir.path().join("kafka-out").join("results.jsonl");
+    let job =
+        JobFile { path: dir.path().join("kafka.toml"), results: results.clone(), summary: dir.path().join("k.json") };
+    let source = format!(
+        "kind = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ntopic = \"{TOPIC}\"\ngroup_id = \"late-broker\"\nstart = \"earliest\"\nstop = \"caught_up\"\ngroup_settle = \"3s\"\nproperties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\" }}\n"
+    );
+    let text = format!("{}{source}{}", &text[..start], &text[end + 1..])
+        .replace(&*file.results.to_string_lossy(), &results.to_string_lossy());
+    fs::write(&job.path, text).unwrap();
+    let mut child = spawn_run(&job, &dir.path().join("state"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the run waits for the broker");
+    let broker = Broker::start_on(port);
+    broker.create_topic(TOPIC, PARTITIONS);
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+    let err = wait(child, "the run with a late broker");
+    assert!(err.contains("retrying"), "the run said it was retrying:\n{err}");
+    run(&file, 2).ok();
+    assert_same_rows(&job.results, &file.results, "late broker vs file");
+    assert_verifies_from(&job, &dump, "late broker");
+}

@@ -107,7 +107,7 @@ impl ClientContext for Ctx {
                 | RDKafkaLogLevel::Warning
         );
         if bad && self.errors.due() {
-            eprintln!("tally: source {:?}: kafka {fac}: {message}", self.name);
+            eprintln!("tally: source {:?}: kafka {fac}: {message} (retrying)", self.name);
         }
     }
 
@@ -457,9 +457,12 @@ impl Reader {
             a.at_end = false;
             a.idle = false;
         }
-        let part = self.part(p);
-        let open =
-            self.open.entry(p).or_insert_with(|| Open { block: self.stream.fresh_block(part), since: Instant::now() });
+        if !self.open.contains_key(&p) {
+            // The partition's index is looked up per block, not per message.
+            let block = self.stream.fresh_block(self.part(p));
+            self.open.insert(p, Open { block, since: Instant::now() });
+        }
+        let Some(open) = self.open.get_mut(&p) else { return };
         let b = &mut open.block;
         b.data.extend_from_slice(payload);
         b.ends.push(b.data.len() as u32);

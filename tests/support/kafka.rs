@@ -177,7 +177,7 @@ pub struct Broker {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0 to pick a free port");
     l.local_addr().expect("local address of a bound socket").port()
 }
@@ -215,6 +215,18 @@ impl Broker {
             }
         }
         panic!("tansu could not bind a free port of 127.0.0.1 in {START_ATTEMPTS} attempts (AddrInUse each time)");
+    }
+
+    /// Starts a broker on `port` (for a client told of it before it runs).
+    /// Panics if the port is taken or the broker does not get ready.
+    pub fn start_on(port: u16) -> Broker {
+        let dir =
+            tempfile::Builder::new().prefix("tally-kafka-").tempdir().expect("cannot create a temporary directory");
+        let log = dir.path().join("tansu.log");
+        match start_once(&tansu_binary(), port, &log) {
+            Start::Ready(child) => Broker { port, addr: format!("127.0.0.1:{port}"), child, log, _dir: dir },
+            Start::AddrInUse => panic!("port {port} of 127.0.0.1 is taken"),
+        }
     }
 
     /// The broker's process id.
