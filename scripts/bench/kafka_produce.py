@@ -10,6 +10,9 @@
       until the file ends, or SIGTERM); every 100 ms appends
       "epoch_seconds produced delivered" to LOG. Delivery reports come only for
       errors (delivery.report.only.error): "delivered" = produced - still queued.
+  consume  --brokers B --topic T --partitions P [--set key=value ...]
+      Reads the topic from the beginning to partition EOF without tally
+      (assigned, no group): what librdkafka + the broker deliver alone.
   lag      --brokers B --topic T --partitions P --group G --out CSV [--interval 0.25]
       Until SIGTERM: once per interval, the group's committed offsets (summed
       over partitions; OffsetFetch, no group join) -> "epoch_seconds committed
@@ -28,6 +31,7 @@
       and a JSON line with the maxima (last line, prefixed "JSON ").
 """
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -56,6 +60,35 @@ def did_text(line):
     while j < n and line[j : j + 1] not in (b",", b"}"):
         j += 1
     return line[i:j].strip()
+
+
+def records(path, nparts):
+    """(line without newline, partition) for every line of the file, in order."""
+    import re
+
+    did_re = re.compile(rb'"did":"?([^",}]*)')
+    crc = zlib.crc32
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(4 << 20)
+            if not chunk:
+                break
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n")
+            if cut < 0:
+                rest = chunk
+                continue
+            rest = chunk[cut + 1 :]
+            body = chunk[:cut]
+            lines = body.split(b"\n")
+            dids = did_re.findall(body)
+            if len(dids) != len(lines):  # a line without (or with two) "did": fields
+                dids = [did_text(l) for l in lines]
+            for line, did in zip(lines, dids):
+                yield line, crc(did) % nparts
+    if rest:
+        yield rest, crc(did_text(rest)) % nparts
 
 
 def producer(brokers):
@@ -102,45 +135,41 @@ def cmd_produce(a):
     next_prog = t0
     deadline = t0 + a.duration if a.rate else None
     step = max(1, int(a.rate / 100)) if a.rate else 0  # lines per 10 ms
-    with open(a.file, "rb") as f:
-        while not stop:
-            if a.rate:
-                now = time.time()
-                if now >= deadline:
-                    break
-                due = int((now - t0) * a.rate)
-                if sent >= due:
-                    if prog and now >= next_prog:
-                        prog.write(f"{now:.3f} {sent} {sent - len(p)}\n")
-                        next_prog = now + 0.1
-                    poll(0)
-                    time.sleep(min(0.01, (sent + step) / a.rate + t0 - now))
-                    continue
-                n = min(due - sent, step * 10)
-            else:
-                n = 100000
-            eof = False
-            for _ in range(n):
-                line = f.readline()
-                if not line:
-                    eof = True
-                    break
-                if line.endswith(b"\n"):
-                    line = line[:-1]
-                part = zlib.crc32(did_text(line)) % nparts
+    it = records(a.file, nparts)
+    while not stop:
+        if a.rate:
+            now = time.time()
+            if now >= deadline:
+                break
+            if prog and now >= next_prog:
+                prog.write(f"{now:.3f} {sent} {sent - len(p)}\n")
+                next_prog = now + 0.1
+            due = int((now - t0) * a.rate)
+            if sent >= due:
+                poll(0)
+                time.sleep(min(0.01, (sent + step) / a.rate + t0 - now))
+                continue
+            n = min(due - sent, step * 10)
+        else:
+            n = 100000
+        k = 0
+        for line, part in itertools.islice(it, n):
+            try:
+                produce(topic, line, partition=part)
+            except BufferError:
                 while True:
+                    poll(0.005)
                     try:
                         produce(topic, line, partition=part)
                         break
                     except BufferError:
-                        poll(0.005)
-                per_part[part] += 1
-                sent += 1
-            poll(0)
-            if errors["count"]:
-                break
-            if eof:
-                break
+                        pass
+            per_part[part] += 1
+            k += 1
+        sent += k
+        poll(0)
+        if errors["count"] or k < n:
+            break
     produced_s = time.time() - t0
     left = p.flush(120)
     total_s = time.time() - t0
@@ -160,6 +189,48 @@ def cmd_produce(a):
     }
     print(json.dumps(out))
     return 0 if left == 0 and not out["errors"] else 1
+
+
+def cmd_consume(a):
+    """Reads every partition from the beginning to librdkafka's EOF (assign, no
+    group join), counting messages: the consumer + broker alone, no tally."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    conf = {
+        "bootstrap.servers": a.brokers,
+        "group.id": "kafka-bench-consume",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "fetch.wait.max.ms": 10,
+        "client.id": "kafka-bench-consume",
+    }
+    for kv in a.set or []:
+        k, v = kv.split("=", 1)
+        conf[k] = v
+    c = Consumer(conf)
+    c.assign([TopicPartition(a.topic, p, OFFSET_BEGINNING) for p in range(a.partitions)])
+    eof = set()
+    n = nbytes = 0
+    t0 = time.time()
+    first = None
+    while len(eof) < a.partitions:
+        # a short timeout: consume() waits for a full batch or the timeout
+        for m in c.consume(num_messages=10000, timeout=0.02):
+            e = m.error()
+            if e is None:
+                n += 1
+                if first is None:
+                    first = time.time()
+            elif e.code() == KafkaError._PARTITION_EOF:
+                eof.add(m.partition())
+    t1 = time.time()
+    c.close()
+    first = first or t1
+    print(json.dumps({"messages": n, "seconds": round(t1 - t0, 3), "messages_per_second": round(n / (t1 - t0)),
+                      "first_message_after": round(first - t0, 3),
+                      "messages_per_second_after_first": round(n / (t1 - first)) if t1 > first else None,
+                      "settings": a.set or []}))
+    return 0
 
 
 def cmd_lag(a):
@@ -358,6 +429,11 @@ def main():
     l.add_argument("--group", required=True)
     l.add_argument("--out", required=True)
     l.add_argument("--interval", type=float, default=0.25)
+    c = sub.add_parser("consume")
+    c.add_argument("--brokers", required=True)
+    c.add_argument("--topic", required=True)
+    c.add_argument("--partitions", type=int, required=True)
+    c.add_argument("--set", action="append", help="librdkafka key=value")
     t = sub.add_parser("threads")
     t.add_argument("--pid", type=int, required=True)
     t.add_argument("--out", required=True)
@@ -369,7 +445,7 @@ def main():
     r.add_argument("--rate", type=float, required=True)
     r.add_argument("--t0", type=float, default=0)
     a = ap.parse_args()
-    return {"produce": cmd_produce, "lag": cmd_lag, "threads": cmd_threads, "report": cmd_report}[a.cmd](a)
+    return {"produce": cmd_produce, "consume": cmd_consume, "lag": cmd_lag, "threads": cmd_threads, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,13 @@ pub(crate) const NO_EVENTS: i64 = i64::MIN + 1;
 
 /// Idle time after which a worker sleeps instead of yielding.
 const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(2);
-/// How long an idle worker sleeps between looks.
+/// How long an idle worker sleeps between looks ...
 const IDLE_SLEEP: Duration = Duration::from_micros(100);
+/// ... and once idle this long (a stream with nothing new), it sleeps
+/// [`IDLE_SLEEP_LONG`]: a waiting daemon should not spend a tenth of a
+/// core looking; new input waits at most that long.
+const IDLE_BEFORE_SLEEP_LONG: Duration = Duration::from_millis(200);
+const IDLE_SLEEP_LONG: Duration = Duration::from_millis(2);
 
 /// What every worker reads.
 pub(crate) struct Shared {
@@ -495,8 +500,10 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
                 backoff.snooze();
             } else if since.elapsed() < IDLE_BEFORE_SLEEP {
                 std::thread::yield_now();
-            } else {
+            } else if since.elapsed() < IDLE_BEFORE_SLEEP_LONG {
                 std::thread::sleep(IDLE_SLEEP);
+            } else {
+                std::thread::sleep(IDLE_SLEEP_LONG);
             }
         }
         Ok(())
