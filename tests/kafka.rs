@@ -226,8 +226,8 @@ fn wait(mut child: Child, what: &str) -> String {
 
 /// `kill -9` twice mid-topic, at seeded random moments after a checkpoint;
 /// each restart resumes from the checkpoint's offsets (not the group's
-/// committed ones) and the final rows are byte-identical to the same job
-/// over a file, and exact.
+/// committed ones) and the final rows (page PV/UV and DAU) are
+/// byte-identical to the same job over a file, and exact.
 #[test]
 fn kafka_restart_after_kill_rewrites_same_rows() {
     let dir = tempdir();
@@ -235,6 +235,10 @@ fn kafka_restart_after_kill_rewrites_same_rows() {
     let broker = Broker::start();
     broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
     let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
+    // A DAU metric too: its minute-dedup rings and day roll-forward are
+    // checkpointed state, and a partition's order decides what the ring drops.
+    let dau = "\n[[metric]]\nname = \"dau_platform\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n";
+    fs::write(&file.path, fs::read_to_string(&file.path).unwrap() + dau).unwrap();
     let kafka = kafka_job(&file, &broker, "restart", "", "kafka");
     // Checkpoint often so kills land between and inside checkpoints.
     let text = fs::read_to_string(&kafka.path).unwrap().replace("[job]\n", "[job]\ncheckpoint_interval = \"150ms\"\n");
