@@ -310,6 +310,33 @@ fn kafka_broker_frozen_mid_run_then_back() {
     assert_verifies_from(&kafka, &dump, "frozen broker");
 }
 
+/// Every row once, keyed by `{"metric":…,"dims":…}`, per key in the order
+/// of the file sink's rows.
+fn assert_topic_holds_rows(broker: &Broker, topic: &str, results: &Path) {
+    let key_of = |line: &[u8]| -> Vec<u8> {
+        let text = std::str::from_utf8(line).unwrap();
+        let metric = &text[10..text.find(",\"window_start\"").unwrap()];
+        let from = text.find(",\"dims\":").unwrap() + 8;
+        let dims = &text[from..=from + text[from..].find('}').unwrap()];
+        format!("{{\"metric\":{metric},\"dims\":{dims}}}").into_bytes()
+    };
+    let mut want: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+    let lines = read_lines(results);
+    for l in &lines {
+        want.entry(key_of(l)).or_default().push(l.clone());
+    }
+    let mut got: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+    let messages = broker.consume_all(topic);
+    for (_, _, key, payload) in &messages {
+        got.entry(key.clone().expect("every row has a key")).or_default().push(payload.clone());
+    }
+    assert_eq!(messages.len(), lines.len(), "one message per row written");
+    assert_eq!(got.len(), want.len(), "the same keys");
+    for (k, w) in &want {
+        assert!(got.get(k) == Some(w), "rows of key {} differ", String::from_utf8_lossy(k));
+    }
+}
+
 /// Result rows to a topic: one message per row, keyed by
 /// `{"metric":…,"dims":…}` (so compaction keeps each key's latest row), per
 /// key in the order the file sink writes them.
@@ -324,30 +351,34 @@ fn kafka_sink_writes_every_row_keyed_by_metric_and_dims() {
     let summary = run(&job, 2);
     let rows = count(summary.ok(), "rows");
     assert_verifies(&job, &job.results, "file sink beside a kafka sink");
+    assert_eq!(rows, 2 * read_lines(&job.results).len() as u64, "the summary counts both sinks' rows");
+    assert_topic_holds_rows(&broker, "results", &job.results);
+}
 
-    let key_of = |line: &[u8]| -> Vec<u8> {
-        let text = std::str::from_utf8(line).unwrap();
-        let metric = &text[10..text.find(",\"window_start\"").unwrap()];
-        let from = text.find(",\"dims\":").unwrap() + 8;
-        let dims = &text[from..=from + text[from..].find('}').unwrap()];
-        format!("{{\"metric\":{metric},\"dims\":{dims}}}").into_bytes()
-    };
-    let mut want: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
-    let lines = read_lines(&job.results);
-    for l in &lines {
-        want.entry(key_of(l)).or_default().push(l.clone());
-    }
-    let mut got: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
-    let messages = broker.consume_all("results");
-    for (_, _, key, payload) in &messages {
-        got.entry(key.clone().expect("every row has a key")).or_default().push(payload.clone());
-    }
-    assert_eq!(messages.len(), lines.len(), "one message per row written");
-    assert_eq!(rows, 2 * lines.len() as u64, "the summary counts both sinks' rows");
-    assert_eq!(got.len(), want.len(), "the same keys");
-    for (k, w) in &want {
-        assert!(got.get(k) == Some(w), "rows of key {} differ", String::from_utf8_lossy(k));
-    }
+/// The broker frozen while rows are being produced: the run waits for
+/// delivery at its checkpoints and end, and every row arrives once, in
+/// order per key.
+#[test]
+fn kafka_sink_waits_for_a_frozen_broker_and_loses_nothing() {
+    let dir = tempdir();
+    let files = generate(&dir.path().join("data"), gen_options(200_000));
+    let broker = Broker::start();
+    let job = JobDef::new("jsonl", &files)
+        .metric(platform_version())
+        .job_line("checkpoint_interval = \"100ms\"")
+        .write(dir.path(), "job");
+    let sink = format!("\n[[sink]]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"results\"\n", broker.addr);
+    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &sink).unwrap();
+    broker.create_topic("results", PARTITIONS);
+    broker.pause();
+    let mut child = spawn_run(&job, &dir.path().join("state"));
+    std::thread::sleep(Duration::from_secs(3));
+    let waited = child.try_wait().unwrap().is_none();
+    broker.resume();
+    let _ = wait(child, "a run whose sink's broker was frozen");
+    assert!(waited, "the run waited for its rows to be delivered");
+    assert_verifies(&job, &job.results, "file sink beside a frozen kafka sink");
+    assert_topic_holds_rows(&broker, "results", &job.results);
 }
 
 /// Scale-out: two instances in one consumer group over a topic partitioned

@@ -1,13 +1,15 @@
 //! Kafka sink: one message per result row, keyed by `{"metric":…,"dims":…}`
 //! so a compacted topic keeps each key's latest row.
 //!
-//! Rows are produced asynchronously (librdkafka batches them); a flush —
-//! at every checkpoint and at the end — waits until each row is delivered.
-//! A row whose delivery fails, after librdkafka's own retries, is produced
-//! again at the next flush, which does not return until everything is
-//! delivered: rows are never dropped, and the failures are logged (at most
-//! every few seconds) and counted. After a restart, rows since the last
-//! checkpoint are produced again with the same values (upserts).
+//! Rows are produced asynchronously (librdkafka batches them) by an
+//! idempotent producer whose messages never time out: while a broker is
+//! away librdkafka retries, in order, without duplicates, and a flush — at
+//! every checkpoint and at the end — waits until every row is delivered
+//! (saying so every few seconds). A delivery that fails for good (a row too
+//! large, a topic the client may not write) stops the run with the reason:
+//! rows are never dropped silently, and never re-sent out of order (which
+//! would let an older row win the compaction). After a restart, rows since
+//! the last checkpoint are produced again, with the same values (upserts).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,15 +25,14 @@ use crate::job::{KafkaSinkSpec, MetricSpec};
 
 /// How long a flush waits for deliveries before it looks again.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
-/// Least time between two log lines about failed deliveries.
+/// Least time between two log lines about deliveries.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// Rows whose delivery failed, to produce again: (key, payload).
+/// Deliveries that failed for good.
 #[derive(Default)]
 struct Failed {
-    rows: Vec<(Vec<u8>, Vec<u8>)>,
     count: u64,
-    last_error: Option<String>,
+    first_error: Option<String>,
     logged: Option<Instant>,
 }
 
@@ -57,9 +58,10 @@ impl ProducerContext for Ctx {
         if let Err((e, msg)) = result {
             let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             f.count += 1;
-            f.last_error = Some(e.to_string());
-            let key = msg.key().unwrap_or_default().to_vec();
-            f.rows.push((key, msg.payload().unwrap_or_default().to_vec()));
+            if f.first_error.is_none() {
+                let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+                f.first_error = Some(format!("{e} (row of {key})"));
+            }
         }
     }
 }
@@ -81,7 +83,11 @@ impl KafkaSink {
     pub fn open(spec: &KafkaSinkSpec, wanted: &[usize], metrics: &[MetricSpec]) -> Result<KafkaSink, SinkError> {
         let name = format!("kafka:{}", spec.topic);
         let mut cfg = ClientConfig::new();
-        cfg.set("message.timeout.ms", "30000").set("linger.ms", "20").set("client.id", "tally-sink");
+        // Retry until delivered, in order, once each (a user may override).
+        cfg.set("message.timeout.ms", "0")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .set("client.id", "tally-sink");
         for (k, v) in &spec.properties {
             cfg.set(k, v);
         }
@@ -114,68 +120,55 @@ impl KafkaSink {
         let payload = line.trim_end_matches('\n').as_bytes();
         self.rows += 1;
         self.bytes += payload.len() as u64;
-        let key = std::mem::take(&mut self.key);
-        self.produce(&key, payload);
-        self.key = key;
-        Ok(())
-    }
-
-    fn produce(&self, key: &[u8], payload: &[u8]) {
         loop {
-            match self.producer.send(BaseRecord::to(&self.topic).key(key).payload(payload)) {
+            match self.producer.send(BaseRecord::to(&self.topic).key(&self.key).payload(payload)) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     self.producer.poll(Duration::from_millis(10));
                 }
                 Err((e, _)) => {
-                    // Not retriable by waiting (e.g. a message too large):
-                    // count it with the failed rows and try again at flush.
-                    let mut f = self.ctx().failed.lock().unwrap_or_else(|p| p.into_inner());
-                    f.count += 1;
-                    f.last_error = Some(e.to_string());
-                    f.rows.push((key.to_vec(), payload.to_vec()));
-                    break;
+                    let key = String::from_utf8_lossy(&self.key);
+                    return Err(self.error(format!("cannot produce the row of {key}: {e}")));
                 }
             }
         }
         self.producer.poll(Duration::ZERO);
+        self.check()
+    }
+
+    fn error(&self, why: String) -> SinkError {
+        SinkError { name: self.name.clone(), source: std::io::Error::other(why) }
+    }
+
+    /// Fails if a delivery failed for good.
+    fn check(&self) -> Result<(), SinkError> {
+        let f = self.ctx().failed.lock().unwrap_or_else(|p| p.into_inner());
+        match (&f.first_error, f.count) {
+            (Some(e), n) => Err(self.error(format!(
+                "{n} row(s) could not be delivered, first: {e}; stopping (resume from the last checkpoint once fixed)"
+            ))),
+            (None, _) => Ok(()),
+        }
     }
 
     fn ctx(&self) -> &Ctx {
         self.producer.context()
     }
 
-    /// Waits until every row produced so far is delivered, producing
-    /// failed ones again; returns only then.
+    /// Waits until every row produced so far is delivered.
     pub fn flush(&mut self) -> Result<(), SinkError> {
-        loop {
-            let _ = self.producer.flush(FLUSH_WAIT);
-            let retry = {
-                let mut f = self.ctx().failed.lock().unwrap_or_else(|p| p.into_inner());
-                let rows = std::mem::take(&mut f.rows);
-                if !rows.is_empty() && f.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                    f.logged = Some(Instant::now());
-                    eprintln!(
-                        "tally: sink {}: {} row(s) not delivered ({} failures so far, last: {}); producing them again",
-                        self.name,
-                        rows.len(),
-                        f.count,
-                        f.last_error.as_deref().unwrap_or("?")
-                    );
-                }
-                rows
-            };
-            for (key, payload) in &retry {
-                self.produce(key, payload);
-            }
-            if retry.is_empty() && self.producer.in_flight_count() == 0 {
-                return Ok(());
+        let mut said = Instant::now();
+        while self.producer.flush(FLUSH_WAIT).is_err() || self.producer.in_flight_count() > 0 {
+            self.check()?;
+            if said.elapsed() >= LOG_EVERY {
+                said = Instant::now();
+                eprintln!(
+                    "tally: sink {}: waiting for {} row(s) to be delivered (the broker is retried)",
+                    self.name,
+                    self.producer.in_flight_count()
+                );
             }
         }
-    }
-
-    /// Deliveries that failed (and were produced again).
-    pub fn failures(&self) -> u64 {
-        self.ctx().failed.lock().unwrap_or_else(|p| p.into_inner()).count
+        self.check()
     }
 }
