@@ -108,12 +108,20 @@ pub fn merge(inputs: &[&Path], job: Option<&Job>, out: &mut impl Write) -> Resul
     let changed_only = |metric: &str| {
         job.and_then(|j| j.metrics.iter().find(|m| m.name == metric)).is_some_and(|m| m.emit == Emit::Changed)
     };
-    // Window ends per (metric, period): every end any input wrote.
+    // Window ends per (metric, period): every end any input wrote, and
+    // with the job every step between the first and the last (one
+    // instance's data may end before another's begins).
     let mut ends: BTreeMap<(String, i64), BTreeSet<i64>> = BTreeMap::new();
     for ((metric, start, _), per_input) in &keyed {
         let e = ends.entry((metric.clone(), *start)).or_default();
         for s in per_input {
             e.extend(s.keys());
+        }
+    }
+    for ((metric, _), e) in ends.iter_mut() {
+        let step = job.and_then(|j| j.metrics.iter().find(|m| &m.name == metric)).map(|m| m.step_ms);
+        if let (Some(step), Some(&first), Some(&last)) = (step, e.first(), e.last()) {
+            e.extend((0..=(last - first) / step).map(|k| first + k * step));
         }
     }
     let mut rows: Vec<(i64, usize, String, String)> = Vec::new();
@@ -233,6 +241,27 @@ mod tests {
             + &row(180, "x", 6, 3)
             + &row(180, "y", 5, 5);
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn with_the_job_every_step_between_instances_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.jsonl"), "").unwrap();
+        let text = "[[source]]\nname = \"s\"\nkind = \"file\"\npath = \"e.jsonl\"\n\
+                    [[metric]]\nname = \"m\"\nkind = \"cumulate\"\ngroup_by = [\"page\"]\n\
+                    [[sink]]\nkind = \"jsonl\"\npath = \"-\"\n";
+        let job = Job::parse(text, Path::new("job.toml"), dir.path()).unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, row(60_000, "x", 1, 1) + &row(120_000, "x", 2, 1)).unwrap();
+        std::fs::write(&b, row(240_000, "y", 3, 3)).unwrap();
+        let mut out = Vec::new();
+        merge(&[a.as_path(), b.as_path()], Some(&job), &mut out).unwrap();
+        let want = row(60_000, "x", 1, 1)
+            + &row(120_000, "x", 2, 1)
+            + &row(180_000, "x", 2, 1)
+            + &row(240_000, "x", 2, 1)
+            + &row(240_000, "y", 3, 3);
+        assert_eq!(String::from_utf8(out).unwrap(), want);
     }
 
     #[test]

@@ -468,3 +468,28 @@ fn kafka_broker_down_at_start_is_waited_for() {
     assert_same_rows(&job.results, &file.results, "late broker vs file");
     assert_verifies_from(&job, &dump, "late broker");
 }
+
+/// A job reading a file and a topic at once (the routers take file blocks
+/// and stream blocks side by side): rows equal the offline recomputation
+/// over both.
+#[test]
+fn file_and_kafka_sources_in_one_job() {
+    let dir = tempdir();
+    let (lines, dump) = events(dir.path(), 150_000);
+    let server = generate(&dir.path().join("server"), GenOptions { seed: 99, ..gen_options(150_000) });
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(platform_version()).write(dir.path(), "file");
+    let kafka = kafka_job(&file, &broker, "mixed", "", "kafka");
+    let paths: Vec<String> = server.iter().map(|p| format!("{:?}", p.to_string_lossy())).collect();
+    let second = format!(
+        "[[source]]\nname = \"server\"\nkind = \"file\"\npath = [{}]\nformat = \"jsonl\"\nmax_out_of_orderness = \"5m\"\n\n[[metric]]",
+        paths.join(", ")
+    );
+    let text = fs::read_to_string(&kafka.path).unwrap().replacen("[[metric]]", &second, 1);
+    fs::write(&kafka.path, text).unwrap();
+    let summary = run(&kafka, 2);
+    let s = summary.ok();
+    assert!(count(source_report(s, 0), "events") > 0 && count(source_report(s, 1), "events") > 0, "{s}");
+    assert_verifies_from(&kafka, &dump, "file and kafka sources");
+}

@@ -131,7 +131,7 @@ pub struct InputCut {
 pub struct SourceCut {
     pub name: String,
     /// Blocks of this source counted.
-    pub blocks_done: u32,
+    pub blocks_done: crate::runtime::mesh::BlockSeq,
     /// Largest event time in those blocks (the watermark's base).
     pub prefix_max_ms: i64,
     pub files: Vec<identity::FileIdentity>,
@@ -153,7 +153,7 @@ pub struct SinkCut {
 pub struct ShardSaved {
     pub metrics: Vec<CumulateShardSaved>,
     /// Per source: blocks received and their watermark.
-    pub progress: Vec<(u32, i64)>,
+    pub progress: Vec<(crate::runtime::mesh::BlockSeq, i64)>,
     pub wm_ms: i64,
     pub state_bytes_max: u64,
     pub dedup_entries_max: u64,

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use super::mesh::BlockSeq;
 use super::resume::Resume;
 use super::shard::ShardCheckpoint;
 use super::stats::SourceStats;
@@ -52,7 +53,7 @@ pub(crate) struct CutRequest {
     /// tells workers a new cut is asked for).
     pub generation: u64,
     /// Blocks of each source before the cut.
-    pub blocks: Vec<u32>,
+    pub blocks: Vec<BlockSeq>,
     /// Workers exit after writing their part (stopped by a signal).
     pub stop: bool,
     /// Where checkpoint files go.
@@ -163,7 +164,7 @@ struct Ckpt {
     complete_at_start: bool,
     /// Blocks per source before the last cut asked for: a stream source
     /// that brought nothing new since is not checkpointed again.
-    last_cut: Option<Vec<u32>>,
+    last_cut: Option<Vec<BlockSeq>>,
 }
 
 pub(crate) struct Coordinator<'a> {
@@ -361,7 +362,7 @@ impl<'a> Coordinator<'a> {
             ck.due = Instant::now() + ck.interval.unwrap_or_default();
             return;
         }
-        let mut blocks = vec![0u32; sh.job.sources.len()];
+        let mut blocks: Vec<BlockSeq> = vec![0; sh.job.sources.len()];
         for t in &sh.plan.tasks[..task] {
             blocks[t.source] += 1;
         }
@@ -456,7 +457,7 @@ impl<'a> Coordinator<'a> {
                     .blocks_per_source
                     .iter()
                     .zip(&chains)
-                    .map(|(&b, c)| (c.as_ref().map_or(b, |c| c.next_seq), i64::MAX))
+                    .map(|(&b, c)| (c.as_ref().map_or(BlockSeq::from(b), |c| c.next_seq), i64::MAX))
                     .collect(),
                 wm_ms: i64::MAX,
                 state_bytes_max: r.state_bytes_max as u64,
@@ -619,7 +620,7 @@ fn input_cut(sh: &Shared, task: usize, chains: &[Option<Chain>]) -> InputCut {
                     stream: Some(chain.clone()),
                 };
             }
-            let blocks_done = plan.tasks[..task].iter().filter(|t| t.source == s).count() as u32;
+            let blocks_done = plan.tasks[..task].iter().filter(|t| t.source == s).count() as BlockSeq;
             let prefix_max_ms = match blocks_done {
                 0 => NO_EVENTS,
                 b => sh.prefix[s][b as usize - 1].load(Ordering::Acquire),
@@ -627,7 +628,7 @@ fn input_cut(sh: &Shared, task: usize, chains: &[Option<Chain>]) -> InputCut {
             let resume_at = plan
                 .tasks
                 .iter()
-                .find(|t| t.source == s && t.seq == blocks_done)
+                .find(|t| t.source == s && BlockSeq::from(t.seq) == blocks_done)
                 .map(|t| (plan.files[t.file].path.display().to_string(), t.lo));
             SourceCut {
                 name: spec.name.clone(),

@@ -17,6 +17,10 @@ pub const STAGED_BLOCKS_MAX: usize = 4;
 /// Batches a (router, shard) pair may own in all (queued, staged, spare).
 pub const POOL_BATCHES: usize = QUEUE_BATCHES + STAGED_BLOCKS_MAX + 2;
 
+/// Position of a block in its source: a file's blocks, or a stream's
+/// (64 bits: a daemon reading a trickle for months makes many).
+pub type BlockSeq = u64;
+
 /// One counted event for one metric, as a shard receives it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,7 +39,7 @@ pub struct Batch {
     pub records: Vec<Record>,
     pub source: usize,
     /// Position of the block in its source.
-    pub seq: u32,
+    pub seq: BlockSeq,
     /// The source's watermark once this block is counted.
     pub wm_ms: i64,
 }

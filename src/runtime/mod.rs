@@ -125,7 +125,7 @@ impl Shared {
 
     /// Stops claims of stream blocks; per source, the seq of the first
     /// block not claimed (`None` for file sources).
-    pub fn pause_streams(&self) -> Vec<Option<u32>> {
+    pub fn pause_streams(&self) -> Vec<Option<mesh::BlockSeq>> {
         self.streams.iter().map(|s| s.as_ref().map(|s| s.pause())).collect()
     }
 

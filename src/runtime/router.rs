@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use ahash::AHashMap;
 
-use super::mesh::{Batch, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
+use super::mesh::{Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::SourceStats;
 use super::{Claim, Shared, NOT_READY, NO_EVENTS};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
@@ -346,11 +346,18 @@ impl Router {
     /// block's watermark is known) and sends what the queues take, in order.
     /// Returns whether anything moved.
     fn push_staged(&mut self, sh: &Shared) -> bool {
+        // Every staged block, not only the oldest: a block waiting for its
+        // predecessor (on another router, maybe behind a block that waits
+        // for one of ours) must not hold back the blocks staged after it.
+        // Shards take a source's blocks in any order.
         let mut moved = false;
-        while let Some(st) = self.staged.front_mut() {
+        let mut i = 0;
+        while i < self.staged.len() {
+            let st = &mut self.staged[i];
             if !st.resolved {
                 if !resolve(st, sh, &self.sources, &mut self.stats) {
-                    break;
+                    i += 1;
+                    continue;
                 }
                 moved = true;
             }
@@ -363,9 +370,10 @@ impl Router {
                 }
             }
             if st.batches.iter().any(Option::is_some) {
-                break;
+                i += 1;
+            } else {
+                self.staged.remove(i);
             }
-            self.staged.pop_front();
         }
         moved
     }
@@ -394,7 +402,7 @@ fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [Sour
     }
     for b in st.batches.iter_mut().flatten() {
         b.source = task.source;
-        b.seq = task.seq;
+        b.seq = BlockSeq::from(task.seq);
         b.wm_ms = wm_after;
     }
     st.resolved = true;

@@ -19,7 +19,7 @@ use std::path::Path;
 use crossbeam::channel::Sender;
 
 use super::coordinator::CutRequest;
-use super::mesh::Batch;
+use super::mesh::{Batch, BlockSeq};
 use super::stats::SourceStats;
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
@@ -34,10 +34,10 @@ pub const BATCHES_PER_POLL: usize = 4;
 
 /// Which blocks of a source this shard has fully received.
 struct Progress {
-    next_seq: u32,
-    blocks: u32,
+    next_seq: BlockSeq,
+    blocks: BlockSeq,
     wm_ms: i64,
-    early: BTreeMap<u32, i64>,
+    early: BTreeMap<BlockSeq, i64>,
 }
 
 impl Progress {
@@ -49,7 +49,7 @@ impl Progress {
         }
     }
 
-    fn mark(&mut self, seq: u32, wm_ms: i64) {
+    fn mark(&mut self, seq: BlockSeq, wm_ms: i64) {
         self.early.insert(seq, wm_ms);
         while let Some(wm) = self.early.remove(&self.next_seq) {
             debug_assert!(wm >= self.wm_ms, "a source watermark moved backwards");
@@ -82,7 +82,7 @@ pub struct Shard {
     ordered: bool,
     /// Per source, when `ordered`: blocks that arrived before an earlier
     /// one, by position, with the router they came from.
-    held: Vec<BTreeMap<u32, (usize, Batch)>>,
+    held: Vec<BTreeMap<BlockSeq, (usize, Batch)>>,
 }
 
 impl Shard {
@@ -134,7 +134,7 @@ impl Shard {
             .zip(&sh.streams)
             .map(|(&blocks, stream)| Progress {
                 next_seq: 0,
-                blocks: if stream.is_some() { u32::MAX } else { blocks },
+                blocks: if stream.is_some() { BlockSeq::MAX } else { BlockSeq::from(blocks) },
                 wm_ms: i64::MIN,
                 early: BTreeMap::new(),
             })
@@ -205,7 +205,7 @@ impl Shard {
 
     /// Whether exactly `blocks[s]` blocks of every source `s` are in (and
     /// nothing past them): the shard stands at that cut.
-    pub fn at_cut(&self, blocks: &[u32]) -> bool {
+    pub fn at_cut(&self, blocks: &[BlockSeq]) -> bool {
         self.progress.iter().zip(blocks).all(|(p, &b)| p.next_seq == b && p.early.is_empty())
             && self.held.iter().all(BTreeMap::is_empty)
     }

@@ -202,7 +202,7 @@ impl KafkaSource {
                 errors: Throttle(Mutex::new(None)),
                 settle: k.group_settle_ms > 0,
             };
-            let consumer = consumer(&spec.name, k, ctx)?;
+            let consumer = consumer(&spec.name, k, topic, ctx)?;
             consumer.subscribe(&[topic]).map_err(|e| KafkaSourceError {
                 source_name: spec.name.clone(),
                 reason: format!("subscribe to {topic:?}: {e}"),
@@ -211,6 +211,14 @@ impl KafkaSource {
             commits.push(tx);
             let done: HashSet<i32> =
                 parts.iter().filter(|p| p.state == PartState::Done).map(|p| p.id.partition).collect();
+            // Partitions the checkpoint counts in the watermark leave it
+            // after idle_timeout unless this run is assigned them again.
+            let now = Instant::now();
+            let revoked: HashMap<i32, Instant> = parts
+                .iter()
+                .filter(|p| matches!(p.state, PartState::Active | PartState::Idle))
+                .map(|p| (p.id.partition, now))
+                .collect();
             let reader = Reader {
                 name: spec.name.clone(),
                 stream: stream.clone(),
@@ -223,7 +231,7 @@ impl KafkaSource {
                 open: HashMap::new(),
                 assigned: HashMap::new(),
                 positions,
-                revoked: HashMap::new(),
+                revoked,
                 done,
                 share: None,
                 ever_assigned: false,
@@ -243,8 +251,13 @@ impl KafkaSource {
     }
 
     /// Commits the group's offsets of a checkpoint now on disk; waits for
-    /// the broker's answer when `wait` (the run's last checkpoint).
+    /// the broker's answer when `wait` (the run's last checkpoint: nothing
+    /// will be claimed any more, so readers stop waiting to push blocks and
+    /// answer the commit).
     pub fn commit(&self, offsets: &[(PartId, i64)], wait: bool) {
+        if wait {
+            self.stream.draining.store(true, Ordering::Relaxed);
+        }
         let mut answers = Vec::new();
         for tx in &self.commits {
             let (done, answer) = match wait {
@@ -280,7 +293,7 @@ impl Drop for KafkaSource {
     }
 }
 
-fn consumer(name: &str, k: &KafkaSpec, ctx: Ctx) -> Result<BaseConsumer<Ctx>, KafkaSourceError> {
+fn consumer(name: &str, k: &KafkaSpec, topic: &str, ctx: Ctx) -> Result<BaseConsumer<Ctx>, KafkaSourceError> {
     let mut cfg = ClientConfig::new();
     // Defaults a user may override ...
     // fetch.queue.backoff.ms: librdkafka stops fetching for 1 s once a
@@ -292,7 +305,12 @@ fn consumer(name: &str, k: &KafkaSpec, ctx: Ctx) -> Result<BaseConsumer<Ctx>, Ka
         .set("fetch.queue.backoff.ms", "10")
         .set("client.id", format!("tally-{name}"));
     for (key, value) in &k.properties {
-        cfg.set(key, value);
+        // One consumer per topic: each needs its own static member id.
+        if key == "group.instance.id" && k.topics.len() > 1 {
+            cfg.set(key, format!("{value}-{topic}"));
+        } else {
+            cfg.set(key, value);
+        }
     }
     // ... and what tally needs.
     cfg.set("bootstrap.servers", &k.brokers)
@@ -368,7 +386,9 @@ impl Reader {
                 self.commit(c, req);
             }
             if self.finished {
-                std::thread::sleep(POLL_TIMEOUT);
+                // Still a member of the group: keep answering it.
+                let _ = c.poll(POLL_TIMEOUT);
+                c.context().events.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 continue;
             }
             let polled = c.poll(POLL_TIMEOUT);
@@ -431,7 +451,7 @@ impl Reader {
         loop {
             match self.stream.push(block) {
                 Ok(()) => return,
-                Err(b) if self.stream.stop.load(Ordering::Relaxed) => {
+                Err(b) if self.stream.stop.load(Ordering::Relaxed) || self.stream.draining.load(Ordering::Relaxed) => {
                     drop(b);
                     return;
                 }
@@ -544,8 +564,10 @@ impl Reader {
                             let _ = c.pause(&tpl);
                             continue;
                         }
-                        // Back from a revocation: it never left the watermark.
-                        if self.revoked.remove(&p).is_none() && !self.done.contains(&p) {
+                        // Back from a revocation it never left the watermark;
+                        // either way it holds it back from now on.
+                        self.revoked.remove(&p);
+                        if !self.done.contains(&p) {
                             self.marker(p, BlockKind::Assigned);
                         }
                     }

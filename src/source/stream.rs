@@ -23,6 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::mesh::BlockSeq;
 use crate::runtime::NO_EVENTS;
 
 /// Bytes of messages a reader packs into one block before pushing it.
@@ -52,7 +53,7 @@ pub enum BlockKind {
 /// Messages of one partition (or a change of its state), in offset order.
 #[derive(Debug)]
 pub struct StreamBlock {
-    pub seq: u32,
+    pub seq: BlockSeq,
     /// Dense index of the partition in the source's [`Stream::parts`].
     pub part: u32,
     pub kind: BlockKind,
@@ -90,7 +91,7 @@ impl StreamBlock {
 /// A block as the watermark chain counts it.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockMeta {
-    pub seq: u32,
+    pub seq: BlockSeq,
     pub part: u32,
     pub kind: BlockKind,
     /// The offset after the block's last message.
@@ -137,7 +138,7 @@ pub struct PartWm {
 /// blocks: what a checkpoint saves of the source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chain {
-    pub next_seq: u32,
+    pub next_seq: BlockSeq,
     pub parts: Vec<PartWm>,
     pub wm_ms: i64,
     /// The source ended (`End` counted): every window may be flushed.
@@ -243,9 +244,9 @@ pub enum StreamClaim {
 struct Queue {
     blocks: VecDeque<StreamBlock>,
     /// Seq of the next block pushed.
-    next_push: u32,
+    next_push: BlockSeq,
     /// Seq of the next block claimed.
-    next_claim: u32,
+    next_claim: BlockSeq,
     paused: bool,
     end_pushed: bool,
 }
@@ -266,6 +267,9 @@ pub struct Stream {
     pub bytes: AtomicU64,
     /// Readers stop when this is set.
     pub stop: AtomicBool,
+    /// Nothing will be claimed any more (the run's last checkpoint): readers
+    /// drop what they would wait to push.
+    pub draining: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -293,6 +297,7 @@ impl Stream {
             free: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -347,7 +352,7 @@ impl Stream {
     }
 
     /// Stops claims; returns the seq of the first block not claimed (the cut).
-    pub fn pause(&self) -> u32 {
+    pub fn pause(&self) -> BlockSeq {
         let mut q = lock(&self.queue);
         q.paused = true;
         q.next_claim
