@@ -135,6 +135,8 @@ fn kafka_source_rows_equal_offline_and_bad_messages_are_located() {
         }
     }
     let src = source_report(summary, 0);
+    let joined = src["assigned_after_seconds"].as_f64().expect("the summary says when the group assigned partitions");
+    assert!(joined > 0.0 && joined < summary["seconds"].as_f64().unwrap(), "{src}");
     assert_eq!(count(src, "rejected"), bad.len() as u64, "{src}");
     assert_eq!(count(src, "records"), lines.len() as u64);
     let parts = src["partitions"].as_array().expect("a partition report");

@@ -310,6 +310,9 @@ impl RunSummary {
             writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
         for s in &self.sources {
+            if let Some(t) = s.assigned_after_seconds {
+                writeln!(w, "tally: source {:?}: first partitions assigned {t:.3} s after the start", s.name)?;
+            }
             if s.rejected == 0 {
                 continue;
             }
@@ -637,6 +640,7 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
         late_dropped: st.late_dropped,
         examples: kept,
         partitions: stream.map(|stream| partition_reports(&stream.chain(), st)).unwrap_or_default(),
+        assigned_after_seconds: stream.and_then(Stream::assigned_after_seconds),
     }
 }
 

@@ -127,6 +127,10 @@ pub struct SourceReport {
     /// Stream sources: each partition read.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<PartitionReport>,
+    /// Stream sources: seconds from the start of the run until the group
+    /// first assigned partitions (the join; part of `seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assigned_after_seconds: Option<f64>,
 }
 
 /// What a run did to one partition of a stream source.

@@ -547,6 +547,7 @@ impl Reader {
                     eprintln!("tally: source {:?}: assigned {} partitions {ps:?}", self.name, self.topic);
                     self.ever_assigned = true;
                     self.awaiting_assignment = false;
+                    self.stream.assigned();
                     if !self.settle.is_zero() {
                         self.settle_until = Some(Instant::now() + self.settle);
                     }

@@ -270,6 +270,9 @@ pub struct Stream {
     /// Nothing will be claimed any more (the run's last checkpoint): readers
     /// drop what they would wait to push.
     pub draining: AtomicBool,
+    created: std::time::Instant,
+    /// Microseconds from `created` to the first partition assignment (0: none yet).
+    assigned_after_us: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -298,7 +301,22 @@ impl Stream {
             bytes: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            created: std::time::Instant::now(),
+            assigned_after_us: AtomicU64::new(0),
         }
+    }
+
+    /// Notes the first partition assignment (for the run summary).
+    pub fn assigned(&self) {
+        let us = (self.created.elapsed().as_micros() as u64).max(1);
+        let _ = self.assigned_after_us.compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Seconds from the stream's creation (the run's start) to its first
+    /// partition assignment.
+    pub fn assigned_after_seconds(&self) -> Option<f64> {
+        let us = self.assigned_after_us.load(Ordering::Relaxed);
+        (us > 0).then(|| us as f64 / 1e6)
     }
 
     /// The dense index of a partition, adding it if new.
