@@ -35,15 +35,15 @@ fn by_device(index: usize, line: &[u8]) -> i32 {
     }
 }
 
-/// The Kafka twin of a file job: its source reads `topic` instead, with
-/// `props` added to its librdkafka settings (`, "key" = "value"`).
-fn kafka_job(file_job: &JobFile, broker: &Broker, group: &str, props: &str, name: &str) -> JobFile {
+/// The Kafka twin of a file job: its source reads `topic` from `brokers`
+/// instead, with `keys` added to the source (`group_settle = "3s"\n`) and
+/// `props` to its librdkafka settings (`, "key" = "value"`).
+fn kafka_job(file_job: &JobFile, brokers: &str, group: &str, keys: &str, props: &str, name: &str) -> JobFile {
     let text = fs::read_to_string(&file_job.path).expect("read the file job");
     let start = text.find("kind = \"file\"").expect("a file source");
     let end = start + text[start..].find("\nformat").expect("a format line");
     let source = format!(
-        "kind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ngroup_id = \"{group}\"\nstart = \"earliest\"\nstop = \"caught_up\"\nproperties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\"{props} }}\n",
-        broker.addr
+        "kind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{TOPIC}\"\ngroup_id = \"{group}\"\nstart = \"earliest\"\nstop = \"caught_up\"\n{keys}properties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\"{props} }}\n"
     );
     let dir = file_job.path.parent().expect("a job directory");
     let results = dir.join(format!("{name}-out")).join("results.jsonl");
@@ -117,7 +117,7 @@ fn kafka_source_rows_equal_offline_and_bad_messages_are_located() {
         .metric(page_uv())
         .metric(platform_version())
         .write(dir.path(), "file");
-    let kafka = kafka_job(&file, &broker, "rows", "", "kafka");
+    let kafka = kafka_job(&file, &broker.addr, "rows", "", "", "kafka");
     let runs = run_all(&[(&file, 2), (&kafka, 2)]);
     let summary = runs[1].ok();
     runs[0].ok();
@@ -178,7 +178,7 @@ fn kafka_binary_messages_equal_the_file_run() {
     let broker = Broker::start();
     broker.produce_lines(TOPIC, PARTITIONS, &messages, |_| None, |i, _| (i / 50) as i32 % PARTITIONS);
     let file = JobDef::new("binary", &files).metric(platform_version()).write(dir.path(), "file");
-    let kafka = kafka_job(&file, &broker, "binary", "", "kafka");
+    let kafka = kafka_job(&file, &broker.addr, "binary", "", "", "kafka");
     let runs = run_all(&[(&file, 2), (&kafka, 2)]);
     let (f, k) = (runs[0].ok(), runs[1].ok());
     assert_eq!(count(k, "events"), count(f, "events"));
@@ -241,7 +241,7 @@ fn kafka_restart_after_kill_rewrites_same_rows() {
     // checkpointed state, and a partition's order decides what the ring drops.
     let dau = "\n[[metric]]\nname = \"dau_platform\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n";
     fs::write(&file.path, fs::read_to_string(&file.path).unwrap() + dau).unwrap();
-    let kafka = kafka_job(&file, &broker, "restart", "", "kafka");
+    let kafka = kafka_job(&file, &broker.addr, "restart", "", "", "kafka");
     // Checkpoint often so kills land between and inside checkpoints.
     let text = fs::read_to_string(&kafka.path).unwrap().replace("[job]\n", "[job]\ncheckpoint_interval = \"150ms\"\n");
     fs::write(&kafka.path, text).unwrap();
@@ -287,7 +287,7 @@ fn kafka_broker_frozen_mid_run_then_back() {
     let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
     // A small prefetch queue, so the run needs the broker until its end.
     let props = r#", "queued.max.messages.kbytes" = "2048""#;
-    let kafka = kafka_job(&file, &broker, "frozen", props, "kafka");
+    let kafka = kafka_job(&file, &broker.addr, "frozen", "", props, "kafka");
     let state = dir.path().join("state");
     let mut child = spawn_run(&kafka, &state);
     // Freeze once rows are coming out.
@@ -310,6 +310,12 @@ fn kafka_broker_frozen_mid_run_then_back() {
     assert!(rows_after_pause < all, "the run needed the broker to go on ({rows_after_pause} of {all} bytes)");
     assert_same_rows(&kafka.results, &file.results, "kafka vs file");
     assert_verifies_from(&kafka, &dump, "frozen broker");
+}
+
+/// Adds a sink writing the job's rows to topic `results` of `broker`.
+fn add_kafka_sink(job: &JobFile, broker: &Broker) {
+    let sink = format!("\n[[sink]]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"results\"\n", broker.addr);
+    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &sink).unwrap();
 }
 
 /// Every row once, keyed by `{"metric":…,"dims":…}`, per key in the order
@@ -348,8 +354,7 @@ fn kafka_sink_writes_every_row_keyed_by_metric_and_dims() {
     let files = generate(&dir.path().join("data"), gen_options(60_000));
     let broker = Broker::start();
     let job = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version()).write(dir.path(), "job");
-    let sink = format!("\n[[sink]]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"results\"\n", broker.addr);
-    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &sink).unwrap();
+    add_kafka_sink(&job, &broker);
     let summary = run(&job, 2);
     let rows = count(summary.ok(), "rows");
     assert_verifies(&job, &job.results, "file sink beside a kafka sink");
@@ -369,8 +374,7 @@ fn kafka_sink_waits_for_a_frozen_broker_and_loses_nothing() {
         .metric(platform_version())
         .job_line("checkpoint_interval = \"100ms\"")
         .write(dir.path(), "job");
-    let sink = format!("\n[[sink]]\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"results\"\n", broker.addr);
-    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &sink).unwrap();
+    add_kafka_sink(&job, &broker);
     broker.create_topic("results", PARTITIONS);
     broker.pause();
     let mut child = spawn_run(&job, &dir.path().join("state"));
@@ -399,13 +403,7 @@ fn two_instances_in_one_group_merge_to_the_single_instance_rows() {
         .write(dir.path(), "file");
     let instances: Vec<JobFile> = ["a", "b"]
         .iter()
-        .map(|name| {
-            let job = kafka_job(&file, &broker, "scale-out", "", name);
-            let text = fs::read_to_string(&job.path).unwrap();
-            fs::write(&job.path, text.replace("stop = \"caught_up\"", "stop = \"caught_up\"\ngroup_settle = \"6s\""))
-                .unwrap();
-            job
-        })
+        .map(|name| kafka_job(&file, &broker.addr, "scale-out", "group_settle = \"6s\"\n", "", name))
         .collect();
     run(&file, 2).ok();
     let runs = run_all(&[(&instances[0], 1), (&instances[1], 1)]);
@@ -446,18 +444,8 @@ fn kafka_broker_down_at_start_is_waited_for() {
     let port = support::kafka::free_port();
     // A job for a broker on `port`, written before the broker exists; the
     // settle keeps it from reading the topic while the test still fills it.
-    let text = fs::read_to_string(&file.path).unwrap();
-    let start = text.find("kind = \"file\"").unwrap();
-    let end = start + text[start..].find("\nformat").unwrap();
-    let results = dir.path().join("kafka-out").join("results.jsonl");
-    let job =
-        JobFile { path: dir.path().join("kafka.toml"), results: results.clone(), summary: dir.path().join("k.json") };
-    let source = format!(
-        "kind = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\ntopic = \"{TOPIC}\"\ngroup_id = \"late-broker\"\nstart = \"earliest\"\nstop = \"caught_up\"\ngroup_settle = \"3s\"\nproperties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\" }}\n"
-    );
-    let text = format!("{}{source}{}", &text[..start], &text[end + 1..])
-        .replace(&*file.results.to_string_lossy(), &results.to_string_lossy());
-    fs::write(&job.path, text).unwrap();
+    let brokers = format!("127.0.0.1:{port}");
+    let job = kafka_job(&file, &brokers, "late-broker", "group_settle = \"3s\"\n", "", "kafka");
     let mut child = spawn_run(&job, &dir.path().join("state"));
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the run waits for the broker");
@@ -482,7 +470,7 @@ fn file_and_kafka_sources_in_one_job() {
     let broker = Broker::start();
     broker.produce_lines(TOPIC, PARTITIONS, &lines, |_| None, by_device);
     let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(platform_version()).write(dir.path(), "file");
-    let kafka = kafka_job(&file, &broker, "mixed", "", "kafka");
+    let kafka = kafka_job(&file, &broker.addr, "mixed", "", "", "kafka");
     let paths: Vec<String> = server.iter().map(|p| format!("{:?}", p.to_string_lossy())).collect();
     let second = format!(
         "[[source]]\nname = \"server\"\nkind = \"file\"\npath = [{}]\nformat = \"jsonl\"\nmax_out_of_orderness = \"5m\"\n\n[[metric]]",

@@ -598,6 +598,7 @@ impl Reader {
     /// where messages were fetched while waiting, if any were.
     fn settled(&mut self, c: &BaseConsumer<Ctx>) {
         self.settle_until = None;
+        let mut failures = Vec::new();
         if self.share.is_none() {
             self.share = Some(self.assigned.keys().copied().collect());
         }
@@ -609,15 +610,15 @@ impl Reader {
             }
             if let Some(o) = self.dropped.remove(&p) {
                 if let Err(e) = c.seek(&self.topic, p, Offset::Offset(o), Duration::from_secs(10)) {
-                    self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!(
-                        "cannot go back to offset {o} of {}[{p}] after settling: {e}",
-                        self.topic
-                    ));
+                    failures.push(format!("cannot go back to offset {o} of {}[{p}] after settling: {e}", self.topic));
                 }
             }
             tpl.add_partition(&self.topic, p);
         }
         self.dropped.clear();
+        for why in failures {
+            self.fail(why);
+        }
         if let Err(e) = c.resume(&tpl) {
             self.fail(format!("cannot resume partitions after settling: {e}"));
         }
