@@ -205,9 +205,20 @@ fn spawn_run(job: &JobFile, state: &Path) -> Child {
 
 /// The checkpoint generation a state directory's manifest names, if any.
 fn generation(state: &Path) -> Option<u64> {
+    manifest(state)?["generation"].as_u64()
+}
+
+fn manifest(state: &Path) -> Option<serde_json::Value> {
     let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
     let json = text.rsplit_once("\nxxh3:").map_or(text.as_str(), |(j, _)| j);
-    serde_json::from_str::<serde_json::Value>(json).ok()?["generation"].as_u64()
+    serde_json::from_str(json).ok()
+}
+
+/// Messages of the first source's topic that the checkpoint has counted.
+fn counted(state: &Path) -> u64 {
+    let Some(m) = manifest(state) else { return 0 };
+    let parts = m["input"]["sources"][0]["stream"]["parts"].as_array().cloned().unwrap_or_default();
+    parts.iter().filter_map(|p| p["messages"].as_u64()).sum()
 }
 
 /// Waits for a child to exit within the process timeout.
@@ -253,26 +264,34 @@ fn kafka_restart_after_kill_rewrites_same_rows() {
     let mut last = 0;
     for round in 0..2u64 {
         let mut child = spawn_run(&kafka, &state);
-        // Wait for a new checkpoint, then kill after a pseudo-random delay.
+        // Wait for a checkpoint that counted more of the topic, then kill
+        // after a pseudo-random delay: mid-topic, with state to resume.
         let started = Instant::now();
-        while generation(&state).unwrap_or(0) <= last && started.elapsed() < Duration::from_secs(60) {
+        while counted(&state) <= last && started.elapsed() < Duration::from_secs(60) {
             if child.try_wait().unwrap().is_some() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis((seed * 7919 + round * 104_729) % 400));
+        std::thread::sleep(Duration::from_millis((seed * 7919 + round * 104_729) % 150));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
-            kills += 1;
+            let _ = child.wait();
+            if counted(&state) < lines.len() as u64 {
+                kills += 1;
+            }
         }
         let _ = child.wait();
-        last = generation(&state).unwrap_or(0);
+        last = counted(&state);
     }
-    assert!(kills > 0, "the run ended before any kill: use more events");
+    assert!(kills > 0, "no kill landed mid-topic after a checkpoint had counted part of it: use more events");
     let err = wait(spawn_run(&kafka, &state), "the last restart");
     assert!(err.contains("resumed from checkpoint"), "{err}");
-    assert_same_rows(&kafka.results, &file.results, "after {kills} kill(s) the rows are those of an uninterrupted run");
+    assert_same_rows(
+        &kafka.results,
+        &file.results,
+        &format!("after {kills} kill(s) the rows are those of an uninterrupted run"),
+    );
     assert_verifies_from(&kafka, &dump, "after kill -9");
 }
 
