@@ -204,10 +204,6 @@ fn spawn_run(job: &JobFile, state: &Path) -> Child {
 }
 
 /// The checkpoint generation a state directory's manifest names, if any.
-fn generation(state: &Path) -> Option<u64> {
-    manifest(state)?["generation"].as_u64()
-}
-
 fn manifest(state: &Path) -> Option<serde_json::Value> {
     let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
     let json = text.rsplit_once("\nxxh3:").map_or(text.as_str(), |(j, _)| j);
