@@ -187,6 +187,31 @@ fn kafka_binary_messages_equal_the_file_run() {
     assert_verifies(&file, &kafka.results, "binary messages");
 }
 
+/// A run without a state directory commits the group's offsets once its
+/// rows are written: the group's next run with `start = "committed"` reads
+/// only what was produced since.
+#[test]
+fn kafka_run_without_state_commits_offsets_at_its_end() {
+    let dir = tempdir();
+    let (lines, _) = events(dir.path(), 40_000);
+    let (first, second) = lines.split_at(25_000);
+    let broker = Broker::start();
+    broker.produce_lines(TOPIC, PARTITIONS, first, |_| None, by_device);
+    let dump = dir.path().join("second.jsonl");
+    write_lines(&dump, second, b"\n");
+    let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
+    let kafka = kafka_job(&file, &broker.addr, "commits", "", "", "kafka");
+    let text = fs::read_to_string(&kafka.path).unwrap().replace("start = \"earliest\"", "start = \"committed\"");
+    fs::write(&kafka.path, text).unwrap();
+    let events_read = |s: &serde_json::Value| count(source_report(s, 0), "records");
+    assert_eq!(events_read(run(&kafka, 2).ok()), first.len() as u64, "the first run reads the topic");
+    broker.produce_lines(TOPIC, PARTITIONS, second, |_| None, by_device);
+    run(&file, 2).ok();
+    let summary = run(&kafka, 2);
+    assert_eq!(events_read(summary.ok()), second.len() as u64, "the second run reads only the new messages");
+    assert_same_rows(&kafka.results, &file.results, "rows of the messages produced after the first run");
+}
+
 /// Starts `tally run` on a job with a state directory, in the background.
 fn spawn_run(job: &JobFile, state: &Path) -> Child {
     Command::new(TALLY)
@@ -429,10 +454,12 @@ fn two_instances_in_one_group_merge_to_the_single_instance_rows() {
             parts.iter().filter(|p| p["messages"].as_u64() > Some(0)).map(|p| p["partition"].to_string()).collect(),
         );
     }
-    assert!(owned.iter().all(|o| !o.is_empty()), "each instance read some partitions: {owned:?}");
     let logs = format!("A:\n{}\nB:\n{}", runs[0].outcome.stderr, runs[1].outcome.stderr);
+    // Each normally reads two. The broker may also hand one instance
+    // nothing (seen on a loaded CI machine); it then ends, and its leaving
+    // hands its partitions to the other, which reads them from the start.
     assert!(owned[0].iter().all(|p| !owned[1].contains(p)), "disjoint partitions: {owned:?}\n{logs}");
-    assert_eq!(owned[0].len() + owned[1].len(), PARTITIONS as usize, "{owned:?}");
+    assert_eq!(owned[0].len() + owned[1].len(), PARTITIONS as usize, "every partition read: {owned:?}\n{logs}");
 
     let merged = dir.path().join("merged.jsonl");
     let m = tally([

@@ -436,6 +436,15 @@ impl<'a> Coordinator<'a> {
     pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [Sink]) -> Result<(), RunError> {
         self.committed(true)?;
         let Some(ck) = &self.ckpt else {
+            if !self.stopped {
+                // No checkpoints: the group learns how far the input was
+                // read once the rows of all of it are written.
+                for (k, chain) in self.kafka.iter().zip(sh.chains()) {
+                    if let (Some(k), Some(chain)) = (k, chain) {
+                        k.commit(&chain.offsets(), true);
+                    }
+                }
+            }
             return Ok(());
         };
         if self.stopped || ck.complete_at_start {

@@ -94,6 +94,11 @@ struct Ctx {
     errors: Throttle,
     /// Pause partitions as they are assigned (`group_settle`).
     settle: bool,
+    /// The partitions this process started reading (its first assignment
+    /// once the group settled). They start at `start`; any other partition
+    /// is handed over by a member that left, and continues from the
+    /// group's committed offset, where that member's output ends.
+    share: Mutex<Option<HashSet<i32>>>,
 }
 
 impl ClientContext for Ctx {
@@ -126,10 +131,13 @@ impl ConsumerContext for Ctx {
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let share = self.share.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 for &p in &partitions {
                     let resume_at = self.resume_at.lock().unwrap_or_else(|p| p.into_inner()).get(&p).copied();
+                    let handed_over = share.as_ref().is_some_and(|s| !s.contains(&p));
                     let offset = match (resume_at, self.start) {
                         (Some(o), _) => Offset::Offset(o),
+                        (None, _) if handed_over => Offset::Stored,
                         (None, KafkaStart::Committed) => Offset::Stored,
                         (None, KafkaStart::Earliest) => Offset::Beginning,
                         (None, KafkaStart::Latest) => Offset::End,
@@ -201,6 +209,7 @@ impl KafkaSource {
                 events: Mutex::new(Vec::new()),
                 errors: Throttle(Mutex::new(None)),
                 settle: k.group_settle_ms > 0,
+                share: Mutex::new(None),
             };
             let consumer = consumer(&spec.name, k, topic, ctx)?;
             consumer.subscribe(&[topic]).map_err(|e| KafkaSourceError {
@@ -233,7 +242,7 @@ impl KafkaSource {
                 positions,
                 revoked,
                 done,
-                share: None,
+                last_change: Instant::now(),
                 ever_assigned: false,
                 awaiting_assignment: false,
                 finished: false,
@@ -361,10 +370,11 @@ struct Reader {
     revoked: HashMap<i32, Instant>,
     /// Partitions read to their end (`caught_up`).
     done: HashSet<i32>,
-    /// `caught_up`: the partitions this reader started reading (after the
-    /// group settled). Partitions a later rebalance hands over (another
-    /// member left) are that member's share: not read here.
-    share: Option<HashSet<i32>>,
+    /// The last rebalance or partition done: with `caught_up` the topic
+    /// is finished only once every assigned partition is done and the
+    /// group stayed as it is for `group_settle` more, so partitions a
+    /// member hands over as it leaves are read before this one ends.
+    last_change: Instant,
     ever_assigned: bool,
     /// Partitions were revoked and no new assignment came yet.
     awaiting_assignment: bool,
@@ -542,6 +552,7 @@ impl Reader {
         let events: Vec<Rebalanced> =
             std::mem::take(&mut *c.context().events.lock().unwrap_or_else(|p| p.into_inner()));
         for e in events {
+            self.last_change = Instant::now();
             match e {
                 Rebalanced::Assigned(ps) => {
                     eprintln!("tally: source {:?}: assigned {} partitions {ps:?}", self.name, self.topic);
@@ -551,20 +562,8 @@ impl Reader {
                     if !self.settle.is_zero() {
                         self.settle_until = Some(Instant::now() + self.settle);
                     }
-                    let first = self.share.is_none() && self.settle.is_zero();
                     for p in ps {
                         self.assigned.insert(p, Assigned { last_message: Instant::now(), at_end: false, idle: false });
-                        if self.caught_up && self.share.as_ref().is_some_and(|s| !s.contains(&p)) && self.done.insert(p)
-                        {
-                            eprintln!(
-                                "tally: source {:?}: {}[{p}] was another member's share; not read (stop = \"caught_up\")",
-                                self.name, self.topic
-                            );
-                            let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition(&self.topic, p);
-                            let _ = c.pause(&tpl);
-                            continue;
-                        }
                         // Back from a revocation it never left the watermark;
                         // either way it holds it back from now on.
                         self.revoked.remove(&p);
@@ -572,8 +571,8 @@ impl Reader {
                             self.marker(p, BlockKind::Assigned);
                         }
                     }
-                    if first {
-                        self.share = Some(self.assigned.keys().copied().collect());
+                    if self.settle.is_zero() {
+                        self.fix_share(c);
                     }
                 }
                 Rebalanced::Revoked(ps) => {
@@ -599,9 +598,7 @@ impl Reader {
     fn settled(&mut self, c: &BaseConsumer<Ctx>) {
         self.settle_until = None;
         let mut failures = Vec::new();
-        if self.share.is_none() {
-            self.share = Some(self.assigned.keys().copied().collect());
-        }
+        self.fix_share(c);
         let mut tpl = TopicPartitionList::new();
         for (&p, a) in self.assigned.iter_mut() {
             a.last_message = Instant::now();
@@ -629,6 +626,15 @@ impl Reader {
         });
     }
 
+    /// The first assignment read is this process's share (see
+    /// [`Ctx::share`]); later ones do not change it.
+    fn fix_share(&self, c: &BaseConsumer<Ctx>) {
+        let mut share = c.context().share.lock().unwrap_or_else(|p| p.into_inner());
+        if share.is_none() {
+            *share = Some(self.assigned.keys().copied().collect());
+        }
+    }
+
     fn partition_end(&mut self, c: &BaseConsumer<Ctx>, p: i32) {
         if let Some(a) = self.assigned.get_mut(&p) {
             a.at_end = true;
@@ -638,6 +644,7 @@ impl Reader {
         }
         self.flush(p);
         self.done.insert(p);
+        self.last_change = Instant::now();
         self.marker(p, BlockKind::Done);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, p);
@@ -659,6 +666,9 @@ impl Reader {
         }
         if !self.revoked.is_empty() {
             return; // it may come back
+        }
+        if self.last_change.elapsed() < self.settle {
+            return; // a leaving member may still hand partitions over
         }
         if self.assigned.keys().all(|p| self.done.contains(p)) {
             self.finished = true;
