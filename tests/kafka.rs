@@ -330,21 +330,34 @@ fn kafka_broker_frozen_mid_run_then_back() {
     let kafka = kafka_job(&file, &broker.addr, "frozen", "", props, "kafka");
     let state = dir.path().join("state");
     let mut child = spawn_run(&kafka, &state);
-    // Freeze once rows are coming out.
-    let started = Instant::now();
-    while fs::metadata(&kafka.results).map_or(0, |m| m.len()) == 0 && started.elapsed() < Duration::from_secs(60) {
-        if child.try_wait().unwrap().is_some() {
-            break;
+    // Freeze as soon as the group assigned the partitions: the run reads
+    // the topic in well under a second, so waiting for its first rows
+    // (as this test did) sometimes froze a broker it no longer needed.
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("assigned client_log partitions") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        all
+    });
+    let assigned = rx.recv_timeout(Duration::from_secs(60)).is_ok();
     broker.pause();
-    let rows_at_pause = fs::metadata(&kafka.results).map_or(0, |m| m.len());
     std::thread::sleep(Duration::from_secs(3));
     let rows_after_pause = fs::metadata(&kafka.results).map_or(0, |m| m.len());
+    let waiting = child.try_wait().unwrap().is_none();
     broker.resume();
-    let _ = wait(child, "the run across a frozen broker");
-    assert!(rows_at_pause > 0, "rows were coming out before the freeze");
+    let status = child.wait().expect("wait for tally");
+    let err = log.join().expect("the stderr reader");
+    assert!(status.success(), "the run across a frozen broker failed: {err}");
+    assert!(assigned, "the group assigned partitions: {err}");
+    assert!(waiting, "the run waited for the frozen broker: {err}");
     run(&file, 2).ok();
     let all = fs::metadata(&file.results).unwrap().len();
     assert!(rows_after_pause < all, "the run needed the broker to go on ({rows_after_pause} of {all} bytes)");
