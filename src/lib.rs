@@ -1,6 +1,7 @@
 //! tally: exact real-time warehouse metrics from event logs.
 pub mod checkpoint;
 pub mod demo;
+pub mod devices;
 pub mod event;
 pub mod gen;
 pub mod job;

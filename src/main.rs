@@ -60,10 +60,34 @@ enum Command {
         #[arg(long)]
         job: Option<PathBuf>,
     },
+    /// A DAU metric's device history, kept in a state directory.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
     /// Generate deterministic synthetic event logs.
     Gen(tally::gen::GenOptions),
     /// Generate a day of events, run the embedded job, verify, and show it.
     Demo(tally::demo::DemoOptions),
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Write the history as of the last checkpoint as `did,first_day,last_day`
+    /// CSV (what `device_history` imports), sorted by device id.
+    Export {
+        /// The job that wrote the state directory.
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The DAU metric (needed when the job has several).
+        #[arg(long)]
+        metric: Option<String>,
+        /// Where the CSV goes ("-": stdout).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +96,26 @@ fn main() -> ExitCode {
         Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
         Command::Verify { job, results, input } => verify(job, results, &input),
         Command::Merge { inputs, out, job } => merge(&inputs, &out, job),
+        Command::Devices { command: DevicesCommand::Export { job, state_dir, metric, out } } => {
+            let job = match load(&job) {
+                Ok(j) => j,
+                Err(code) => return code,
+            };
+            match tally::devices::export(&job, &state_dir, metric.as_deref(), &out) {
+                Ok(r) => {
+                    eprintln!(
+                        "tally devices export: {} devices of metric {:?} (checkpoint {}) -> {}",
+                        r.devices,
+                        r.metric,
+                        r.generation,
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e @ tally::devices::ExportError::Usage(_)) => fail(2, e.to_string()),
+                Err(e) => fail(1, e.to_string()),
+            }
+        }
         Command::Gen(opts) => match tally::gen::generate(&opts) {
             Ok(r) => {
                 eprintln!(

@@ -105,10 +105,97 @@ fn job_toml(sources: &[Source], history: &Path, results: &Path, extra: &str) -> 
          [[metric]]\nname = \"dau_total\"\nkind = \"dau\"\nsources = [\"client\", \"server\"]\n\
          returning_after_days = 7\nemit = \"changed\"\ndevice_history = {h}\n\n\
          [[metric]]\nname = \"page_uv\"\nkind = \"cumulate\"\ngroup_by = [\"page\"]\n\n\
-         [[sink]]\nkind = \"jsonl\"\npath = {}\n",
-        q(results)
+         [[sink]]\nkind = \"jsonl\"\npath = {}\n\n\
+         [[sink]]\nkind = \"minute_devices\"\npath = {}\n",
+        q(results),
+        q(&details_of(results))
     );
     t
+}
+
+/// Where a job's `minute_devices` sink writes, beside its results.
+fn details_of(results: &Path) -> PathBuf {
+    results.with_file_name("minute_devices.jsonl")
+}
+
+/// One event as the offline reference reads it: source, ts, device id
+/// text, platform (`null` where missing).
+struct Ev {
+    source: &'static str,
+    ts: i64,
+    did: String,
+    platform: Value,
+}
+
+/// Every event of the fixture's sources, read with serde_json and the
+/// `csv` crate (not the engine's parsers).
+fn read_events(sources: &[Source]) -> Vec<Ev> {
+    let mut out = Vec::new();
+    for s in sources {
+        for p in &s.files {
+            if s.format == "csv" {
+                let mut r = csv::Reader::from_path(p).unwrap();
+                let h = r.headers().unwrap().clone();
+                let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+                let (ts, did, platform) = (col("ts"), col("did"), col("platform"));
+                for rec in r.records() {
+                    let rec = rec.unwrap();
+                    let platform = match &rec[platform] {
+                        "" => Value::Null,
+                        v => Value::from(v),
+                    };
+                    out.push(Ev { source: s.name, ts: rec[ts].parse().unwrap(), did: rec[did].into(), platform });
+                }
+            } else {
+                for line in read_lines(p) {
+                    let v: Value = serde_json::from_slice(&line).unwrap();
+                    let did = match &v["did"] {
+                        Value::String(d) => d.clone(),
+                        other => other.to_string(),
+                    };
+                    let platform = v.get("platform").cloned().unwrap_or(Value::Null);
+                    out.push(Ev { source: s.name, ts: v["ts"].as_i64().unwrap(), did, platform });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The `minute_devices` rows offline: one per distinct (metric, source,
+/// minute, dims, device) over each DAU metric's sources (no event of the
+/// fixture is late or older than the ring), sorted as text.
+fn expected_details(events: &[Ev]) -> Vec<String> {
+    let mut rows = std::collections::BTreeSet::new();
+    for e in events {
+        let minute = e.ts.div_euclid(60_000) * 60_000;
+        let row = |metric: &str, dims: Value| {
+            serde_json::json!({"metric": metric, "source": e.source, "minute": minute, "dims": dims, "did": e.did})
+                .to_string()
+        };
+        rows.insert(row("dau_platform", serde_json::json!({ "platform": e.platform })));
+        if e.source != "binlog" {
+            rows.insert(row("dau_total", serde_json::json!({})));
+        }
+    }
+    rows.into_iter().collect()
+}
+
+/// A `minute_devices` file's rows, re-serialized field by field (so key
+/// order and spacing do not matter) and sorted.
+fn detail_rows(path: &Path) -> Vec<String> {
+    let mut rows: Vec<String> = read_lines(path)
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_slice(l).unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(l)));
+            let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["did", "dims", "metric", "minute", "source"], "fields of a minute_devices row");
+            serde_json::json!({"metric": v["metric"], "source": v["source"], "minute": v["minute"], "dims": v["dims"], "did": v["did"]})
+                .to_string()
+        })
+        .collect();
+    rows.sort();
+    rows
 }
 
 struct Fixture {
@@ -173,6 +260,12 @@ fn dau_rows_equal_the_offline_computation() {
     }
     assert!(out.outcome.stderr.contains("malformed"), "the import is reported: {}", out.outcome.stderr);
     assert_verifies(&job, &job.results, "dau, 2 workers");
+    let want = expected_details(&read_events(&f.sources));
+    let got = detail_rows(&details_of(&job.results));
+    if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
+        panic!("minute_devices row {i} (sorted): got {}, want {}", got[i], want[i]);
+    }
+    assert_eq!(got.len(), want.len(), "minute_devices rows (each distinct, none missing)");
 
     // Not vacuous: each day has new and returning devices, in both metrics.
     for metric in ["dau_platform", "dau_total"] {
@@ -190,6 +283,10 @@ fn dau_rows_equal_the_offline_computation() {
             fs::read(&other.results).unwrap() == fs::read(&job.results).unwrap(),
             "{workers} workers write other rows than 2"
         );
+        assert!(
+            fs::read(details_of(&other.results)).unwrap() == fs::read(details_of(&job.results)).unwrap(),
+            "{workers} workers write other minute_devices rows than 2"
+        );
     }
 }
 
@@ -199,6 +296,7 @@ fn dau_restarts_after_a_crash_with_the_same_rows() {
     let plain = f.job("plain", "");
     run(&plain, 2).ok();
     let want = fs::read(&plain.results).unwrap();
+    let want_details = fs::read(details_of(&plain.results)).unwrap();
     // Crash right after checkpoint 2 commits, then resume: with 2 workers,
     // and (from a second crash) re-sharded onto 3.
     for (i, resume_workers) in [(0, "2"), (1, "3")] {
@@ -221,6 +319,10 @@ fn dau_restarts_after_a_crash_with_the_same_rows() {
         assert!(
             fs::read(&job.results).unwrap() == want,
             "resumed with {resume_workers} workers: rows differ from the uninterrupted run"
+        );
+        assert!(
+            fs::read(details_of(&job.results)).unwrap() == want_details,
+            "resumed with {resume_workers} workers: minute_devices rows differ from the uninterrupted run"
         );
     }
 }
@@ -274,9 +376,11 @@ fn minute_dedup_drops_repeats_and_counts_what_is_older_than_its_ring() {
         format!(
             "[job]\ntimezone = \"{TZ}\"\n[[source]]\nname = \"client\"\nkind = \"file\"\npath = {}\nformat = \"jsonl\"\n\
              max_out_of_orderness = \"1h\"\n[[metric]]\nname = \"dau\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n\
-             dedup_tolerance = 16\nemit = \"changed\"\n[[sink]]\nkind = \"jsonl\"\npath = {}\n",
+             dedup_tolerance = 16\nemit = \"changed\"\n[[sink]]\nkind = \"jsonl\"\npath = {}\n\
+             [[sink]]\nkind = \"minute_devices\"\npath = {}\n",
             q(&input),
-            q(&results)
+            q(&results),
+            q(&details_of(&results))
         ),
     )
     .unwrap();
@@ -291,6 +395,114 @@ fn minute_dedup_drops_repeats_and_counts_what_is_older_than_its_ring() {
         .collect();
     let end = |h, m| at(h, m, 0);
     assert_eq!(rows, [(end(10, 15), 1), (end(10, 21), 2)], "a counts from 10:14, b from 10:20; 10:05 is dropped");
+    // The detail stream: what the ring passed, once per (source, minute,
+    // dims, device), in minute order.
+    let detail = |h, m, did: &str| {
+        format!(
+            "{{\"metric\":\"dau\",\"source\":\"client\",\"minute\":{},\"dims\":{{\"platform\":\"ios\"}},\"did\":\"{did}\"}}",
+            at(h, m, 0)
+        )
+    };
+    let got: Vec<String> =
+        read_lines(&details_of(&results)).iter().map(|l| String::from_utf8(l.clone()).unwrap()).collect();
+    assert_eq!(got, [detail(10, 14, "a"), detail(10, 20, "b"), detail(10, 30, "a")]);
+    assert_eq!(count(s, "minute_devices_rows"), 3);
+}
+
+/// `tally devices export` after a run: every device of the history file
+/// and of the stream, its range widened by the days it was active in the
+/// metric's sources, as CSV sorted by id (computed here from the history
+/// rules and the raw events, not by the engine).
+#[test]
+fn devices_export_writes_the_history_rolled_forward() {
+    let f = fixture();
+    let job = f.job("export", "checkpoint_interval = \"50ms\"");
+    let state = f.dir.path().join("state");
+    let out = Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d0 = first_day();
+    let events = read_events(&f.sources);
+    let export = |args: &[&str]| {
+        let mut cmd = Command::new(TALLY);
+        cmd.args(["devices", "export", "--job"]).arg(&job.path).arg("--state-dir").arg(&state).args(args);
+        cmd.output().unwrap()
+    };
+    for (metric, sources) in
+        [("dau_total", &["client", "server"][..]), ("dau_platform", &["client", "server", "binlog"])]
+    {
+        // The history file's rules (see write_history), merged.
+        let mut want: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+        for did in 1..=DEVICES as i64 {
+            let range = match did % 6 {
+                0 => None,
+                1 => Some((d0 - 100, d0 - 3)),
+                2 => Some((d0 - 200, d0 - 45)),
+                3 => Some((d0 - 60, d0 - 31)),
+                4 => Some((d0 - 30, d0 - 30)),
+                _ => Some((d0 - 400, d0 - 8)),
+            };
+            let extra = (did % 12 == 1).then_some((d0 - 50, d0 - 10));
+            for (a, b) in range.into_iter().chain(extra) {
+                let r = want.entry(did.to_string()).or_insert((a, b));
+                *r = (r.0.min(a), r.1.max(b));
+            }
+        }
+        for e in events.iter().filter(|e| sources.contains(&e.source)) {
+            let day = (e.ts + TZ_OFFSET_MS).div_euclid(DAY_MS);
+            let r = want.entry(e.did.clone()).or_insert((day, day));
+            *r = (r.0.min(day), r.1.max(day));
+        }
+        let mut text = String::from("did,first_day,last_day\n");
+        for (did, (a, b)) in &want {
+            text += &format!("{did},{},{}\n", date(*a), date(*b));
+        }
+        let path = f.dir.path().join(format!("{metric}-devices.csv"));
+        let r = export(&["--metric", metric, "--out", path.to_str().unwrap()]);
+        assert!(r.status.success(), "{metric}: {}", String::from_utf8_lossy(&r.stderr));
+        let got = fs::read_to_string(&path).unwrap();
+        if got != text {
+            let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), text.lines().collect());
+            let i = (0..g.len().min(w.len())).find(|&i| g[i] != w[i]).unwrap_or(g.len().min(w.len()));
+            panic!("{metric}: export differs at line {}: got {:?}, want {:?}", i + 1, g.get(i), w.get(i));
+        }
+        assert!(String::from_utf8_lossy(&r.stderr).contains(&format!("{} devices", want.len())));
+        // What it wrote is a history a run imports whole.
+        let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+        let one = f.dir.path().join("one.jsonl");
+        fs::write(&one, format!("{{\"ts\":{MIDNIGHT_MS},\"did\":\"1\"}}\n")).unwrap();
+        let next = JobFile {
+            path: f.dir.path().join("next.toml"),
+            results: f.dir.path().join("next.jsonl"),
+            summary: f.dir.path().join("next-summary.json"),
+        };
+        fs::write(
+            &next.path,
+            format!(
+                "[job]\ntimezone = \"{TZ}\"\n[[source]]\nname = \"client\"\nkind = \"file\"\npath = {}\n\
+                 format = \"jsonl\"\n[[metric]]\nname = \"dau\"\nkind = \"dau\"\ndevice_history = {}\n\
+                 [[sink]]\nkind = \"jsonl\"\npath = {}\n",
+                q(&one),
+                q(&path),
+                q(&next.results)
+            ),
+        )
+        .unwrap();
+        let s = run(&next, 1);
+        let import = &s.ok()["history_imports"][0];
+        assert_eq!((count(import, "devices"), count(import, "malformed")), (want.len() as u64, 0), "{import}");
+    }
+    let r = export(&["--out", "-"]);
+    assert_eq!(r.status.code(), Some(2), "two DAU metrics and no --metric");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--metric"));
+    let r = export(&["--metric", "page_uv", "--out", "-"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not a DAU metric"));
 }
 
 #[test]

@@ -415,6 +415,43 @@ fn kafka_sink_writes_every_row_keyed_by_metric_and_dims() {
     assert_topic_holds_rows(&broker, "results", &job.results);
 }
 
+/// The DAU minute dedup's detail stream as a topic of its own: one message
+/// per `minute_devices` row, keyed by device id (one device's rows share a
+/// partition), per device in the order the file sink writes them.
+#[test]
+fn kafka_minute_devices_sink_keys_the_detail_stream_by_device() {
+    let dir = tempdir();
+    let files = generate(&dir.path().join("data"), gen_options(60_000));
+    let broker = Broker::start();
+    let job = JobDef::new("jsonl", &files).metric(page_uv()).write(dir.path(), "job");
+    let details = dir.path().join("minute_devices.jsonl");
+    let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    let extra = format!(
+        "\n[[metric]]\nname = \"dau\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n\
+         [[sink]]\nkind = \"minute_devices\"\npath = {}\n\
+         [[sink]]\nkind = \"minute_devices\"\nbrokers = \"{}\"\ntopic = \"minute_devices\"\n",
+        q(&details),
+        broker.addr
+    );
+    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &extra).unwrap();
+    let summary = run(&job, 2);
+    let lines = read_lines(&details);
+    assert!(lines.len() > 1000, "a detail stream to compare: {} rows", lines.len());
+    assert_eq!(count(summary.ok(), "minute_devices_rows"), 2 * lines.len() as u64, "both sinks count their rows");
+    let mut want: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+    for l in &lines {
+        let did = serde_json::from_slice::<serde_json::Value>(l).unwrap()["did"].as_str().unwrap().as_bytes().to_vec();
+        want.entry(did).or_default().push(l.clone());
+    }
+    let messages = broker.consume_all("minute_devices");
+    assert_eq!(messages.len(), lines.len(), "one message per detail row");
+    let mut got: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = BTreeMap::new();
+    for (_, _, key, payload) in messages {
+        got.entry(key.expect("every detail row has a key")).or_default().push(payload);
+    }
+    assert!(got == want, "per device, the topic holds the file's detail rows in order");
+}
+
 /// The broker frozen while rows are being produced: the run waits for
 /// delivery at its checkpoints and end, and every row arrives once, in
 /// order per key.

@@ -235,11 +235,23 @@ pub struct KafkaSinkSpec {
     pub properties: Vec<(String, String)>,
 }
 
+/// What a sink receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkRows {
+    /// Window rows.
+    Results,
+    /// `kind = "minute_devices"`: the DAU minute dedup's detail rows (one
+    /// per source, step, group key and device it passed).
+    MinuteDevices,
+}
+
 #[derive(Clone, Debug)]
 pub struct SinkSpec {
     pub target: SinkTarget,
-    /// Indexes of the metrics this sink receives (all by default).
+    /// Indexes of the metrics this sink receives (all by default; a
+    /// `minute_devices` sink: every DAU metric).
     pub metrics: Vec<usize>,
+    pub rows: SinkRows,
 }
 
 /// A validated job: everything the runtime needs, nothing left to check.
@@ -265,6 +277,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// Whether a `minute_devices` sink takes metric `m`'s detail rows.
+    pub fn minute_devices(&self, m: usize) -> bool {
+        self.sinks.iter().any(|s| s.rows == SinkRows::MinuteDevices && s.metrics.contains(&m))
+    }
+
     /// Reads and validates a job file; relative paths in it are relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Job, JobError> {
@@ -356,6 +373,26 @@ path = "-"
             Err(JobError::Syntax { message, .. }) => ("<syntax>".into(), message),
             other => panic!("expected an invalid job, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn minute_devices_sinks_take_dau_metrics_only() {
+        let dau = "[[metric]]\nname = \"dau\"\nkind = \"dau\"\n";
+        let sink = |extra: &str| format!("[[sink]]\nkind = \"minute_devices\"\npath = \"md.jsonl\"\n{extra}");
+        let job = parse(&format!("{MINIMAL}{dau}{}", sink(""))).unwrap();
+        assert_eq!((job.sinks[1].rows, &job.sinks[1].metrics[..]), (SinkRows::MinuteDevices, &[1][..]));
+        assert!(job.minute_devices(1) && !job.minute_devices(0));
+        let (key, reason) = invalid_key(&format!("{MINIMAL}{dau}{}", sink("metrics = [\"page_uv\"]\n")));
+        assert_eq!(key, "sink[1].metrics");
+        assert!(reason.contains("not a DAU metric"), "{reason}");
+        let (key, reason) = invalid_key(&format!("{MINIMAL}{}", sink("")));
+        assert_eq!(key, "sink[1].kind");
+        assert!(reason.contains("dau"), "{reason}");
+        let text =
+            format!("{MINIMAL}{dau}[[sink]]\nkind = \"minute_devices\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"md\"\n");
+        let job = parse(&text).unwrap();
+        assert!(matches!(&job.sinks[1].target, SinkTarget::Kafka(k) if k.topic == "md"));
+        assert_eq!(job.sinks[1].rows, SinkRows::MinuteDevices);
     }
 
     #[test]

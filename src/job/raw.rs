@@ -7,9 +7,9 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
-    KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkSpec, SinkTarget, SourceSpec,
-    DAY_MS, DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
-    METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkRows, SinkSpec, SinkTarget,
+    SourceSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES,
+    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::state::ring::{RING_SOURCES_MAX, TOLERANCE_MAX};
@@ -545,7 +545,14 @@ fn check_fields_supplied(fields: &[String], source_ids: &[usize], sources: &[Sou
 
 fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Result<SinkSpec, Invalid> {
     let key = |k: &str| format!("sink[{i}].{k}");
-    let target = match s.kind.as_str() {
+    let detail = s.kind == "minute_devices";
+    // A minute_devices sink goes to a topic when given one, else a file.
+    let kind = match s.kind.as_str() {
+        "minute_devices" if s.brokers.is_some() || s.topic.is_some() => "kafka",
+        "minute_devices" => "jsonl",
+        other => other,
+    };
+    let target = match kind {
         "jsonl" => {
             if let Some(k) =
                 [("brokers", s.brokers.is_some()), ("topic", s.topic.is_some()), ("properties", s.properties.is_some())]
@@ -575,10 +582,12 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
             SinkTarget::Kafka(KafkaSinkSpec { brokers, topic, properties })
         }
         other => {
-            return Err(invalid(key("kind"), format!("unknown sink kind {other:?} (expected \"jsonl\" or \"kafka\")")))
+            let expected = "expected \"jsonl\", \"kafka\" or \"minute_devices\"";
+            return Err(invalid(key("kind"), format!("unknown sink kind {other:?} ({expected})")));
         }
     };
-    let ids = match &s.metrics {
+    let ids: Vec<usize> = match &s.metrics {
+        None if detail => (0..metrics.len()).filter(|&m| metrics[m].dau.is_some()).collect(),
         None => (0..metrics.len()).collect(),
         Some(names) => names
             .iter()
@@ -590,5 +599,15 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    Ok(SinkSpec { target, metrics: ids })
+    if detail {
+        if let Some(&m) = ids.iter().find(|&&m| metrics[m].dau.is_none()) {
+            let why = format!("metric {:?} is not a DAU metric: only those have a minute dedup", metrics[m].name);
+            return Err(invalid(key("metrics"), why));
+        }
+        if ids.is_empty() {
+            return Err(invalid(key("kind"), "a minute_devices sink needs a `kind = \"dau\"` metric"));
+        }
+    }
+    let rows = if detail { SinkRows::MinuteDevices } else { SinkRows::Results };
+    Ok(SinkSpec { target, metrics: ids, rows })
 }

@@ -29,11 +29,13 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{FileRef, Pending, PendingFile};
 use crate::job::{DauSpec, Emit, Job, LatePolicy, Measure, MetricSpec};
 use crate::state::dedup::{DedupTable, Seen};
+use crate::state::dids::DidTable;
 use crate::state::history::DeviceHistory;
 use crate::state::ring::{ring_key, Ring, RingTable};
 use crate::state::snapshot::SnapshotPool;
 use crate::state::table::{Slot, Table};
 
+use super::detail::{DetailBuf, Details};
 use super::keys::KeyDict;
 
 /// Event-time arithmetic of one metric: slices, windows, periods.
@@ -174,14 +176,24 @@ pub struct Dau {
     pub history: DeviceHistory,
     /// The history's files in the last checkpoint written.
     chain: Option<Chain>,
+    /// The id text of every device in the history or seen since.
+    pub dids: DidTable,
+    dids_chain: Option<Chain>,
     returning_after_days: u32,
     /// Steps of disorder the minute dedup of each source tolerates.
     tolerance: u32,
 }
 
 impl Dau {
-    pub fn new(history: DeviceHistory, spec: &DauSpec) -> Dau {
-        Dau { history, chain: None, returning_after_days: spec.returning_after_days, tolerance: spec.dedup_tolerance }
+    pub fn new(history: DeviceHistory, dids: DidTable, spec: &DauSpec) -> Dau {
+        Dau {
+            history,
+            chain: None,
+            dids,
+            dids_chain: None,
+            returning_after_days: spec.returning_after_days,
+            tolerance: spec.dedup_tolerance,
+        }
     }
 
     /// The class of a device on `day` (days since 1970, local), from the
@@ -246,6 +258,10 @@ pub struct CumulateShardSaved {
     pub tables: Vec<TableSaved>,
     /// DAU: the device history table.
     pub history: Option<TableSaved>,
+    /// DAU: the device id texts.
+    pub dids: Option<TableSaved>,
+    /// DAU with a `minute_devices` sink: rows of slices not shipped yet.
+    pub details: Option<Details>,
     pub entries_seen_max: u64,
     pub closed_bytes: u64,
     pub closed_entries: u64,
@@ -279,6 +295,9 @@ pub struct CumulateShard {
     name: String,
     /// Set for a DAU metric.
     pub dau: Option<Dau>,
+    /// DAU with a `minute_devices` sink: what the minute dedup passed in
+    /// slices not shipped yet.
+    pub details: Option<Details>,
     /// Watermark of the last ship: days starting at or before it have
     /// every earlier day closed.
     wm_ms: i64,
@@ -302,6 +321,7 @@ impl CumulateShard {
             state_dir,
             name,
             dau: None,
+            details: None,
             wm_ms: i64::MIN,
         }
     }
@@ -386,10 +406,11 @@ impl CumulateShard {
     }
 
     /// Counts one event of `device_fp` with `key` in `slice`, from
-    /// `source`; returns false if a DAU metric's minute dedup found it
-    /// late (older than its ring).
+    /// `source` (`did`: the device id text, for a DAU metric); returns
+    /// false if a DAU metric's minute dedup found it late (older than its
+    /// ring).
     #[inline]
-    pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32, source: usize) -> io::Result<bool> {
+    pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32, source: usize, did: &[u8]) -> io::Result<bool> {
         let t = self.table_of(slice)?;
         if let (Some((rings, _)), Some(dau)) = (&mut self.tables[t].rings, &self.dau) {
             match rings.observe(device_fp, ring_key(source, key), slice, dau.tolerance)? {
@@ -397,8 +418,16 @@ impl CumulateShard {
                 Ring::Again => return Ok(true),
                 Ring::Late => return Ok(false),
             }
+            if let Some(d) = &mut self.details {
+                d.push(slice, source as u32, key, did)?;
+            }
         }
         let seen = self.tables[t].table.observe(device_fp, key, slice)?;
+        if seen == Seen::New {
+            if let Some(dau) = &mut self.dau {
+                dau.dids.insert(device_fp, did)?;
+            }
+        }
         let class = match (&self.dau, seen) {
             (Some(dau), Seen::New | Seen::Earlier { .. }) if self.tables[t].classified => {
                 dau.class(device_fp, self.tables[t].period)
@@ -491,9 +520,15 @@ impl CumulateShard {
         }
     }
 
-    /// Ships every slice that ends at or before `wm_ms` and frees the
-    /// dedup tables of periods that ended.
-    pub fn ship(&mut self, wm_ms: i64, out: &mut impl FnMut(SliceCols)) -> io::Result<()> {
+    /// Ships every slice that ends at or before `wm_ms` (and the detail
+    /// rows of those slices) and frees the dedup tables of periods that
+    /// ended.
+    pub fn ship(
+        &mut self,
+        wm_ms: i64,
+        out: &mut impl FnMut(SliceCols),
+        details: &mut impl FnMut(u32, DetailBuf),
+    ) -> io::Result<()> {
         if self.dau.is_some() {
             self.roll_days(wm_ms)?;
         }
@@ -501,6 +536,12 @@ impl CumulateShard {
         let n = self.slices.iter().take_while(|c| self.geo.slice_end_ms(c.slice) <= wm_ms).count();
         for c in self.slices.drain(..n) {
             out(c);
+        }
+        if let Some(d) = &mut self.details {
+            let geo = self.geo;
+            for (slice, buf) in d.take_while(|s| geo.slice_end_ms(s) <= wm_ms) {
+                details(slice, buf);
+            }
         }
         self.last_hit = 0;
         self.table_hit = None;
@@ -563,12 +604,22 @@ impl CumulateShard {
                 Some(TableSaved { period: 0, capacity, len, chain, classified: true, rings: None })
             }
         };
+        let dids = match &mut self.dau {
+            None => None,
+            Some(dau) => {
+                let stem = format!("{prefix}-dids-g{generation}");
+                let (chain, capacity, len) = out.table(&mut dau.dids, &mut dau.dids_chain, &stem)?;
+                Some(TableSaved { period: 0, capacity, len, chain, classified: true, rings: None })
+            }
+        };
         let slices =
             self.slices.iter().map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()])).collect();
         let saved = CumulateShardSaved {
             slices,
             tables,
             history,
+            dids,
+            details: self.details.clone(),
             entries_seen_max: self.entries_seen_max as u64,
             closed_bytes: self.closed_bytes as u64,
             closed_entries: self.closed_entries as u64,
@@ -599,18 +650,24 @@ impl CumulateShard {
             };
             self.tables.push(OpenTable { period: t.period, table, chain, classified: t.classified, rings });
         }
-        match (&mut self.dau, &saved.history) {
-            (Some(dau), Some(h)) => {
+        match (&mut self.dau, &saved.history, &saved.dids) {
+            (Some(dau), Some(h), Some(d)) => {
                 dau.history = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-history", self.name), h)?;
                 dau.chain = Some(h.chain.clone());
+                dau.dids = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-dids", self.name), d)?;
+                dau.dids_chain = Some(d.chain.clone());
             }
-            (None, None) => {}
+            (None, None, None) => {}
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "shard state: device history differs from the job",
                 ))
             }
+        }
+        if self.details.is_some() {
+            // A checkpoint of a job without the sink has none: start empty.
+            self.details = Some(saved.details.clone().unwrap_or_default());
         }
         self.slices = saved
             .slices
@@ -679,6 +736,12 @@ impl TableOut<'_> {
     }
 }
 
+/// A table of a checkpoint, rebuilt in anonymous memory (for reading a
+/// state directory offline).
+pub fn read_table<E: Slot>(ckpt_dir: &Path, name: &str, t: &TableSaved) -> io::Result<Table<E>> {
+    restore_table(ckpt_dir, None, name.to_owned(), t)
+}
+
 /// Rebuilds a table from the chain a checkpoint recorded.
 fn restore_table<E: Slot>(ckpt_dir: &Path, dir: Option<PathBuf>, name: String, t: &TableSaved) -> io::Result<Table<E>> {
     let base = ckpt_dir.join(&t.chain.base.file);
@@ -714,21 +777,41 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
         }
     }
     let histories: usize = old.iter().filter_map(|o| o.dau.as_ref()).map(|d| d.history.len()).sum();
+    let dids: usize = old.iter().filter_map(|o| o.dau.as_ref()).map(|d| d.dids.len()).sum();
+    let share = |total: usize| total / n + total / (4 * n) + 64;
     for target in new.iter_mut() {
         target.wm_ms = wm_ms;
         if let Some(dau) = &mut target.dau {
             // The empty table goes first: a file-backed one would share its file.
             drop(std::mem::replace(&mut dau.history, DeviceHistory::anonymous()?));
             let name = format!("{}-history", target.name);
-            dau.history =
-                DeviceHistory::create(target.state_dir.clone(), name, histories / n + histories / (4 * n) + 64)?;
+            dau.history = DeviceHistory::create(target.state_dir.clone(), name, share(histories))?;
             dau.history.track_changes();
+            drop(std::mem::replace(&mut dau.dids, DidTable::anonymous()?));
+            dau.dids = DidTable::create(target.state_dir.clone(), format!("{}-dids", target.name), share(dids))?;
+            dau.dids.track_changes();
         }
     }
+    let mut id = Vec::new();
     for o in old.iter().filter_map(|o| o.dau.as_ref()) {
         for h in o.history.entries().iter().filter(|h| !h.is_empty()) {
             if let Some(dau) = &mut new[owner(h.device_fp)].dau {
                 dau.history.merge(h.device_fp, h.first_day, h.last_day)?;
+            }
+        }
+        for fp in o.dids.devices() {
+            id.clear();
+            o.dids.get(fp, &mut id);
+            if let Some(dau) = &mut new[owner(fp)].dau {
+                dau.dids.insert(fp, &id)?;
+            }
+        }
+    }
+    for o in old {
+        for (slice, r, id) in o.details.iter().flat_map(Details::iter) {
+            let fp = xxhash_rust::xxh3::xxh3_64(id);
+            if let Some(d) = &mut new[owner(fp)].details {
+                d.push(slice, r.source, r.key, id)?;
             }
         }
     }
@@ -786,6 +869,29 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
     Ok(())
 }
 
+/// Appends `text` as a JSON string (invalid UTF-8 replaced).
+fn push_json_string(out: &mut String, text: &[u8]) {
+    match std::str::from_utf8(text) {
+        Ok(t) if t.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') => {
+            out.push('"');
+            out.push_str(t);
+            out.push('"');
+        }
+        _ => out.push_str(&serde_json::Value::from(String::from_utf8_lossy(text)).to_string()),
+    }
+}
+
+/// Renders the keys interned since the last call and keeps `order` (key
+/// ids sorted by rendered dims) up to date.
+fn catch_up_dims(dict: &KeyDict, dims: &mut Vec<String>, order: &mut Vec<u32>) {
+    let before = dims.len();
+    dict.catch_up(dims);
+    if dims.len() > before {
+        *order = (0..dims.len() as u32).collect();
+        order.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+    }
+}
+
 /// A key's counters at the emitter: pv, uv (DAU: active), new, returning.
 type Sums = [u64; 4];
 
@@ -816,6 +922,9 @@ pub struct CumulateEmitter {
     /// Merged slices not yet folded into a window, by slice.
     pending: std::collections::BTreeMap<u32, Vec<Sums>>,
     periods: std::collections::BTreeMap<u32, Period>,
+    /// DAU with a `minute_devices` sink: shipped detail rows whose slice
+    /// the job's watermark has not passed yet.
+    pub details: Option<Details>,
 }
 
 /// The emitter's state of one metric as a checkpoint records it.
@@ -823,6 +932,7 @@ pub struct CumulateEmitter {
 pub struct CumulateEmitterSaved {
     pending: std::collections::BTreeMap<u32, Vec<Sums>>,
     periods: std::collections::BTreeMap<u32, Period>,
+    details: Option<Details>,
 }
 
 /// A rendered row with its sort key.
@@ -866,16 +976,87 @@ impl CumulateEmitter {
             order: Vec::new(),
             pending: Default::default(),
             periods: Default::default(),
+            details: None,
         }
     }
 
     pub fn saved(&self) -> CumulateEmitterSaved {
-        CumulateEmitterSaved { pending: self.pending.clone(), periods: self.periods.clone() }
+        CumulateEmitterSaved {
+            pending: self.pending.clone(),
+            periods: self.periods.clone(),
+            details: self.details.clone(),
+        }
     }
 
     pub fn restore(&mut self, saved: CumulateEmitterSaved) {
         self.pending = saved.pending;
         self.periods = saved.periods;
+        if self.details.is_some() {
+            self.details = Some(saved.details.unwrap_or_default());
+        }
+    }
+
+    /// Adds one shard's shipped detail rows of `slice`.
+    pub fn add_details(&mut self, slice: u32, buf: DetailBuf) -> io::Result<()> {
+        match &mut self.details {
+            Some(d) => d.add(slice, buf),
+            None => Ok(()),
+        }
+    }
+
+    /// The `minute_devices` rows of every slice the watermark passed, by
+    /// slice.
+    pub fn take_details(&mut self, wm_ms: i64) -> Vec<(u32, DetailBuf)> {
+        let geo = self.geo;
+        self.details.as_mut().map_or_else(Vec::new, |d| d.take_while(|s| geo.slice_end_ms(s) <= wm_ms))
+    }
+
+    /// Renders the `minute_devices` rows of `slice` into `row`, one after
+    /// the other, in a fixed order (source, dims, device id), calling
+    /// `write` for each: `{"metric":…,"source":…,"minute":…,"dims":…,
+    /// "did":…}`, `minute` being the step's start; `row.dims_at` locates
+    /// the device id's JSON string. `sources`: the source names as JSON.
+    pub fn render_details<E>(
+        &mut self,
+        metric: usize,
+        slice: u32,
+        buf: &DetailBuf,
+        sources: &[String],
+        row: &mut Row,
+        write: &mut impl FnMut(&Row) -> Result<(), E>,
+    ) -> Result<(), E> {
+        catch_up_dims(&self.dict, &mut self.dims, &mut self.order);
+        let dims = &self.dims;
+        let dims_of = |k: u32| dims.get(k as usize).map_or("{}", String::as_str);
+        let mut order: Vec<u32> = (0..buf.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            let (ra, rb) = (&buf.rows[a as usize], &buf.rows[b as usize]);
+            (ra.source, dims_of(ra.key), buf.id(a as usize)).cmp(&(rb.source, dims_of(rb.key), buf.id(b as usize)))
+        });
+        let mut head = String::with_capacity(64);
+        head.push_str(",\"minute\":");
+        head.push_str(itoa::Buffer::new().format(self.geo.slice_start_ms(slice)));
+        head.push_str(",\"dims\":");
+        row.metric = metric;
+        row.window_end_ms = self.geo.slice_end_ms(slice);
+        for i in order {
+            let r = &buf.rows[i as usize];
+            let line = &mut row.line;
+            line.clear();
+            line.push_str("{\"metric\":");
+            line.push_str(&self.name_json);
+            line.push_str(",\"source\":");
+            line.push_str(sources.get(r.source as usize).map_or("null", String::as_str));
+            line.push_str(&head);
+            line.push_str(dims_of(r.key));
+            line.push_str(",\"did\":");
+            let at = line.len();
+            push_json_string(line, buf.id(i as usize));
+            row.dims_at = at..line.len();
+            line.push_str("}\n");
+            write(row)?;
+        }
+        Ok(())
     }
 
     /// Adds one shard's shipped slice.
@@ -954,10 +1135,7 @@ impl CumulateEmitter {
             }
         }
         if self.dims.len() < period.sums.len() {
-            self.dict.catch_up(&mut self.dims);
-            let dims = &self.dims;
-            self.order = (0..dims.len() as u32).collect();
-            self.order.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+            catch_up_dims(&self.dict, &mut self.dims, &mut self.order);
         }
         let start = self.geo.period_start_ms(p);
         let end = self.geo.slice_end_ms(s);
@@ -1034,11 +1212,11 @@ mod tests {
     fn shard_moves_a_device_to_its_earlier_slice() {
         let g = geo();
         let mut sh = CumulateShard::new(g, None, "t".into(), false);
-        sh.apply(1, 0, 100, 0).unwrap();
-        sh.apply(1, 0, 98, 0).unwrap();
-        sh.apply(2, 0, 100, 0).unwrap();
+        sh.apply(1, 0, 100, 0, b"").unwrap();
+        sh.apply(1, 0, 98, 0, b"").unwrap();
+        sh.apply(2, 0, 100, 0, b"").unwrap();
         let mut got = Vec::new();
-        sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0]))).unwrap();
+        sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0])), &mut |_, _| {}).unwrap();
         assert_eq!(got, [(98, 1, 1), (100, 2, 1)]);
     }
 }

@@ -1,4 +1,5 @@
 //! Metrics: the per-shard logic and the emitter's merge.
 
 pub mod cumulate;
+pub mod detail;
 pub mod keys;

@@ -33,11 +33,12 @@ use super::{CheckpointReport, RunError, Shared, ToEmitter, WorkerReport, NO_EVEN
 use crate::checkpoint::dict::DictLog;
 use crate::checkpoint::identity::{job_identity, sink_target};
 use crate::checkpoint::{
-    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, PendingFile, ShardSaved, SinkCut, SourceCut,
-    StateDir, FORMAT_VERSION,
+    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, PendingFile, SinkCut, SourceCut, StateDir,
+    FORMAT_VERSION,
 };
 use crate::job::SinkTarget;
-use crate::metric::cumulate::{CumulateEmitter, CumulateShardSaved, Row};
+use crate::metric::cumulate::{CumulateEmitter, Row};
+use crate::metric::detail::DetailBuf;
 use crate::sink::Sink;
 use crate::source::kafka::KafkaSource;
 use crate::source::stream::Chain;
@@ -184,6 +185,10 @@ pub(crate) struct Coordinator<'a> {
     report: CheckpointReport,
     /// Per source: its Kafka readers (offsets are committed through them).
     kafka: &'a [Option<KafkaSource>],
+    /// Source names as JSON strings.
+    source_names: Vec<String>,
+    /// Where `minute_devices` rows are rendered, one after the other.
+    detail_row: Row,
 }
 
 impl<'a> Coordinator<'a> {
@@ -199,7 +204,13 @@ impl<'a> Coordinator<'a> {
             .metrics
             .iter()
             .enumerate()
-            .map(|(m, spec)| CumulateEmitter::new(sh.geometry[m], spec, sh.dicts[m].clone()))
+            .map(|(m, spec)| {
+                let mut e = CumulateEmitter::new(sh.geometry[m], spec, sh.dicts[m].clone());
+                if sh.job.minute_devices(m) {
+                    e.details = Some(Default::default());
+                }
+                e
+            })
             .collect();
         let mut c = Coordinator {
             emitters: Vec::new(),
@@ -215,6 +226,8 @@ impl<'a> Coordinator<'a> {
             resumed_from: None,
             report: CheckpointReport::default(),
             kafka,
+            source_names: sh.job.sources.iter().map(|s| serde_json::Value::from(s.name.as_str()).to_string()).collect(),
+            detail_row: Row { window_end_ms: 0, metric: 0, line: String::new(), dims_at: 0..0 },
         };
         if let Some(r) = resume {
             let interval = (sh.job.checkpoint_interval_ms > 0)
@@ -299,6 +312,9 @@ impl<'a> Coordinator<'a> {
             };
             match msg {
                 ToEmitter::Slice { metric, cols } => self.emitters[metric].add(&cols),
+                ToEmitter::Details { metric, slice, rows } => {
+                    self.emitters[metric].add_details(slice, rows).map_err(|e| RunError::Worker(e.to_string()))?
+                }
                 ToEmitter::Watermark { shard, wm_ms } => self.watermark(shard, wm_ms, sinks)?,
                 ToEmitter::Cut(r) => self.cut_report(sh, *r, sinks)?,
                 ToEmitter::Finished(r) => reports.push(*r),
@@ -329,6 +345,19 @@ impl<'a> Coordinator<'a> {
             for s in sinks.iter_mut() {
                 s.write(&r)?;
             }
+        }
+        // Detail rows by step, then metric, then (in render_details)
+        // source, dims and device id: the same bytes whichever shard
+        // shipped first, whatever the worker count.
+        let mut ready: Vec<(u32, usize, DetailBuf)> = Vec::new();
+        for (m, e) in self.emitters.iter_mut().enumerate() {
+            ready.extend(e.take_details(wm).into_iter().map(|(slice, buf)| (slice, m, buf)));
+        }
+        ready.sort_by_key(|&(slice, m, _)| (slice, m));
+        for (slice, m, buf) in ready {
+            self.emitters[m].render_details(m, slice, &buf, &self.source_names, &mut self.detail_row, &mut |r| {
+                sinks.iter_mut().try_for_each(|s| s.write_detail(r))
+            })?;
         }
         Ok(())
     }
@@ -432,8 +461,9 @@ impl<'a> Coordinator<'a> {
     }
 
     /// After the last worker finished: the checkpoint of the end of input
-    /// (shards hold nothing then: every period was flushed).
-    pub fn finish(&mut self, sh: &Shared, reports: &[WorkerReport], sinks: &mut [Sink]) -> Result<(), RunError> {
+    /// (every period was flushed; what shards still hold is the device
+    /// history of DAU metrics).
+    pub fn finish(&mut self, sh: &Shared, reports: &mut [WorkerReport], sinks: &mut [Sink]) -> Result<(), RunError> {
         self.committed(true)?;
         let Some(ck) = &self.ckpt else {
             if !self.stopped {
@@ -451,33 +481,30 @@ impl<'a> Coordinator<'a> {
             return Ok(());
         }
         let generation = ck.generation + 1;
-        let state = &ck.state;
-        let metrics = sh.job.metrics.len();
+        let cut = CutRequest {
+            generation,
+            blocks: Vec::new(),
+            stop: false,
+            dir: ck.state.ckpt(),
+            snapshots: ck.snapshots.clone(),
+        };
         let chains = sh.chains();
         let mut stats = self.stats_before.clone();
-        let mut shards = Vec::new();
-        let mut files = Vec::new();
-        for (w, r) in reports.iter().enumerate() {
+        let (mut shards, mut tables, mut files, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        reports.sort_by_key(|r| r.shard.as_ref().map(|s| s.index()));
+        for r in reports.iter_mut() {
             merge_stats(&mut stats, &r.stats);
-            let saved = ShardSaved {
-                metrics: vec![CumulateShardSaved::default(); metrics],
-                progress: sh
-                    .plan
-                    .blocks_per_source
-                    .iter()
-                    .zip(&chains)
-                    .map(|(&b, c)| (c.as_ref().map_or(BlockSeq::from(b), |c| c.next_seq), i64::MAX))
-                    .collect(),
-                wm_ms: i64::MAX,
-                state_bytes_max: r.state_bytes_max as u64,
-                dedup_entries_max: r.dedup_entries_max as u64,
+            let Some(shard) = r.shard.as_mut() else {
+                return Err(RunError::Worker("a worker ended without handing back its shard".into()));
             };
-            let (pending, f) = state.saved(format!("g{generation}-s{w}.shard"), &saved)?;
-            files.push(pending);
-            shards.push(f);
+            let written = shard.checkpoint(&cut).map_err(RunError::Table)?;
+            shards.push(written.file);
+            tables.extend(written.tables);
+            files.extend(written.files);
+            bytes += written.bytes;
         }
         let at = (generation, sh.plan.tasks.len(), Instant::now());
-        self.commit(sh, at, chains, shards, Vec::new(), files, stats, sinks, 0)?;
+        self.commit(sh, at, chains, shards, tables, files, stats, sinks, bytes)?;
         self.committed(true)
     }
 

@@ -37,11 +37,38 @@ pub struct Record {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<Record>,
+    /// The device id text of each record of a DAU metric, in record order:
+    /// `[length u16 LE][bytes]` (the shard keeps it for `tally devices
+    /// export` and the `minute_devices` rows).
+    pub texts: Vec<u8>,
     pub source: usize,
     /// Position of the block in its source.
     pub seq: BlockSeq,
     /// The source's watermark once this block is counted.
     pub wm_ms: i64,
+}
+
+/// Appends a device id text to a batch's `texts` (cut at 64 KiB).
+#[inline]
+pub fn push_text(texts: &mut Vec<u8>, text: &[u8]) {
+    let text = &text[..text.len().min(u16::MAX as usize)];
+    texts.extend_from_slice(&(text.len() as u16).to_le_bytes());
+    texts.extend_from_slice(text);
+}
+
+/// Bytes the text at `at` of a batch's `texts` takes, its header included.
+#[inline]
+pub fn text_bytes(texts: &[u8], at: usize) -> usize {
+    2 + u16::from_le_bytes([texts[at], texts[at + 1]]) as usize
+}
+
+/// The text at `*at` of a batch's `texts`; moves `*at` past it.
+#[inline]
+pub fn next_text<'a>(texts: &'a [u8], at: &mut usize) -> &'a [u8] {
+    let n = text_bytes(texts, *at);
+    let text = &texts[*at + 2..*at + n];
+    *at += n;
+    text
 }
 
 /// The queues of a run.
@@ -76,6 +103,7 @@ impl Mesh {
     #[inline]
     pub fn give_back(&self, r: usize, s: usize, mut b: Batch) {
         b.records.clear();
+        b.texts.clear();
         // The return queue holds a whole pool, so this cannot fail; if it
         // ever did, the batch would simply be freed.
         let _ = self.returned[r * self.n + s].push(b);

@@ -39,7 +39,7 @@ use crate::sink::Sink;
 use crate::source::file::{InputError, Plan};
 use crate::source::kafka::{KafkaSource, KafkaSourceError};
 use crate::source::stream::{Chain, Stream};
-use crate::state::history::{DeviceHistory, HistoryError, ImportReport};
+use crate::state::history::{HistoryError, ImportReport, Imported};
 use coordinator::{Coordinator, CutReport, CutRequest};
 use mesh::Mesh;
 use router::Router;
@@ -150,8 +150,20 @@ impl Shared {
 
 /// Messages from shards to the emitter.
 pub(crate) enum ToEmitter {
-    Slice { metric: usize, cols: SliceCols },
-    Watermark { shard: usize, wm_ms: i64 },
+    Slice {
+        metric: usize,
+        cols: SliceCols,
+    },
+    /// `minute_devices` rows of shipped slices.
+    Details {
+        metric: usize,
+        slice: u32,
+        rows: crate::metric::detail::DetailBuf,
+    },
+    Watermark {
+        shard: usize,
+        wm_ms: i64,
+    },
     Cut(Box<CutReport>),
     Finished(Box<WorkerReport>),
     Failed(String),
@@ -166,6 +178,9 @@ pub(crate) struct WorkerReport {
     closed_tables: (usize, usize),
     dau_tables: [(usize, usize); 2],
     io_uring: bool,
+    /// The shard itself, for the checkpoint of the end of input (a DAU
+    /// metric's device history outlives the input).
+    shard: Option<Box<Shard>>,
 }
 
 /// A run that could not start or failed.
@@ -199,6 +214,8 @@ pub struct RunSummary {
     pub late_folded: u64,
     pub late_dropped: u64,
     pub rows: u64,
+    /// `minute_devices` rows written by this process.
+    pub minute_devices_rows: u64,
     pub seconds: f64,
     /// Events this process counted (not those of a resumed checkpoint) per second.
     pub events_per_second: f64,
@@ -274,6 +291,9 @@ impl RunSummary {
             if self.io_uring { " (io_uring)" } else { "" },
             self.rows
         )?;
+        if self.minute_devices_rows > 0 {
+            writeln!(w, "tally: {} minute_devices rows", self.minute_devices_rows)?;
+        }
         if let Some(g) = self.resumed_from {
             writeln!(
                 w,
@@ -410,14 +430,15 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         }
         r
     });
-    let reports = outcome?;
+    let mut reports = outcome?;
     for s in &mut sinks {
         s.flush()?;
     }
-    coord.finish(&sh, &reports, &mut sinks)?;
+    coord.finish(&sh, &mut reports, &mut sinks)?;
     let rows = sinks.iter().map(Sink::rows).sum::<u64>() + coord.rows_before();
     let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
     summary.startup_seconds = startup_seconds;
+    summary.minute_devices_rows = sinks.iter().map(Sink::detail_rows).sum();
     summary.resumed_from = coord.resumed_from();
     summary.stopped = coord.stopped();
     summary.checkpoints = coord.report();
@@ -426,7 +447,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
 }
 
 /// DAU metrics' device histories: per metric, one table per shard.
-type Histories = Vec<(usize, Vec<DeviceHistory>)>;
+type Histories = Vec<(usize, Vec<Imported>)>;
 
 /// Reads the device history snapshot of every DAU metric that names one,
 /// cut by device hash like the shards.
@@ -528,6 +549,7 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
             dedup_entries_max: shard.dedup_entries_max,
             closed_tables: shard.closed_tables(),
             dau_tables: shard.dau_tables(),
+            shard: Some(Box::new(shard)),
         }))),
     };
 }
@@ -563,6 +585,7 @@ fn summarize(
         late_folded: per_source.iter().map(|s| s.late_folded).sum(),
         late_dropped: per_source.iter().map(|s| s.late_dropped).sum(),
         rows,
+        minute_devices_rows: 0,
         seconds,
         events_per_second: (events - events_before) as f64 / seconds.max(1e-9),
         state_bytes_max: reports.iter().map(|r| r.state_bytes_max as u64).sum(),

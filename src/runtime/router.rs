@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use ahash::AHashMap;
 
-use super::mesh::{Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
+use super::mesh::{push_text, text_bytes, Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::SourceStats;
 use super::{Claim, Shared, NOT_READY, NO_EVENTS};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
@@ -32,6 +32,8 @@ use crate::source::stream::{BlockMeta, StreamBlock, StreamClaim};
 /// A metric as one source feeds it.
 struct SourceMetric {
     metric: usize,
+    /// A DAU metric: its records carry the device id text.
+    text: bool,
     filter: Option<Node<usize>>,
     group_slots: Vec<usize>,
     geo: Geometry,
@@ -450,10 +452,13 @@ fn to_wm(prefix_max: i64, delay_ms: i64) -> i64 {
 /// Applies each record's metric late policy against `wm_ms`.
 fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mut SourceStats) {
     for b in batches.iter_mut().flatten() {
+        // A DAU record's text goes (or stays) with it: compacted in place.
+        let texts = &mut b.texts;
+        let (mut read, mut write) = (0, 0);
         b.records.retain_mut(|r| {
             let m = (r.key >> KEY_BITS) as usize;
             let late: LatePolicy = sh.job.metrics[m].late;
-            match sh.geometry[m].place(r.slice, wm_ms, late) {
+            let keep = match sh.geometry[m].place(r.slice, wm_ms, late) {
                 Placement::OnTime => true,
                 Placement::Folded(target) => {
                     r.slice = target;
@@ -464,8 +469,18 @@ fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mu
                     stats.late_dropped += 1;
                     false
                 }
+            };
+            if sh.job.metrics[m].dau.is_some() {
+                let n = text_bytes(texts, read);
+                if keep {
+                    texts.copy_within(read..read + n, write);
+                    write += n;
+                }
+                read += n;
             }
+            keep
         });
+        texts.truncate(write);
     }
 }
 
@@ -504,6 +519,9 @@ fn route(
         let slice = sm.geo.slice_of(ts);
         if let Some(b) = &mut batches[shard] {
             b.records.push(Record { device_fp, key: (m as u32) << KEY_BITS | key, slice });
+            if sm.text {
+                push_text(&mut b.texts, ev.did_bytes(record));
+            }
         }
     }
     Ok(())
@@ -561,6 +579,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
             let metric = &sh.job.metrics[m];
             SourceMetric {
                 metric: m,
+                text: metric.dau.is_some(),
                 filter: metric.filter.as_ref().map(|f| f.compile(&slot_of)),
                 group_slots: metric.group_by.iter().map(|g| slot_of(g)).collect(),
                 geo: sh.geometry[m],

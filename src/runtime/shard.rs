@@ -19,12 +19,14 @@ use std::path::Path;
 use crossbeam::channel::Sender;
 
 use super::coordinator::CutRequest;
-use super::mesh::{Batch, BlockSeq};
+use super::mesh::{next_text, Batch, BlockSeq};
 use super::stats::SourceStats;
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
 use crate::metric::cumulate::{CumulateShard, Dau};
+use crate::metric::detail::Details;
 use crate::metric::keys::KEY_BITS;
+use crate::state::dids::DidTable;
 use crate::state::history::DeviceHistory;
 
 /// Records ahead whose dedup slot is prefetched.
@@ -117,11 +119,16 @@ impl Shard {
             let dir = live_dir.map(|d| d.join(format!("shard-{s}")));
             let mut st = CumulateShard::new(sh.geometry[m], dir.clone(), format!("m{m}"), track);
             if let Some(d) = &spec.dau {
-                let mut history = DeviceHistory::create(dir, format!("m{m}-history"), 0)?;
+                let mut history = DeviceHistory::create(dir.clone(), format!("m{m}-history"), 0)?;
+                let mut dids = DidTable::create(dir, format!("m{m}-dids"), 0)?;
                 if track {
                     history.track_changes();
+                    dids.track_changes();
                 }
-                st.dau = Some(Dau::new(history, d));
+                st.dau = Some(Dau::new(history, dids, d));
+                if sh.job.minute_devices(m) {
+                    st.details = Some(Details::default());
+                }
             }
             metrics.push(st);
         }
@@ -153,12 +160,14 @@ impl Shard {
     }
 
     /// Puts in the device history imported for DAU metric `m`.
-    pub fn set_history(&mut self, m: usize, mut history: DeviceHistory, track: bool) {
+    pub fn set_history(&mut self, m: usize, (mut history, mut dids): (DeviceHistory, DidTable), track: bool) {
         if let Some(dau) = &mut self.metrics[m].dau {
             if track {
                 history.track_changes();
+                dids.track_changes();
             }
             dau.history = history;
+            dau.dids = dids;
         }
     }
 
@@ -236,11 +245,22 @@ impl Shard {
         let tables: Vec<FileRef> = saved
             .metrics
             .iter()
-            .flat_map(|m| m.tables.iter().flat_map(|t| std::iter::once(t).chain(t.rings.as_deref())).chain(&m.history))
+            .flat_map(|m| {
+                m.tables
+                    .iter()
+                    .flat_map(|t| std::iter::once(t).chain(t.rings.as_deref()))
+                    .chain(&m.history)
+                    .chain(&m.dids)
+            })
             .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
             .cloned()
             .collect();
         Ok(ShardCheckpoint { file, tables, files, bytes })
+    }
+
+    /// Which shard (device-hash range) this is.
+    pub fn index(&self) -> usize {
+        self.s
     }
 
     /// True once every source is fully received and everything shipped.
@@ -286,6 +306,7 @@ impl Shard {
         let recs = &batch.records;
         let mask = (1u32 << KEY_BITS) - 1;
         let source = batch.source;
+        let mut text_at = 0;
         for (i, r) in recs.iter().enumerate() {
             if let Some(ahead) = recs.get(i + PREFETCH_DISTANCE) {
                 let m = &self.metrics[(ahead.key >> KEY_BITS) as usize];
@@ -296,7 +317,9 @@ impl Shard {
                 self.s,
                 "record outside the shard's range"
             );
-            if !self.metrics[(r.key >> KEY_BITS) as usize].apply(r.device_fp, r.key & mask, r.slice, source)? {
+            let m = &mut self.metrics[(r.key >> KEY_BITS) as usize];
+            let did = if m.dau.is_some() { next_text(&batch.texts, &mut text_at) } else { &[] };
+            if !m.apply(r.device_fp, r.key & mask, r.slice, source, did)? {
                 self.ring_late[source] += 1;
             }
         }
@@ -324,9 +347,15 @@ impl Shard {
         self.dedup_entries_max = self.dedup_entries_max.max(entries);
         self.wm_ms = wm;
         for (metric, m) in self.metrics.iter_mut().enumerate() {
-            m.ship(wm, &mut |cols| {
-                let _ = out.send(ToEmitter::Slice { metric, cols });
-            })?;
+            m.ship(
+                wm,
+                &mut |cols| {
+                    let _ = out.send(ToEmitter::Slice { metric, cols });
+                },
+                &mut |slice, rows| {
+                    let _ = out.send(ToEmitter::Details { metric, slice, rows });
+                },
+            )?;
         }
         let _ = out.send(ToEmitter::Watermark { shard: self.s, wm_ms: wm });
         Ok(())

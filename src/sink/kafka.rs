@@ -117,6 +117,25 @@ impl KafkaSink {
         self.key.extend_from_slice(b",\"dims\":");
         self.key.extend_from_slice(dims.as_bytes());
         self.key.push(b'}');
+        self.produce(line)
+    }
+
+    /// Produces a `minute_devices` row keyed by its device id (`did`: the
+    /// id as a JSON string), so one device's rows share a partition.
+    pub fn write_detail(&mut self, metric: usize, line: &str, did: &str) -> Result<(), SinkError> {
+        if !matches!(self.metrics.get(metric), Some(Some(_))) {
+            return Ok(());
+        }
+        self.key.clear();
+        match serde_json::from_str::<String>(did) {
+            Ok(id) => self.key.extend_from_slice(id.as_bytes()),
+            Err(_) => self.key.extend_from_slice(did.as_bytes()),
+        }
+        self.produce(line)
+    }
+
+    /// Produces `line` under `self.key`.
+    fn produce(&mut self, line: &str) -> Result<(), SinkError> {
         let payload = line.trim_end_matches('\n').as_bytes();
         self.rows += 1;
         self.bytes += payload.len() as u64;

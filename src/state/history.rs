@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::dids::DidTable;
 use super::table::{home, Slot, Table};
 
 /// One device's history.
@@ -173,19 +174,19 @@ pub enum HistoryError {
     NothingParsed { path: PathBuf, rows: u64, examples: String },
 }
 
+/// A shard's imported history and the id texts of its devices.
+pub type Imported = (DeviceHistory, DidTable);
+
 /// Reads a history snapshot into one table per shard (device ranges cut
-/// like the shards': fast range of the fingerprint over `shards`).
+/// like the shards': fast range of the fingerprint over `shards`), with
+/// the id texts of its devices (for `tally devices export`).
 /// `dir`: where file-backed tables live (`history-S` in it), else anonymous.
 ///
 /// Two passes, each on every core: the file is cut at line boundaries into
 /// one part per core, each parsed into per-shard rows; then each shard's
 /// table takes its rows, parts in file order (merging is order-free
 /// anyway: the widest range wins).
-pub fn import(
-    path: &Path,
-    shards: usize,
-    dir: Option<&Path>,
-) -> Result<(Vec<DeviceHistory>, ImportReport), HistoryError> {
+pub fn import(path: &Path, shards: usize, dir: Option<&Path>) -> Result<(Vec<Imported>, ImportReport), HistoryError> {
     let started = Instant::now();
     let err = |source| HistoryError::Read { path: path.to_owned(), source };
     let data = std::fs::read(path).map_err(err)?;
@@ -224,19 +225,25 @@ pub fn import(
             }
         }
     }
-    let filled: Vec<io::Result<(DeviceHistory, u64)>> = std::thread::scope(|scope| {
+    let filled: Vec<io::Result<(Imported, u64)>> = std::thread::scope(|scope| {
         let parsed = &parsed;
         let handles: Vec<_> = (0..shards)
             .map(|s| {
                 scope.spawn(move || {
                     let rows: usize = parsed.iter().map(|p| p.rows[s].len()).sum();
                     let sub = dir.map(|d| d.join(format!("history-{s}")));
-                    let mut table = DeviceHistory::create(sub, "history".into(), rows)?;
+                    let mut table = DeviceHistory::create(sub.clone(), "history".into(), rows)?;
+                    let mut dids = DidTable::create(sub, "dids".into(), rows)?;
                     let mut duplicates = 0;
                     for p in parsed {
                         duplicates += insert(&mut table, &p.rows[s])?;
+                        let mut start = 0;
+                        for (&(fp, ..), &end) in p.rows[s].iter().zip(&p.id_ends[s]) {
+                            dids.insert(fp, &p.ids[s][start..end as usize])?;
+                            start = end as usize;
+                        }
                     }
-                    Ok((table, duplicates))
+                    Ok(((table, dids), duplicates))
                 })
             })
             .collect();
@@ -251,7 +258,7 @@ pub fn import(
         report.duplicates += duplicates;
         tables.push(table);
     }
-    report.devices = tables.iter().map(|t| t.len() as u64).sum();
+    report.devices = tables.iter().map(|(t, _)| t.len() as u64).sum();
     report.seconds = started.elapsed().as_secs_f64();
     if report.rows > 0 && report.devices == 0 {
         let examples: Vec<String> = report.examples.iter().map(|(l, r)| format!("line {l}: {r}")).collect();
@@ -269,10 +276,13 @@ const IMPORT_PARTS_MAX: usize = 8;
 /// Inserts ahead of which a home slot is prefetched.
 const IMPORT_PREFETCH_ROWS: usize = 16;
 
-/// One part of a history file, parsed: per shard (fingerprint, first, last).
+/// One part of a history file, parsed: per shard (fingerprint, first,
+/// last), and the ids, one after the other, with where each ends.
 #[derive(Default)]
 struct Parsed {
     rows: Vec<Vec<(u64, u32, u32)>>,
+    ids: Vec<Vec<u8>>,
+    id_ends: Vec<Vec<u32>>,
     report: ImportReport,
 }
 
@@ -295,7 +305,12 @@ fn line_parts(body: &[u8], n: usize) -> Vec<&[u8]> {
 
 /// Parses the rows of one part; `first_line` is the file line of its first.
 fn parse_part(part: &[u8], first_line: u64, shards: usize) -> Parsed {
-    let mut out = Parsed { rows: vec![Vec::new(); shards], report: ImportReport::default() };
+    let mut out = Parsed {
+        rows: vec![Vec::new(); shards],
+        ids: vec![Vec::new(); shards],
+        id_ends: vec![Vec::new(); shards],
+        report: ImportReport::default(),
+    };
     let mut quoted = csv::ByteRecord::new();
     // (`split` would yield an empty piece after the last line end.)
     let body = part.strip_suffix(b"\n").unwrap_or(part);
@@ -311,6 +326,8 @@ fn parse_part(part: &[u8], first_line: u64, shards: usize) -> Parsed {
                 let fp = xxhash_rust::xxh3::xxh3_64(did);
                 let shard = ((fp as u128 * shards as u128) >> 64) as usize;
                 out.rows[shard].push((fp, first, last));
+                out.ids[shard].extend_from_slice(did);
+                out.id_ends[shard].push(out.ids[shard].len() as u32);
             }
             Err(why) => malformed(&mut out.report, first_line + i as u64, why),
         }
@@ -410,8 +427,16 @@ mod tests {
         assert_eq!(lines, [3, 6, 7]);
         let find = |did: &str| {
             let fp = xxhash_rust::xxh3::xxh3_64(did.as_bytes());
-            tables.iter().find_map(|t| t.get(fp))
+            tables.iter().find_map(|(t, _)| t.get(fp))
         };
+        let id = |did: &str| {
+            let fp = xxhash_rust::xxh3::xxh3_64(did.as_bytes());
+            let mut out = Vec::new();
+            tables.iter().any(|(_, d)| d.get(fp, &mut out)).then(|| String::from_utf8(out).unwrap())
+        };
+        assert_eq!(id("c,1").as_deref(), Some("c,1"), "a quoted id keeps its text, unquoted");
+        assert_eq!(id("7").as_deref(), Some("7"));
+        assert_eq!(id("b"), None);
         let a = find("a").unwrap();
         assert_eq!((a.first_day, a.last_day), (parse_day(b"2025-06-01").unwrap(), parse_day(b"2026-02-01").unwrap()));
         assert!(find("c,1").is_some() && find("7").is_some() && find("b").is_none());
@@ -456,6 +481,7 @@ mod tests {
         assert_eq!(r.examples.iter().map(|e| e.0).collect::<Vec<_>>(), bad);
         assert_eq!(r.devices, 6_998, "d4999 and d5000 appear only on broken lines");
         assert_eq!(r.devices + r.duplicates, r.rows - r.malformed);
-        assert_eq!(tables.iter().map(|t| t.len() as u64).sum::<u64>(), 6_998);
+        assert_eq!(tables.iter().map(|(t, _)| t.len() as u64).sum::<u64>(), 6_998);
+        assert_eq!(tables.iter().map(|(_, d)| d.devices().count() as u64).sum::<u64>(), 6_998);
     }
 }

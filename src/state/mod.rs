@@ -2,6 +2,7 @@
 //! the device history of DAU metrics, both on one open-addressing table.
 
 pub mod dedup;
+pub mod dids;
 pub mod history;
 pub mod ring;
 pub mod snapshot;
