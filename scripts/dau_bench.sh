@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # DAU end to end: three JSON-lines sources (client, server, binlog; their
 # disorder differs) and a device history, run (a) as a cumulate metric
-# (platform pv/uv over the three sources) and (b) as a dau metric (platform
-# active/new/returning, minute dedup, history) in alternation, same
+# (platform pv/uv over the three sources), (b) as a dau metric (platform
+# active/new/returning, minute dedup, history) and (c) that dau metric with
+# a minute_devices sink (the detail stream to a file) in alternation, same
 # machine, same files. Prints a markdown report on stdout and saves it as
 # data/dau-bench-<N>-<D>/report.md; progress goes to stderr.
 #
@@ -87,11 +88,19 @@ name = "platform_dau"
 kind = "dau"
 group_by = ["platform"]
 device_history = "history.csv"'
+job dau_detail '[[metric]]
+name = "platform_dau"
+kind = "dau"
+group_by = ["platform"]
+device_history = "history.csv"
+[[sink]]
+kind = "minute_devices"
+path = "out/minute-devices.jsonl"'
 
 log "warming the page cache"
 cat "$DIR"/*/events.jsonl > /dev/null
 for r in $(seq 1 "$RUNS"); do
-  for j in cumulate dau; do
+  for j in cumulate dau dau_detail; do
     "$TALLY" run --job "$DIR/$j.toml" --workers "$WORKERS" --summary "$DIR/out/summary-$j-$r.json" 2> "$DIR/out/log-$j-$r.txt" > /dev/null
     log "round $r $j: $(head -1 "$DIR/out/log-$j-$r.txt")"
   done
@@ -108,25 +117,26 @@ dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=T
 print(f"### DAU end to end: {events} events over 3 JSON-lines sources, {devices} devices, {workers} workers\n")
 print(f"- machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} CPUs, MemTotal {int(mem)//1024} MiB; load average at end {' '.join(load)}")
 print(f"- commit {commit}{' (+ uncommitted changes in src/)' if dirty else ''}; {runs} rounds, cumulate and dau alternating; median by seconds\n")
-print("| job | seconds (median) | range | M events/s | vs cumulate | late dropped | state MB max | rows |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| job | seconds (median) | range | M events/s | vs cumulate | late dropped | state MB max | rows | minute_devices rows |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 med = {}
-for j in ["cumulate", "dau"]:
+for j in ["cumulate", "dau", "dau_detail"]:
     ss = sorted((summ(j, r) for r in range(1, runs + 1)), key=lambda s: s["seconds"])
     m = ss[len(ss) // 2]
     med[j] = m
     rel = m["seconds"] / med["cumulate"]["seconds"]
-    print(f"| {j} | {m['seconds']:.3f} | {ss[0]['seconds']:.2f}-{ss[-1]['seconds']:.2f} | {m['events_per_second']/1e6:.2f} | {rel:.2f}x | {m['late_dropped']} | {m['state_bytes_max']/1e6:.0f} | {m['rows']} |")
+    print(f"| {j} | {m['seconds']:.3f} | {ss[0]['seconds']:.2f}-{ss[-1]['seconds']:.2f} | {m['events_per_second']/1e6:.2f} | {rel:.2f}x | {m['late_dropped']} | {m['state_bytes_max']/1e6:.0f} | {m['rows']} | {m.get('minute_devices_rows', 0)} |")
 m = med["dau"]
 imp = m["history_imports"][0]
 print()
 print(f"- device history: {imp['rows']} rows imported in {imp['seconds']:.3f} s = {imp['rows']/imp['seconds']/1e6:.2f} M rows/s; "
       f"{m['history_devices']} devices at the end, {m['history_bytes_per_device']:.1f} bytes per device (target <= 24)")
+print(f"- device id texts (for `tally devices export`): {m.get('device_id_bytes_per_device', 0):.1f} bytes per device")
 print(f"- minute-dedup rings: {m['ring_bytes_per_entry']:.1f} bytes per (source, device, key) entry at each day's close (target <= 32); "
       f"dedup tables {m['dedup_bytes_per_entry']:.1f} bytes per (device, key)")
 print("\nCommands:\n\n```sh")
 print(f"scripts/dau_bench.sh --events {events} --devices {devices} --runs {runs} --workers {workers}")
-for j in ["cumulate", "dau"]:
+for j in ["cumulate", "dau", "dau_detail"]:
     print(f"target/release/tally run --job {d}/{j}.toml --workers {workers} --summary {d}/out/summary-{j}-R.json")
 print("```")
 EOF

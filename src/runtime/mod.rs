@@ -176,7 +176,7 @@ pub(crate) struct WorkerReport {
     state_bytes_max: usize,
     dedup_entries_max: usize,
     closed_tables: (usize, usize),
-    dau_tables: [(usize, usize); 2],
+    dau_tables: [(usize, usize); 3],
     io_uring: bool,
     /// The shard itself, for the checkpoint of the end of input (a DAU
     /// metric's device history outlives the input).
@@ -232,6 +232,9 @@ pub struct RunSummary {
     /// DAU: device history entries at the end, and bytes per device.
     pub history_devices: u64,
     pub history_bytes_per_device: f64,
+    /// DAU: bytes of device id text table per device (`tally devices
+    /// export` writes ids back from it).
+    pub device_id_bytes_per_device: f64,
     /// Per worker: seconds spent waiting with nothing to do.
     pub worker_idle_seconds: Vec<f64>,
     pub sources: Vec<SourceReport>,
@@ -602,6 +605,10 @@ fn summarize(
         history_devices: reports.iter().map(|r| r.dau_tables[1].1 as u64).sum(),
         history_bytes_per_device: {
             let (b, e) = reports.iter().fold((0, 0), |(b, e), r| (b + r.dau_tables[1].0, e + r.dau_tables[1].1));
+            b as f64 / e.max(1) as f64
+        },
+        device_id_bytes_per_device: {
+            let (b, e) = reports.iter().fold((0, 0), |(b, e), r| (b + r.dau_tables[2].0, e + r.dau_tables[2].1));
             b as f64 / e.max(1) as f64
         },
         worker_idle_seconds: reports.iter().map(|r| r.idle_seconds).collect(),

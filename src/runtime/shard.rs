@@ -94,15 +94,17 @@ impl Shard {
     }
 
     /// DAU: (bytes, entries) of the minute-dedup rings of finished days,
-    /// and of the device histories now.
-    pub fn dau_tables(&self) -> [(usize, usize); 2] {
-        let mut out = [(0, 0); 2];
+    /// of the device histories now, and (bytes, devices) of the id texts.
+    pub fn dau_tables(&self) -> [(usize, usize); 3] {
+        let mut out = [(0, 0); 3];
         for m in &self.metrics {
             out[0].0 += m.closed_rings.0;
             out[0].1 += m.closed_rings.1;
             if let Some(d) = &m.dau {
                 out[1].0 += d.history.bytes();
                 out[1].1 += d.history.len();
+                out[2].0 += d.dids.bytes();
+                out[2].1 += d.dids.devices().count();
             }
         }
         out
