@@ -423,17 +423,18 @@ impl CumulateShard {
             }
         }
         let seen = self.tables[t].table.observe(device_fp, key, slice)?;
-        if seen == Seen::New {
+        let classified = self.tables[t].classified;
+        let class = match (&self.dau, seen) {
+            (Some(dau), Seen::New | Seen::Earlier { .. }) if classified => dau.class(device_fp, self.tables[t].period),
+            _ => Class::Known,
+        };
+        if seen == Seen::New && (class == Class::New || !classified) {
+            // A device in the history has its id already (imported with
+            // it, or recorded on the day it was first seen).
             if let Some(dau) = &mut self.dau {
                 dau.dids.insert(device_fp, did)?;
             }
         }
-        let class = match (&self.dau, seen) {
-            (Some(dau), Seen::New | Seen::Earlier { .. }) if self.tables[t].classified => {
-                dau.class(device_fp, self.tables[t].period)
-            }
-            _ => Class::Known,
-        };
         let k = key as usize;
         let i = self.slice_index(slice);
         let dau = self.dau.is_some();
