@@ -884,12 +884,17 @@ fn push_json_string(out: &mut String, text: &[u8]) {
 
 /// Renders the keys interned since the last call and keeps `order` (key
 /// ids sorted by rendered dims) up to date.
-fn catch_up_dims(dict: &KeyDict, dims: &mut Vec<String>, order: &mut Vec<u32>) {
+/// `rank[k]`: the place of key `k` in `order`.
+fn catch_up_dims(dict: &KeyDict, dims: &mut Vec<String>, order: &mut Vec<u32>, rank: &mut Vec<u32>) {
     let before = dims.len();
     dict.catch_up(dims);
     if dims.len() > before {
         *order = (0..dims.len() as u32).collect();
         order.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+        rank.resize(order.len(), 0);
+        for (i, &k) in order.iter().enumerate() {
+            rank[k as usize] = i as u32;
+        }
     }
 }
 
@@ -920,6 +925,8 @@ pub struct CumulateEmitter {
     dims: Vec<String>,
     /// Key ids sorted by rendered dims: the row order within a window.
     order: Vec<u32>,
+    /// Per key id, its place in `order`.
+    rank: Vec<u32>,
     /// Merged slices not yet folded into a window, by slice.
     pending: std::collections::BTreeMap<u32, Vec<Sums>>,
     periods: std::collections::BTreeMap<u32, Period>,
@@ -975,6 +982,7 @@ impl CumulateEmitter {
             dict,
             dims: Vec::new(),
             order: Vec::new(),
+            rank: Vec::new(),
             pending: Default::default(),
             periods: Default::default(),
             details: None,
@@ -1026,14 +1034,17 @@ impl CumulateEmitter {
         row: &mut Row,
         write: &mut impl FnMut(&Row) -> Result<(), E>,
     ) -> Result<(), E> {
-        catch_up_dims(&self.dict, &mut self.dims, &mut self.order);
+        catch_up_dims(&self.dict, &mut self.dims, &mut self.order, &mut self.rank);
         let dims = &self.dims;
         let dims_of = |k: u32| dims.get(k as usize).map_or("{}", String::as_str);
-        let mut order: Vec<u32> = (0..buf.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| {
-            let (ra, rb) = (&buf.rows[a as usize], &buf.rows[b as usize]);
-            (ra.source, dims_of(ra.key), buf.id(a as usize)).cmp(&(rb.source, dims_of(rb.key), buf.id(b as usize)))
+        // Keys by their dims' order (ranks compare as the texts do).
+        let rank = |k: u32| self.rank.get(k as usize).copied().unwrap_or(u32::MAX);
+        let mut order: Vec<(u32, u32, u32)> =
+            buf.rows.iter().enumerate().map(|(i, r)| (r.source, rank(r.key), i as u32)).collect();
+        order.sort_unstable_by(|a, b| {
+            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| buf.id(a.2 as usize).cmp(buf.id(b.2 as usize)))
         });
+        let order = order.into_iter().map(|(_, _, i)| i);
         let mut head = String::with_capacity(64);
         head.push_str(",\"minute\":");
         head.push_str(itoa::Buffer::new().format(self.geo.slice_start_ms(slice)));
@@ -1136,7 +1147,7 @@ impl CumulateEmitter {
             }
         }
         if self.dims.len() < period.sums.len() {
-            catch_up_dims(&self.dict, &mut self.dims, &mut self.order);
+            catch_up_dims(&self.dict, &mut self.dims, &mut self.order, &mut self.rank);
         }
         let start = self.geo.period_start_ms(p);
         let end = self.geo.slice_end_ms(s);
