@@ -38,7 +38,7 @@ use serde_json::{Map, Value};
 
 use crate::event::binary::{BinaryRecord, BINARY_DIMS, BINARY_NULL, BINARY_RECORD_BYTES};
 use crate::job::filter::FieldValue;
-use crate::job::{Emit, Format, Job, Measure, MetricSpec, SinkTarget, SourceSpec, DAY_MS};
+use crate::job::{Emit, Format, Job, Measure, MetricSpec, SinkRows, SinkTarget, SourceSpec, DAY_MS};
 
 /// Earliest accepted event time (2000-01-01T00:00:00Z), inclusive.
 const TS_MIN_MS: i64 = 946_684_800_000;
@@ -737,10 +737,111 @@ fn window_period(job: &Job, spec: &MetricSpec, end: i64) -> Option<i64> {
 ///    `changed`: those where some key's output values changed). When a sink
 ///    of the job writes to `results`, only its metrics are required here.
 pub fn verify(job: &Job, results: &Path) -> Result<VerifyReport> {
+    if let Some(metrics) = minute_devices_sink(job, results) {
+        return verify_minute_devices(job, &metrics, results);
+    }
     let offline = Offline::compute(job)?;
     let file = File::open(results).with_context(|| format!("cannot open results {}", results.display()))?;
     let required = metrics_written_to(job, results);
     check(&offline, BufReader::new(file), &required).with_context(|| format!("reading results {}", results.display()))
+}
+
+/// The DAU metrics of the `minute_devices` sink writing to `path`, if one does.
+fn minute_devices_sink(job: &Job, path: &Path) -> Option<Vec<usize>> {
+    let target = std::fs::canonicalize(path).ok()?;
+    job.sinks.iter().find_map(|s| match &s.target {
+        SinkTarget::File(p) if s.rows == SinkRows::MinuteDevices && std::fs::canonicalize(p).ok()? == target => {
+            Some(s.metrics.clone())
+        }
+        _ => None,
+    })
+}
+
+/// A `minute_devices` row reduced to ids: (metric, source, minute, key, device).
+type DetailKey = (u32, u32, i64, u32, u32);
+
+/// Checks a `minute_devices` file: its rows must be exactly the distinct
+/// (metric, source, step start, dims, device) of the events each DAU metric
+/// counts (its sources, its filter), each once. Like the window check, this
+/// is the truth without lateness: it holds when no event is late or older
+/// than the metric's minute-dedup ring.
+fn verify_minute_devices(job: &Job, metrics: &[usize], path: &Path) -> Result<VerifyReport> {
+    let mut dids: AHashMap<Box<[u8]>, u32> = AHashMap::new();
+    let mut keys: Vec<AHashMap<Vec<String>, u32>> = job.metrics.iter().map(|_| AHashMap::new()).collect();
+    let mut want: AHashSet<DetailKey> = AHashSet::new();
+    let off = job.timezone_offset_ms;
+    for (si, src) in job.sources.iter().enumerate() {
+        let readers: Vec<usize> = metrics.iter().copied().filter(|&m| job.metrics[m].sources.contains(&si)).collect();
+        if readers.is_empty() {
+            continue;
+        }
+        read_source(src, &mut |ts, did, rec| {
+            for &mi in &readers {
+                let spec = &job.metrics[mi];
+                if !spec.filter.as_ref().is_none_or(|f| f.root.passes(&|name: &String| rec.get(name))) {
+                    continue;
+                }
+                let dims: Vec<String> =
+                    spec.group_by.iter().map(|g| Dim::from_field(rec.get(g)).to_json().to_string()).collect();
+                let next = keys[mi].len() as u32;
+                let key = *keys[mi].entry(dims).or_insert(next);
+                let did = intern_did(&mut dids, did)?;
+                let minute = (ts + off).div_euclid(spec.step_ms) * spec.step_ms - off;
+                want.insert((mi as u32, si as u32, minute, key, did));
+            }
+            Ok(())
+        })?;
+    }
+    let file = File::open(path).with_context(|| format!("cannot open results {}", path.display()))?;
+    let mut report = VerifyReport::default();
+    let mut seen: AHashSet<DetailKey> = AHashSet::new();
+    let wrong = |report: &mut VerifyReport, line: u64, why: String| {
+        report.rows_wrong += 1;
+        if report.examples.len() < EXAMPLES_MAX {
+            report.examples.push(format!("line {line}: {why}"));
+        }
+    };
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i as u64 + 1;
+        report.rows_checked += 1;
+        let row: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                wrong(&mut report, n, format!("not JSON: {e}"));
+                continue;
+            }
+        };
+        let metric = job.metrics.iter().position(|m| Some(m.name.as_str()) == row["metric"].as_str());
+        let source = job.sources.iter().position(|s| Some(s.name.as_str()) == row["source"].as_str());
+        let (Some(mi), Some(si), Some(minute), Some(dims), Some(did)) =
+            (metric, source, row["minute"].as_i64(), row["dims"].as_object(), row["did"].as_str())
+        else {
+            wrong(&mut report, n, "not a minute_devices row of this job (metric, source, minute, dims, did)".into());
+            continue;
+        };
+        let values: Vec<String> =
+            job.metrics[mi].group_by.iter().map(|g| dims.get(g).unwrap_or(&Value::Null).to_string()).collect();
+        let (Some(&key), Some(&did)) = (keys[mi].get(&values), dids.get(did.as_bytes())) else {
+            wrong(&mut report, n, format!("no event has these dims and device: {line}"));
+            continue;
+        };
+        let k = (mi as u32, si as u32, minute, key, did);
+        if !want.contains(&k) {
+            wrong(&mut report, n, format!("no event of this source, minute, dims and device: {line}"));
+        } else if !seen.insert(k) {
+            report.rows_duplicate += 1;
+            wrong(&mut report, n, format!("written twice: {line}"));
+        }
+    }
+    report.rows_missing = want.len() as u64 - seen.len() as u64;
+    if report.rows_missing > 0 && report.examples.len() < EXAMPLES_MAX {
+        report.examples.push(format!("{} (source, minute, dims, device) rows missing", report.rows_missing));
+    }
+    Ok(report)
 }
 
 /// Which metrics a results file must cover: those of the sinks writing to

@@ -266,6 +266,7 @@ fn dau_rows_equal_the_offline_computation() {
         panic!("minute_devices row {i} (sorted): got {}, want {}", got[i], want[i]);
     }
     assert_eq!(got.len(), want.len(), "minute_devices rows (each distinct, none missing)");
+    assert_verifies(&job, &details_of(&job.results), "tally verify of the minute_devices file");
 
     // Not vacuous: each day has new and returning devices, in both metrics.
     for metric in ["dau_platform", "dau_total"] {
@@ -288,6 +289,18 @@ fn dau_rows_equal_the_offline_computation() {
             "{workers} workers write other minute_devices rows than 2"
         );
     }
+
+    // tally verify fails a detail file missing a row, or holding a row no
+    // event gives.
+    let details = details_of(&job.results);
+    let mut lines = read_lines(&details);
+    lines.remove(10);
+    let forged = String::from_utf8(lines[20].clone()).unwrap().replace("\"did\":\"", "\"did\":\"x");
+    lines[20] = forged.into_bytes();
+    write_lines(&details, &lines, b"\n");
+    let v = verify(&job, &details);
+    assert_eq!(v.code, Some(1), "{}", v.stdout);
+    assert!(v.stdout.contains("rows wrong:       1") && v.stdout.contains("rows missing:     2"), "{}", v.stdout);
 }
 
 #[test]
