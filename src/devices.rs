@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::identity::{differences, job_identity};
 use crate::checkpoint::{CheckpointError, ShardSaved, StateDir};
 use crate::job::Job;
-use crate::metric::cumulate::read_table;
+use crate::metric::cumulate::{read_dids, read_table};
 use crate::state::dids::DidTable;
 use crate::state::history::DeviceHistory;
 use crate::verify::civil_from_days;
@@ -78,8 +78,7 @@ pub fn export(job: &Job, state_dir: &Path, metric: Option<&str>, out: &Path) -> 
         };
         let history: DeviceHistory =
             read_table(&state.ckpt(), "history", h).map_err(|e| table_err(format!("{}: {e}", h.chain.base.file)))?;
-        let dids: DidTable =
-            read_table(&state.ckpt(), "dids", d).map_err(|e| table_err(format!("{}: {e}", d.chain.base.file)))?;
+        let dids: DidTable = read_dids(&state.ckpt(), d).map_err(|e| table_err(format!("{}: {e}", f.file)))?;
         for e in history.entries().iter().filter(|e| e.first_day != 0) {
             let mut id = Vec::new();
             if !dids.get(e.device_fp, &mut id) {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{FileRef, Pending, PendingFile};
 use crate::job::{DauSpec, Emit, Job, LatePolicy, Measure, MetricSpec};
-use crate::state::dedup::{DedupTable, Seen};
+use crate::state::dedup::{DedupTable, Seen, Written};
 use crate::state::dids::DidTable;
 use crate::state::history::DeviceHistory;
 use crate::state::ring::{ring_key, Ring, RingTable};
@@ -179,6 +179,8 @@ pub struct Dau {
     /// The id text of every device in the history or seen since.
     pub dids: DidTable,
     dids_chain: Option<Chain>,
+    /// The id arena's files in the last checkpoint written, in order.
+    dids_arena: Vec<FileRef>,
     returning_after_days: u32,
     /// Steps of disorder the minute dedup of each source tolerates.
     tolerance: u32,
@@ -191,6 +193,7 @@ impl Dau {
             chain: None,
             dids,
             dids_chain: None,
+            dids_arena: Vec::new(),
             returning_after_days: spec.returning_after_days,
             tolerance: spec.dedup_tolerance,
         }
@@ -250,6 +253,25 @@ pub struct TableSaved {
     pub rings: Option<Box<TableSaved>>,
 }
 
+/// A [`DidTable`] as a checkpoint records it: its index, and its arena as
+/// files to concatenate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DidsSaved {
+    pub index: TableSaved,
+    pub arena: Vec<FileRef>,
+}
+
+impl DidsSaved {
+    /// Every file it names.
+    pub fn files(&self) -> impl Iterator<Item = &FileRef> {
+        std::iter::once(&self.index.chain.base).chain(&self.index.chain.deltas).chain(&self.arena)
+    }
+}
+
+/// Arena files a DidTable's checkpoint may name before its whole arena is
+/// written as one again.
+const DID_ARENA_FILES_MAX: usize = 64;
+
 /// One metric's shard state as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateShardSaved {
@@ -259,7 +281,7 @@ pub struct CumulateShardSaved {
     /// DAU: the device history table.
     pub history: Option<TableSaved>,
     /// DAU: the device id texts.
-    pub dids: Option<TableSaved>,
+    pub dids: Option<DidsSaved>,
     /// DAU with a `minute_devices` sink: rows of slices not shipped yet.
     pub details: Option<Details>,
     pub entries_seen_max: u64,
@@ -609,8 +631,22 @@ impl CumulateShard {
             None => None,
             Some(dau) => {
                 let stem = format!("{prefix}-dids-g{generation}");
-                let (chain, capacity, len) = out.table(&mut dau.dids, &mut dau.dids_chain, &stem)?;
-                Some(TableSaved { period: 0, capacity, len, chain, classified: true, rings: None })
+                let (chain, capacity, len) = out.table(&mut dau.dids.index, &mut dau.dids_chain, &stem)?;
+                let index = TableSaved { period: 0, capacity, len, chain, classified: true, rings: None };
+                // The arena's new bytes; all of it once it spans too many files.
+                let all = dau.dids_arena.len() >= DID_ARENA_FILES_MAX;
+                if all {
+                    dau.dids_arena.clear();
+                }
+                let tail = dau.dids.take_tail(all);
+                if !tail.is_empty() {
+                    let file = format!("{stem}.ids");
+                    let w = Written { bytes: tail.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&tail) };
+                    *out.written += w.bytes;
+                    out.files.push(PendingFile { path: dir.join(&file), bytes: Pending::Encoded(tail) });
+                    dau.dids_arena.push(FileRef::new(file, w));
+                }
+                Some(DidsSaved { index, arena: dau.dids_arena.clone() })
             }
         };
         let slices =
@@ -655,8 +691,10 @@ impl CumulateShard {
             (Some(dau), Some(h), Some(d)) => {
                 dau.history = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-history", self.name), h)?;
                 dau.chain = Some(h.chain.clone());
-                dau.dids = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-dids", self.name), d)?;
-                dau.dids_chain = Some(d.chain.clone());
+                let index = restore_table(ckpt_dir, self.state_dir.clone(), format!("{}-dids", self.name), &d.index)?;
+                dau.dids = DidTable::restored(index, read_arena(ckpt_dir, &d.arena)?);
+                dau.dids_chain = Some(d.index.chain.clone());
+                dau.dids_arena = d.arena.clone();
             }
             (None, None, None) => {}
             _ => {
@@ -735,6 +773,28 @@ impl TableOut<'_> {
         };
         Ok((c.clone(), c.base_capacity, table.len() as u64))
     }
+}
+
+/// The id arena of a checkpoint: its files, checked, one after the other.
+fn read_arena(ckpt_dir: &Path, files: &[FileRef]) -> io::Result<Vec<u8>> {
+    let mut arena = Vec::with_capacity(files.iter().map(|f| f.bytes as usize).sum());
+    for f in files {
+        let path = ckpt_dir.join(&f.file);
+        let bytes = std::fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        if bytes.len() as u64 != f.bytes || xxhash_rust::xxh3::xxh3_64(&bytes) != f.xxh3 {
+            let why = format!("{}: size or checksum differs from the manifest's", path.display());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+        }
+        arena.extend_from_slice(&bytes);
+    }
+    Ok(arena)
+}
+
+/// A checkpoint's device id table, rebuilt in anonymous memory (for
+/// reading a state directory offline).
+pub fn read_dids(ckpt_dir: &Path, saved: &DidsSaved) -> io::Result<DidTable> {
+    let index = restore_table(ckpt_dir, None, "dids".into(), &saved.index)?;
+    Ok(DidTable::restored(index, read_arena(ckpt_dir, &saved.arena)?))
 }
 
 /// A table of a checkpoint, rebuilt in anonymous memory (for reading a

@@ -104,7 +104,7 @@ impl Shard {
                 out[1].0 += d.history.bytes();
                 out[1].1 += d.history.len();
                 out[2].0 += d.dids.bytes();
-                out[2].1 += d.dids.devices().count();
+                out[2].1 += d.dids.len();
             }
         }
         out
@@ -252,9 +252,9 @@ impl Shard {
                     .iter()
                     .flat_map(|t| std::iter::once(t).chain(t.rings.as_deref()))
                     .chain(&m.history)
-                    .chain(&m.dids)
+                    .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
+                    .chain(m.dids.iter().flat_map(|d| d.files()))
             })
-            .flat_map(|t| std::iter::once(&t.chain.base).chain(&t.chain.deltas))
             .cloned()
             .collect();
         Ok(ShardCheckpoint { file, tables, files, bytes })

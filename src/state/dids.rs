@@ -1,125 +1,168 @@
 //! Device id texts of a DAU metric, per shard: the history and the dedup
 //! tables know a device only by its fingerprint, and `tally devices
-//! export` must write the id itself back.
+//! export` (and nothing on the hot path) must write the id itself back.
 //!
-//! A [`Table`] of 48-byte entries keyed by (fingerprint, piece): an id
-//! fits one entry up to [`PIECE_BYTES`] bytes (a UUID does) and takes one
-//! more per [`PIECE_BYTES`] beyond. Inserting an id already there costs one
-//! probe; ids arrive with every DAU record, but the shard inserts one only
-//! when a (device, key) pair is first seen on a day.
+//! An append-only arena of `[length u16 LE][id bytes]` records, and an
+//! index: a [`Table`] of 16-byte slots from fingerprint to the record's
+//! place in the arena. A device costs its id's length + 2 bytes of arena
+//! and one slot (≈ 22 bytes at the table's load). Checkpoints write the
+//! index like any table and the arena's new bytes as a file of their own
+//! ([`DidTable::take_tail`]); a restart concatenates the files.
 
 use std::io;
+use std::path::PathBuf;
 
 use bytemuck::{Pod, Zeroable};
 
 use super::table::{home, Slot, Table};
 
-/// Id bytes one entry holds.
-pub const PIECE_BYTES: usize = 37;
-
-/// One piece of a device id.
+/// One device: where its id's record starts in the arena, plus one (0: an
+/// empty slot).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-pub struct DidEntry {
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct DidSlot {
     pub device_fp: u64,
-    /// Which piece of the id: bytes `piece * PIECE_BYTES ..`.
-    pub piece: u16,
-    /// Bytes of the piece + 1 (0: an empty slot); a piece shorter than
-    /// [`PIECE_BYTES`] is the id's last.
-    pub used: u8,
-    pub text: [u8; PIECE_BYTES],
+    pub at: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<DidEntry>() == 48);
+const _: () = assert!(std::mem::size_of::<DidSlot>() == 16);
 
 #[inline]
-fn mix(device_fp: u64, piece: u16) -> u64 {
-    let h = (device_fp ^ (piece as u64).rotate_left(47) ^ (device_fp >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+fn mix(device_fp: u64) -> u64 {
+    let h = (device_fp ^ (device_fp >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^ (h >> 32)
 }
 
-impl Slot for DidEntry {
+impl Slot for DidSlot {
     #[inline]
     fn is_empty(&self) -> bool {
-        self.used == 0
+        self.at == 0
     }
 
     #[inline]
     fn hash(&self) -> u64 {
-        mix(self.device_fp, self.piece)
+        mix(self.device_fp)
     }
 
     #[inline]
-    fn same_key(&self, other: &DidEntry) -> bool {
-        self.device_fp == other.device_fp && self.piece == other.piece
+    fn same_key(&self, other: &DidSlot) -> bool {
+        self.device_fp == other.device_fp
     }
 }
 
 /// The id texts of one shard's devices.
-pub type DidTable = Table<DidEntry>;
+pub struct DidTable {
+    pub index: Table<DidSlot>,
+    arena: Vec<u8>,
+    /// Arena bytes already handed to a checkpoint.
+    saved: usize,
+}
 
 impl DidTable {
-    /// The slot of a piece, or of the empty slot where it would go.
+    pub fn anonymous() -> io::Result<DidTable> {
+        Ok(DidTable { index: Table::anonymous()?, arena: Vec::new(), saved: 0 })
+    }
+
+    /// An empty table for `expected` devices (its index file-backed in
+    /// `dir` when given, like the other tables).
+    pub fn create(dir: Option<PathBuf>, name: String, expected: usize) -> io::Result<DidTable> {
+        Ok(DidTable { index: Table::create(dir, name, expected)?, arena: Vec::new(), saved: 0 })
+    }
+
+    /// A table put back from a checkpoint: its index and whole arena.
+    pub fn restored(index: Table<DidSlot>, arena: Vec<u8>) -> DidTable {
+        let saved = arena.len();
+        DidTable { index, arena, saved }
+    }
+
+    pub fn track_changes(&mut self) {
+        self.index.track_changes();
+    }
+
+    /// Devices with an id.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Bytes held: index and arena.
+    pub fn bytes(&self) -> usize {
+        self.index.bytes() + self.arena.len()
+    }
+
+    /// The slot of a device, or of the empty slot where it would go.
     #[inline]
-    fn find(&self, device_fp: u64, piece: u16) -> usize {
-        let capacity = self.capacity();
-        let entries = self.entries();
-        let mut i = home(mix(device_fp, piece), capacity);
+    fn find(&self, device_fp: u64) -> usize {
+        let capacity = self.index.capacity();
+        let slots = self.index.entries();
+        let mut i = home(mix(device_fp), capacity);
         loop {
-            let e = &entries[i];
-            if e.is_empty() || (e.device_fp == device_fp && e.piece == piece) {
+            let e = &slots[i];
+            if e.is_empty() || e.device_fp == device_fp {
                 return i;
             }
             i = if i + 1 == capacity { 0 } else { i + 1 };
         }
     }
 
-    /// Records a device's id text unless it is there already.
+    /// Records a device's id text (cut at 64 KiB) unless it has one.
     #[inline]
     pub fn insert(&mut self, device_fp: u64, text: &[u8]) -> io::Result<()> {
-        if !self.entries()[self.find(device_fp, 0)].is_empty() {
+        if !self.index.entries()[self.find(device_fp)].is_empty() {
             return Ok(()); // known (ids of one fingerprint are one id)
         }
-        // Full pieces, then a shorter last one (empty when the id fills
-        // its pieces exactly).
-        for p in 0..=text.len() / PIECE_BYTES {
-            let chunk = &text[p * PIECE_BYTES..((p + 1) * PIECE_BYTES).min(text.len())];
-            self.reserve_one()?;
-            let i = self.find(device_fp, p as u16);
-            let mut e = DidEntry { device_fp, piece: p as u16, used: chunk.len() as u8 + 1, text: [0; PIECE_BYTES] };
-            e.text[..chunk.len()].copy_from_slice(chunk);
-            self.entries_mut()[i] = e;
-            self.len += 1;
-            self.mark(i);
-        }
+        self.index.reserve_one()?;
+        let i = self.find(device_fp);
+        let text = &text[..text.len().min(u16::MAX as usize)];
+        let at = self.arena.len() as u64 + 1;
+        self.arena.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        self.arena.extend_from_slice(text);
+        self.index.entries_mut()[i] = DidSlot { device_fp, at };
+        self.index.len += 1;
+        self.index.mark(i);
         Ok(())
     }
 
-    /// Appends a device's id text to `out`; false if it has none.
+    /// Appends a device's id text to `out`; false if it has none (or the
+    /// arena does not hold its record: a damaged checkpoint).
     pub fn get(&self, device_fp: u64, out: &mut Vec<u8>) -> bool {
-        for piece in 0..=u16::MAX {
-            let e = &self.entries()[self.find(device_fp, piece)];
-            if e.is_empty() {
-                return piece > 0;
-            }
-            let n = e.used as usize - 1;
-            out.extend_from_slice(&e.text[..n]);
-            if n < PIECE_BYTES {
-                return true;
-            }
+        let e = self.index.entries()[self.find(device_fp)];
+        if e.is_empty() {
+            return false;
         }
-        true
+        let at = e.at as usize - 1;
+        let Some(head) = self.arena.get(at..at + 2) else {
+            return false;
+        };
+        let n = u16::from_le_bytes([head[0], head[1]]) as usize;
+        match self.arena.get(at + 2..at + 2 + n) {
+            Some(text) => {
+                out.extend_from_slice(text);
+                true
+            }
+            None => false,
+        }
     }
 
-    /// Hints the CPU to load the slot of a device's first piece.
-    #[inline]
-    pub fn prefetch(&self, device_fp: u64) {
-        self.prefetch_home(mix(device_fp, 0));
-    }
-
-    /// Every device with its id (for moving ids between shards).
+    /// Every device with an id (for moving ids between shards).
     pub fn devices(&self) -> impl Iterator<Item = u64> + '_ {
-        self.entries().iter().filter(|e| !e.is_empty() && e.piece == 0).map(|e| e.device_fp)
+        self.index.entries().iter().filter(|e| !e.is_empty()).map(|e| e.device_fp)
+    }
+
+    /// The arena bytes added since the last call (or the whole arena when
+    /// `all`), for a checkpoint.
+    pub fn take_tail(&mut self, all: bool) -> Vec<u8> {
+        let from = if all { 0 } else { self.saved };
+        self.saved = self.arena.len();
+        self.arena[from..].to_vec()
+    }
+
+    /// Arena bytes in all.
+    pub fn arena_len(&self) -> usize {
+        self.arena.len()
     }
 }
 
@@ -133,7 +176,7 @@ mod tests {
         let ids: Vec<Vec<u8>> = (0..300usize).map(|n| (0..n).map(|i| b'a' + (i % 26) as u8).collect()).collect();
         for (fp, id) in ids.iter().enumerate() {
             t.insert(fp as u64, id).unwrap();
-            t.insert(fp as u64, id).unwrap();
+            t.insert(fp as u64, b"ignored: the device has an id").unwrap();
         }
         for (fp, id) in ids.iter().enumerate() {
             let mut out = Vec::new();
@@ -141,8 +184,22 @@ mod tests {
             assert_eq!(&out, id, "id {fp}");
         }
         assert!(!t.get(10_000, &mut Vec::new()));
-        assert_eq!(t.devices().count(), ids.len());
-        let pieces: usize = ids.iter().map(|id| id.len() / PIECE_BYTES + 1).sum();
-        assert_eq!(t.len(), pieces);
+        assert_eq!((t.devices().count(), t.len()), (ids.len(), ids.len()));
+        // A checkpoint's tails add up to the arena; a table restored from
+        // them reads the same ids.
+        let first = t.take_tail(false);
+        t.insert(5_000, b"late").unwrap();
+        let second = t.take_tail(false);
+        assert_eq!(second, b"\x04\x00late");
+        let arena = [first, second].concat();
+        assert_eq!(arena.len(), t.arena_len());
+        let mut index = Table::anonymous().unwrap();
+        for e in t.index.entries().iter().filter(|e| !e.is_empty()) {
+            index.upsert(*e).unwrap();
+        }
+        let mut back = DidTable::restored(index, arena);
+        let mut out = Vec::new();
+        assert!(back.get(5_000, &mut out) && out == b"late");
+        assert!(back.take_tail(false).is_empty(), "a restored arena is all in the checkpoint");
     }
 }
