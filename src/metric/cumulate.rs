@@ -1008,14 +1008,16 @@ pub struct Row {
     pub window_end_ms: i64,
     pub metric: usize,
     pub line: String,
-    /// Where the group key's JSON (`{"page":"home"}`) sits in `line`.
-    pub dims_at: std::ops::Range<usize>,
+    /// Where the part a topic keys the row by sits in `line`: the group
+    /// key's JSON (`{"page":"home"}`), or a `minute_devices` row's device
+    /// id as a JSON string.
+    pub key_at: std::ops::Range<usize>,
 }
 
 impl Row {
-    /// The row's group key as JSON.
-    pub fn dims(&self) -> &str {
-        &self.line[self.dims_at.clone()]
+    /// The part of the row a topic keys its message by, as JSON.
+    pub fn key(&self) -> &str {
+        &self.line[self.key_at.clone()]
     }
 }
 
@@ -1083,7 +1085,7 @@ impl CumulateEmitter {
     /// Renders the `minute_devices` rows of `slice` into `row`, one after
     /// the other, in a fixed order (source, dims, device id), calling
     /// `write` for each: `{"metric":…,"source":…,"minute":…,"dims":…,
-    /// "did":…}`, `minute` being the step's start; `row.dims_at` locates
+    /// "did":…}`, `minute` being the step's start; `row.key_at` locates
     /// the device id's JSON string. `sources`: the source names as JSON.
     pub fn render_details<E>(
         &mut self,
@@ -1124,7 +1126,7 @@ impl CumulateEmitter {
             line.push_str(",\"did\":");
             let at = line.len();
             push_json_string(line, buf.id(i as usize));
-            row.dims_at = at..line.len();
+            row.key_at = at..line.len();
             line.push_str("}\n");
             write(row)?;
         }
@@ -1232,7 +1234,7 @@ impl CumulateEmitter {
             period.written[k] = sums;
             let mut line = String::with_capacity(head.len() + self.dims[k].len() + 40);
             line.push_str(&head);
-            let dims_at = line.len()..line.len() + self.dims[k].len();
+            let key_at = line.len()..line.len() + self.dims[k].len();
             line.push_str(&self.dims[k]);
             for &(name, at) in &self.measures {
                 line.push_str(",\"");
@@ -1241,7 +1243,7 @@ impl CumulateEmitter {
                 line.push_str(itoa::Buffer::new().format(sums[at]));
             }
             line.push_str("}\n");
-            rows.push(Row { window_end_ms: end, metric, line, dims_at });
+            rows.push(Row { window_end_ms: end, metric, line, key_at });
         }
     }
 }

@@ -227,7 +227,7 @@ impl<'a> Coordinator<'a> {
             report: CheckpointReport::default(),
             kafka,
             source_names: sh.job.sources.iter().map(|s| serde_json::Value::from(s.name.as_str()).to_string()).collect(),
-            detail_row: Row { window_end_ms: 0, metric: 0, line: String::new(), dims_at: 0..0 },
+            detail_row: Row { window_end_ms: 0, metric: 0, line: String::new(), key_at: 0..0 },
         };
         if let Some(r) = resume {
             let interval = (sh.job.checkpoint_interval_ms > 0)

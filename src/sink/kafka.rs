@@ -127,9 +127,13 @@ impl KafkaSink {
             return Ok(());
         }
         self.key.clear();
-        match serde_json::from_str::<String>(did) {
-            Ok(id) => self.key.extend_from_slice(id.as_bytes()),
-            Err(_) => self.key.extend_from_slice(did.as_bytes()),
+        // Plain ids are rendered as-is between quotes; others are decoded.
+        match did.strip_prefix('"').and_then(|d| d.strip_suffix('"')) {
+            Some(id) if !id.contains('\\') => self.key.extend_from_slice(id.as_bytes()),
+            _ => match serde_json::from_str::<String>(did) {
+                Ok(id) => self.key.extend_from_slice(id.as_bytes()),
+                Err(_) => self.key.extend_from_slice(did.as_bytes()),
+            },
         }
         self.produce(line)
     }

@@ -10,81 +10,89 @@ use crate::metric::cumulate::Row;
 use jsonl::{JsonlSink, SinkError};
 use kafka::KafkaSink;
 
-/// One `[[sink]]` of a job.
-pub enum Sink {
+/// One `[[sink]]` of a job: where its rows go, and which rows it takes.
+pub struct Sink {
+    out: Out,
+    rows: SinkRows,
+}
+
+enum Out {
     Jsonl(JsonlSink),
     Kafka(KafkaSink),
-    /// A `minute_devices` sink: detail rows only.
-    Detail(Box<Sink>),
 }
 
 impl Sink {
     /// Opens a sink before anything runs; `resume_bytes` is what a resumed
     /// checkpoint had written to a file sink.
     pub fn open(spec: &SinkSpec, job: &Job, resume_bytes: Option<u64>) -> Result<Sink, SinkError> {
-        let sink = match &spec.target {
-            SinkTarget::Kafka(k) => KafkaSink::open(k, &spec.metrics, &job.metrics).map(Sink::Kafka),
-            _ => JsonlSink::open(spec, job.metrics.len(), resume_bytes).map(Sink::Jsonl),
+        let out = match &spec.target {
+            SinkTarget::Kafka(k) => KafkaSink::open(k, &spec.metrics, &job.metrics).map(Out::Kafka),
+            _ => JsonlSink::open(spec, job.metrics.len(), resume_bytes).map(Out::Jsonl),
         }?;
-        Ok(match spec.rows {
-            SinkRows::Results => sink,
-            SinkRows::MinuteDevices => Sink::Detail(Box::new(sink)),
-        })
+        Ok(Sink { out, rows: spec.rows })
     }
 
     /// A window row (ignored by a `minute_devices` sink).
     pub fn write(&mut self, row: &Row) -> Result<(), SinkError> {
-        match self {
-            Sink::Jsonl(s) => s.write(row.metric, &row.line),
-            Sink::Kafka(s) => s.write(row.metric, &row.line, row.dims()),
-            Sink::Detail(_) => Ok(()),
+        if self.rows != SinkRows::Results {
+            return Ok(());
+        }
+        match &mut self.out {
+            Out::Jsonl(s) => s.write(row.metric, &row.line),
+            Out::Kafka(s) => s.write(row.metric, &row.line, row.key()),
         }
     }
 
     /// A `minute_devices` row (ignored by other sinks); a topic's
     /// messages are keyed by the device id.
     pub fn write_detail(&mut self, row: &Row) -> Result<(), SinkError> {
-        match self {
-            Sink::Detail(inner) => match &mut **inner {
-                Sink::Jsonl(s) => s.write(row.metric, &row.line),
-                Sink::Kafka(s) => s.write_detail(row.metric, &row.line, row.dims()),
-                Sink::Detail(_) => Ok(()),
-            },
-            _ => Ok(()),
+        if self.rows != SinkRows::MinuteDevices {
+            return Ok(());
+        }
+        match &mut self.out {
+            Out::Jsonl(s) => s.write(row.metric, &row.line),
+            Out::Kafka(s) => s.write_detail(row.metric, &row.line, row.key()),
         }
     }
 
     pub fn flush(&mut self) -> Result<(), SinkError> {
-        match self {
-            Sink::Jsonl(s) => s.flush(),
-            Sink::Kafka(s) => s.flush(),
-            Sink::Detail(s) => s.flush(),
+        match &mut self.out {
+            Out::Jsonl(s) => s.flush(),
+            Out::Kafka(s) => s.flush(),
+        }
+    }
+
+    /// Rows written by this process, of either kind.
+    fn written(&self) -> u64 {
+        match &self.out {
+            Out::Jsonl(s) => s.rows,
+            Out::Kafka(s) => s.rows,
         }
     }
 
     /// Window rows written by this process.
     pub fn rows(&self) -> u64 {
-        match self {
-            Sink::Jsonl(s) => s.rows,
-            Sink::Kafka(s) => s.rows,
-            Sink::Detail(_) => 0,
+        if self.rows == SinkRows::Results {
+            self.written()
+        } else {
+            0
         }
     }
 
     /// `minute_devices` rows written by this process.
     pub fn detail_rows(&self) -> u64 {
-        match self {
-            Sink::Detail(s) => s.rows(),
-            _ => 0,
+        if self.rows == SinkRows::MinuteDevices {
+            self.written()
+        } else {
+            0
         }
     }
 
     /// Bytes of output (a file sink: including what a resumed run kept).
     pub fn bytes(&self) -> u64 {
-        match self {
-            Sink::Jsonl(s) => s.bytes,
-            Sink::Kafka(s) => s.bytes,
-            Sink::Detail(s) => s.bytes(),
+        match &self.out {
+            Out::Jsonl(s) => s.bytes,
+            Out::Kafka(s) => s.bytes,
         }
     }
 }

@@ -159,11 +159,6 @@ impl DidTable {
         self.saved = self.arena.len();
         self.arena[from..].to_vec()
     }
-
-    /// Arena bytes in all.
-    pub fn arena_len(&self) -> usize {
-        self.arena.len()
-    }
 }
 
 #[cfg(test)]
@@ -192,7 +187,7 @@ mod tests {
         let second = t.take_tail(false);
         assert_eq!(second, b"\x04\x00late");
         let arena = [first, second].concat();
-        assert_eq!(arena.len(), t.arena_len());
+        assert_eq!(arena, t.arena, "the tails are the whole arena");
         let mut index = Table::anonymous().unwrap();
         for e in t.index.entries().iter().filter(|e| !e.is_empty()) {
             index.upsert(*e).unwrap();
