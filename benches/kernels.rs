@@ -118,6 +118,7 @@ fn fold(c: &mut Criterion) {
         late: LatePolicy::Fold,
         sources: vec![0],
         dau: None,
+        summary: None,
     };
     let geo = Geometry { step_ms: 60_000, size_ms: 86_400_000, offset_ms: 0 };
     let cols = SliceCols { slice: 29_000_000, pv: vec![3; KEYS], uv: vec![1; KEYS], ..SliceCols::default() };

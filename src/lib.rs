@@ -2,6 +2,7 @@
 pub mod checkpoint;
 pub mod demo;
 pub mod devices;
+pub mod dim;
 pub mod event;
 pub mod gen;
 pub mod job;

@@ -38,7 +38,10 @@ use serde_json::{Map, Value};
 
 use crate::event::binary::{BinaryRecord, BINARY_DIMS, BINARY_NULL, BINARY_RECORD_BYTES};
 use crate::job::filter::FieldValue;
-use crate::job::{Emit, Format, Job, Measure, MetricSpec, SinkRows, SinkTarget, SourceSpec, DAY_MS};
+use crate::job::{
+    DimFormat, DimensionSpec, Emit, Format, Job, Measure, MetricSpec, OnMissing, SinkRows, SinkTarget, SourceSpec,
+    DAY_MS,
+};
 
 /// Earliest accepted event time (2000-01-01T00:00:00Z), inclusive.
 const TS_MIN_MS: i64 = 946_684_800_000;
@@ -46,11 +49,15 @@ const TS_MIN_MS: i64 = 946_684_800_000;
 const TS_MAX_MS: i64 = 4_102_444_800_000;
 /// How many problems a report describes.
 const EXAMPLES_MAX: usize = 10;
-/// Measures in report order; a [`Point`]'s values are in this order.
-const MEASURES: [Measure; MEASURES_N] = [Measure::Pv, Measure::Uv, Measure::Active, Measure::New, Measure::Returning];
-const MEASURES_N: usize = 5;
+/// Counting measures in report order; a [`Point`]'s values are in this
+/// order. A summary's `sum`, `min` and `max` are kept apart (see
+/// [`MetricTruth::xs`]).
+const MEASURES: [Measure; MEASURES_N] =
+    [Measure::Pv, Measure::Uv, Measure::Active, Measure::New, Measure::Returning, Measure::Count];
+const MEASURES_N: usize = 6;
 
-/// A key's values: pv, uv, then for DAU active (= uv), new, returning.
+/// A key's values: pv, uv, then for DAU active (= uv), new, returning,
+/// then a summary's count (= pv).
 type Values = [u64; MEASURES_N];
 
 // ---------------------------------------------------------------------------
@@ -400,6 +407,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 struct Point {
     end: i64,
     v: Values,
+    /// A summary's `sum` / `min` / `max` values here: the `x`-th run of
+    /// [`MetricTruth::xs`].
+    x: u32,
 }
 
 /// Everything known about one period of one metric.
@@ -431,6 +441,19 @@ struct MetricTruth {
     /// Key values by id, ids in order of first appearance in the input.
     keys: Vec<Vec<Dim>>,
     periods: BTreeMap<i64, PeriodTruth>,
+    /// A summary's value measures (`sum`, `min`, `max`), in the job's
+    /// order, and their values at each point: `nx` per point (`None`:
+    /// `null`, no value counted).
+    nx: usize,
+    xs: Vec<Option<f64>>,
+}
+
+impl MetricTruth {
+    /// The value measures of a point.
+    fn x(&self, p: &Point) -> &[Option<f64>] {
+        let at = p.x as usize * self.nx;
+        &self.xs[at..at + self.nx]
+    }
 }
 
 /// One passing event of one metric.
@@ -439,6 +462,69 @@ struct Ev {
     key: u32,
     did: u32,
     ts: i64,
+    /// A summary's value fields: `vals[x * fields ..]` (NaN: no value).
+    x: u32,
+}
+
+/// A summary's value field over some events, counted the plain way:
+/// sums in millionths from each value's six-decimal text.
+#[derive(Clone, Copy, Debug, Default)]
+struct RefAgg {
+    n: u64,
+    sum: i128,
+    min: f64,
+    max: f64,
+}
+
+impl RefAgg {
+    fn add(&mut self, v: f64) {
+        if v.is_nan() {
+            return;
+        }
+        // `{:.6}` rounds to six decimals; drop the point and read the digits.
+        let text = format!("{v:.6}");
+        let sum: i128 = text.replace('.', "").parse().unwrap_or(0);
+        if self.n == 0 || v < self.min {
+            self.min = v;
+        }
+        if self.n == 0 || v > self.max {
+            self.max = v;
+        }
+        self.n += 1;
+        self.sum += sum;
+    }
+
+    /// The value of `m` (a `sum`, `min` or `max`) as a row would carry it.
+    fn output(&self, m: Measure) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        match m {
+            Measure::Min(_) => Some(self.min),
+            Measure::Max(_) => Some(self.max),
+            _ => {
+                let (neg, a) = (self.sum < 0, self.sum.unsigned_abs());
+                let text = format!("{}{}.{:06}", if neg { "-" } else { "" }, a / 1_000_000, a % 1_000_000);
+                text.parse().ok()
+            }
+        }
+    }
+}
+
+/// A field's value as a summary counts it: a number, or text that holds
+/// one; else NaN (not counted).
+fn ref_number(v: FieldValue) -> f64 {
+    let f = match v {
+        FieldValue::Int(i) => i as f64,
+        FieldValue::Float(f) => f,
+        FieldValue::Str(s) => std::str::from_utf8(s).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(f64::NAN),
+        FieldValue::Null => f64::NAN,
+    };
+    if f.is_finite() {
+        f
+    } else {
+        f64::NAN
+    }
 }
 
 /// The offline truth, also used by tests: (metric index, window_end_ms,
@@ -456,20 +542,62 @@ impl Offline {
     /// Reads every source some metric uses (each once) and computes the
     /// cumulative values of every metric, key and window.
     pub fn compute(job: &Job) -> Result<Offline> {
-        let mut truths: Vec<MetricTruth> = job.metrics.iter().map(|_| MetricTruth::default()).collect();
+        let mut truths: Vec<MetricTruth> = job
+            .metrics
+            .iter()
+            .map(|m| MetricTruth { nx: value_measures(m).count(), ..MetricTruth::default() })
+            .collect();
         let mut events: Vec<Vec<Ev>> = job.metrics.iter().map(|_| Vec::new()).collect();
+        let mut vals: Vec<Vec<f64>> = job.metrics.iter().map(|_| Vec::new()).collect();
         let mut dids: AHashMap<Box<[u8]>, u32> = AHashMap::new();
+        let dims = job.dimensions.iter().map(RefDim::read).collect::<Result<Vec<_>>>()?;
         for (si, src) in job.sources.iter().enumerate() {
             let readers: Vec<usize> =
                 (0..job.metrics.len()).filter(|&m| job.metrics[m].sources.contains(&si)).collect();
             if readers.is_empty() {
                 continue;
             }
+            // Dimensions that drop the events they lack: those whose key the
+            // source has (any JSON-lines source), and those a metric reads
+            // a field of.
+            let used: Vec<String> = readers
+                .iter()
+                .flat_map(|&m| {
+                    let spec = &job.metrics[m];
+                    let filter = spec.filter.as_ref().map(|f| f.fields()).unwrap_or_default();
+                    spec.group_by
+                        .iter()
+                        .cloned()
+                        .chain(filter)
+                        .chain(spec.value_fields().iter().cloned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let dropping: Vec<usize> = (0..dims.len())
+                .filter(|&d| {
+                    let spec = &job.dimensions[d];
+                    spec.on_missing == OnMissing::Drop
+                        && (src.can_supply(&spec.key) || used.iter().any(|u| job.enriched(u).is_some_and(|e| e.0 == d)))
+                })
+                .collect();
             read_source(src, &mut |ts, did, rec| {
+                for &d in &dropping {
+                    if dims[d].row(rec.get(&job.dimensions[d].key)).is_none() {
+                        return Ok(());
+                    }
+                }
+                let get = |name: &String| -> FieldValue<'_> {
+                    match job.enriched(name) {
+                        Some((d, f)) => {
+                            dims[d].row(rec.get(&job.dimensions[d].key)).map_or(FieldValue::Null, |r| r[f].field())
+                        }
+                        None => rec.get(name),
+                    }
+                };
                 let mut did_id = None;
                 for &mi in &readers {
                     let spec = &job.metrics[mi];
-                    let passes = spec.filter.as_ref().is_none_or(|f| f.root.passes(&|name: &String| rec.get(name)));
+                    let passes = spec.filter.as_ref().is_none_or(|f| f.root.passes(&get));
                     if !passes {
                         continue;
                     }
@@ -481,9 +609,12 @@ impl Offline {
                             id
                         }
                     };
-                    let key: Vec<Dim> = spec.group_by.iter().map(|g| Dim::from_field(rec.get(g))).collect();
+                    let key: Vec<Dim> = spec.group_by.iter().map(|g| Dim::from_field(get(g))).collect();
                     let key = intern_key(&mut truths[mi], key)?;
-                    events[mi].push(Ev { key, did, ts });
+                    let fields = spec.value_fields();
+                    let x = vals[mi].len().checked_div(fields.len()).unwrap_or(0) as u32;
+                    vals[mi].extend(fields.iter().map(|f| ref_number(get(f))));
+                    events[mi].push(Ev { key, did, ts, x });
                 }
                 Ok(())
             })?;
@@ -497,7 +628,8 @@ impl Offline {
         }
         drop(dids);
         for (mi, evs) in events.into_iter().enumerate() {
-            truths[mi].periods = cumulate(job, &job.metrics[mi], evs, classes[mi].as_ref());
+            let truth = &mut truths[mi];
+            truth.periods = cumulate(job, &job.metrics[mi], evs, classes[mi].as_ref(), &vals[mi], &mut truth.xs);
         }
         Ok(Offline { job: job.clone(), metrics: truths })
     }
@@ -661,7 +793,18 @@ fn window_end_of(period: i64, ts: i64, step: i64) -> i64 {
 /// Sorts one metric's events by (key, time) and walks them: for each key and
 /// period, the running pv and the set of distinct devices, recorded at the
 /// end of every window that received events.
-fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>, dau: Option<&DauTruth>) -> BTreeMap<i64, PeriodTruth> {
+/// A summary's value measures are counted alongside (`vals`: the events'
+/// value fields), their outputs at each point appended to `xs`.
+fn cumulate(
+    job: &Job,
+    spec: &MetricSpec,
+    mut evs: Vec<Ev>,
+    dau: Option<&DauTruth>,
+    vals: &[f64],
+    xs: &mut Vec<Option<f64>>,
+) -> BTreeMap<i64, PeriodTruth> {
+    let nv = spec.value_fields().len();
+    let nx = value_measures(spec).count();
     evs.sort_unstable_by_key(|e| (e.key, e.ts));
     let mut periods: BTreeMap<i64, PeriodTruth> = BTreeMap::new();
     let mut devices: AHashSet<u32> = AHashSet::new();
@@ -672,11 +815,16 @@ fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>, dau: Option<&DauTrut
         let period_end = period + spec.size_ms;
         devices.clear();
         let (mut pv, mut new, mut ret) = (0u64, 0u64, 0u64);
+        let mut aggs = vec![RefAgg::default(); nv];
         let mut points = Vec::new();
         while i < evs.len() && evs[i].key == key && evs[i].ts < period_end {
             let end = window_end_of(period, evs[i].ts, spec.step_ms);
             while i < evs.len() && evs[i].key == key && evs[i].ts < end {
                 pv += 1;
+                let at = evs[i].x as usize * nv;
+                for (a, &v) in aggs.iter_mut().zip(&vals[at..at + nv]) {
+                    a.add(v);
+                }
                 if devices.insert(evs[i].did) {
                     if let Some(d) = dau {
                         let (n, r) = d.class(evs[i].did, period);
@@ -687,7 +835,9 @@ fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>, dau: Option<&DauTrut
                 i += 1;
             }
             let uv = devices.len() as u64;
-            points.push(Point { end, v: [pv, uv, uv, new, ret] });
+            let x = xs.len().checked_div(nx).unwrap_or(0) as u32;
+            xs.extend(value_measures(spec).map(|m| m.value_field().and_then(|v| aggs[v].output(m))));
+            points.push(Point { end, v: [pv, uv, uv, new, ret, pv], x });
         }
         let (first, last) = match (points.first(), points.last()) {
             (Some(f), Some(l)) => (f.end, l.end),
@@ -703,6 +853,87 @@ fn cumulate(job: &Job, spec: &MetricSpec, mut evs: Vec<Ev>, dau: Option<&DauTrut
         entry.series.push((key, points)); // keys arrive in ascending order
     }
     periods
+}
+
+/// A summary's `sum`, `min` and `max` measures, in the job's order.
+fn value_measures(spec: &MetricSpec) -> impl Iterator<Item = Measure> + '_ {
+    spec.measures.iter().copied().filter(|m| m.value_field().is_some())
+}
+
+/// A dimension table as the referee reads it (with the `csv` crate and
+/// `serde_json`): each key's last row; rows without a key are skipped.
+struct RefDim {
+    rows: AHashMap<Vec<u8>, Vec<Dim>>,
+}
+
+impl Dim {
+    fn field(&self) -> FieldValue<'_> {
+        match self {
+            Dim::Null => FieldValue::Null,
+            Dim::Int(i) => FieldValue::Int(*i),
+            Dim::Float(bits) => FieldValue::Float(f64::from_bits(*bits)),
+            Dim::Str(s) => FieldValue::Str(s.as_bytes()),
+        }
+    }
+}
+
+impl RefDim {
+    fn read(spec: &DimensionSpec) -> Result<RefDim> {
+        let path = &spec.path;
+        let mut rows = AHashMap::new();
+        match spec.format {
+            DimFormat::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .flexible(true)
+                    .from_path(path)
+                    .with_context(|| format!("dimension {:?}: cannot read {}", spec.name, path.display()))?;
+                let header = rdr.byte_headers()?.clone();
+                let col = |name: &str| header.iter().position(|h| h == name.as_bytes());
+                let Some(key) = col(&spec.key) else {
+                    bail!("dimension {:?}: {} has no column {:?}", spec.name, path.display(), spec.key);
+                };
+                let cols = spec.fields.iter().map(|f| col(f)).collect::<Option<Vec<_>>>();
+                let Some(cols) = cols else {
+                    bail!("dimension {:?}: {} lacks a column of {:?}", spec.name, path.display(), spec.fields);
+                };
+                for rec in rdr.byte_records() {
+                    let Ok(rec) = rec else { continue };
+                    if rec.len() != header.len() || rec[key].is_empty() {
+                        continue;
+                    }
+                    rows.insert(rec[key].to_vec(), cols.iter().map(|&c| Dim::from_field(csv_field(&rec[c]))).collect());
+                }
+            }
+            DimFormat::Jsonl => {
+                let text = std::fs::read(path)
+                    .with_context(|| format!("dimension {:?}: cannot read {}", spec.name, path.display()))?;
+                for line in text.split(|&b| b == b'\n') {
+                    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(line) else { continue };
+                    let key = match obj.get(&spec.key) {
+                        Some(Value::String(s)) if !s.is_empty() => s.as_bytes().to_vec(),
+                        Some(Value::Number(n)) if n.is_i64() => n.to_string().into_bytes(),
+                        _ => continue,
+                    };
+                    let row =
+                        spec.fields.iter().map(|f| obj.get(f).map_or(Dim::Null, |v| Dim::from_field(json_field(v))));
+                    rows.insert(key, row.collect());
+                }
+            }
+        }
+        Ok(RefDim { rows })
+    }
+
+    /// The row joined to an event whose key field holds `v` (keys compare
+    /// by text: `7` joins `"7"`).
+    fn row(&self, v: FieldValue) -> Option<&[Dim]> {
+        let text = match v {
+            FieldValue::Null => return None,
+            FieldValue::Str(s) => s.to_vec(),
+            FieldValue::Int(i) => i.to_string().into_bytes(),
+            FieldValue::Float(f) => serde_json::Number::from_f64(f)?.to_string().into_bytes(),
+        };
+        self.rows.get(&text).map(Vec::as_slice)
+    }
 }
 
 /// The period a window end belongs to, if it is a window end of the metric
@@ -874,6 +1105,8 @@ fn metrics_written_to(job: &Job, results: &Path) -> Vec<bool> {
 struct Got {
     key: u32,
     values: [Option<u64>; MEASURES_N],
+    /// A summary's `sum` / `min` / `max` values (`None`: `null`).
+    x: Vec<Option<f64>>,
     line: u64,
     /// Already counted as wrong while parsing (bad `window_start`).
     counted: bool,
@@ -887,6 +1120,7 @@ struct Parsed {
     end: i64,
     key: Vec<Dim>,
     values: [Option<u64>; MEASURES_N],
+    x: Vec<Option<f64>>,
     flaw: Option<String>,
 }
 
@@ -975,7 +1209,8 @@ impl Checker<'_> {
             None => false,
         };
         let key = self.key_id(p.metric, p.key);
-        self.windows.entry((p.metric, p.period, p.end)).or_default().push(Got { key, values: p.values, line, counted });
+        let got = Got { key, values: p.values, x: p.x, line, counted };
+        self.windows.entry((p.metric, p.period, p.end)).or_default().push(got);
     }
 
     fn parse_row(&self, raw: &[u8]) -> Result<Parsed, String> {
@@ -987,6 +1222,20 @@ impl Checker<'_> {
         let name = obj.get("metric").and_then(Value::as_str).ok_or("no \"metric\" string")?;
         let metric =
             job.metrics.iter().position(|m| m.name == name).ok_or_else(|| format!("unknown metric {name:?}"))?;
+        // A summary's rows name their grouping set.
+        let metric = match &job.metrics[metric].summary {
+            None => metric,
+            Some(_) => {
+                let grouping: Vec<String> = obj
+                    .get("grouping")
+                    .and_then(|g| serde_json::from_value(g.clone()).ok())
+                    .ok_or("no \"grouping\" array of field names")?;
+                job.metrics
+                    .iter()
+                    .position(|m| m.name == name && m.group_by == grouping)
+                    .ok_or_else(|| format!("metric {name:?} has no grouping set {grouping:?}"))?
+            }
+        };
         let spec = &job.metrics[metric];
         let int = |field: &str| obj.get(field).and_then(Value::as_i64).ok_or_else(|| format!("no integer {field:?}"));
         let start = int("window_start")?;
@@ -1011,9 +1260,20 @@ impl Checker<'_> {
                 values[i] = Some(v.ok_or_else(|| format!("no non-negative integer {field:?}"))?);
             }
         }
+        let mut x = Vec::new();
+        for m in value_measures(spec) {
+            let field = spec.measure_field(m);
+            x.push(match obj.get(&field) {
+                Some(Value::Null) => None,
+                Some(Value::Number(n)) => n.as_f64(),
+                _ => return Err(format!("no number or null {field:?}")),
+            });
+        }
         for field in obj.keys() {
             let known = matches!(field.as_str(), "metric" | "window_start" | "window_end" | "dims")
-                || MEASURES.iter().any(|m| m.name() == field && spec.has(*m));
+                || field == "grouping" && spec.summary.is_some()
+                || MEASURES.iter().any(|m| m.name() == field && spec.has(*m))
+                || value_measures(spec).any(|m| &spec.measure_field(m) == field);
             if !known {
                 return Err(format!("unexpected field {field:?} for metric {:?}", spec.name));
             }
@@ -1025,7 +1285,7 @@ impl Checker<'_> {
                 fmt_local(period, job.timezone_offset_ms)
             )
         });
-        Ok(Parsed { metric, period, end, key, values, flaw })
+        Ok(Parsed { metric, period, end, key, values, x, flaw })
     }
 
     /// Id of a key: the offline id, or a new id past them for keys that never
@@ -1066,13 +1326,16 @@ impl Checker<'_> {
         )
     }
 
-    fn show_values(&self, metric: usize, values: [Option<u64>; MEASURES_N]) -> String {
+    fn show_values(&self, metric: usize, values: [Option<u64>; MEASURES_N], x: &[Option<f64>]) -> String {
         let spec = &self.off.job.metrics[metric];
         let mut parts = Vec::new();
         for (m, v) in MEASURES.iter().zip(values) {
             if spec.has(*m) {
                 parts.push(format!("{}={}", m.name(), v.map_or("-".to_string(), |v| v.to_string())));
             }
+        }
+        for (m, v) in value_measures(spec).zip(x) {
+            parts.push(format!("{}={}", spec.measure_field(m), v.map_or("null".to_string(), |v| v.to_string())));
         }
         parts.join(" ")
     }
@@ -1089,13 +1352,20 @@ impl Checker<'_> {
             let rows = self.dedup(rows);
             let spec = &self.off.job.metrics[metric];
             let emit = spec.emit;
-            let period_truth = self.off.metrics[metric].periods.get(&period);
-            let before = |points: &[Point]| prev_end.and_then(|e| value_at(points, e)).map_or([0; MEASURES_N], |p| p.v);
+            let truth = &self.off.metrics[metric];
+            let period_truth = truth.periods.get(&period);
+            let nulls = vec![None; truth.nx];
+            let x_of = |p: Option<Point>| p.map_or(&nulls[..], |p| truth.x(&p));
+            let before = |points: &[Point]| {
+                let p = prev_end.and_then(|e| value_at(points, e));
+                (p.map_or([0; MEASURES_N], |p| p.v), x_of(p))
+            };
             for row in &rows {
                 let points = period_truth.and_then(|t| t.points(row.key));
                 let expected = points.and_then(|pts| value_at(pts, end));
                 let exp = expected.map_or([0; MEASURES_N], |p| p.v);
-                let mut differs = false;
+                let exp_x = x_of(expected);
+                let mut differs = row.x != exp_x;
                 for (i, (got, want)) in row.values.into_iter().zip(exp).enumerate() {
                     if let Some(got) = got {
                         let rel = got.abs_diff(want) as f64 / want.max(1) as f64;
@@ -1107,32 +1377,33 @@ impl Checker<'_> {
                     continue;
                 }
                 let what = self.describe(metric, end, self.key_values(metric, row.key));
-                let got = self.show_values(metric, row.values);
+                let got = self.show_values(metric, row.values, &row.x);
                 if expected.is_none() {
                     self.wrong(format!("{what}: the key has no data at this window, got {got} (line {})", row.line));
                 } else if differs {
-                    let want = self.show_values(metric, exp.map(Some));
+                    let want = self.show_values(metric, exp.map(Some), exp_x);
                     self.wrong(format!("{what}: expected {want}, got {got} (line {})", row.line));
-                } else if emit == Emit::Changed && points.is_some_and(|pts| !changed(spec, &before(pts), &exp)) {
+                } else if emit == Emit::Changed && points.is_some_and(|pts| !changed(spec, before(pts), (&exp, exp_x)))
+                {
                     self.wrong(format!(
                         "{what}: emit = changed, but the key did not change since the previous window (line {})",
                         row.line
                     ));
                 }
             }
-            if let Some(truth) = period_truth {
-                for (key, points) in &truth.series {
+            if let Some(pt) = period_truth {
+                for (key, points) in &pt.series {
                     let Some(p) = value_at(points, end) else {
                         continue;
                     };
                     let needed = match emit {
                         Emit::All => true,
-                        Emit::Changed => changed(spec, &before(points), &p.v),
+                        Emit::Changed => changed(spec, before(points), (&p.v, truth.x(&p))),
                     };
                     if needed && rows.binary_search_by_key(key, |r| r.key).is_err() {
                         self.report.rows_missing += 1;
                         let what = self.describe(metric, end, self.key_values(metric, *key));
-                        let want = self.show_values(metric, p.v.map(Some));
+                        let want = self.show_values(metric, p.v.map(Some), truth.x(&p));
                         self.problem(format!("{what}: missing row, expected {want}"));
                     }
                 }
@@ -1172,7 +1443,7 @@ impl Checker<'_> {
                     Emit::All => {
                         (0..).map(|k| pt.first_end + k * spec.step_ms).take_while(|e| *e <= pt.last_end).collect()
                     }
-                    Emit::Changed => changed_ends(spec, pt),
+                    Emit::Changed => changed_ends(spec, truth, pt),
                 };
                 let emitted: BTreeSet<i64> = self
                     .windows
@@ -1202,21 +1473,25 @@ impl Checker<'_> {
     }
 }
 
+/// Values of a point: counters, and a summary's value measures.
+type Shown<'a> = (&'a Values, &'a [Option<f64>]);
+
 /// Whether some measure the metric outputs differs between `a` and `b`.
-fn changed(spec: &MetricSpec, a: &Values, b: &Values) -> bool {
-    MEASURES.iter().enumerate().any(|(i, m)| spec.has(*m) && a[i] != b[i])
+fn changed(spec: &MetricSpec, a: (Values, &[Option<f64>]), b: Shown<'_>) -> bool {
+    MEASURES.iter().enumerate().any(|(i, m)| spec.has(*m) && a.0[i] != b.0[i]) || a.1 != b.1
 }
 
 /// Window ends of a period at which some key's output measures changed.
-fn changed_ends(spec: &MetricSpec, pt: &PeriodTruth) -> BTreeSet<i64> {
+fn changed_ends(spec: &MetricSpec, truth: &MetricTruth, pt: &PeriodTruth) -> BTreeSet<i64> {
     let mut ends = BTreeSet::new();
+    let nulls = vec![None; truth.nx];
     for (_, points) in &pt.series {
-        let mut before = [0; MEASURES_N];
+        let mut before = ([0; MEASURES_N], &nulls[..]);
         for p in points {
-            if changed(spec, &before, &p.v) {
+            if changed(spec, before, (&p.v, truth.x(p))) {
                 ends.insert(p.end);
             }
-            before = p.v;
+            before = (p.v, truth.x(p));
         }
     }
     ends

@@ -76,13 +76,15 @@ pub fn job_identity(job: &Job) -> Value {
         .map(|m| {
             json!({
                 "name": m.name,
-                "kind": if m.dau.is_some() { "dau" } else { "cumulate" },
+                "kind": m.kind(),
+                "window": m.summary.as_ref().map(|s| format!("{:?}", s.window).to_lowercase()),
+                "grouping_set": m.summary.as_ref().map(|s| s.set),
                 "returning_after_days": m.dau.as_ref().map(|d| d.returning_after_days),
                 "dedup_tolerance": m.dau.as_ref().map(|d| d.dedup_tolerance),
                 "device_history": m.dau.as_ref().and_then(|d| d.device_history.as_ref()).map(|p| absolute(p)),
                 "group_by": m.group_by,
                 "filter": m.filter.as_ref().map(|f| f.text.clone()),
-                "measures": m.measures.iter().map(|x| x.name()).collect::<Vec<_>>(),
+                "measures": m.measures.iter().map(|&x| m.measure_field(x)).collect::<Vec<_>>(),
                 "step_ms": m.step_ms,
                 "size_ms": m.size_ms,
                 "emit": match m.emit { Emit::All => "all", Emit::Changed => "changed" },
@@ -101,7 +103,27 @@ pub fn job_identity(job: &Job) -> Value {
             })
         })
         .collect();
-    json!({ "timezone_offset_ms": job.timezone_offset_ms, "sources": sources, "metrics": metrics, "sinks": sinks })
+    // What a table holds is read at processing time; which tables, joined
+    // how, is part of the job.
+    let dimensions: Vec<Value> = job
+        .dimensions
+        .iter()
+        .map(|d| {
+            json!({
+                "name": d.name,
+                "key": d.key,
+                "fields": d.fields,
+                "on_missing": format!("{:?}", d.on_missing).to_lowercase(),
+            })
+        })
+        .collect();
+    json!({
+        "timezone_offset_ms": job.timezone_offset_ms,
+        "sources": sources,
+        "dimensions": dimensions,
+        "metrics": metrics,
+        "sinks": sinks,
+    })
 }
 
 pub fn sink_target(t: &SinkTarget) -> String {

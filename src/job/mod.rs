@@ -150,9 +150,18 @@ pub enum Measure {
     Active,
     New,
     Returning,
+    /// Summary: events (a summary's `pv`).
+    Count,
+    /// Summary: `sum(f)`, `min(f)`, `max(f)` of the value field with this
+    /// index in [`SummarySpec::values`].
+    Sum(u8),
+    Min(u8),
+    Max(u8),
 }
 
 impl Measure {
+    /// The measure's name; `sum`, `min`, `max` without their field (see
+    /// [`MetricSpec::measure_field`]).
     pub fn name(self) -> &'static str {
         match self {
             Measure::Pv => "pv",
@@ -160,7 +169,81 @@ impl Measure {
             Measure::Active => "active",
             Measure::New => "new",
             Measure::Returning => "returning",
+            Measure::Count => "count",
+            Measure::Sum(_) => "sum",
+            Measure::Min(_) => "min",
+            Measure::Max(_) => "max",
         }
+    }
+
+    /// The value field a `sum`, `min` or `max` reads.
+    pub fn value_field(self) -> Option<usize> {
+        match self {
+            Measure::Sum(v) | Measure::Min(v) | Measure::Max(v) => Some(v as usize),
+            _ => None,
+        }
+    }
+}
+
+/// How a summary metric cuts time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SummaryWindow {
+    /// One window per `step`: rows for the keys with data in it.
+    Tumble,
+    /// Windows growing by `step` from the start of each `size` period, as
+    /// the cumulate metric's.
+    Cumulate,
+}
+
+/// What a `kind = "summary"` metric adds. A summary with N grouping sets
+/// is N [`MetricSpec`]s of the same name, one per set (in the job's
+/// order), each grouping by its set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SummarySpec {
+    pub window: SummaryWindow,
+    /// This set's place among the metric's grouping sets, and their number.
+    pub set: usize,
+    pub sets: usize,
+    /// The set's fields as a JSON array (`["room_id"]`), as rows carry it.
+    pub grouping_json: String,
+    /// The fields `sum`, `min` and `max` read, in first-use order.
+    pub values: Vec<String>,
+}
+
+/// What an event whose join key a dimension lacks becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMissing {
+    /// The dimension's fields are `null` (a left lookup join).
+    Null,
+    /// The event is dropped from the whole job (an inner lookup join).
+    Drop,
+}
+
+/// Encoding of a dimension file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DimFormat {
+    Csv,
+    Jsonl,
+}
+
+/// A `[[dimension]]`: a table joined to events on `key`, supplying the
+/// fields `name.field` (Flink's lookup join: the value at processing time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DimensionSpec {
+    pub name: String,
+    /// A CSV file with a header or JSON lines, reloaded when it changes.
+    pub path: PathBuf,
+    pub format: DimFormat,
+    /// The event field joined on; the table's key column has its name.
+    pub key: String,
+    pub fields: Vec<String>,
+    pub on_missing: OnMissing,
+}
+
+impl DimensionSpec {
+    /// The name events see field `i` under: `author.category`.
+    pub fn field_name(&self, i: usize) -> String {
+        format!("{}.{}", self.name, self.fields[i])
     }
 }
 
@@ -209,11 +292,36 @@ pub struct MetricSpec {
     pub sources: Vec<usize>,
     /// Set for `kind = "dau"`: active / new / returning devices.
     pub dau: Option<DauSpec>,
+    /// Set for `kind = "summary"`: one grouping set of it.
+    pub summary: Option<SummarySpec>,
 }
 
 impl MetricSpec {
     pub fn has(&self, m: Measure) -> bool {
         self.measures.contains(&m)
+    }
+
+    /// The field a row carries measure `m` in: `pv`, `count`, `sum_amount`.
+    pub fn measure_field(&self, m: Measure) -> String {
+        match (m.value_field(), &self.summary) {
+            (Some(v), Some(s)) => format!("{}_{}", m.name(), s.values[v]),
+            _ => m.name().to_string(),
+        }
+    }
+
+    /// The fields a summary's `sum`, `min` and `max` read (none for
+    /// other metrics).
+    pub fn value_fields(&self) -> &[String] {
+        self.summary.as_ref().map_or(&[], |s| &s.values)
+    }
+
+    /// The kind as the job file names it.
+    pub fn kind(&self) -> &'static str {
+        match (&self.dau, &self.summary) {
+            (Some(_), _) => "dau",
+            (_, Some(_)) => "summary",
+            _ => "cumulate",
+        }
     }
 }
 
@@ -272,6 +380,7 @@ pub struct Job {
     /// checkpoints are what a restart reads either way).
     pub state_tables_mapped: bool,
     pub sources: Vec<SourceSpec>,
+    pub dimensions: Vec<DimensionSpec>,
     pub metrics: Vec<MetricSpec>,
     pub sinks: Vec<SinkSpec>,
 }
@@ -280,6 +389,14 @@ impl Job {
     /// Whether a `minute_devices` sink takes metric `m`'s detail rows.
     pub fn minute_devices(&self, m: usize) -> bool {
         self.sinks.iter().any(|s| s.rows == SinkRows::MinuteDevices && s.metrics.contains(&m))
+    }
+
+    /// The dimension and field index that supply an enriched field
+    /// (`author.category`), if `field` is one.
+    pub fn enriched(&self, field: &str) -> Option<(usize, usize)> {
+        let (name, f) = field.split_once('.')?;
+        let d = self.dimensions.iter().position(|d| d.name == name)?;
+        Some((d, self.dimensions[d].fields.iter().position(|x| x == f)?))
     }
 
     /// Reads and validates a job file; relative paths in it are relative to
@@ -393,6 +510,58 @@ path = "-"
         let job = parse(&text).unwrap();
         assert!(matches!(&job.sinks[1].target, SinkTarget::Kafka(k) if k.topic == "md"));
         assert_eq!(job.sinks[1].rows, SinkRows::MinuteDevices);
+    }
+
+    #[test]
+    fn summary_metric_expands_into_its_grouping_sets_and_checks_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join("e.csv"), "ts,did,room_id,author.category\n").unwrap();
+        std::fs::write(dir.path().join("authors.csv"), "author_id,category\n").unwrap();
+        let head = "[[source]]\nname = \"live\"\nkind = \"file\"\npath = \"e.jsonl\"\n\
+            [[dimension]]\nname = \"author\"\nkind = \"file\"\npath = \"authors.csv\"\nkey = \"author_id\"\nfields = [\"category\"]\n";
+        let metric = "[[metric]]\nname = \"live\"\nkind = \"summary\"\nstep = \"1h\"\n\
+            grouping_sets = [[], [\"room_id\"], [\"author.category\", \"platform\"]]\n\
+            measures = [\"count\", \"uv\", \"sum(amount)\", \"max(amount)\", \"min(gift)\"]\n";
+        let parse = |text: &str| Job::parse(text, Path::new("job.toml"), dir.path());
+        let job = parse(&format!("{head}{metric}")).unwrap();
+        assert_eq!(job.metrics.len(), 3);
+        let m = &job.metrics[2];
+        let s = m.summary.as_ref().unwrap();
+        assert_eq!((s.window, s.set, s.sets), (SummaryWindow::Tumble, 2, 3));
+        assert_eq!((m.step_ms, m.size_ms), (3_600_000, 3_600_000));
+        assert_eq!(s.grouping_json, "[\"author.category\",\"platform\"]");
+        assert_eq!(s.values, ["amount", "gift"]);
+        assert_eq!(m.measures, [Measure::Count, Measure::Uv, Measure::Sum(0), Measure::Max(0), Measure::Min(1)]);
+        assert_eq!(m.measure_field(Measure::Max(0)), "max_amount");
+        assert_eq!(job.enriched("author.category"), Some((0, 0)));
+        let cumulate = format!("{head}{}", metric.replace("step = \"1h\"", "window = \"cumulate\""));
+        assert_eq!(parse(&cumulate).unwrap().metrics[0].size_ms, DAY_MS);
+        let bad = |text: String| match parse(&text) {
+            Err(JobError::Invalid { key, reason, .. }) => (key, reason),
+            other => panic!("expected an invalid job, got {other:?}"),
+        };
+        for (edit, want) in [
+            (metric.replace("\"author.category\", ", "\"author.agency\", "), "metric[0].grouping_sets"),
+            (metric.replace("[[], ", "[[], [], "), "metric[0].grouping_sets"),
+            (metric.replace("\"sum(amount)\"", "\"median(amount)\""), "metric[0].measures"),
+            (metric.replace("step = \"1h\"", "step = \"1h\"\nsize = \"1d\""), "metric[0].size"),
+            (metric.replace("grouping_sets", "group_by = [\"x\"]\ngrouping_sets"), "metric[0].group_by"),
+            (format!("{metric}window = \"hopping\"\n"), "metric[0].window"),
+        ] {
+            assert_eq!(bad(format!("{head}{edit}")).0, want, "{edit}");
+        }
+        let csv_head = head.replace("\"e.jsonl\"", "\"e.csv\"\nformat = \"csv\"");
+        let (key, reason) = bad(format!("{csv_head}{}", metric.replace("\"platform\"", "\"room_id\"")));
+        assert_eq!(key, "dimension[0].fields");
+        assert!(reason.contains("collides"), "{reason}");
+        let (key, _) = bad(format!(
+            "{}{metric}",
+            head.replace("kind = \"file\"\npath = \"authors.csv\"", "kind = \"file\"\npath = \"nope.csv\"")
+        ));
+        assert_eq!(key, "dimension[0].path");
+        let (key, _) = bad(format!("{head}{metric}").replace("on_missing", "x") + "[[dimension]]\nname = \"author\"\nkind = \"file\"\npath = \"authors.csv\"\nkey = \"a\"\nfields = [\"b\"]\n");
+        assert_eq!(key, "dimension[1].name");
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, Emit, Format, Job,
-    KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, SinkRows, SinkSpec, SinkTarget,
-    SourceSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES,
-    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
+    DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec,
+    OnMissing, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, DAY_MS, DEDUP_TOLERANCE_DEFAULT,
+    KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
+    RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::state::ring::{RING_SOURCES_MAX, TOLERANCE_MAX};
@@ -24,6 +25,8 @@ pub(super) struct RawJob {
     job: RawJobSection,
     #[serde(default)]
     source: Vec<RawSource>,
+    #[serde(default)]
+    dimension: Vec<RawDimension>,
     #[serde(default)]
     metric: Vec<RawMetric>,
     #[serde(default)]
@@ -72,6 +75,18 @@ struct RawSource {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDimension {
+    name: String,
+    kind: String,
+    path: Option<String>,
+    format: Option<String>,
+    key: String,
+    fields: Vec<String>,
+    on_missing: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMetric {
     name: String,
     kind: String,
@@ -87,6 +102,8 @@ struct RawMetric {
     returning_after_days: Option<u32>,
     device_history: Option<PathBuf>,
     dedup_tolerance: Option<u32>,
+    window: Option<String>,
+    grouping_sets: Option<Vec<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -144,15 +161,27 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
     if raw.metric.len() > METRICS_MAX {
         return Err(invalid("metric", format!("at most {METRICS_MAX} metrics per job")));
     }
-    let metrics = raw
-        .metric
+    let dimensions = raw
+        .dimension
         .iter()
         .enumerate()
-        .map(|(i, m)| build_metric(i, m, &sources, base))
+        .map(|(i, d)| build_dimension(i, d, &sources, base))
         .collect::<Result<Vec<_>, _>>()?;
-    for (i, m) in metrics.iter().enumerate() {
-        if metrics[..i].iter().any(|o| o.name == m.name) {
-            return Err(invalid(format!("metric[{i}].name"), format!("duplicate metric name {:?}", m.name)));
+    for (i, d) in dimensions.iter().enumerate() {
+        if dimensions[..i].iter().any(|o| o.name == d.name) {
+            return Err(invalid(format!("dimension[{i}].name"), format!("duplicate dimension name {:?}", d.name)));
+        }
+    }
+    let mut metrics = Vec::new();
+    for (i, m) in raw.metric.iter().enumerate() {
+        let built = build_metric(i, m, &sources, &dimensions, base)?;
+        if metrics.iter().any(|o: &MetricSpec| o.name == built[0].name) {
+            return Err(invalid(format!("metric[{i}].name"), format!("duplicate metric name {:?}", built[0].name)));
+        }
+        metrics.extend(built);
+        if metrics.len() > METRICS_MAX {
+            let why = format!("at most {METRICS_MAX} metrics per job, each grouping set of a summary counting as one");
+            return Err(invalid(format!("metric[{i}]"), why));
         }
     }
     let sinks =
@@ -174,9 +203,67 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
         checkpoint_interval_ms,
         state_tables_mapped,
         sources,
+        dimensions,
         metrics,
         sinks,
     })
+}
+
+fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Path) -> Result<DimensionSpec, Invalid> {
+    let key = |k: &str| format!("dimension[{i}].{k}");
+    if d.name.is_empty() || d.name.contains('.') {
+        return Err(invalid(key("name"), format!("{:?}: a dimension name must be non-empty and without `.`", d.name)));
+    }
+    match d.kind.as_str() {
+        "file" => {}
+        "kafka" | "redis" => {
+            let why = format!("kind {:?} is not available yet (use \"file\")", d.kind);
+            return Err(invalid(key("kind"), why));
+        }
+        other => return Err(invalid(key("kind"), format!("unknown dimension kind {other:?} (expected \"file\")"))),
+    }
+    let path = match &d.path {
+        None => return Err(invalid(key("path"), "a file dimension needs `path`")),
+        Some(p) => base.join(p),
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(invalid(key("path"), format!("{} is not a file", path.display()))),
+        Err(e) => return Err(invalid(key("path"), format!("cannot open {}: {e}", path.display()))),
+    }
+    let by_extension = if path.extension().is_some_and(|e| e == "csv") { "csv" } else { "jsonl" };
+    let format = match d.format.as_deref().unwrap_or(by_extension) {
+        "csv" => DimFormat::Csv,
+        "jsonl" => DimFormat::Jsonl,
+        other => return Err(invalid(key("format"), format!("unknown format {other:?} (expected csv or jsonl)"))),
+    };
+    if d.key.is_empty() || d.key.contains('.') {
+        let why = format!("{:?}: the key must be an event field (dimensions join on event fields only)", d.key);
+        return Err(invalid(key("key"), why));
+    }
+    if d.fields.is_empty() {
+        return Err(invalid(key("fields"), "names no field"));
+    }
+    for (j, f) in d.fields.iter().enumerate() {
+        if f.is_empty() || f == &d.key || d.fields[..j].contains(f) {
+            return Err(invalid(key("fields"), format!("{f:?}: empty, the key, or listed twice")));
+        }
+        let enriched = format!("{}.{f}", d.name);
+        // A source whose records carry a field of that name would be shadowed.
+        if let Some(s) = sources.iter().find(|s| s.format != Format::Jsonl && s.can_supply(&enriched)) {
+            let why = format!("{enriched:?} collides with a field of source {:?}", s.name);
+            return Err(invalid(key("fields"), why));
+        }
+        if sources.iter().any(|s| s.ts_field == enriched || s.did_field == enriched) {
+            return Err(invalid(key("fields"), format!("{enriched:?} collides with an event time or device id field")));
+        }
+    }
+    let on_missing = match d.on_missing.as_deref().unwrap_or("null") {
+        "null" => OnMissing::Null,
+        "drop" => OnMissing::Drop,
+        other => return Err(invalid(key("on_missing"), format!("unknown value {other:?} (expected null, drop)"))),
+    };
+    Ok(DimensionSpec { name: d.name.clone(), path, format, key: d.key.clone(), fields: d.fields.clone(), on_missing })
 }
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {
@@ -397,21 +484,31 @@ fn read_csv_header(path: &Path) -> Result<Vec<String>, String> {
     Ok(header.iter().map(str::to_string).collect())
 }
 
-fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) -> Result<MetricSpec, Invalid> {
+fn build_metric(
+    i: usize,
+    m: &RawMetric,
+    sources: &[SourceSpec],
+    dims: &[DimensionSpec],
+    base: &Path,
+) -> Result<Vec<MetricSpec>, Invalid> {
     let key = |k: &str| format!("metric[{i}].{k}");
-    let dau = match m.kind.as_str() {
-        "cumulate" => {
-            for (k, set) in [
-                ("returning_after_days", m.returning_after_days.is_some()),
-                ("device_history", m.device_history.is_some()),
-                ("dedup_tolerance", m.dedup_tolerance.is_some()),
-            ] {
-                if set {
-                    return Err(invalid(key(k), "only a `kind = \"dau\"` metric takes this key"));
-                }
-            }
-            None
+    let only = |k: &str, set: bool, kind: &str| -> Result<(), Invalid> {
+        if set {
+            return Err(invalid(key(k), format!("only a `kind = \"{kind}\"` metric takes this key")));
         }
+        Ok(())
+    };
+    if m.kind != "dau" {
+        only("returning_after_days", m.returning_after_days.is_some(), "dau")?;
+        only("device_history", m.device_history.is_some(), "dau")?;
+        only("dedup_tolerance", m.dedup_tolerance.is_some(), "dau")?;
+    }
+    if m.kind != "summary" {
+        only("window", m.window.is_some(), "summary")?;
+        only("grouping_sets", m.grouping_sets.is_some(), "summary")?;
+    }
+    let dau = match m.kind.as_str() {
+        "cumulate" | "summary" => None,
         "dau" => {
             let dedup_tolerance = m.dedup_tolerance.unwrap_or(DEDUP_TOLERANCE_DEFAULT);
             if dedup_tolerance > TOLERANCE_MAX {
@@ -429,37 +526,68 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
         other => {
             return Err(invalid(
                 key("kind"),
-                format!("unknown metric kind {other:?} (expected \"cumulate\" or \"dau\")"),
+                format!("unknown metric kind {other:?} (expected \"cumulate\", \"dau\" or \"summary\")"),
             ))
         }
     };
-    let allowed: &[Measure] = match dau {
-        None => &[Measure::Pv, Measure::Uv],
-        Some(_) => &[Measure::Active, Measure::New, Measure::Returning],
-    };
-    let measures = match &m.measures {
-        None => allowed.to_vec(),
-        Some(list) if list.is_empty() => return Err(invalid(key("measures"), "is empty")),
-        Some(list) => list
-            .iter()
-            .map(|name| {
-                allowed.iter().copied().find(|a| a.name() == name).ok_or_else(|| {
-                    let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
-                    invalid(
-                        key("measures"),
-                        format!("unknown measure {name:?} for a {} metric (expected {})", m.kind, names.join(", ")),
-                    )
+    let summary = m.kind == "summary";
+    let mut values: Vec<String> = Vec::new();
+    let measures = if summary {
+        let list = m.measures.clone().unwrap_or_else(|| vec!["count".into(), "uv".into()]);
+        if list.is_empty() {
+            return Err(invalid(key("measures"), "is empty"));
+        }
+        let mut out = Vec::new();
+        for text in &list {
+            let measure = summary_measure(text, &mut values).map_err(|r| invalid(key("measures"), r))?;
+            if out.contains(&measure) {
+                return Err(invalid(key("measures"), format!("{text:?} listed twice")));
+            }
+            out.push(measure);
+        }
+        out
+    } else {
+        let allowed: &[Measure] = match dau {
+            None => &[Measure::Pv, Measure::Uv],
+            Some(_) => &[Measure::Active, Measure::New, Measure::Returning],
+        };
+        match &m.measures {
+            None => allowed.to_vec(),
+            Some(list) if list.is_empty() => return Err(invalid(key("measures"), "is empty")),
+            Some(list) => list
+                .iter()
+                .map(|name| {
+                    allowed.iter().copied().find(|a| a.name() == name).ok_or_else(|| {
+                        let names: Vec<&str> = allowed.iter().map(|a| a.name()).collect();
+                        invalid(
+                            key("measures"),
+                            format!("unknown measure {name:?} for a {} metric (expected {})", m.kind, names.join(", ")),
+                        )
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
+                .collect::<Result<Vec<_>, _>>()?,
+        }
+    };
+    let window = match (summary, m.window.as_deref()) {
+        (false, _) => None,
+        (true, None | Some("tumble")) => Some(SummaryWindow::Tumble),
+        (true, Some("cumulate")) => Some(SummaryWindow::Cumulate),
+        (true, Some(other)) => {
+            return Err(invalid(key("window"), format!("unknown window {other:?} (expected tumble, cumulate)")))
+        }
     };
     let step_ms = duration_or(m.step.as_deref(), MINUTE_MS).map_err(|r| invalid(key("step"), r))?;
-    let size_ms = duration_or(m.size.as_deref(), DAY_MS).map_err(|r| invalid(key("size"), r))?;
+    if window == Some(SummaryWindow::Tumble) && m.size.is_some() {
+        return Err(invalid(key("size"), "a tumble window is `step` long: `size` is for `window = \"cumulate\"`"));
+    }
+    let size_default = if window == Some(SummaryWindow::Tumble) { step_ms } else { DAY_MS };
+    let size_ms = duration_or(m.size.as_deref(), size_default).map_err(|r| invalid(key("size"), r))?;
     if step_ms <= 0 || step_ms % MINUTE_MS != 0 {
         return Err(invalid(key("step"), "must be a whole number of minutes"));
     }
     if size_ms <= 0 || DAY_MS % size_ms != 0 && size_ms % DAY_MS != 0 || size_ms > DAY_MS {
-        return Err(invalid(key("size"), "must divide a day (e.g. 1h, 1d)"));
+        let k = if window == Some(SummaryWindow::Tumble) { "step" } else { "size" };
+        return Err(invalid(key(k), "must divide a day (e.g. 1h, 1d)"));
     }
     if size_ms % step_ms != 0 {
         return Err(invalid(key("step"), "must divide `size` evenly"));
@@ -489,43 +617,122 @@ fn build_metric(i: usize, m: &RawMetric, sources: &[SourceSpec], base: &Path) ->
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    check_fields_supplied(&m.group_by, &source_ids, sources).map_err(|r| invalid(key("group_by"), r))?;
+    let supplied = |fields: &[String]| check_fields_supplied(fields, &source_ids, sources, dims);
+    let sets = match (&m.grouping_sets, summary) {
+        (_, false) => vec![m.group_by.clone()],
+        (None, true) => return Err(invalid(key("grouping_sets"), "a summary metric needs `grouping_sets`")),
+        (Some(_), true) if !m.group_by.is_empty() => {
+            return Err(invalid(key("group_by"), "a summary metric groups by `grouping_sets`"))
+        }
+        (Some(sets), true) if sets.is_empty() => return Err(invalid(key("grouping_sets"), "is empty")),
+        (Some(sets), true) => sets.clone(),
+    };
+    let sets_key = if summary { "grouping_sets" } else { "group_by" };
+    for (j, set) in sets.iter().enumerate() {
+        supplied(set).map_err(|r| invalid(key(sets_key), r))?;
+        for (k, g) in set.iter().enumerate() {
+            if set[..k].contains(g) {
+                return Err(invalid(key(sets_key), format!("field {g:?} listed twice in one set")));
+            }
+        }
+        let sorted = |s: &[String]| {
+            let mut v = s.to_vec();
+            v.sort();
+            v
+        };
+        if sets[..j].iter().any(|o| sorted(o) == sorted(set)) {
+            return Err(invalid(key(sets_key), format!("grouping set {set:?} listed twice")));
+        }
+    }
+    supplied(&values).map_err(|r| invalid(key("measures"), r))?;
     let filter = match &m.filter {
         None => None,
         Some(text) => {
             let f = Filter::parse(text).map_err(|r| invalid(key("filter"), r))?;
-            check_fields_supplied(&f.fields(), &source_ids, sources).map_err(|r| invalid(key("filter"), r))?;
+            supplied(&f.fields()).map_err(|r| invalid(key("filter"), r))?;
             Some(f)
         }
     };
-    let mut seen = Vec::new();
-    for g in &m.group_by {
-        if seen.contains(&g) {
-            return Err(invalid(key("group_by"), format!("field {g:?} listed twice")));
-        }
-        seen.push(g);
+    let n = sets.len();
+    Ok(sets
+        .into_iter()
+        .enumerate()
+        .map(|(set, group_by)| MetricSpec {
+            name: m.name.clone(),
+            summary: window.map(|window| SummarySpec {
+                window,
+                set,
+                sets: n,
+                grouping_json: serde_json::to_string(&group_by).unwrap_or_default(),
+                values: values.clone(),
+            }),
+            group_by,
+            filter: filter.clone(),
+            measures: measures.clone(),
+            step_ms,
+            size_ms,
+            emit,
+            late,
+            sources: source_ids.clone(),
+            dau: dau.clone(),
+        })
+        .collect())
+}
+
+/// Most distinct value fields one summary metric reads.
+const SUMMARY_VALUES_MAX: usize = 16;
+
+/// A summary measure: `count`, `uv`, `sum(f)`, `min(f)`, `max(f)`; a value
+/// field new to `values` is added to it.
+fn summary_measure(text: &str, values: &mut Vec<String>) -> Result<Measure, String> {
+    let t = text.trim();
+    match t {
+        "count" => return Ok(Measure::Count),
+        "uv" => return Ok(Measure::Uv),
+        _ => {}
     }
-    Ok(MetricSpec {
-        name: m.name.clone(),
-        group_by: m.group_by.clone(),
-        filter,
-        measures,
-        step_ms,
-        size_ms,
-        emit,
-        late,
-        sources: source_ids,
-        dau,
-    })
+    let call = t.split_once('(').and_then(|(f, rest)| Some((f.trim(), rest.strip_suffix(')')?.trim())));
+    let Some((func, field)) = call.filter(|(_, field)| !field.is_empty() && !field.contains([' ', '(', ')', ',']))
+    else {
+        return Err(format!("unknown measure {text:?} (expected count, uv, sum(field), min(field), max(field))"));
+    };
+    let v = match values.iter().position(|x| x == field) {
+        Some(v) => v,
+        None => {
+            if values.len() == SUMMARY_VALUES_MAX {
+                return Err(format!("at most {SUMMARY_VALUES_MAX} distinct value fields"));
+            }
+            values.push(field.to_string());
+            values.len() - 1
+        }
+    } as u8;
+    match func {
+        "sum" => Ok(Measure::Sum(v)),
+        "min" => Ok(Measure::Min(v)),
+        "max" => Ok(Measure::Max(v)),
+        _ => Err(format!("unknown measure {text:?} (expected count, uv, sum(field), min(field), max(field))")),
+    }
 }
 
 fn duration_or(text: Option<&str>, default_ms: i64) -> Result<i64, String> {
     text.map_or(Ok(default_ms), parse_duration_ms)
 }
 
-/// Every field must be supplied by every source the metric reads.
-fn check_fields_supplied(fields: &[String], source_ids: &[usize], sources: &[SourceSpec]) -> Result<(), String> {
+/// Every field must be supplied by every source the metric reads (an
+/// enriched field `dim.field`: its dimension's key).
+fn check_fields_supplied(
+    fields: &[String],
+    source_ids: &[usize],
+    sources: &[SourceSpec],
+    dims: &[DimensionSpec],
+) -> Result<(), String> {
     for f in fields {
+        let dim = f.split_once('.').and_then(|(d, _)| dims.iter().find(|x| x.name == d));
+        let f = match dim {
+            Some(d) if d.fields.iter().any(|x| Some(x.as_str()) == f.split_once('.').map(|p| p.1)) => &d.key,
+            Some(d) => return Err(format!("dimension {:?} has no field {f:?} (it has {:?})", d.name, d.fields)),
+            None => f,
+        };
         for &s in source_ids {
             let src = &sources[s];
             if f == &src.ts_field || f == &src.did_field {
@@ -589,15 +796,18 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
     let ids: Vec<usize> = match &s.metrics {
         None if detail => (0..metrics.len()).filter(|&m| metrics[m].dau.is_some()).collect(),
         None => (0..metrics.len()).collect(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                metrics
-                    .iter()
-                    .position(|m| &m.name == n)
-                    .ok_or_else(|| invalid(key("metrics"), format!("no metric named {n:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(names) => {
+            let mut ids = Vec::new();
+            for n in names {
+                // A summary's grouping sets share its name.
+                let of_name: Vec<usize> = (0..metrics.len()).filter(|&m| &metrics[m].name == n).collect();
+                if of_name.is_empty() {
+                    return Err(invalid(key("metrics"), format!("no metric named {n:?}")));
+                }
+                ids.extend(of_name);
+            }
+            ids
+        }
     };
     if detail {
         if let Some(&m) = ids.iter().find(|&&m| metrics[m].dau.is_none()) {

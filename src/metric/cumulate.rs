@@ -37,6 +37,7 @@ use crate::state::table::{Slot, Table};
 
 use super::detail::{DetailBuf, Details};
 use super::keys::KeyDict;
+use super::values::{Agg, Which};
 
 /// Event-time arithmetic of one metric: slices, windows, periods.
 #[derive(Clone, Copy, Debug)]
@@ -134,11 +135,15 @@ pub struct SliceCols {
     /// slice, those new on the day, and those returning.
     pub new: Vec<u32>,
     pub ret: Vec<u32>,
+    /// Summary metrics with value fields (else empty): per key, one
+    /// aggregate per value field (`key * values + field`).
+    pub vals: Vec<Agg>,
 }
 
 impl SliceCols {
+    /// Makes room for key `key`; `values`: the metric's value fields.
     #[inline]
-    fn fit(&mut self, key: usize, dau: bool) {
+    fn fit(&mut self, key: usize, dau: bool, values: usize) {
         if key >= self.pv.len() {
             let n = (key + 1).max(self.pv.len() * 2).max(16);
             self.pv.resize(n, 0);
@@ -147,6 +152,7 @@ impl SliceCols {
                 self.new.resize(n, 0);
                 self.ret.resize(n, 0);
             }
+            self.vals.resize(n * values, Agg::default());
         }
     }
 
@@ -275,8 +281,8 @@ const DID_ARENA_FILES_MAX: usize = 64;
 /// One metric's shard state as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateShardSaved {
-    /// Open slices: (slice, [pv, uv, new, returning]).
-    pub slices: Vec<(u32, [Vec<u32>; 4])>,
+    /// Open slices: (slice, [pv, uv, new, returning], value aggregates).
+    pub slices: Vec<(u32, [Vec<u32>; 4], Vec<Agg>)>,
     pub tables: Vec<TableSaved>,
     /// DAU: the device history table.
     pub history: Option<TableSaved>,
@@ -323,6 +329,8 @@ pub struct CumulateShard {
     /// Watermark of the last ship: days starting at or before it have
     /// every earlier day closed.
     wm_ms: i64,
+    /// Summary: value fields aggregated per key (`sum`, `min`, `max`).
+    pub values: usize,
 }
 
 impl CumulateShard {
@@ -345,6 +353,7 @@ impl CumulateShard {
             dau: None,
             details: None,
             wm_ms: i64::MIN,
+            values: 0,
         }
     }
 
@@ -428,11 +437,19 @@ impl CumulateShard {
     }
 
     /// Counts one event of `device_fp` with `key` in `slice`, from
-    /// `source` (`did`: the device id text, for a DAU metric); returns
-    /// false if a DAU metric's minute dedup found it late (older than its
-    /// ring).
+    /// `source` (`did`: the device id text, for a DAU metric; `vals`: a
+    /// summary's value fields, NaN for none); returns false if a DAU
+    /// metric's minute dedup found it late (older than its ring).
     #[inline]
-    pub fn apply(&mut self, device_fp: u64, key: u32, slice: u32, source: usize, did: &[u8]) -> io::Result<bool> {
+    pub fn apply(
+        &mut self,
+        device_fp: u64,
+        key: u32,
+        slice: u32,
+        source: usize,
+        did: &[u8],
+        vals: &[f64],
+    ) -> io::Result<bool> {
         let t = self.table_of(slice)?;
         if let (Some((rings, _)), Some(dau)) = (&mut self.tables[t].rings, &self.dau) {
             match rings.observe(device_fp, ring_key(source, key), slice, dau.tolerance)? {
@@ -460,9 +477,15 @@ impl CumulateShard {
         let k = key as usize;
         let i = self.slice_index(slice);
         let dau = self.dau.is_some();
+        let nv = self.values;
         let c = &mut self.slices[i];
-        c.fit(k, dau);
+        c.fit(k, dau, nv);
         c.pv[k] += 1;
+        for (a, &v) in c.vals[k * nv..(k + 1) * nv].iter_mut().zip(vals) {
+            if !v.is_nan() {
+                a.add(v);
+            }
+        }
         match seen {
             Seen::Again => {}
             Seen::New => {
@@ -535,8 +558,9 @@ impl CumulateShard {
                     continue;
                 }
             };
+            let nv = self.values;
             let c = &mut self.slices[i];
-            c.fit(k, true);
+            c.fit(k, true, nv);
             if let Some(col) = c.class_col(class) {
                 col[k] += 1;
             }
@@ -585,7 +609,11 @@ impl CumulateShard {
     pub fn state_bytes(&self) -> usize {
         self.tables.iter().map(|t| t.table.bytes()).sum::<usize>()
             + self.dau.as_ref().map_or(0, |d| d.history.bytes())
-            + self.slices.iter().map(|c| (c.pv.len() + c.uv.len() + c.new.len() + c.ret.len()) * 4).sum::<usize>()
+            + self
+                .slices
+                .iter()
+                .map(|c| (c.pv.len() + c.uv.len() + c.new.len() + c.ret.len()) * 4 + c.vals.len() * size_of::<Agg>())
+                .sum::<usize>()
     }
 
     pub fn dedup_entries(&self) -> usize {
@@ -649,8 +677,11 @@ impl CumulateShard {
                 Some(DidsSaved { index, arena: dau.dids_arena.clone() })
             }
         };
-        let slices =
-            self.slices.iter().map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()])).collect();
+        let slices = self
+            .slices
+            .iter()
+            .map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()], c.vals.clone()))
+            .collect();
         let saved = CumulateShardSaved {
             slices,
             tables,
@@ -711,12 +742,13 @@ impl CumulateShard {
         self.slices = saved
             .slices
             .iter()
-            .map(|(slice, [pv, uv, new, ret])| SliceCols {
+            .map(|(slice, [pv, uv, new, ret], vals)| SliceCols {
                 slice: *slice,
                 pv: pv.clone(),
                 uv: uv.clone(),
                 new: new.clone(),
                 ret: ret.clone(),
+                vals: vals.clone(),
             })
             .collect();
         self.wm_ms = wm_ms;
@@ -897,9 +929,10 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
                         _ => Class::Known,
                     };
                     let dau = target.dau.is_some();
+                    let nv = target.values;
                     let i = target.slice_index(e.first_slice);
                     let c = &mut target.slices[i];
-                    c.fit(e.key as usize, dau);
+                    c.fit(e.key as usize, dau, nv);
                     c.uv[e.key as usize] += 1;
                     if let Some(col) = c.class_col(class) {
                         col[e.key as usize] += 1;
@@ -909,12 +942,16 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
         }
         let first = &mut *new[0];
         let dau = first.dau.is_some();
+        let nv = first.values;
         for c in &o.slices {
             let i = first.slice_index(c.slice);
             let into = &mut first.slices[i];
-            into.fit(c.pv.len().saturating_sub(1), dau);
+            into.fit(c.pv.len().saturating_sub(1), dau, nv);
             for (k, &pv) in c.pv.iter().enumerate() {
                 into.pv[k] += pv;
+            }
+            for (a, b) in into.vals.iter_mut().zip(&c.vals) {
+                a.merge(b);
             }
         }
         first.entries_seen_max = first.entries_seen_max.max(o.entries_seen_max);
@@ -972,14 +1009,31 @@ struct Period {
     sums: Vec<Sums>,
     /// Values last written per key (for `emit = "changed"`).
     written: Vec<Sums>,
+    /// Summary: value aggregates so far, per key and value field, and as
+    /// last written.
+    vals: Vec<Agg>,
+    written_vals: Vec<Agg>,
+}
+
+/// Where a row's measure comes from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// A counter ([`Sums`] index).
+    Count(usize),
+    /// A value aggregate: (field index, what of it).
+    Value(usize, Which),
 }
 
 /// One metric's merge of shard slices into window rows.
 pub struct CumulateEmitter {
     geo: Geometry,
     name_json: String,
-    /// (field name, index into [`Sums`]) of each measure written.
-    measures: Vec<(&'static str, usize)>,
+    /// Summary: `,"grouping":[…]` (else empty).
+    grouping: String,
+    /// Value fields per key (summary).
+    values: usize,
+    /// (`,"field":`, where from) of each measure written.
+    measures: Vec<(String, Source)>,
     emit: Emit,
     dict: Arc<KeyDict>,
     dims: Vec<String>,
@@ -988,7 +1042,7 @@ pub struct CumulateEmitter {
     /// Per key id, its place in `order`.
     rank: Vec<u32>,
     /// Merged slices not yet folded into a window, by slice.
-    pending: std::collections::BTreeMap<u32, Vec<Sums>>,
+    pending: std::collections::BTreeMap<u32, (Vec<Sums>, Vec<Agg>)>,
     periods: std::collections::BTreeMap<u32, Period>,
     /// DAU with a `minute_devices` sink: shipped detail rows whose slice
     /// the job's watermark has not passed yet.
@@ -998,7 +1052,7 @@ pub struct CumulateEmitter {
 /// The emitter's state of one metric as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateEmitterSaved {
-    pending: std::collections::BTreeMap<u32, Vec<Sums>>,
+    pending: std::collections::BTreeMap<u32, (Vec<Sums>, Vec<Agg>)>,
     periods: std::collections::BTreeMap<u32, Period>,
     details: Option<Details>,
 }
@@ -1027,18 +1081,25 @@ impl CumulateEmitter {
             .measures
             .iter()
             .map(|&m| {
-                let at = match m {
-                    Measure::Pv => 0,
-                    Measure::Uv | Measure::Active => 1,
-                    Measure::New => 2,
-                    Measure::Returning => 3,
+                let from = match m {
+                    Measure::Pv | Measure::Count => Source::Count(0),
+                    Measure::Uv | Measure::Active => Source::Count(1),
+                    Measure::New => Source::Count(2),
+                    Measure::Returning => Source::Count(3),
+                    Measure::Sum(v) => Source::Value(v as usize, Which::Sum),
+                    Measure::Min(v) => Source::Value(v as usize, Which::Min),
+                    Measure::Max(v) => Source::Value(v as usize, Which::Max),
                 };
-                (m.name(), at)
+                let field = serde_json::to_string(&spec.measure_field(m)).unwrap_or_default();
+                (format!(",{field}:"), from)
             })
             .collect();
+        let summary = spec.summary.as_ref();
         CumulateEmitter {
             geo,
             name_json: serde_json::to_string(&spec.name).unwrap_or_default(),
+            grouping: summary.map_or(String::new(), |s| format!(",\"grouping\":{}", s.grouping_json)),
+            values: summary.map_or(0, |s| s.values.len()),
             measures,
             emit: spec.emit,
             dict,
@@ -1140,9 +1201,10 @@ impl CumulateEmitter {
         if cols.pv.iter().all(|&p| p == 0) && cols.uv.iter().all(|&u| u == 0) {
             return;
         }
-        let sums = self.pending.entry(s).or_default();
+        let (sums, vals) = self.pending.entry(s).or_default();
         if sums.len() < cols.pv.len() {
             sums.resize(cols.pv.len(), [0; 4]);
+            vals.resize(cols.pv.len() * self.values, Agg::default());
         }
         let col = |v: &Vec<u32>, k: usize| v.get(k).copied().unwrap_or(0) as u64;
         for (k, sum) in sums.iter_mut().enumerate().take(cols.pv.len()) {
@@ -1151,6 +1213,9 @@ impl CumulateEmitter {
             sum[2] += col(&cols.new, k);
             sum[3] += col(&cols.ret, k);
         }
+        for (a, b) in vals.iter_mut().zip(&cols.vals) {
+            a.merge(b);
+        }
         let p = self.geo.period_of_slice(s);
         let period = self.periods.entry(p).or_insert_with(|| Period {
             next_slice: s,
@@ -1158,6 +1223,8 @@ impl CumulateEmitter {
             started: false,
             sums: Vec::new(),
             written: Vec::new(),
+            vals: Vec::new(),
+            written_vals: Vec::new(),
         });
         debug_assert!(s >= period.next_slice || !period.started, "slice {s} arrived after its window was emitted");
         if !period.started {
@@ -1197,15 +1264,21 @@ impl CumulateEmitter {
             return;
         };
         period.started = true;
-        if let Some(add) = self.pending.remove(&s) {
+        let nv = self.values;
+        if let Some((add, add_vals)) = self.pending.remove(&s) {
             if period.sums.len() < add.len() {
                 period.sums.resize(add.len(), [0; 4]);
                 period.written.resize(add.len(), [0; 4]);
+                period.vals.resize(add.len() * nv, Agg::default());
+                period.written_vals.resize(add.len() * nv, Agg::default());
             }
             for (sum, a) in period.sums.iter_mut().zip(&add) {
                 for (x, y) in sum.iter_mut().zip(a) {
                     *x += y;
                 }
+            }
+            for (a, b) in period.vals.iter_mut().zip(&add_vals) {
+                a.merge(b);
             }
         }
         if self.dims.len() < period.sums.len() {
@@ -1220,6 +1293,7 @@ impl CumulateEmitter {
         head.push_str(itoa::Buffer::new().format(start));
         head.push_str(",\"window_end\":");
         head.push_str(itoa::Buffer::new().format(end));
+        head.push_str(&self.grouping);
         head.push_str(",\"dims\":");
         for &k in &self.order {
             let k = k as usize;
@@ -1227,20 +1301,26 @@ impl CumulateEmitter {
                 Some(&sums) if sums[0] > 0 => sums,
                 _ => continue,
             };
-            let written = &period.written[k];
-            if self.emit == Emit::Changed && self.measures.iter().all(|&(_, at)| written[at] == sums[at]) {
+            let vals = &period.vals[k * nv..(k + 1) * nv];
+            let same = |from: &Source| match *from {
+                Source::Count(at) => period.written[k][at] == sums[at],
+                Source::Value(v, _) => period.written_vals[k * nv + v] == vals[v],
+            };
+            if self.emit == Emit::Changed && self.measures.iter().all(|(_, from)| same(from)) {
                 continue;
             }
             period.written[k] = sums;
+            period.written_vals[k * nv..(k + 1) * nv].copy_from_slice(vals);
             let mut line = String::with_capacity(head.len() + self.dims[k].len() + 40);
             line.push_str(&head);
             let key_at = line.len()..line.len() + self.dims[k].len();
             line.push_str(&self.dims[k]);
-            for &(name, at) in &self.measures {
-                line.push_str(",\"");
-                line.push_str(name);
-                line.push_str("\":");
-                line.push_str(itoa::Buffer::new().format(sums[at]));
+            for (field, from) in &self.measures {
+                line.push_str(field);
+                match *from {
+                    Source::Count(at) => line.push_str(itoa::Buffer::new().format(sums[at])),
+                    Source::Value(v, what) => vals[v].render(what, &mut line),
+                }
             }
             line.push_str("}\n");
             rows.push(Row { window_end_ms: end, metric, line, key_at });
@@ -1286,9 +1366,9 @@ mod tests {
     fn shard_moves_a_device_to_its_earlier_slice() {
         let g = geo();
         let mut sh = CumulateShard::new(g, None, "t".into(), false);
-        sh.apply(1, 0, 100, 0, b"").unwrap();
-        sh.apply(1, 0, 98, 0, b"").unwrap();
-        sh.apply(2, 0, 100, 0, b"").unwrap();
+        sh.apply(1, 0, 100, 0, b"", &[]).unwrap();
+        sh.apply(1, 0, 98, 0, b"", &[]).unwrap();
+        sh.apply(2, 0, 100, 0, b"", &[]).unwrap();
         let mut got = Vec::new();
         sh.ship(i64::MAX, &mut |c| got.push((c.slice, c.pv[0], c.uv[0])), &mut |_, _| {}).unwrap();
         assert_eq!(got, [(98, 1, 1), (100, 2, 1)]);

@@ -3,3 +3,4 @@
 pub mod cumulate;
 pub mod detail;
 pub mod keys;
+pub mod values;

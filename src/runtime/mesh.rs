@@ -41,6 +41,9 @@ pub struct Batch {
     /// `[length u16 LE][bytes]` (the shard keeps it for `tally devices
     /// export` and the `minute_devices` rows).
     pub texts: Vec<u8>,
+    /// The value fields of each record of a summary metric, in record
+    /// order (as many as the metric has; NaN: none).
+    pub vals: Vec<f64>,
     pub source: usize,
     /// Position of the block in its source.
     pub seq: BlockSeq,
@@ -104,6 +107,7 @@ impl Mesh {
     pub fn give_back(&self, r: usize, s: usize, mut b: Batch) {
         b.records.clear();
         b.texts.clear();
+        b.vals.clear();
         // The return queue holds a whole pool, so this cannot fail; if it
         // ever did, the batch would simply be freed.
         let _ = self.returned[r * self.n + s].push(b);

@@ -30,6 +30,7 @@ use crossbeam::channel::{unbounded, Sender};
 use serde::Serialize;
 
 use crate::checkpoint::CheckpointError;
+use crate::dim::{DimExample, DimHandle, Watcher};
 use crate::event::Reject;
 use crate::job::{Format, Job};
 use crate::metric::cumulate::{Geometry, SliceCols};
@@ -81,6 +82,8 @@ pub(crate) struct Shared {
     pub cut_epoch: AtomicU64,
     /// Per source: its stream, for a source read while the job runs (Kafka).
     pub streams: Vec<Option<Arc<Stream>>>,
+    /// Per dimension: its current table.
+    pub dims: Vec<Arc<DimHandle>>,
 }
 
 /// Bit of [`Shared::next_task`] that stops routers from claiming blocks.
@@ -196,6 +199,8 @@ pub enum RunError {
     History(#[from] HistoryError),
     #[error(transparent)]
     Kafka(#[from] KafkaSourceError),
+    #[error("dimension {name:?}: {reason}")]
+    Dimension { name: String, reason: String },
     #[error("shard state: {0}")]
     Table(io::Error),
     #[error("worker failed: {0}")]
@@ -248,6 +253,28 @@ pub struct RunSummary {
     pub checkpoints: CheckpointReport,
     /// Device histories imported for DAU metrics (a fresh start only).
     pub history_imports: Vec<HistoryImport>,
+    /// Each dimension table: its last load, and the lookups of this run.
+    pub dimensions: Vec<DimensionReport>,
+}
+
+/// What a run did with one dimension.
+#[derive(Debug, Serialize)]
+pub struct DimensionReport {
+    pub name: String,
+    pub path: String,
+    /// Rows of the table as last loaded, malformed rows skipped and keys
+    /// repeated (the last row won) in that load.
+    pub rows: u64,
+    pub malformed: u64,
+    pub duplicate_keys: u64,
+    pub examples: Vec<DimExample>,
+    /// Times the file was read again after it changed.
+    pub reloads: u64,
+    /// Events looked up, events whose key the table lacked, and of those
+    /// the events dropped (`on_missing = "drop"`).
+    pub lookups: u64,
+    pub missing: u64,
+    pub dropped: u64,
 }
 
 /// One DAU metric's device history import.
@@ -329,6 +356,16 @@ impl RunSummary {
                 writeln!(w, "tally:   {}:{line}: {why}", h.path)?;
             }
         }
+        for d in &self.dimensions {
+            writeln!(
+                w,
+                "tally: dimension {:?}: {} rows ({} malformed, {} duplicate keys, {} reloads); {} lookups, {} missing, {} dropped",
+                d.name, d.rows, d.malformed, d.duplicate_keys, d.reloads, d.lookups, d.missing, d.dropped
+            )?;
+            for e in &d.examples {
+                writeln!(w, "tally:   {}: {}", e.at, e.reason)?;
+            }
+        }
         if self.late_folded + self.late_dropped > 0 {
             writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
@@ -383,6 +420,14 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
             None => None,
         });
     }
+    let dims = job
+        .dimensions
+        .iter()
+        .map(|d| {
+            DimHandle::open(d).map(Arc::new).map_err(|reason| RunError::Dimension { name: d.name.clone(), reason })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let _watcher = Watcher::start(job.dimensions.clone(), dims.clone());
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
     let mut sinks =
         job.sinks.iter().enumerate().map(|(i, s)| Sink::open(s, job, sink_resume(i))).collect::<Result<Vec<_>, _>>()?;
@@ -404,6 +449,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         cut_epoch: AtomicU64::new(0),
         plan: plan.clone(),
         streams: kafka.iter().map(|k| k.as_ref().map(|k| k.stream.clone())).collect(),
+        dims,
     };
     let mut shards = match &resume {
         Some(r) => r.place(&sh)?,
@@ -618,6 +664,29 @@ fn summarize(
         stopped: false,
         checkpoints: CheckpointReport::default(),
         history_imports: Vec::new(),
+        dimensions: job
+            .dimensions
+            .iter()
+            .enumerate()
+            .map(|(d, spec)| {
+                let load = sh.dims[d].load.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let count = |f: fn(&stats::DimCount) -> u64| {
+                    per_source.iter().filter_map(|s| s.dims.get(d)).map(f).sum::<u64>()
+                };
+                DimensionReport {
+                    name: spec.name.clone(),
+                    path: spec.path.display().to_string(),
+                    rows: load.rows,
+                    malformed: load.malformed,
+                    duplicate_keys: load.duplicate_keys,
+                    examples: load.examples,
+                    reloads: sh.dims[d].reloads.load(Ordering::Relaxed),
+                    lookups: count(|c| c.lookups),
+                    missing: count(|c| c.missing),
+                    dropped: count(|c| c.dropped),
+                }
+            })
+            .collect(),
     }
 }
 

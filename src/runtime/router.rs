@@ -12,20 +12,23 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use ahash::AHashMap;
 
 use super::mesh::{push_text, text_bytes, Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
-use super::stats::SourceStats;
+use super::stats::{DimCount, SourceStats};
 use super::{Claim, Shared, NOT_READY, NO_EVENTS};
+use crate::dim::{key_text, DimTable};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
 use crate::event::csv::CsvParser;
 use crate::event::jsonl::JsonlParser;
-use crate::event::{EventBuf, FieldSet, Reject};
-use crate::job::filter::Node;
-use crate::job::{Format, LatePolicy};
+use crate::event::{EventBuf, FieldSet, Raw, Reject};
+use crate::job::filter::{FieldValue, Node};
+use crate::job::{Format, LatePolicy, OnMissing};
 use crate::metric::cumulate::{Geometry, Placement};
 use crate::metric::keys::{KeyCache, KEY_BITS};
+use crate::metric::values::number;
 use crate::source::file::{for_each_line, Block, BlockReader, Line, READS_IN_FLIGHT};
 use crate::source::stream::{BlockMeta, StreamBlock, StreamClaim};
 
@@ -36,7 +39,22 @@ struct SourceMetric {
     text: bool,
     filter: Option<Node<usize>>,
     group_slots: Vec<usize>,
+    /// A summary's value fields: its records carry them as numbers.
+    value_slots: Vec<usize>,
     geo: Geometry,
+}
+
+/// A dimension a source's events are joined with.
+struct Enrich {
+    dim: usize,
+    /// Slot of the event field joined on.
+    key_slot: usize,
+    /// (field of the dimension, slot it fills).
+    targets: Vec<(usize, usize)>,
+    drop: bool,
+    /// The table as this router last took it, and its generation.
+    table: Arc<DimTable>,
+    generation: u64,
 }
 
 /// A source's parsing state in one router.
@@ -50,6 +68,7 @@ struct SourceRt {
     csv_stream: Option<CsvParser>,
     binary_slots: [Option<usize>; BINARY_DIMS],
     ev: EventBuf,
+    enrich: Vec<Enrich>,
     metrics: Vec<SourceMetric>,
     delay_ms: i64,
     max_line_bytes: usize,
@@ -109,7 +128,12 @@ impl Router {
             staged: VecDeque::new(),
             ready: (0..n).map(|_| None).collect(),
             allocated: vec![0; n],
-            stats: sh.job.sources.iter().map(|_| SourceStats::default()).collect(),
+            stats: sh
+                .job
+                .sources
+                .iter()
+                .map(|_| SourceStats { dims: vec![DimCount::default(); sh.dims.len()], ..SourceStats::default() })
+                .collect(),
         }
     }
 
@@ -192,6 +216,7 @@ impl Router {
         let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
         let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
         let src = &mut self.sources[source];
+        refresh_dims(src, sh);
         let stats = &mut self.stats[source];
         let keys = &mut self.keys;
         let mut records = 0u64;
@@ -205,7 +230,7 @@ impl Router {
                     let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
                     match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
                         Ok(()) => {
-                            route(src, keys, sh, &[], &mut batches, &mut acc)?;
+                            route(src, keys, sh, &[], &mut batches, &mut acc, &mut stats.dims)?;
                             stats.events += 1;
                         }
                         Err(reason) => stats.reject_message(reason, block.part, offset, &[]),
@@ -228,7 +253,7 @@ impl Router {
             };
             match parsed {
                 Ok(()) => {
-                    route(src, keys, sh, text, &mut batches, &mut acc)?;
+                    route(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims)?;
                     stats.events += 1;
                 }
                 Err(reason) => {
@@ -276,6 +301,7 @@ impl Router {
         let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
         let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
         let src = &mut self.sources[task.source];
+        refresh_dims(src, sh);
         let stats = &mut self.stats[task.source];
         let keys = &mut self.keys;
         let lines = match src.format {
@@ -310,7 +336,7 @@ impl Router {
                     };
                     match r {
                         Ok(text) => {
-                            if let Err(e) = route(src, keys, sh, text, &mut batches, &mut acc) {
+                            if let Err(e) = route(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims) {
                                 err.get_or_insert(e);
                             }
                             stats.events += 1;
@@ -452,9 +478,12 @@ fn to_wm(prefix_max: i64, delay_ms: i64) -> i64 {
 /// Applies each record's metric late policy against `wm_ms`.
 fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mut SourceStats) {
     for b in batches.iter_mut().flatten() {
-        // A DAU record's text goes (or stays) with it: compacted in place.
+        // A DAU record's text and a summary record's values go (or stay)
+        // with it: compacted in place.
         let texts = &mut b.texts;
         let (mut read, mut write) = (0, 0);
+        let vals = &mut b.vals;
+        let (mut vread, mut vwrite) = (0, 0);
         b.records.retain_mut(|r| {
             let m = (r.key >> KEY_BITS) as usize;
             let late: LatePolicy = sh.job.metrics[m].late;
@@ -478,9 +507,16 @@ fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mu
                 }
                 read += n;
             }
+            let nv = sh.job.metrics[m].value_fields().len();
+            if keep {
+                vals.copy_within(vread..vread + nv, vwrite);
+                vwrite += nv;
+            }
+            vread += nv;
             keep
         });
         texts.truncate(write);
+        vals.truncate(vwrite);
     }
 }
 
@@ -489,8 +525,52 @@ struct Accumulator {
     ts_max: i64,
 }
 
+/// Takes the tables of a source's dimensions that were reloaded since.
+fn refresh_dims(src: &mut SourceRt, sh: &Shared) {
+    for e in &mut src.enrich {
+        if sh.dims[e.dim].generation() != e.generation {
+            (e.generation, e.table) = sh.dims[e.dim].current();
+        }
+    }
+}
+
+/// Joins a parsed event with its source's dimensions: fills the slots of
+/// the enriched fields (`null` where the table lacks the key); false if
+/// a dimension with `on_missing = "drop"` lacks it (the event is dropped).
+#[inline]
+fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> bool {
+    let SourceRt { enrich, ev, .. } = src;
+    for e in enrich.iter() {
+        let c = &mut counts[e.dim];
+        c.lookups += 1;
+        let mut buf = [0u8; 32];
+        let row = key_text(ev.value(record, e.key_slot), &mut buf).and_then(|k| e.table.lookup(k));
+        let Some(row) = row else {
+            c.missing += 1;
+            if e.drop {
+                c.dropped += 1;
+                return false;
+            }
+            for &(_, slot) in &e.targets {
+                ev.values[slot] = Raw::Null;
+            }
+            continue;
+        };
+        for &(f, slot) in &e.targets {
+            ev.values[slot] = match e.table.value(row, f) {
+                FieldValue::Null => Raw::Null,
+                FieldValue::Int(i) => Raw::Int(i),
+                FieldValue::Float(x) => Raw::Float(x),
+                FieldValue::Str(s) => ev.push_scratch(s),
+            };
+        }
+    }
+    true
+}
+
 /// Sends one parsed event to its shard, once per metric it passes.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn route(
     src: &mut SourceRt,
     keys: &mut KeyCache,
@@ -498,7 +578,11 @@ fn route(
     record: &[u8],
     batches: &mut [Option<Batch>],
     acc: &mut Accumulator,
+    dim_counts: &mut [DimCount],
 ) -> io::Result<()> {
+    if !src.enrich.is_empty() && !enrich(src, record, dim_counts) {
+        return Ok(());
+    }
     let ev = &src.ev;
     let ts = ev.ts_ms;
     acc.ts_min = acc.ts_min.min(ts);
@@ -522,6 +606,9 @@ fn route(
             if sm.text {
                 push_text(&mut b.texts, ev.did_bytes(record));
             }
+            for &slot in &sm.value_slots {
+                b.vals.push(number(ev.value(record, slot)));
+            }
         }
     }
     Ok(())
@@ -544,7 +631,7 @@ fn parse_binary(
         let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
         match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
             Ok(()) => {
-                route(src, keys, sh, &[], batches, acc)?;
+                route(src, keys, sh, &[], batches, acc, &mut stats.dims)?;
                 stats.events += 1;
             }
             Err(reason) => stats.reject(reason, task, index, &[]),
@@ -565,14 +652,46 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
     for &m in &reading {
         let metric = &sh.job.metrics[m];
         let filter_fields = metric.filter.as_ref().map(|f| f.fields()).unwrap_or_default();
-        for f in metric.group_by.iter().chain(&filter_fields) {
+        for f in metric.group_by.iter().chain(&filter_fields).chain(metric.value_fields()) {
             if !slots.contains(f) {
                 slots.push(f.clone());
             }
         }
     }
+    // Dimensions whose fields the metrics use, and those that drop events
+    // they lack (from every source that has the key).
+    let job = &sh.job;
+    let wanted: Vec<usize> = (0..job.dimensions.len())
+        .filter(|&d| {
+            let dim = &job.dimensions[d];
+            let used = (0..dim.fields.len()).any(|f| slots.contains(&dim.field_name(f)));
+            used || dim.on_missing == OnMissing::Drop && spec.can_supply(&dim.key)
+        })
+        .collect();
+    for &d in &wanted {
+        if !slots.contains(&job.dimensions[d].key) {
+            slots.push(job.dimensions[d].key.clone());
+        }
+    }
     let fields = FieldSet { ts: spec.ts_field.clone(), did: spec.did_field.clone(), slots };
     let slot_of = |name: &str| fields.slot_of(name).unwrap_or(0);
+    let enrich = wanted
+        .iter()
+        .map(|&d| {
+            let dim = &job.dimensions[d];
+            let targets =
+                (0..dim.fields.len()).filter_map(|f| Some((f, fields.slot_of(&dim.field_name(f))?))).collect();
+            let (generation, table) = sh.dims[d].current();
+            Enrich {
+                dim: d,
+                key_slot: slot_of(&dim.key),
+                targets,
+                drop: dim.on_missing == OnMissing::Drop,
+                table,
+                generation,
+            }
+        })
+        .collect();
     let metrics = reading
         .iter()
         .map(|&m| {
@@ -582,6 +701,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
                 text: metric.dau.is_some(),
                 filter: metric.filter.as_ref().map(|f| f.compile(&slot_of)),
                 group_slots: metric.group_by.iter().map(|g| slot_of(g)).collect(),
+                value_slots: metric.value_fields().iter().map(|v| slot_of(v)).collect(),
                 geo: sh.geometry[m],
             }
         })
@@ -597,6 +717,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         },
         binary_slots,
         ev: EventBuf::new(fields.slots.len()),
+        enrich,
         fields,
         metrics,
         delay_ms: spec.max_out_of_orderness_ms,

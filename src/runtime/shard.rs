@@ -132,6 +132,7 @@ impl Shard {
                     st.details = Some(Details::default());
                 }
             }
+            st.values = spec.summary.as_ref().map_or(0, |s| s.values.len());
             metrics.push(st);
         }
         // A stream's length is unknown: it ends with a block whose
@@ -308,7 +309,7 @@ impl Shard {
         let recs = &batch.records;
         let mask = (1u32 << KEY_BITS) - 1;
         let source = batch.source;
-        let mut text_at = 0;
+        let (mut text_at, mut vals_at) = (0, 0);
         for (i, r) in recs.iter().enumerate() {
             if let Some(ahead) = recs.get(i + PREFETCH_DISTANCE) {
                 let m = &self.metrics[(ahead.key >> KEY_BITS) as usize];
@@ -321,7 +322,9 @@ impl Shard {
             );
             let m = &mut self.metrics[(r.key >> KEY_BITS) as usize];
             let did = if m.dau.is_some() { next_text(&batch.texts, &mut text_at) } else { &[] };
-            if !m.apply(r.device_fp, r.key & mask, r.slice, source, did)? {
+            let vals = &batch.vals[vals_at..vals_at + m.values];
+            vals_at += m.values;
+            if !m.apply(r.device_fp, r.key & mask, r.slice, source, did, vals)? {
                 self.ring_late[source] += 1;
             }
         }

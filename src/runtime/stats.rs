@@ -47,6 +47,18 @@ pub struct SourceStats {
     /// Stream sources: skipped messages per partition (by dense index).
     #[serde(default)]
     pub parts: Vec<PartRejects>,
+    /// Per dimension: events whose join key it lacked, and of those the
+    /// events dropped (`on_missing = "drop"`).
+    #[serde(default)]
+    pub dims: Vec<DimCount>,
+}
+
+/// One source's lookups in one dimension.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct DimCount {
+    pub lookups: u64,
+    pub missing: u64,
+    pub dropped: u64,
 }
 
 impl SourceStats {
@@ -89,6 +101,14 @@ impl SourceStats {
         self.examples.extend(o.examples.iter().cloned());
         if self.parts.len() < o.parts.len() {
             self.parts.resize_with(o.parts.len(), PartRejects::default);
+        }
+        if self.dims.len() < o.dims.len() {
+            self.dims.resize(o.dims.len(), DimCount::default());
+        }
+        for (a, b) in self.dims.iter_mut().zip(&o.dims) {
+            a.lookups += b.lookups;
+            a.missing += b.missing;
+            a.dropped += b.dropped;
         }
         for (a, b) in self.parts.iter_mut().zip(&o.parts) {
             a.rejected += b.rejected;

@@ -1,0 +1,417 @@
+//! Dimension tables: what events are joined with before they are counted
+//! (`[[dimension]]`), so `author.category` can be filtered on and grouped
+//! by like an event field.
+//!
+//! A file dimension (CSV with a header, or JSON lines) is read whole into
+//! a [`DimTable`] before the run starts; a watcher thread reads it again
+//! when its size or modification time changes and publishes the new table,
+//! which routers pick up at their next block. So a lookup sees the table as
+//! it was when the event was routed: Flink's lookup join (the value at
+//! processing time), not a join on event time.
+//!
+//! Keys compare by text form, as device ids do: an event's `7` joins a
+//! table's `"7"`. A row without a key, or that does not parse, is counted
+//! and skipped; when a key repeats, the last row wins (and the repeat is
+//! counted).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ahash::AHashMap;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::parse_canonical_int;
+use crate::job::filter::FieldValue;
+use crate::job::{DimFormat, DimensionSpec};
+
+/// Malformed rows reported per load.
+const EXAMPLES_MAX: usize = 3;
+/// How often the watcher looks at the files.
+pub const RELOAD_CHECK: Duration = Duration::from_millis(500);
+
+/// One value of a dimension row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cell {
+    Null,
+    Int(i64),
+    Float(f64),
+    /// Bytes of the table's text arena.
+    Str {
+        start: u32,
+        len: u32,
+    },
+}
+
+/// A dimension table in memory: rows by key text.
+#[derive(Debug, Default)]
+pub struct DimTable {
+    rows: AHashMap<Box<[u8]>, u32>,
+    /// `fields` cells per row.
+    cells: Vec<Cell>,
+    fields: usize,
+    text: Vec<u8>,
+}
+
+impl DimTable {
+    /// The row of key text `key`.
+    #[inline]
+    pub fn lookup(&self, key: &[u8]) -> Option<u32> {
+        self.rows.get(key).copied()
+    }
+
+    /// Field `f` of row `row`.
+    #[inline]
+    pub fn value(&self, row: u32, f: usize) -> FieldValue<'_> {
+        match self.cells[row as usize * self.fields + f] {
+            Cell::Null => FieldValue::Null,
+            Cell::Int(i) => FieldValue::Int(i),
+            Cell::Float(x) => FieldValue::Float(x),
+            Cell::Str { start, len } => FieldValue::Str(&self.text[start as usize..(start + len) as usize]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn push_cell(&mut self, v: FieldValue) {
+        let cell = match v {
+            FieldValue::Null => Cell::Null,
+            FieldValue::Int(i) => Cell::Int(i),
+            FieldValue::Float(f) => Cell::Float(f),
+            FieldValue::Str(s) => {
+                let start = self.text.len() as u32;
+                self.text.extend_from_slice(s);
+                Cell::Str { start, len: s.len() as u32 }
+            }
+        };
+        self.cells.push(cell);
+    }
+
+    /// Adds a row (its cells already pushed); a repeated key now names it.
+    fn finish_row(&mut self, key: &[u8]) -> bool {
+        let row = (self.cells.len() / self.fields - 1) as u32;
+        self.rows.insert(key.into(), row).is_some()
+    }
+}
+
+/// The text form a join key compares by: a string's bytes, an integer's
+/// digits, a decimal's shortest form; none for `null`.
+#[inline]
+pub fn key_text<'a>(v: FieldValue<'a>, buf: &'a mut [u8; 32]) -> Option<&'a [u8]> {
+    match v {
+        FieldValue::Null => None,
+        FieldValue::Str(s) => Some(s),
+        FieldValue::Int(i) => {
+            let mut b = itoa::Buffer::new();
+            let t = b.format(i).as_bytes();
+            buf[..t.len()].copy_from_slice(t);
+            Some(&buf[..t.len()])
+        }
+        FieldValue::Float(f) if f.is_finite() => {
+            let mut b = ryu::Buffer::new();
+            let t = b.format_finite(f).as_bytes();
+            let n = t.len().min(32);
+            buf[..n].copy_from_slice(&t[..n]);
+            Some(&buf[..n])
+        }
+        FieldValue::Float(_) => None,
+    }
+}
+
+/// A row that was skipped.
+#[derive(Clone, Debug, Serialize)]
+pub struct DimExample {
+    /// `path:line`.
+    pub at: String,
+    pub reason: String,
+}
+
+/// What loading a dimension file found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LoadReport {
+    pub rows: u64,
+    pub malformed: u64,
+    pub duplicate_keys: u64,
+    pub examples: Vec<DimExample>,
+}
+
+/// Reads a dimension file. Errors (the file unreadable, a CSV header
+/// without the key or a field) name the file; bad rows are counted.
+pub fn load(spec: &DimensionSpec) -> Result<(DimTable, LoadReport), String> {
+    let path = &spec.path;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut t = DimTable { fields: spec.fields.len(), ..DimTable::default() };
+    let mut rep = LoadReport::default();
+    let skip = |rep: &mut LoadReport, line: u64, reason: String| {
+        rep.malformed += 1;
+        if rep.examples.len() < EXAMPLES_MAX {
+            rep.examples.push(DimExample { at: format!("{}:{line}", path.display()), reason });
+        }
+    };
+    match spec.format {
+        DimFormat::Csv => {
+            let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(&bytes[..]);
+            let header =
+                rdr.byte_headers().map_err(|e| format!("{}: cannot read the CSV header: {e}", path.display()))?;
+            let col = |name: &str| header.iter().position(|h| h == name.as_bytes());
+            let key_col = col(&spec.key)
+                .ok_or_else(|| format!("{}: the CSV header has no key column {:?}", path.display(), spec.key))?;
+            let field_cols = spec
+                .fields
+                .iter()
+                .map(|f| col(f).ok_or_else(|| format!("{}: the CSV header has no column {f:?}", path.display())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let width = header.len();
+            let mut rec = csv::ByteRecord::new();
+            loop {
+                let line = rdr.position().line();
+                match rdr.read_byte_record(&mut rec) {
+                    Ok(false) => break,
+                    Ok(true) => {}
+                    Err(e) => {
+                        skip(&mut rep, line, format!("invalid CSV: {e}"));
+                        continue;
+                    }
+                }
+                if rec.len() != width {
+                    skip(&mut rep, line, format!("{} fields, the header has {width}", rec.len()));
+                    continue;
+                }
+                let key = &rec[key_col];
+                if key.is_empty() {
+                    skip(&mut rep, line, format!("no key {:?}", spec.key));
+                    continue;
+                }
+                for &c in &field_cols {
+                    t.push_cell(csv_cell(&rec[c]));
+                }
+                rep.rows += 1;
+                rep.duplicate_keys += t.finish_row(key) as u64;
+            }
+        }
+        DimFormat::Jsonl => {
+            for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+                let line = i as u64 + 1;
+                let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+                if raw.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let obj = match serde_json::from_slice::<Value>(raw) {
+                    Ok(Value::Object(o)) => o,
+                    Ok(_) => {
+                        skip(&mut rep, line, "not a JSON object".into());
+                        continue;
+                    }
+                    Err(e) => {
+                        skip(&mut rep, line, format!("invalid JSON: {e}"));
+                        continue;
+                    }
+                };
+                let mut buf = [0u8; 32];
+                let key = match obj.get(&spec.key).map(json_cell) {
+                    Some(v @ (FieldValue::Str(_) | FieldValue::Int(_))) => key_text(v, &mut buf).map(<[u8]>::to_vec),
+                    _ => None,
+                };
+                let Some(key) = key.filter(|k| !k.is_empty()) else {
+                    skip(&mut rep, line, format!("no key {:?} (a string or an integer)", spec.key));
+                    continue;
+                };
+                for f in &spec.fields {
+                    t.push_cell(obj.get(f).map_or(FieldValue::Null, json_cell));
+                }
+                rep.rows += 1;
+                rep.duplicate_keys += t.finish_row(&key) as u64;
+            }
+        }
+    }
+    Ok((t, rep))
+}
+
+/// A CSV cell as event CSV cells are read: empty is `null`, a canonical
+/// integer is a number, anything else text.
+fn csv_cell(cell: &[u8]) -> FieldValue<'_> {
+    if cell.is_empty() {
+        FieldValue::Null
+    } else if let Some(i) = parse_canonical_int(cell) {
+        FieldValue::Int(i)
+    } else {
+        FieldValue::Str(cell)
+    }
+}
+
+fn json_cell(v: &Value) -> FieldValue<'_> {
+    match v {
+        Value::String(s) => FieldValue::Str(s.as_bytes()),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => FieldValue::Int(i),
+            None => n.as_f64().map_or(FieldValue::Null, FieldValue::Float),
+        },
+        _ => FieldValue::Null,
+    }
+}
+
+/// A dimension's current table, as routers read it.
+pub struct DimHandle {
+    table: Mutex<Arc<DimTable>>,
+    /// Bumped on every reload: a router whose copy is older takes the lock.
+    generation: AtomicU64,
+    /// (size, modification time) of the file the table was read from.
+    stamp: Mutex<Option<(u64, SystemTime)>>,
+    pub load: Mutex<LoadReport>,
+    pub reloads: AtomicU64,
+}
+
+impl DimHandle {
+    /// Loads the table for the first time.
+    pub fn open(spec: &DimensionSpec) -> Result<DimHandle, String> {
+        let stamp = stamp(&spec.path);
+        let (table, report) = load(spec)?;
+        Ok(DimHandle {
+            table: Mutex::new(Arc::new(table)),
+            generation: AtomicU64::new(0),
+            stamp: Mutex::new(stamp),
+            load: Mutex::new(report),
+            reloads: AtomicU64::new(0),
+        })
+    }
+
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current table and its generation.
+    pub fn current(&self) -> (u64, Arc<DimTable>) {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        (self.generation(), t.clone())
+    }
+
+    /// Reads the file again if it changed; a file that cannot be read now
+    /// leaves the table as it was (and says so).
+    fn refresh(&self, spec: &DimensionSpec) {
+        let now = stamp(&spec.path);
+        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_none() || now == *last {
+            return;
+        }
+        match load(spec) {
+            Ok((table, report)) => {
+                *self.table.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+                *self.load.lock().unwrap_or_else(|p| p.into_inner()) = report;
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => eprintln!("tally: dimension {:?}: keeping the table loaded before: {e}", spec.name),
+        }
+        *last = now;
+    }
+}
+
+fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// Watches every file dimension of a run until dropped.
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    pub fn start(specs: Vec<DimensionSpec>, handles: Vec<Arc<DimHandle>>) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = (!specs.is_empty()).then(|| {
+            std::thread::Builder::new()
+                .name("tally-dims".into())
+                .spawn(move || {
+                    while !flag.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(RELOAD_CHECK);
+                        for (spec, h) in specs.iter().zip(&handles) {
+                            h.refresh(spec);
+                        }
+                    }
+                })
+                .expect("cannot start the dimension watcher thread")
+        });
+        Watcher { stop, thread }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::OnMissing;
+
+    fn spec(dir: &Path, file: &str, text: &str) -> DimensionSpec {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        DimensionSpec {
+            name: "author".into(),
+            path,
+            format: if file.ends_with(".csv") { DimFormat::Csv } else { DimFormat::Jsonl },
+            key: "author_id".into(),
+            fields: vec!["category".into(), "agency".into()],
+            on_missing: OnMissing::Null,
+        }
+    }
+
+    fn get<'a>(t: &'a DimTable, key: &[u8], f: usize) -> Option<FieldValue<'a>> {
+        t.lookup(key).map(|r| t.value(r, f))
+    }
+
+    #[test]
+    fn csv_rows_by_key_text_with_bad_rows_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(
+            dir.path(),
+            "a.csv",
+            "agency,author_id,category\nx,7,music\n,8,\"game, pc\"\nbad\n,,music\ny,7,talk\n",
+        );
+        let (t, rep) = load(&s).unwrap();
+        assert_eq!((rep.rows, rep.malformed, rep.duplicate_keys), (3, 2, 1));
+        assert_eq!(t.len(), 2);
+        assert_eq!(get(&t, b"7", 0), Some(FieldValue::Str(b"talk")));
+        assert_eq!(get(&t, b"8", 0), Some(FieldValue::Str(b"game, pc")));
+        assert_eq!(get(&t, b"8", 1), Some(FieldValue::Null));
+        assert!(rep.examples[0].at.ends_with("a.csv:4"), "{:?}", rep.examples);
+        let mut buf = [0; 32];
+        assert_eq!(key_text(FieldValue::Int(7), &mut buf), Some(&b"7"[..]));
+    }
+
+    #[test]
+    fn jsonl_rows_take_string_or_integer_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "{\"author_id\":7,\"category\":\"music\",\"agency\":3}\n{\"author_id\":\"8\"}\n[1]\n{\"author_id\":1.5}\n\n";
+        let (t, rep) = load(&spec(dir.path(), "a.jsonl", text)).unwrap();
+        assert_eq!((rep.rows, rep.malformed), (2, 2));
+        assert_eq!(get(&t, b"7", 1), Some(FieldValue::Int(3)));
+        assert_eq!(get(&t, b"8", 0), Some(FieldValue::Null));
+    }
+
+    #[test]
+    fn csv_without_the_key_column_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(&spec(dir.path(), "a.csv", "id,category,agency\n1,x,y\n")).unwrap_err();
+        assert!(err.contains("a.csv") && err.contains("author_id"), "{err}");
+    }
+}
