@@ -120,13 +120,34 @@ fn fold(c: &mut Criterion) {
         dau: None,
         summary: None,
     };
-    let geo = Geometry { step_ms: 60_000, size_ms: 86_400_000, offset_ms: 0 };
-    let cols = SliceCols { slice: 29_000_000, pv: vec![3; KEYS], uv: vec![1; KEYS], ..SliceCols::default() };
+    // Tumble minutes (each window its own period): two shards ship the
+    // same 10k keys of a slice, the window is merged and rendered.
+    let geo = Geometry { step_ms: 60_000, size_ms: 60_000, offset_ms: 0 };
+    let dict = std::sync::Arc::new(KeyDict::default());
+    for k in 0..KEYS as u64 {
+        dict.intern(k, || format!("{{\"k\":{k}}}")).unwrap();
+    }
+    let cols = |slice: u32| SliceCols {
+        slice,
+        keys: (0..KEYS as u32).collect(),
+        pv: vec![3; KEYS],
+        uv: vec![1; KEYS],
+        ..SliceCols::default()
+    };
     let mut g = c.benchmark_group("minute_fold");
-    g.throughput(Throughput::Elements(KEYS as u64));
-    g.bench_function("add_slice_10k_keys", |b| {
-        let mut e = CumulateEmitter::new(geo, &spec, std::sync::Arc::new(KeyDict::default()));
-        b.iter(|| e.add(black_box(&cols)))
+    g.throughput(Throughput::Elements(2 * KEYS as u64));
+    g.bench_function("merge_and_render_2x10k_keys", |b| {
+        let mut e = CumulateEmitter::new(geo, &spec, dict.clone());
+        let mut slice = 29_000_000;
+        let mut rows = Vec::new();
+        b.iter(|| {
+            e.add(cols(slice));
+            e.add(cols(slice));
+            rows.clear();
+            e.emit(0, geo.slice_end_ms(slice), false, &mut rows);
+            slice += 1;
+            black_box(rows.len())
+        })
     });
     g.finish();
 }

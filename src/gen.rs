@@ -162,6 +162,20 @@ impl GenFormat {
     }
 }
 
+/// What the events describe.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GenScenario {
+    /// Page views: pages, event kinds, platforms, app versions.
+    #[default]
+    Pages,
+    /// Live-stream consumption (`view`, `like`, `comment`, `gift` with an
+    /// `amount`) in Zipf-hot rooms of authors, with a Big-V spike, plus the
+    /// dimension files `authors.csv`, `authors-later.csv` (some authors
+    /// moved category, some added: the table as it is later in the day),
+    /// `users.jsonl` and `rooms.jsonl`; some keys are missing from each.
+    Live,
+}
+
 /// Arrival-rate shape over the generated time span.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GenShape {
@@ -223,6 +237,10 @@ pub struct GenOptions {
     /// Fraction of JSON-lines events whose did is a JSON string.
     #[arg(long, default_value_t = DEFAULT_DID_STRINGS)]
     pub did_strings: f64,
+    /// What the events describe (and, for `live`, the dimension files
+    /// written next to them).
+    #[arg(long, value_enum, default_value_t = GenScenario::Pages)]
+    pub scenario: GenScenario,
 }
 
 impl Default for GenOptions {
@@ -244,6 +262,7 @@ impl Default for GenOptions {
             late_by: DEFAULT_LATE_BY.to_string(),
             dup_rate: DEFAULT_DUP_RATE,
             did_strings: DEFAULT_DID_STRINGS,
+            scenario: GenScenario::Pages,
         }
     }
 }
@@ -276,10 +295,17 @@ pub fn generate_with_threads(opts: &GenOptions, threads: usize) -> Result<GenRep
 fn generate_chunked(opts: &GenOptions, threads: usize, chunk_events: u64) -> Result<GenReport> {
     let started = Instant::now();
     let plan = Plan::new(opts, chunk_events)?;
-    let files = output_paths(opts)?;
-    let mut sink = Sink::open(files.clone(), opts.format.header())?;
+    let mut files = output_paths(opts)?;
+    let header = match opts.scenario {
+        GenScenario::Pages => opts.format.header(),
+        GenScenario::Live => live::header(opts.format),
+    };
+    let mut sink = Sink::open(files.clone(), header)?;
     run_pipeline(&plan, threads, &mut sink)?;
     let (events, bytes) = sink.finish()?;
+    if let Some(live) = &plan.live {
+        files.extend(live.write_dimensions(&opts.out, opts.seed)?);
+    }
     Ok(GenReport { files, events, bytes, seconds: started.elapsed().as_secs_f64() })
 }
 
@@ -308,6 +334,8 @@ struct Plan {
     did_strings: f64,
     /// First event index of files 1..K (file 0 starts at event 0).
     file_starts: Vec<u64>,
+    /// The live scenario's samplers.
+    live: Option<live::Live>,
 }
 
 impl Plan {
@@ -337,6 +365,10 @@ impl Plan {
             dup_rate: opts.dup_rate,
             did_strings: opts.did_strings,
             file_starts: file_starts(opts.events, opts.files),
+            live: match opts.scenario {
+                GenScenario::Pages => None,
+                GenScenario::Live => Some(live::Live::new(opts.devices, opts.seed)),
+            },
         })
     }
 
@@ -348,6 +380,10 @@ impl Plan {
 fn validate(opts: &GenOptions) -> Result<()> {
     ensure!(opts.devices > 0, "--devices must be at least 1");
     ensure!(opts.pages > 0, "--pages must be at least 1");
+    ensure!(
+        opts.scenario == GenScenario::Pages || opts.format != GenFormat::Binary,
+        "--scenario live writes JSON lines or CSV (a binary record has no amount)"
+    );
     ensure!((1..=MAX_FILES).contains(&opts.files), "--files must be between 1 and {MAX_FILES}, got {}", opts.files);
     for (flag, value) in [
         ("--disorder-fraction", opts.disorder_fraction),
@@ -834,6 +870,252 @@ fn push_binary(e: &Event, out: &mut Vec<u8>) {
 }
 
 // ---------------------------------------------------------------------------
+// The live scenario
+// ---------------------------------------------------------------------------
+
+mod live {
+    use super::*;
+
+    const KINDS: [&str; 4] = ["view", "like", "comment", "gift"];
+    const KIND_WEIGHTS: [f64; 4] = [0.80, 0.12, 0.05, 0.03];
+    /// Gift amounts in cents, cheap ones far more common.
+    const GIFT_CENTS: [u32; 8] = [10, 100, 500, 990, 5_200, 9_950, 52_000, 131_400];
+    const GIFT_WEIGHTS: [f64; 8] = [40.0, 25.0, 12.0, 8.0, 6.0, 4.0, 3.0, 2.0];
+    const CATEGORIES: [&str; 8] = ["music", "game", "talk", "dance", "food", "outdoor", "study", "sport"];
+    const TIERS: [&str; 4] = ["bronze", "silver", "gold", "platinum"];
+    const TAGS: [&str; 6] = ["night", "pk", "new", "hot", "local", "charity"];
+    /// Room `k` (by popularity) has weight `1 / (k + 1)^ROOM_ZIPF`.
+    const ROOM_ZIPF: f64 = 1.05;
+    /// The Big-V spike: this share of the span, starting at this fraction,
+    /// sends `BIG_V_SHARE` of events to one room that is quiet otherwise.
+    const SPIKE_START: f64 = 0.5;
+    const SPIKE_LENGTH: f64 = 0.05;
+    const BIG_V_SHARE: f64 = 0.4;
+
+    /// One live event.
+    pub struct LiveEvent {
+        ts_ms: i64,
+        did: u64,
+        did_as_string: bool,
+        user: Option<u64>,
+        room: u64,
+        author: u64,
+        platform: u32,
+        kind: usize,
+        /// Gifts only.
+        cents: Option<u32>,
+    }
+
+    pub struct Live {
+        rooms: u64,
+        authors: u64,
+        users: u64,
+        seed: u64,
+        room_rank: Categorical,
+        /// Affine permutation of room ranks onto ids 1..=rooms.
+        mul: u64,
+        add: u64,
+        kinds: Categorical,
+        gifts: Categorical,
+        platforms: Categorical,
+        big_v: u64,
+    }
+
+    impl Live {
+        pub fn new(devices: u64, seed: u64) -> Live {
+            let rooms = (devices / 50).clamp(10, 200_000);
+            let weights: Vec<f64> = (0..rooms).map(|k| 1.0 / ((k + 1) as f64).powf(ROOM_ZIPF)).collect();
+            let mut mul = mix64(seed ^ 0x400e) % rooms;
+            while gcd(mul, rooms) != 1 {
+                mul = (mul + 1) % rooms;
+            }
+            let add = mix64(seed ^ 0xadd) % rooms;
+            let mut live = Live {
+                rooms,
+                authors: (rooms / 2).max(5),
+                users: (devices * 4 / 5).max(1),
+                seed,
+                room_rank: Categorical::new(&weights),
+                mul,
+                add,
+                kinds: Categorical::new(&KIND_WEIGHTS),
+                gifts: Categorical::new(&GIFT_WEIGHTS),
+                platforms: Categorical::new(&PLATFORM_WEIGHTS),
+                big_v: 0,
+            };
+            // The least popular room: quiet until its spike.
+            live.big_v = live.room_of_rank(rooms - 1);
+            live
+        }
+
+        fn room_of_rank(&self, rank: u64) -> u64 {
+            (rank * self.mul + self.add) % self.rooms + 1
+        }
+
+        fn author_of(&self, room: u64) -> u64 {
+            mix64(room ^ self.seed ^ 0xa0) % self.authors + 1
+        }
+
+        /// A device's user, if it is logged in (one in ten is not).
+        fn user_of(&self, did: u64) -> Option<u64> {
+            let h = mix64(did ^ self.seed ^ 0x05e4);
+            (!h.is_multiple_of(10)).then(|| (h >> 8) % self.users + 1)
+        }
+
+        /// `x`: the event's place in the span (0..1), for the spike.
+        pub fn sample(&self, rng: &mut Xoshiro256PlusPlus, ts_ms: i64, did: u64, x: f64, strings: f64) -> LiveEvent {
+            let rank = u64::from(self.room_rank.sample(rng));
+            let spike = (SPIKE_START..SPIKE_START + SPIKE_LENGTH).contains(&x) && unit(rng) < BIG_V_SHARE;
+            let room = if spike { self.big_v } else { self.room_of_rank(rank) };
+            let kind = self.kinds.sample(rng) as usize;
+            let cents = (KINDS[kind] == "gift").then(|| GIFT_CENTS[self.gifts.sample(rng) as usize]);
+            LiveEvent {
+                ts_ms,
+                did,
+                did_as_string: unit(rng) < strings,
+                user: self.user_of(did),
+                room,
+                author: self.author_of(room),
+                platform: self.platforms.sample(rng),
+                kind,
+                cents,
+            }
+        }
+
+        /// Writes the dimension files; returns their paths.
+        pub fn write_dimensions(&self, dir: &Path, seed: u64) -> Result<Vec<PathBuf>> {
+            let pick = |key: u64, salt: u64, n: usize| (mix64(key ^ seed ^ salt) % n as u64) as usize;
+            // One author in twenty is missing from the table; later in the
+            // day one in ten moved category and the missing ones arrived.
+            let mut authors = String::from("author_id,category,agency\n");
+            let mut later = authors.clone();
+            for a in 1..=self.authors {
+                let category = CATEGORIES[pick(a, 0xca7, CATEGORIES.len())];
+                let agency = if pick(a, 0xa9e, 10) < 3 { String::new() } else { format!("ag{}", pick(a, 0xa9, 40)) };
+                if pick(a, 0x0155, 20) != 0 {
+                    authors.push_str(&format!("{a},{category},{agency}\n"));
+                }
+                let moved =
+                    if pick(a, 0x30e, 10) == 0 { CATEGORIES[pick(a, 0xca8, CATEGORIES.len())] } else { category };
+                later.push_str(&format!("{a},{moved},{agency}\n"));
+            }
+            let mut users = String::new();
+            for u in 1..=self.users.min(2_000_000) {
+                if pick(u, 0x05e, 30) != 0 {
+                    users.push_str(&format!("{{\"user_id\":\"u{u}\",\"tier\":\"{}\"}}\n", TIERS[pick(u, 0x7e, 4)]));
+                }
+            }
+            let mut rooms = String::new();
+            for r in 1..=self.rooms {
+                if pick(r, 0x400, 25) != 0 {
+                    let tags = format!("{},{}", TAGS[pick(r, 0x7a9, 6)], TAGS[pick(r, 0x7aa, 6)]);
+                    rooms.push_str(&format!(
+                        "{{\"room_id\":\"r{r}\",\"tags\":\"{tags}\",\"operator\":\"op{}\"}}\n",
+                        pick(r, 0x0b, 50)
+                    ));
+                }
+            }
+            let mut paths = Vec::new();
+            for (name, text) in
+                [("authors.csv", authors), ("authors-later.csv", later), ("users.jsonl", users), ("rooms.jsonl", rooms)]
+            {
+                let path = dir.join(name);
+                fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                paths.push(path);
+            }
+            Ok(paths)
+        }
+    }
+
+    pub fn header(format: GenFormat) -> &'static [u8] {
+        match format {
+            GenFormat::Csv => b"ts,did,user_id,room_id,author_id,platform,event,amount\n",
+            _ => b"",
+        }
+    }
+
+    /// An amount in cents as a decimal without trailing zeros: `0.1`, `52`.
+    fn put_amount(line: &mut LineBuf, cents: u32) {
+        line.put_u64(u64::from(cents / 100));
+        let frac = cents % 100;
+        if frac != 0 {
+            line.put(b".");
+            line.put_u64(u64::from(frac / 10));
+            if !frac.is_multiple_of(10) {
+                line.put_u64(u64::from(frac % 10));
+            }
+        }
+    }
+
+    /// `{"did":…,"ts":…,"user_id":"u…","room_id":"r…","author_id":…,"platform":…,"event":…,"amount":…}`
+    /// (`user_id` absent when logged out, `amount` for gifts only; the
+    /// author id an integer, joined to the table's text), or a CSV row.
+    pub fn encode(e: &LiveEvent, format: GenFormat, line: &mut LineBuf, out: &mut Vec<u8>) {
+        line.clear();
+        let csv = format == GenFormat::Csv;
+        if csv {
+            line.put_i64(e.ts_ms);
+            line.put(b",");
+            line.put_u64(e.did);
+            line.put(b",");
+            if let Some(u) = e.user {
+                line.put(b"u");
+                line.put_u64(u);
+            }
+            line.put(b",r");
+            line.put_u64(e.room);
+            line.put(b",");
+            line.put_u64(e.author);
+            line.put(b",");
+            line.put_name(&PLATFORM_NAME_PADDED[e.platform as usize]);
+            line.put(b",");
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(KINDS[e.kind].as_bytes());
+            line.clear();
+            line.put(b",");
+            if let Some(c) = e.cents {
+                put_amount(line, c);
+            }
+            line.put(b"\n");
+            out.extend_from_slice(line.as_bytes());
+            return;
+        }
+        if e.did_as_string {
+            line.put(b"{\"did\":\"");
+            line.put_u64(e.did);
+            line.put(b"\",\"ts\":");
+        } else {
+            line.put(b"{\"did\":");
+            line.put_u64(e.did);
+            line.put(b",\"ts\":");
+        }
+        line.put_i64(e.ts_ms);
+        if let Some(u) = e.user {
+            line.put(b",\"user_id\":\"u");
+            line.put_u64(u);
+            line.put(b"\"");
+        }
+        line.put(b",\"room_id\":\"r");
+        line.put_u64(e.room);
+        line.put(b"\",\"author_id\":");
+        line.put_u64(e.author);
+        line.put(b",\"platform\":\"");
+        line.put_name(&PLATFORM_NAME_PADDED[e.platform as usize]);
+        line.put(b"\",\"event\":\"");
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(KINDS[e.kind].as_bytes());
+        line.clear();
+        line.put(b"\"");
+        if let Some(c) = e.cents {
+            line.put(b",\"amount\":");
+            put_amount(line, c);
+        }
+        line.put(b"}\n");
+        out.extend_from_slice(line.as_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Chunks and the ordered parallel pipeline
 // ---------------------------------------------------------------------------
 
@@ -864,11 +1146,25 @@ impl Plan {
                 cuts.push(bytes.len());
                 next_file += 1;
             }
-            let event = self.sample(&mut rng, index);
             let record_start = bytes.len();
-            self.encode(&event, &mut line, &mut bytes);
+            let duplicated = match &self.live {
+                None => {
+                    let event = self.sample(&mut rng, index);
+                    self.encode(&event, &mut line, &mut bytes);
+                    event.duplicated
+                }
+                Some(live) => {
+                    let true_ts = self.clock.true_ts(index, self.events);
+                    let ts_ms = true_ts - self.shift_ms(&mut rng);
+                    let did = self.devices.sample(&mut rng);
+                    let x = (index as f64 + 0.5) / self.events as f64;
+                    let e = live.sample(&mut rng, ts_ms, did, x, self.did_strings);
+                    live::encode(&e, self.format, &mut line, &mut bytes);
+                    unit(&mut rng) < self.dup_rate
+                }
+            };
             records += 1;
-            if event.duplicated {
+            if duplicated {
                 bytes.extend_from_within(record_start..);
                 records += 1;
             }

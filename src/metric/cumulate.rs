@@ -125,10 +125,14 @@ pub enum Placement {
     Dropped,
 }
 
-/// Counters of one slice, indexed by key id.
-#[derive(Debug, Default)]
+/// The counters of one slice as shipped and checkpointed: the keys it
+/// touched, each with its values (a few keys of many: one minute of a
+/// per-user summary).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SliceCols {
     pub slice: u32,
+    pub keys: Vec<u32>,
+    /// Per key (in `keys` order): events, devices first seen here.
     pub pv: Vec<u32>,
     pub uv: Vec<u32>,
     /// DAU metrics only (else empty): of the devices first seen in this
@@ -136,12 +140,30 @@ pub struct SliceCols {
     pub new: Vec<u32>,
     pub ret: Vec<u32>,
     /// Summary metrics with value fields (else empty): per key, one
-    /// aggregate per value field (`key * values + field`).
+    /// aggregate per value field (`i * values + field`).
     pub vals: Vec<Agg>,
 }
 
-impl SliceCols {
-    /// Makes room for key `key`; `values`: the metric's value fields.
+/// Counters of one open slice in a shard, indexed by key id, with the
+/// keys touched (so shipping and clearing cost what the slice holds, and
+/// the columns are reused by the next slice).
+#[derive(Debug, Default)]
+struct OpenSlice {
+    slice: u32,
+    pv: Vec<u32>,
+    uv: Vec<u32>,
+    new: Vec<u32>,
+    ret: Vec<u32>,
+    /// `key * values + field`.
+    vals: Vec<Agg>,
+    /// One bit per key touched, and the touched keys in first-touch order.
+    seen: Vec<u64>,
+    touched: Vec<u32>,
+}
+
+impl OpenSlice {
+    /// Makes room for key `key` and marks it touched; `values`: the
+    /// metric's value fields.
     #[inline]
     fn fit(&mut self, key: usize, dau: bool, values: usize) {
         if key >= self.pv.len() {
@@ -153,7 +175,71 @@ impl SliceCols {
                 self.ret.resize(n, 0);
             }
             self.vals.resize(n * values, Agg::default());
+            self.seen.resize(n.div_ceil(64), 0);
         }
+        let (w, bit) = (key / 64, 1u64 << (key % 64));
+        if self.seen[w] & bit == 0 {
+            self.seen[w] |= bit;
+            self.touched.push(key as u32);
+        }
+    }
+
+    /// The touched keys' values, in key order.
+    fn sparse(&self, values: usize) -> SliceCols {
+        let mut keys = self.touched.clone();
+        keys.sort_unstable();
+        let pick =
+            |col: &Vec<u32>| if col.is_empty() { Vec::new() } else { keys.iter().map(|&k| col[k as usize]).collect() };
+        let vals =
+            keys.iter().flat_map(|&k| &self.vals[k as usize * values..(k as usize + 1) * values]).copied().collect();
+        SliceCols {
+            slice: self.slice,
+            pv: pick(&self.pv),
+            uv: pick(&self.uv),
+            new: pick(&self.new),
+            ret: pick(&self.ret),
+            vals,
+            keys,
+        }
+    }
+
+    /// Zeroes what the slice touched, for reuse by another slice.
+    fn clear(&mut self, values: usize) {
+        for &k in &self.touched {
+            let k = k as usize;
+            self.pv[k] = 0;
+            self.uv[k] = 0;
+            if !self.new.is_empty() {
+                self.new[k] = 0;
+                self.ret[k] = 0;
+            }
+            self.vals[k * values..(k + 1) * values].fill(Agg::default());
+            self.seen[k / 64] = 0;
+        }
+        self.touched.clear();
+    }
+
+    /// A slice with the values of a checkpoint's.
+    fn from_sparse(c: &SliceCols, dau: bool, values: usize) -> OpenSlice {
+        let mut o = OpenSlice { slice: c.slice, ..OpenSlice::default() };
+        for (i, &k) in c.keys.iter().enumerate() {
+            let k = k as usize;
+            o.fit(k, dau, values);
+            o.pv[k] = c.pv[i];
+            o.uv[k] = c.uv[i];
+            if dau {
+                o.new[k] = c.new.get(i).copied().unwrap_or(0);
+                o.ret[k] = c.ret.get(i).copied().unwrap_or(0);
+            }
+            o.vals[k * values..(k + 1) * values].copy_from_slice(&c.vals[i * values..(i + 1) * values]);
+        }
+        o
+    }
+
+    fn bytes(&self) -> usize {
+        (self.pv.len() + self.uv.len() + self.new.len() + self.ret.len()) * 4
+            + self.vals.len() * size_of::<Agg>()
+            + self.seen.len() * 8
     }
 
     /// The column counting devices of `class` (none for known devices).
@@ -281,8 +367,8 @@ const DID_ARENA_FILES_MAX: usize = 64;
 /// One metric's shard state as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateShardSaved {
-    /// Open slices: (slice, [pv, uv, new, returning], value aggregates).
-    pub slices: Vec<(u32, [Vec<u32>; 4], Vec<Agg>)>,
+    /// Open slices.
+    pub slices: Vec<SliceCols>,
     pub tables: Vec<TableSaved>,
     /// DAU: the device history table.
     pub history: Option<TableSaved>,
@@ -300,11 +386,19 @@ pub struct CumulateShardSaved {
 /// bounds both restore work and disk use.
 pub const DELTAS_PER_BASE_MAX_PER_MILLE: u64 = 500;
 
+/// Cleared slices a shard keeps for the slices it opens next.
+const FREE_SLICES_MAX: usize = 8;
+
+/// Emptied tables a shard keeps for the periods it opens next.
+const SPARE_TABLES_MAX: usize = 8;
+
 /// One metric's state in one shard.
 pub struct CumulateShard {
     geo: Geometry,
     /// Open slices, sorted by slice index.
-    slices: Vec<SliceCols>,
+    slices: Vec<OpenSlice>,
+    /// Shipped slices, cleared, for the next ones.
+    free_slices: Vec<OpenSlice>,
     last_hit: usize,
     /// Dedup tables of open periods, sorted by period.
     tables: Vec<OpenTable>,
@@ -331,6 +425,9 @@ pub struct CumulateShard {
     wm_ms: i64,
     /// Summary: value fields aggregated per key (`sum`, `min`, `max`).
     pub values: usize,
+    /// Anonymous tables of finished periods, emptied, for the next ones
+    /// (a tumble metric opens one per step, several per block).
+    spare: Vec<DedupTable>,
 }
 
 impl CumulateShard {
@@ -340,6 +437,7 @@ impl CumulateShard {
         CumulateShard {
             geo,
             slices: Vec::new(),
+            free_slices: Vec::new(),
             last_hit: 0,
             tables: Vec::new(),
             track,
@@ -354,6 +452,7 @@ impl CumulateShard {
             details: None,
             wm_ms: i64::MIN,
             values: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -367,7 +466,9 @@ impl CumulateShard {
         let i = match self.slices.binary_search_by_key(&slice, |c| c.slice) {
             Ok(i) => i,
             Err(i) => {
-                self.slices.insert(i, SliceCols { slice, ..SliceCols::default() });
+                let mut c = self.free_slices.pop().unwrap_or_default();
+                c.slice = slice;
+                self.slices.insert(i, c);
                 i
             }
         };
@@ -398,7 +499,10 @@ impl CumulateShard {
         if let Some(i) = self.tables.iter().position(|t| t.period == period) {
             return Ok(i);
         }
-        let mut table = DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?;
+        let mut table = match self.spare.pop() {
+            Some(t) if t.capacity() * 3 >= expected * 4 => t,
+            _ => DedupTable::create(self.state_dir.clone(), format!("{}-p{period}", self.name), expected)?,
+        };
         let mut rings = match &self.dau {
             None => None,
             Some(_) => {
@@ -581,8 +685,15 @@ impl CumulateShard {
         }
         self.wm_ms = self.wm_ms.max(wm_ms);
         let n = self.slices.iter().take_while(|c| self.geo.slice_end_ms(c.slice) <= wm_ms).count();
-        for c in self.slices.drain(..n) {
-            out(c);
+        let nv = self.values;
+        for mut c in self.slices.drain(..n) {
+            if !c.touched.is_empty() {
+                out(c.sparse(nv));
+            }
+            c.clear(nv);
+            if self.free_slices.len() < FREE_SLICES_MAX {
+                self.free_slices.push(c);
+            }
         }
         if let Some(d) = &mut self.details {
             let geo = self.geo;
@@ -602,18 +713,21 @@ impl CumulateShard {
                 self.closed_rings.1 += r.len();
             }
         }
-        self.tables.retain(|t| geo.period_start_ms(t.period + 1) > wm_ms);
+        let (open, closed): (Vec<OpenTable>, Vec<OpenTable>) =
+            std::mem::take(&mut self.tables).into_iter().partition(|t| geo.period_start_ms(t.period + 1) > wm_ms);
+        self.tables = open;
+        for t in closed {
+            if self.spare.len() < SPARE_TABLES_MAX {
+                self.spare.extend(t.table.recycle());
+            }
+        }
         Ok(())
     }
 
     pub fn state_bytes(&self) -> usize {
         self.tables.iter().map(|t| t.table.bytes()).sum::<usize>()
             + self.dau.as_ref().map_or(0, |d| d.history.bytes())
-            + self
-                .slices
-                .iter()
-                .map(|c| (c.pv.len() + c.uv.len() + c.new.len() + c.ret.len()) * 4 + c.vals.len() * size_of::<Agg>())
-                .sum::<usize>()
+            + self.slices.iter().chain(&self.free_slices).map(OpenSlice::bytes).sum::<usize>()
     }
 
     pub fn dedup_entries(&self) -> usize {
@@ -677,11 +791,7 @@ impl CumulateShard {
                 Some(DidsSaved { index, arena: dau.dids_arena.clone() })
             }
         };
-        let slices = self
-            .slices
-            .iter()
-            .map(|c| (c.slice, [c.pv.clone(), c.uv.clone(), c.new.clone(), c.ret.clone()], c.vals.clone()))
-            .collect();
+        let slices = self.slices.iter().map(|c| c.sparse(self.values)).collect();
         let saved = CumulateShardSaved {
             slices,
             tables,
@@ -739,18 +849,8 @@ impl CumulateShard {
             // A checkpoint of a job without the sink has none: start empty.
             self.details = Some(saved.details.clone().unwrap_or_default());
         }
-        self.slices = saved
-            .slices
-            .iter()
-            .map(|(slice, [pv, uv, new, ret], vals)| SliceCols {
-                slice: *slice,
-                pv: pv.clone(),
-                uv: uv.clone(),
-                new: new.clone(),
-                ret: ret.clone(),
-                vals: vals.clone(),
-            })
-            .collect();
+        let dau = self.dau.is_some();
+        self.slices = saved.slices.iter().map(|c| OpenSlice::from_sparse(c, dau, self.values)).collect();
         self.wm_ms = wm_ms;
         self.entries_seen_max = saved.entries_seen_max as usize;
         self.closed_bytes = saved.closed_bytes as usize;
@@ -946,12 +1046,13 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
         for c in &o.slices {
             let i = first.slice_index(c.slice);
             let into = &mut first.slices[i];
-            into.fit(c.pv.len().saturating_sub(1), dau, nv);
-            for (k, &pv) in c.pv.iter().enumerate() {
-                into.pv[k] += pv;
-            }
-            for (a, b) in into.vals.iter_mut().zip(&c.vals) {
-                a.merge(b);
+            for &k in &c.touched {
+                let k = k as usize;
+                into.fit(k, dau, nv);
+                into.pv[k] += c.pv[k];
+                for v in k * nv..(k + 1) * nv {
+                    into.vals[v].merge(&c.vals[v]);
+                }
             }
         }
         first.entries_seen_max = first.entries_seen_max.max(o.entries_seen_max);
@@ -979,15 +1080,28 @@ fn push_json_string(out: &mut String, text: &[u8]) {
     }
 }
 
-/// Renders the keys interned since the last call and keeps `order` (key
-/// ids sorted by rendered dims) up to date.
-/// `rank[k]`: the place of key `k` in `order`.
-fn catch_up_dims(dict: &KeyDict, dims: &mut Vec<String>, order: &mut Vec<u32>, rank: &mut Vec<u32>) {
-    let before = dims.len();
-    dict.catch_up(dims);
+/// Keeps `order` (key ids sorted by rendered dims) up to date with `dims`
+/// (`rank[k]`: the place of key `k` in `order`).
+fn sort_dims(dims: &[String], order: &mut Vec<u32>, rank: &mut Vec<u32>) {
+    let before = order.len();
     if dims.len() > before {
-        *order = (0..dims.len() as u32).collect();
-        order.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+        // Sort the new keys alone and merge them in: keys trickle in all
+        // day, and sorting every key again each time would be quadratic.
+        let mut new: Vec<u32> = (before as u32..dims.len() as u32).collect();
+        new.sort_by(|a, b| dims[*a as usize].cmp(&dims[*b as usize]));
+        let old = std::mem::take(order);
+        order.reserve(old.len() + new.len());
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            let take_old = j == new.len() || i < old.len() && dims[old[i] as usize] <= dims[new[j] as usize];
+            if take_old {
+                order.push(old[i]);
+                i += 1;
+            } else {
+                order.push(new[j]);
+                j += 1;
+            }
+        }
         rank.resize(order.len(), 0);
         for (i, &k) in order.iter().enumerate() {
             rank[k as usize] = i as u32;
@@ -1042,7 +1156,7 @@ pub struct CumulateEmitter {
     /// Per key id, its place in `order`.
     rank: Vec<u32>,
     /// Merged slices not yet folded into a window, by slice.
-    pending: std::collections::BTreeMap<u32, (Vec<Sums>, Vec<Agg>)>,
+    pending: std::collections::BTreeMap<u32, Vec<SliceCols>>,
     periods: std::collections::BTreeMap<u32, Period>,
     /// DAU with a `minute_devices` sink: shipped detail rows whose slice
     /// the job's watermark has not passed yet.
@@ -1052,7 +1166,7 @@ pub struct CumulateEmitter {
 /// The emitter's state of one metric as a checkpoint records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CumulateEmitterSaved {
-    pending: std::collections::BTreeMap<u32, (Vec<Sums>, Vec<Agg>)>,
+    pending: std::collections::BTreeMap<u32, Vec<SliceCols>>,
     periods: std::collections::BTreeMap<u32, Period>,
     details: Option<Details>,
 }
@@ -1157,7 +1271,8 @@ impl CumulateEmitter {
         row: &mut Row,
         write: &mut impl FnMut(&Row) -> Result<(), E>,
     ) -> Result<(), E> {
-        catch_up_dims(&self.dict, &mut self.dims, &mut self.order, &mut self.rank);
+        self.dict.catch_up(&mut self.dims);
+        sort_dims(&self.dims, &mut self.order, &mut self.rank);
         let dims = &self.dims;
         let dims_of = |k: u32| dims.get(k as usize).map_or("{}", String::as_str);
         // Keys by their dims' order (ranks compare as the texts do).
@@ -1195,27 +1310,13 @@ impl CumulateEmitter {
     }
 
     /// Adds one shard's shipped slice.
-    pub fn add(&mut self, cols: &SliceCols) {
+    pub fn add(&mut self, cols: SliceCols) {
         let s = cols.slice;
         // (After re-sharding a shard may ship uv without pv.)
         if cols.pv.iter().all(|&p| p == 0) && cols.uv.iter().all(|&u| u == 0) {
             return;
         }
-        let (sums, vals) = self.pending.entry(s).or_default();
-        if sums.len() < cols.pv.len() {
-            sums.resize(cols.pv.len(), [0; 4]);
-            vals.resize(cols.pv.len() * self.values, Agg::default());
-        }
-        let col = |v: &Vec<u32>, k: usize| v.get(k).copied().unwrap_or(0) as u64;
-        for (k, sum) in sums.iter_mut().enumerate().take(cols.pv.len()) {
-            sum[0] += col(&cols.pv, k);
-            sum[1] += col(&cols.uv, k);
-            sum[2] += col(&cols.new, k);
-            sum[3] += col(&cols.ret, k);
-        }
-        for (a, b) in vals.iter_mut().zip(&cols.vals) {
-            a.merge(b);
-        }
+        self.pending.entry(s).or_default().push(cols);
         let p = self.geo.period_of_slice(s);
         let period = self.periods.entry(p).or_insert_with(|| Period {
             next_slice: s,
@@ -1265,25 +1366,7 @@ impl CumulateEmitter {
         };
         period.started = true;
         let nv = self.values;
-        if let Some((add, add_vals)) = self.pending.remove(&s) {
-            if period.sums.len() < add.len() {
-                period.sums.resize(add.len(), [0; 4]);
-                period.written.resize(add.len(), [0; 4]);
-                period.vals.resize(add.len() * nv, Agg::default());
-                period.written_vals.resize(add.len() * nv, Agg::default());
-            }
-            for (sum, a) in period.sums.iter_mut().zip(&add) {
-                for (x, y) in sum.iter_mut().zip(a) {
-                    *x += y;
-                }
-            }
-            for (a, b) in period.vals.iter_mut().zip(&add_vals) {
-                a.merge(b);
-            }
-        }
-        if self.dims.len() < period.sums.len() {
-            catch_up_dims(&self.dict, &mut self.dims, &mut self.order, &mut self.rank);
-        }
+        let (keys, sums, vals) = merge_shipped(&self.pending.remove(&s).unwrap_or_default(), nv);
         let start = self.geo.period_start_ms(p);
         let end = self.geo.slice_end_ms(s);
         let mut head = String::with_capacity(96);
@@ -1295,6 +1378,47 @@ impl CumulateEmitter {
         head.push_str(itoa::Buffer::new().format(end));
         head.push_str(&self.grouping);
         head.push_str(",\"dims\":");
+        let head = RowHead { text: head, end, metric };
+        if keys.last().is_some_and(|&k| k as usize >= self.dims.len()) {
+            self.dict.catch_up(&mut self.dims);
+        }
+        let dims = &self.dims;
+        let dims_of = |k: usize| dims.get(k).map_or("{}", String::as_str);
+        if self.geo.size_ms == self.geo.step_ms {
+            // A tumble window is its period: its rows are the keys the
+            // slice holds, in dims order; nothing is kept for later.
+            let mut order: Vec<usize> = (0..keys.len()).filter(|&i| sums[i][0] > 0).collect();
+            order.sort_by(|&a, &b| dims_of(keys[a] as usize).cmp(dims_of(keys[b] as usize)));
+            let zero = vec![Agg::default(); nv];
+            for i in order {
+                let v = &vals[i * nv..(i + 1) * nv];
+                if self.emit == Emit::Changed && self.measures.iter().all(|(_, f)| f.same(&[0; 4], &zero, &sums[i], v))
+                {
+                    continue;
+                }
+                rows.push(head.row(dims_of(keys[i] as usize), &self.measures, &sums[i], v));
+            }
+            return;
+        }
+        if let Some(&last) = keys.last() {
+            let n = last as usize + 1;
+            if period.sums.len() < n {
+                period.sums.resize(n, [0; 4]);
+                period.written.resize(n, [0; 4]);
+                period.vals.resize(n * nv, Agg::default());
+                period.written_vals.resize(n * nv, Agg::default());
+            }
+        }
+        for (i, &k) in keys.iter().enumerate() {
+            let k = k as usize;
+            for (x, y) in period.sums[k].iter_mut().zip(&sums[i]) {
+                *x += y;
+            }
+            for (a, b) in period.vals[k * nv..(k + 1) * nv].iter_mut().zip(&vals[i * nv..(i + 1) * nv]) {
+                a.merge(b);
+            }
+        }
+        sort_dims(&self.dims, &mut self.order, &mut self.rank);
         for &k in &self.order {
             let k = k as usize;
             let sums = match period.sums.get(k) {
@@ -1302,30 +1426,82 @@ impl CumulateEmitter {
                 _ => continue,
             };
             let vals = &period.vals[k * nv..(k + 1) * nv];
-            let same = |from: &Source| match *from {
-                Source::Count(at) => period.written[k][at] == sums[at],
-                Source::Value(v, _) => period.written_vals[k * nv + v] == vals[v],
-            };
-            if self.emit == Emit::Changed && self.measures.iter().all(|(_, from)| same(from)) {
+            let was = (&period.written[k], &period.written_vals[k * nv..(k + 1) * nv]);
+            if self.emit == Emit::Changed && self.measures.iter().all(|(_, f)| f.same(was.0, was.1, &sums, vals)) {
                 continue;
             }
             period.written[k] = sums;
             period.written_vals[k * nv..(k + 1) * nv].copy_from_slice(vals);
-            let mut line = String::with_capacity(head.len() + self.dims[k].len() + 40);
-            line.push_str(&head);
-            let key_at = line.len()..line.len() + self.dims[k].len();
-            line.push_str(&self.dims[k]);
-            for (field, from) in &self.measures {
-                line.push_str(field);
-                match *from {
-                    Source::Count(at) => line.push_str(itoa::Buffer::new().format(sums[at])),
-                    Source::Value(v, what) => vals[v].render(what, &mut line),
-                }
-            }
-            line.push_str("}\n");
-            rows.push(Row { window_end_ms: end, metric, line, key_at });
+            rows.push(head.row(&self.dims[k], &self.measures, &sums, vals));
         }
     }
+}
+
+impl Source {
+    /// Whether the measure shows the same value for (`a`, `av`) as for
+    /// (`b`, `bv`).
+    fn same(&self, a: &Sums, av: &[Agg], b: &Sums, bv: &[Agg]) -> bool {
+        match *self {
+            Source::Count(at) => a[at] == b[at],
+            Source::Value(v, _) => av[v] == bv[v],
+        }
+    }
+}
+
+/// What every row of one window starts with.
+struct RowHead {
+    /// `{"metric":…,"window_start":…,"window_end":…[,"grouping":…],"dims":`
+    text: String,
+    end: i64,
+    metric: usize,
+}
+
+impl RowHead {
+    fn row(&self, dims: &str, measures: &[(String, Source)], sums: &Sums, vals: &[Agg]) -> Row {
+        let mut line = String::with_capacity(self.text.len() + dims.len() + 24 * measures.len() + 2);
+        line.push_str(&self.text);
+        let key_at = line.len()..line.len() + dims.len();
+        line.push_str(dims);
+        for (field, from) in measures {
+            line.push_str(field);
+            match *from {
+                Source::Count(at) => line.push_str(itoa::Buffer::new().format(sums[at])),
+                Source::Value(v, what) => vals[v].render(what, &mut line),
+            }
+        }
+        line.push_str("}\n");
+        Row { window_end_ms: self.end, metric: self.metric, line, key_at }
+    }
+}
+
+/// The slices the shards shipped for one slice, summed per key: keys
+/// ascending, their counters and (`nv` per key) value aggregates.
+fn merge_shipped(shipped: &[SliceCols], nv: usize) -> (Vec<u32>, Vec<Sums>, Vec<Agg>) {
+    let mut at: Vec<(u32, u32, u32)> = Vec::with_capacity(shipped.iter().map(|c| c.keys.len()).sum());
+    for (c, cols) in shipped.iter().enumerate() {
+        at.extend(cols.keys.iter().enumerate().map(|(i, &k)| (k, c as u32, i as u32)));
+    }
+    at.sort_unstable();
+    let (mut keys, mut sums, mut vals) = (Vec::new(), Vec::<Sums>::new(), Vec::new());
+    let col = |v: &Vec<u32>, i: usize| v.get(i).copied().unwrap_or(0) as u64;
+    for (k, c, i) in at {
+        let (cols, i) = (&shipped[c as usize], i as usize);
+        if keys.last() != Some(&k) {
+            keys.push(k);
+            sums.push([0; 4]);
+            vals.resize(vals.len() + nv, Agg::default());
+        }
+        let sum = sums.last_mut().expect("pushed above");
+        sum[0] += col(&cols.pv, i);
+        sum[1] += col(&cols.uv, i);
+        sum[2] += col(&cols.new, i);
+        sum[3] += col(&cols.ret, i);
+        let from = vals.len() - nv;
+        for (a, b) in vals[from..].iter_mut().zip(&cols.vals[i * nv..(i + 1) * nv]) {
+            a.merge(b);
+        }
+    }
+    (keys, sums, vals)
 }
 
 #[cfg(test)]

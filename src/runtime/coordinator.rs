@@ -311,7 +311,7 @@ impl<'a> Coordinator<'a> {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             match msg {
-                ToEmitter::Slice { metric, cols } => self.emitters[metric].add(&cols),
+                ToEmitter::Slice { metric, cols } => self.emitters[metric].add(cols),
                 ToEmitter::Details { metric, slice, rows } => {
                     self.emitters[metric].add_details(slice, rows).map_err(|e| RunError::Worker(e.to_string()))?
                 }

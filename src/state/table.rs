@@ -146,6 +146,21 @@ impl<E: Slot> Table<E> {
         }
     }
 
+    /// Empties an anonymous table for reuse (by the next period), keeping
+    /// its memory: zeroing pages already mapped costs far less than mapping
+    /// fresh ones, whose first writes fault and flush TLBs. `None` for a
+    /// file-backed table (its file is named after its period).
+    pub fn recycle(mut self) -> Option<Table<E>> {
+        if !matches!(self.backing, Backing::Anon) {
+            return None;
+        }
+        self.map.fill(0);
+        self.len = 0;
+        self.dirty.fill(0);
+        self.moved = true;
+        Some(self)
+    }
+
     /// Starts tracking which slots change, for incremental checkpoints.
     pub fn track_changes(&mut self) {
         self.dirty = vec![0; self.capacity.div_ceil(64)];
