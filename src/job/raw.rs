@@ -13,6 +13,7 @@ use super::{
     RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
+use crate::metric::values::SUMMARY_VALUES_MAX;
 use crate::state::ring::{RING_SOURCES_MAX, TOLERANCE_MAX};
 
 /// (key path, reason)
@@ -678,9 +679,6 @@ fn build_metric(
         })
         .collect())
 }
-
-/// Most distinct value fields one summary metric reads.
-const SUMMARY_VALUES_MAX: usize = 16;
 
 /// A summary measure: `count`, `uv`, `sum(f)`, `min(f)`, `max(f)`; a value
 /// field new to `values` is added to it.

@@ -143,6 +143,8 @@ const NO_ID: u32 = u32::MAX;
 /// A router's cache in front of the dictionaries, one map per metric.
 pub struct KeyCache {
     maps: Vec<AHashMap<u64, u32>>,
+    /// Per metric, the id of the empty key (a metric without group-by).
+    empty: Vec<u32>,
     /// Per metric, key ids of single small non-negative integer keys.
     small: Vec<Vec<u32>>,
     scratch: Vec<u8>,
@@ -152,6 +154,7 @@ impl KeyCache {
     pub fn new(metrics: usize) -> KeyCache {
         KeyCache {
             maps: (0..metrics).map(|_| AHashMap::new()).collect(),
+            empty: vec![NO_ID; metrics],
             small: vec![Vec::new(); metrics],
             scratch: Vec::with_capacity(128),
         }
@@ -166,6 +169,12 @@ impl KeyCache {
         names: &[String],
         values: impl Iterator<Item = FieldValue<'a>> + Clone,
     ) -> Result<u32, TooManyKeys> {
+        if names.is_empty() {
+            if self.empty[m] == NO_ID {
+                self.empty[m] = self.hashed(m, dict, names, values)?;
+            }
+            return Ok(self.empty[m]);
+        }
         // One small integer dimension (binary codes, versions): a direct table.
         let mut it = values.clone();
         if let (Some(FieldValue::Int(v)), None) = (it.next(), it.next()) {

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::filter::FieldValue;
 
+/// Most distinct value fields one summary metric reads.
+pub const SUMMARY_VALUES_MAX: usize = 16;
+
 /// Millionths in one.
 const SCALE: i128 = 1_000_000;
 

@@ -28,7 +28,7 @@ use crate::job::filter::{FieldValue, Node};
 use crate::job::{Format, LatePolicy, OnMissing};
 use crate::metric::cumulate::{Geometry, Placement};
 use crate::metric::keys::{KeyCache, KEY_BITS};
-use crate::metric::values::number;
+use crate::metric::values::{number, SUMMARY_VALUES_MAX};
 use crate::source::file::{for_each_line, Block, BlockReader, Line, READS_IN_FLIGHT};
 use crate::source::stream::{BlockMeta, StreamBlock, StreamClaim};
 
@@ -41,6 +41,9 @@ struct SourceMetric {
     group_slots: Vec<usize>,
     /// A summary's value fields: its records carry them as numbers.
     value_slots: Vec<usize>,
+    /// A grouping set after the first of its summary: same filter and
+    /// values as the metric before it, so their results are reused.
+    same_as_prev: bool,
     geo: Geometry,
 }
 
@@ -589,11 +592,20 @@ fn route(
     acc.ts_max = acc.ts_max.max(ts);
     let device_fp = xxhash_rust::xxh3::xxh3_64(ev.did_bytes(record));
     let shard = ((device_fp as u128 * batches.len() as u128) >> 64) as usize;
+    // A summary's filter and values, evaluated once for all its sets.
+    let mut passes = true;
+    let mut nums = [0f64; SUMMARY_VALUES_MAX];
     for sm in &src.metrics {
-        if let Some(f) = &sm.filter {
-            if !f.passes(&|slot: &usize| ev.value(record, *slot)) {
-                continue;
+        if !sm.same_as_prev {
+            passes = sm.filter.as_ref().is_none_or(|f| f.passes(&|slot: &usize| ev.value(record, *slot)));
+            if passes {
+                for (n, &slot) in nums.iter_mut().zip(&sm.value_slots) {
+                    *n = number(ev.value(record, slot));
+                }
             }
+        }
+        if !passes {
+            continue;
         }
         let m = sm.metric;
         let values = sm.group_slots.iter().map(|&s| ev.value(record, s));
@@ -606,9 +618,7 @@ fn route(
             if sm.text {
                 push_text(&mut b.texts, ev.did_bytes(record));
             }
-            for &slot in &sm.value_slots {
-                b.vals.push(number(ev.value(record, slot)));
-            }
+            b.vals.extend_from_slice(&nums[..sm.value_slots.len()]);
         }
     }
     Ok(())
@@ -702,6 +712,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
                 filter: metric.filter.as_ref().map(|f| f.compile(&slot_of)),
                 group_slots: metric.group_by.iter().map(|g| slot_of(g)).collect(),
                 value_slots: metric.value_fields().iter().map(|v| slot_of(v)).collect(),
+                same_as_prev: metric.summary.as_ref().is_some_and(|s| s.set > 0),
                 geo: sh.geometry[m],
             }
         })
