@@ -409,6 +409,26 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_file_is_read_again_and_a_broken_one_keeps_the_old_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(dir.path(), "a.csv", "author_id,category,agency\n7,music,x\n");
+        let h = DimHandle::open(&s).unwrap();
+        let (g0, t0) = h.current();
+        h.refresh(&s);
+        assert_eq!(h.generation(), g0, "unchanged file, no reload");
+        std::fs::write(&s.path, "author_id,category,agency\n7,dance,x\n8,game,y\n").unwrap();
+        h.refresh(&s);
+        let (g1, t1) = h.current();
+        assert_eq!((g1, h.reloads.load(Ordering::Relaxed)), (g0 + 1, 1));
+        assert_eq!(get(&t1, b"7", 0), Some(FieldValue::Str(b"dance")));
+        assert_eq!(get(&t0, b"7", 0), Some(FieldValue::Str(b"music")), "a router's old copy stays valid");
+        std::fs::write(&s.path, "id,category\n7,talk\n").unwrap();
+        h.refresh(&s);
+        assert_eq!(h.generation(), g1, "a broken file is not loaded");
+        assert_eq!(get(&h.current().1, b"8", 0), Some(FieldValue::Str(b"game")));
+    }
+
+    #[test]
     fn csv_without_the_key_column_is_refused_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let err = load(&spec(dir.path(), "a.csv", "id,category,agency\n1,x,y\n")).unwrap_err();

@@ -393,12 +393,17 @@ impl<E: Slot> Drop for Table<E> {
 /// Anonymous memory for `capacity` entries. Large tables ask for huge
 /// pages: a probe is a random access, and with 4 KiB pages almost every one
 /// also misses the TLB.
+/// Smaller tables are mapped populated: their pages exist from the start,
+/// instead of each first probe mapping the shared zero page and the first
+/// write then faulting again and flushing the TLB of every core (a tumble
+/// metric opens such tables every step).
 fn anon_map(bytes: usize) -> io::Result<MmapMut> {
-    let map = MmapMut::map_anon(bytes)?;
-    if bytes >= HUGE_PAGE_MIN_BYTES {
-        // Advice only: where huge pages are off, the table works as before.
-        let _ = map.advise(memmap2::Advice::HugePage);
+    if bytes < HUGE_PAGE_MIN_BYTES {
+        return memmap2::MmapOptions::new().len(bytes.max(1)).populate().map_anon();
     }
+    let map = MmapMut::map_anon(bytes)?;
+    // Advice only: where huge pages are off, the table works as before.
+    let _ = map.advise(memmap2::Advice::HugePage);
     Ok(map)
 }
 

@@ -1,0 +1,324 @@
+//! Operation summaries (`kind = "summary"`) over the live scenario, joined
+//! with file dimensions: every row equals DuckDB's recomputation
+//! (`scripts/duckdb_summary_reference.py`), output is the same for any
+//! number of workers and across a crash, and bad dimension input is
+//! reported or refused.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use support::*;
+use tally::gen::GenScenario;
+
+/// The live scenario's events: 60k of them over 4 h crossing midnight with
+/// 2 min of disorder, as JSON lines in `dir/jsonl` and (another seed) CSV
+/// in `dir/csv`, each cut into `files` files; the dimension files sit next
+/// to the JSON lines.
+fn live_data(dir: &Path, files: usize) -> (PathBuf, PathBuf) {
+    let opts = |format, seed, out: PathBuf| GenOptions {
+        files,
+        events: 60_000,
+        devices: 6_000,
+        format,
+        seed,
+        out,
+        disorder: "2m".into(),
+        dup_rate: 0.02,
+        scenario: GenScenario::Live,
+        ..GenOptions::default()
+    };
+    let jsonl = generate(&dir.join("jsonl"), opts(GenFormat::Jsonl, 7, dir.join("jsonl")));
+    let csv = generate(&dir.join("csv"), opts(GenFormat::Csv, 8, dir.join("csv")));
+    (jsonl[0].clone(), csv[0].clone())
+}
+
+/// Dimensions: authors (CSV, left join), users (JSON lines, left join),
+/// rooms (JSON lines, inner join: events of rooms it lacks are dropped).
+const DIMENSIONS: &str = r#"
+[[dimension]]
+name = "author"
+kind = "file"
+path = "jsonl/authors.csv"
+key = "author_id"
+fields = ["category", "agency"]
+
+[[dimension]]
+name = "user"
+kind = "file"
+path = "jsonl/users.jsonl"
+key = "user_id"
+fields = ["tier"]
+
+[[dimension]]
+name = "room"
+kind = "file"
+path = "jsonl/rooms.jsonl"
+key = "room_id"
+fields = ["operator"]
+on_missing = "drop"
+"#;
+
+/// Five grouping sets on tumbling minutes, gifts per hour, and a day
+/// cumulate by enriched fields.
+const METRICS: &str = r#"
+[[metric]]
+name = "live_minute"
+kind = "summary"
+window = "tumble"
+step = "1m"
+grouping_sets = [[], ["room_id"], ["author.category", "platform"], ["user.tier"], ["author_id", "event"]]
+measures = ["count", "uv", "sum(amount)", "min(amount)", "max(amount)"]
+
+[[metric]]
+name = "gifts_hour"
+kind = "summary"
+window = "tumble"
+step = "1h"
+filter = "event = 'gift' AND author.agency IS NOT NULL"
+grouping_sets = [["author.agency"], ["room.operator", "user.tier"]]
+measures = ["count", "sum(amount)", "max(amount)"]
+
+[[metric]]
+name = "live_day"
+kind = "summary"
+window = "cumulate"
+step = "10m"
+grouping_sets = [[], ["author.category"], ["room.operator"]]
+measures = ["count", "uv", "sum(amount)"]
+"#;
+
+fn job_text(dir: &Path, state: Option<&str>) -> String {
+    let state = state.map_or(String::new(), |s| format!("state_dir = \"{s}\"\ncheckpoint_interval = \"0s\"\n"));
+    format!(
+        r#"[job]
+timezone = "+08:00"
+{state}
+[[source]]
+name = "app"
+kind = "file"
+path = "{}"
+format = "jsonl"
+max_out_of_orderness = "5m"
+
+[[source]]
+name = "web"
+kind = "file"
+path = "{}"
+format = "csv"
+max_out_of_orderness = "5m"
+{DIMENSIONS}{METRICS}
+[[sink]]
+kind = "jsonl"
+path = "out/results.jsonl"
+"#,
+        dir.join("jsonl/events*.jsonl").display(),
+        dir.join("csv/events*.csv").display()
+    )
+}
+
+fn write_job(dir: &Path, name: &str, text: &str) -> JobFile {
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).unwrap();
+    JobFile { path, results: dir.join("out/results.jsonl"), summary: dir.join(format!("{name}-summary.json")) }
+}
+
+/// The reference's spec for [`METRICS`] over both sources.
+fn reference_spec(dir: &Path) -> Value {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    json!({
+        "tz_ms": TZ_OFFSET_MS,
+        "events": [
+            {"path": dir.join("jsonl/events.jsonl"), "format": "jsonl"},
+            {"path": dir.join("csv/events.csv"), "format": "csv"},
+        ],
+        "columns": {"did": "VARCHAR", "ts": "BIGINT", "user_id": "VARCHAR", "room_id": "VARCHAR",
+                    "author_id": "VARCHAR", "platform": "VARCHAR", "event": "VARCHAR", "amount": "DOUBLE"},
+        "dimensions": [
+            {"name": "author", "path": dir.join("jsonl/authors.csv"), "format": "csv", "key": "author_id",
+             "fields": ["category", "agency"], "on_missing": "null"},
+            {"name": "user", "path": dir.join("jsonl/users.jsonl"), "format": "jsonl", "key": "user_id",
+             "fields": ["tier"], "on_missing": "null"},
+            {"name": "room", "path": dir.join("jsonl/rooms.jsonl"), "format": "jsonl", "key": "room_id",
+             "fields": ["operator"], "on_missing": "drop"},
+        ],
+        "metrics": [
+            {"name": "live_minute", "window": "tumble", "step_ms": 60_000, "size_ms": 60_000,
+             "grouping_sets": [s(&[]), s(&["room_id"]), s(&["author.category", "platform"]), s(&["user.tier"]),
+                               s(&["author_id", "event"])],
+             "measures": ["count", "uv", "sum(amount)", "min(amount)", "max(amount)"]},
+            {"name": "gifts_hour", "window": "tumble", "step_ms": 3_600_000, "size_ms": 3_600_000,
+             "filter": "event = 'gift' AND author.agency IS NOT NULL",
+             "grouping_sets": [s(&["author.agency"]), s(&["room.operator", "user.tier"])],
+             "measures": ["count", "sum(amount)", "max(amount)"]},
+            {"name": "live_day", "window": "cumulate", "step_ms": 600_000, "size_ms": DAY_MS,
+             "grouping_sets": [s(&[]), s(&["author.category"]), s(&["room.operator"])],
+             "measures": ["count", "uv", "sum(amount)"]},
+        ],
+    })
+}
+
+/// A row reduced to what both sides agree on: dims as text (the reference
+/// reads every field as text), numbers as f64 text.
+fn canonical(v: &Value) -> String {
+    let mut v = v.clone();
+    if let Some(dims) = v.get_mut("dims").and_then(Value::as_object_mut) {
+        for d in dims.values_mut() {
+            if let Some(n) = d.as_i64() {
+                *d = Value::String(n.to_string());
+            }
+        }
+    }
+    if let Some(obj) = v.as_object_mut() {
+        for (k, x) in obj.iter_mut() {
+            if k != "window_start" && k != "window_end" && x.is_number() {
+                *x = Value::String(format!("{}", x.as_f64().unwrap()));
+            }
+        }
+    }
+    serde_json::to_string(&v).unwrap()
+}
+
+#[test]
+fn live_summaries_equal_duckdb_and_do_not_depend_on_workers() {
+    let python = python_with_duckdb();
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    let job = write_job(dir, "job", &job_text(dir, None));
+    let spec = dir.join("spec.json");
+    fs::write(&spec, serde_json::to_vec(&reference_spec(dir)).unwrap()).unwrap();
+    let reference = dir.join("duckdb.jsonl");
+    let py = std::thread::spawn({
+        let (spec, reference) = (spec.clone(), reference.clone());
+        move || {
+            Command::new(python)
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/duckdb_summary_reference.py"))
+                .arg(&spec)
+                .arg(&reference)
+                .stdin(Stdio::null())
+                .output()
+                .expect("cannot start python")
+        }
+    });
+    let one = run(&job, 1);
+    let summary = one.ok().clone();
+    let bytes_one = fs::read(&job.results).unwrap();
+    run(&job, 2).ok();
+    let bytes_two = fs::read(&job.results).unwrap();
+    assert!(bytes_one == bytes_two, "1 and 2 workers wrote different rows");
+    let py = py.join().unwrap();
+    assert!(
+        py.status.success(),
+        "duckdb_summary_reference.py failed:\n{}{}",
+        String::from_utf8_lossy(&py.stdout),
+        String::from_utf8_lossy(&py.stderr)
+    );
+
+    let tally_rows: BTreeMap<String, Value> =
+        read_values(&job.results).iter().map(|v| (canonical(v), v.clone())).collect();
+    let duck_rows: BTreeMap<String, Value> =
+        read_values(&reference).iter().map(|v| (canonical(v), v.clone())).collect();
+    assert_eq!(tally_rows.len() as u64, count(&summary, "rows"), "tally wrote duplicate rows");
+    let only_tally: Vec<&String> = tally_rows.keys().filter(|k| !duck_rows.contains_key(*k)).take(6).collect();
+    let only_duck: Vec<&String> = duck_rows.keys().filter(|k| !tally_rows.contains_key(*k)).take(6).collect();
+    assert!(
+        only_tally.is_empty() && only_duck.is_empty(),
+        "rows differ from DuckDB ({} vs {} rows)\nonly in tally: {only_tally:#?}\nonly in DuckDB: {only_duck:#?}",
+        tally_rows.len(),
+        duck_rows.len()
+    );
+    // The data exercises what it should: every set of every metric has
+    // rows, gifts have amounts, and joins miss and drop.
+    for (metric, sets) in [("live_minute", 5), ("gifts_hour", 2), ("live_day", 3)] {
+        let grouping: std::collections::BTreeSet<String> =
+            tally_rows.values().filter(|r| r["metric"] == metric).map(|r| r["grouping"].to_string()).collect();
+        assert_eq!(grouping.len(), sets, "{metric}: rows of {grouping:?}");
+    }
+    assert!(tally_rows.values().any(|r| r["sum_amount"].as_f64().is_some_and(|s| s.fract() != 0.0)));
+    assert!(tally_rows.values().any(|r| r["metric"] == "live_minute" && r["sum_amount"].is_null()));
+    let dims = summary["dimensions"].as_array().unwrap();
+    let dim = |name: &str| dims.iter().find(|d| d["name"] == name).unwrap();
+    assert!(count(dim("author"), "missing") > 0 && count(dim("author"), "dropped") == 0);
+    assert!(count(dim("room"), "dropped") > 0);
+    assert_eq!(count(dim("room"), "dropped"), count(dim("room"), "missing"));
+    assert_eq!(count(dim("room"), "lookups"), count(&summary, "events"));
+    // And tally's own offline check agrees.
+    assert_verifies(&job, &job.results, "live summaries");
+}
+
+#[test]
+fn summaries_resume_after_a_crash_onto_another_worker_count() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    // Many small files: many blocks to cut checkpoints between.
+    live_data(dir, 24);
+    let plain = write_job(dir, "plain", &job_text(dir, None));
+    run(&plain, 2).ok();
+    let want = fs::read(&plain.results).unwrap();
+    fs::remove_file(&plain.results).unwrap();
+
+    // Crash right after checkpoint 2 commits (the engine's test hook, as
+    // under kill -9), then resume re-sharded onto 3 workers.
+    let text = job_text(dir, Some("state")).replace("checkpoint_interval = \"0s\"", "checkpoint_interval = \"5ms\"");
+    let job = write_job(dir, "ckpt", &text);
+    let crashed = Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .env("TALLY_CRASH_AT", "renamed:2")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&crashed.stderr);
+    assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+    let resumed = run(&job, 3);
+    let summary = resumed.ok();
+    assert_eq!(summary["resumed_from"].as_u64(), Some(2), "the run did not resume: {summary}");
+    assert!(fs::read(&job.results).unwrap() == want, "rows after the crash differ from an uninterrupted run");
+}
+
+#[test]
+fn bad_dimension_input_is_counted_or_refused_before_start() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    // Malformed rows and a repeated key: counted, reported, the run goes on.
+    let authors = dir.join("jsonl/authors.csv");
+    let mut text = fs::read_to_string(&authors).unwrap();
+    text.push_str("not,enough\n,music,ag1\n1,dance,ag2\n");
+    fs::write(&authors, text).unwrap();
+    let job = write_job(dir, "job", &job_text(dir, None));
+    let out = run(&job, 2);
+    let summary = out.ok();
+    let author = &summary["dimensions"][0];
+    assert_eq!((count(author, "malformed"), count(author, "duplicate_keys")), (2, 1), "{author}");
+    let examples = author["examples"].to_string();
+    assert!(examples.contains("authors.csv:"), "{examples}");
+    assert!(out.outcome.stderr.contains("dimension \"author\""), "{}", out.outcome.stderr);
+    assert_verifies(&job, &job.results, "after malformed dimension rows");
+
+    // A file without the key column: refused before any row is written.
+    fs::write(&authors, "id,category,agency\n1,music,ag1\n").unwrap();
+    fs::remove_file(&job.results).unwrap();
+    let out = run(&job, 2);
+    assert_eq!(out.outcome.code, Some(2), "{}", out.outcome.stderr);
+    assert!(out.outcome.stderr.contains("author_id") && out.outcome.stderr.contains("authors.csv"));
+    assert!(!job.results.exists() || fs::read(&job.results).unwrap().is_empty());
+
+    // A missing file, and a dimension field that an input column already
+    // has: refused at job load, naming the key.
+    let text = job_text(dir, None).replace("jsonl/users.jsonl", "jsonl/nope.jsonl");
+    let out = tally(["run", "--job", write_job(dir, "missing", &text).path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("dimension[1].path") && out.stderr.contains("nope.jsonl"), "{}", out.stderr);
+    let csv = dir.join("csv/events.csv");
+    let body = fs::read_to_string(&csv).unwrap().replacen("amount", "author.category", 1);
+    fs::write(&csv, body).unwrap();
+    let out = tally(["run", "--job", write_job(dir, "collide", &job_text(dir, None)).path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("dimension[0].fields") && out.stderr.contains("collides"), "{}", out.stderr);
+}
