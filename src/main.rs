@@ -187,7 +187,8 @@ fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary
             | tally::runtime::RunError::State(_)
             | tally::runtime::RunError::History(_)
             | tally::runtime::RunError::Kafka(_)
-            | tally::runtime::RunError::Dimension { .. }),
+            | tally::runtime::RunError::Dimension { .. }
+            | tally::runtime::RunError::SinkOpen(_)),
         ) => fail(2, e.to_string()),
         Err(e) => fail(1, e.to_string()),
     }

@@ -322,3 +322,179 @@ fn bad_dimension_input_is_counted_or_refused_before_start() {
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("dimension[0].fields") && out.stderr.contains("collides"), "{}", out.stderr);
 }
+
+/// The job with a Redis sink next to the JSON-lines one.
+fn with_redis(text: &str, url: &str) -> String {
+    format!(
+        "{text}\n[[sink]]\nkind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"t:\"\nttl = \"2d\"\ncurve = true\nmetrics = [\"live_minute\", \"live_day\"]\n"
+    )
+}
+
+/// Every hash under `t:` as (key, field -> value).
+fn redis_dump(conn: &mut redis::Connection) -> BTreeMap<String, BTreeMap<String, String>> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("t:*").query(conn).unwrap();
+    keys.into_iter().map(|k| (k.clone(), redis::cmd("HGETALL").arg(&k).query(conn).unwrap())).collect()
+}
+
+/// What the hashes must hold after a run that wrote `rows`: per (metric,
+/// dims) the fields of its row with the latest window end, and per (metric,
+/// dims, window start) its rows by window end.
+fn expected_hashes(rows: &[Value]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r["metric"] == "live_minute" || r["metric"] == "live_day") {
+        let obj = r.as_object().unwrap();
+        let dims = dims_text(r);
+        let key = format!("t:{}:{dims}", r["metric"].as_str().unwrap());
+        let end = r["window_end"].as_i64().unwrap();
+        let latest = out.entry(key.clone()).or_default();
+        if latest.get("window_end").is_none_or(|e| e.parse::<i64>().unwrap() <= end) {
+            latest.clear();
+            for (f, v) in obj.iter().filter(|(f, _)| *f != "metric" && *f != "dims") {
+                latest.insert(f.clone(), v.to_string());
+            }
+        }
+        let curve = format!("{key}:curve:{}", r["window_start"]);
+        out.entry(curve).or_default().insert(end.to_string(), r.to_string());
+    }
+    out
+}
+
+/// A row's dims in the order its grouping set lists them, as tally renders
+/// them.
+fn dims_text(r: &Value) -> String {
+    let fields: Vec<String> =
+        r["grouping"].as_array().unwrap().iter().map(|g| g.as_str().unwrap().to_string()).collect();
+    let parts: Vec<String> = fields.iter().map(|f| format!("{}:{}", Value::from(f.as_str()), r["dims"][f])).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+#[test]
+fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
+    let server = support::redis_server::Redis::start();
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    let job = write_job(dir, "job", &with_redis(&job_text(dir, None), &server.url()));
+    let summary = run(&job, 2).ok().clone();
+    assert_eq!(count(&summary, "sink_retries"), 0);
+    let rows = read_values(&job.results);
+    // Curve fields hold the rows as tally wrote them: compare parsed.
+    let parse_curves = |m: BTreeMap<String, BTreeMap<String, String>>| {
+        m.into_iter()
+            .map(|(k, h)| {
+                let h = h
+                    .into_iter()
+                    .map(|(f, v)| match serde_json::from_str::<Value>(&v) {
+                        Ok(x @ Value::Object(_)) => (f, serde_json::to_string(&x).unwrap()),
+                        _ => (f, v),
+                    })
+                    .collect::<BTreeMap<_, _>>();
+                (k, h)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let want = parse_curves(expected_hashes(&rows));
+    let mut conn = server.conn();
+    let got = parse_curves(redis_dump(&mut conn));
+    assert_eq!(got.len(), want.len(), "number of hashes");
+    if let Some((k, w)) = want.iter().find(|(k, w)| got.get(*k) != Some(w)) {
+        panic!("hash {k}: expected {w:?}, Redis has {:?}", got.get(k));
+    }
+    let ttl: i64 = redis::cmd("TTL").arg(want.keys().next().unwrap()).query(&mut conn).unwrap();
+    assert!(ttl > 86_400 && ttl <= 172_800, "ttl {ttl}");
+
+    // Running the job again (a replay with the same rows) changes nothing.
+    run(&job, 2).ok();
+    assert!(parse_curves(redis_dump(&mut conn)) == got, "a replay changed Redis");
+    // A row of an earlier window never replaces a later one (as when a
+    // restart replays windows another instance already wrote past): mark
+    // one hash as holding a far later window, run again, it stays.
+    let key = want.keys().find(|k| !k.contains(":curve:")).unwrap().clone();
+    redis::cmd("HSET").arg(&key).arg("window_end").arg("4102444800000").arg("count").arg("-1").exec(&mut conn).unwrap();
+    run(&job, 2).ok();
+    let after = redis_dump(&mut conn);
+    assert_eq!(after[&key]["count"], "-1", "an earlier window replaced a later one");
+    let others = |m: &BTreeMap<String, BTreeMap<String, String>>| {
+        m.iter()
+            .filter(|(k, _)| **k != key && !k.contains(":curve:"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert!(others(&after) == others(&got), "other hashes changed");
+}
+
+#[test]
+fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_refused() {
+    let server = support::redis_server::Redis::start();
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let opts = GenOptions {
+        events: 600_000,
+        devices: 20_000,
+        out: dir.join("jsonl"),
+        disorder: "2m".into(),
+        scenario: GenScenario::Live,
+        ..GenOptions::default()
+    };
+    generate(&dir.join("jsonl"), opts);
+    generate(
+        &dir.join("csv"),
+        GenOptions {
+            events: 10,
+            devices: 5,
+            format: GenFormat::Csv,
+            out: dir.join("csv"),
+            scenario: GenScenario::Live,
+            ..GenOptions::default()
+        },
+    );
+    let job = write_job(dir, "job", &with_redis(&job_text(dir, None), &server.url()));
+    let mut child = Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .arg("--summary")
+        .arg(&job.summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Freeze Redis once rows arrive: the run must wait, then finish.
+    let mut conn = server.conn();
+    let started = std::time::Instant::now();
+    loop {
+        let n: u64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
+        if n > 0 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before any row reached Redis");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no row reached Redis");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    server.pause();
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let still_running = child.try_wait().unwrap().is_none();
+    server.resume();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(still_running, "the run did not wait for Redis: {log}");
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("retrying"), "no retry was logged: {log}");
+    let summary: Value = serde_json::from_slice(&fs::read(&job.summary).unwrap()).unwrap();
+    assert!(count(&summary, "sink_retries") > 0);
+    let mut conn = server.conn();
+    let want = expected_hashes(&read_values(&job.results));
+    let got = redis_dump(&mut conn);
+    assert_eq!(got.len(), want.len(), "hashes after the outage");
+    if let Some((k, w)) = want.iter().filter(|(k, _)| !k.contains(":curve:")).find(|(k, w)| got.get(*k) != Some(w)) {
+        panic!("hash {k}: expected {w:?}, Redis has {:?}", got.get(k));
+    }
+
+    // Redis down before the run: refused before anything is written.
+    let url = server.url();
+    drop(server);
+    fs::remove_file(&job.results).unwrap();
+    let out = tally(["run", "--job", job.path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains(&url) && out.stderr.contains("cannot connect"), "{}", out.stderr);
+}

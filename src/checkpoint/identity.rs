@@ -131,6 +131,7 @@ pub fn sink_target(t: &SinkTarget) -> String {
         SinkTarget::Stdout => "-".into(),
         SinkTarget::File(p) => absolute(p),
         SinkTarget::Kafka(k) => format!("kafka:{}", k.topic),
+        SinkTarget::Redis(r) => format!("redis:{}/{}", r.url, r.key_prefix),
     }
 }
 

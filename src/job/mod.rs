@@ -332,6 +332,21 @@ pub enum SinkTarget {
     File(PathBuf),
     /// A Kafka topic: one message per row, keyed by (metric, dims).
     Kafka(KafkaSinkSpec),
+    /// Redis hashes: the latest row per (metric, dims).
+    Redis(RedisSinkSpec),
+}
+
+/// A `kind = "redis"` sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSinkSpec {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prepended to every key.
+    pub key_prefix: String,
+    /// Expiry of the hashes, seconds (0: none).
+    pub ttl_s: u64,
+    /// Also keep each key's day curve (a hash per key and day).
+    pub curve: bool,
 }
 
 /// A `kind = "kafka"` sink.

@@ -8,9 +8,9 @@ use serde::Deserialize;
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
     DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec,
-    OnMissing, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, DAY_MS, DEDUP_TOLERANCE_DEFAULT,
-    KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
-    RETURNING_AFTER_DAYS_DEFAULT,
+    OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, DAY_MS,
+    DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
+    METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -112,6 +112,10 @@ struct RawMetric {
 struct RawSink {
     kind: String,
     path: Option<String>,
+    url: Option<String>,
+    key_prefix: Option<String>,
+    ttl: Option<String>,
+    curve: Option<bool>,
     metrics: Option<Vec<String>>,
     brokers: Option<String>,
     topic: Option<String>,
@@ -757,6 +761,17 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
         "minute_devices" => "jsonl",
         other => other,
     };
+    if kind != "redis" {
+        let redis_keys = [
+            ("url", s.url.is_some()),
+            ("key_prefix", s.key_prefix.is_some()),
+            ("ttl", s.ttl.is_some()),
+            ("curve", s.curve.is_some()),
+        ];
+        if let Some((k, _)) = redis_keys.iter().find(|(_, set)| *set) {
+            return Err(invalid(key(k), "only a `kind = \"redis\"` sink takes this key"));
+        }
+    }
     let target = match kind {
         "jsonl" => {
             if let Some(k) =
@@ -786,8 +801,37 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
             let properties = properties(s.properties.as_ref(), &key, &["bootstrap.servers"])?;
             SinkTarget::Kafka(KafkaSinkSpec { brokers, topic, properties })
         }
+        "redis" if !detail => {
+            if let Some(k) = [
+                ("path", s.path.is_some()),
+                ("brokers", s.brokers.is_some()),
+                ("topic", s.topic.is_some()),
+                ("properties", s.properties.is_some()),
+            ]
+            .iter()
+            .find_map(|&(k, set)| set.then_some(k))
+            {
+                let why = "not a key of a `kind = \"redis\"` sink (it takes url, key_prefix, ttl, curve)";
+                return Err(invalid(key(k), why));
+            }
+            let url = match &s.url {
+                Some(u) if u.starts_with("redis://") || u.starts_with("unix://") => u.clone(),
+                Some(u) => return Err(invalid(key("url"), format!("{u:?} is not a redis:// URL"))),
+                None => return Err(invalid(key("url"), "a Redis sink needs `url` (redis://host:port)")),
+            };
+            let ttl_ms = match &s.ttl {
+                None => 0,
+                Some(t) => parse_duration_ms(t).map_err(|r| invalid(key("ttl"), r))?,
+            };
+            if ttl_ms != 0 && ttl_ms < 1000 {
+                return Err(invalid(key("ttl"), "at least 1s (or none)"));
+            }
+            let key_prefix = s.key_prefix.clone().unwrap_or_else(|| "tally:".into());
+            let curve = s.curve.unwrap_or(false);
+            SinkTarget::Redis(RedisSinkSpec { url, key_prefix, ttl_s: (ttl_ms / 1000) as u64, curve })
+        }
         other => {
-            let expected = "expected \"jsonl\", \"kafka\" or \"minute_devices\"";
+            let expected = "expected \"jsonl\", \"kafka\", \"redis\" or \"minute_devices\"";
             return Err(invalid(key("kind"), format!("unknown sink kind {other:?} ({expected})")));
         }
     };

@@ -193,6 +193,9 @@ pub enum RunError {
     Input(#[from] InputError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// A sink that could not be opened (nothing ran).
+    #[error(transparent)]
+    SinkOpen(SinkError),
     #[error(transparent)]
     State(#[from] CheckpointError),
     #[error(transparent)]
@@ -255,6 +258,8 @@ pub struct RunSummary {
     pub history_imports: Vec<HistoryImport>,
     /// Each dimension table: its last load, and the lookups of this run.
     pub dimensions: Vec<DimensionReport>,
+    /// Writes sinks sent again after their target failed (Redis away).
+    pub sink_retries: u64,
 }
 
 /// What a run did with one dimension.
@@ -429,8 +434,13 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         .collect::<Result<Vec<_>, _>>()?;
     let _watcher = Watcher::start(job.dimensions.clone(), dims.clone());
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
-    let mut sinks =
-        job.sinks.iter().enumerate().map(|(i, s)| Sink::open(s, job, sink_resume(i))).collect::<Result<Vec<_>, _>>()?;
+    let mut sinks = job
+        .sinks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Sink::open(s, job, sink_resume(i)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::SinkOpen)?;
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
     let dicts: Vec<Arc<KeyDict>> = match &resume {
         Some(r) => r.dicts.to_vec(),
@@ -492,6 +502,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     summary.stopped = coord.stopped();
     summary.checkpoints = coord.report();
     summary.history_imports = history_imports;
+    summary.sink_retries = sinks.iter().map(Sink::retries).sum();
     Ok(summary)
 }
 
@@ -664,6 +675,7 @@ fn summarize(
         stopped: false,
         checkpoints: CheckpointReport::default(),
         history_imports: Vec::new(),
+        sink_retries: 0,
         dimensions: job
             .dimensions
             .iter()

@@ -34,9 +34,9 @@ impl JsonlSink {
     pub fn open(spec: &SinkSpec, metrics: usize, resume_bytes: Option<u64>) -> Result<JsonlSink, SinkError> {
         let (out, name): (Box<dyn Write + Send>, String) = match &spec.target {
             SinkTarget::Stdout => (Box::new(io::stdout()), "stdout".into()),
-            SinkTarget::Kafka(k) => {
-                let source = io::Error::other("a Kafka sink is not a JSON-lines sink");
-                return Err(SinkError { name: k.topic.clone(), source });
+            SinkTarget::Kafka(_) | SinkTarget::Redis(_) => {
+                let source = io::Error::other("not a JSON-lines sink");
+                return Err(SinkError { name: crate::checkpoint::identity::sink_target(&spec.target), source });
             }
             SinkTarget::File(p) => {
                 let name = p.display().to_string();

@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 pub use tally::gen::{GenFormat, GenOptions};
 pub use tally::source::file::BLOCK_BYTES;
 pub mod kafka;
+pub mod redis_server;
 
 /// The binary under test.
 pub const TALLY: &str = env!("CARGO_BIN_EXE_tally");
