@@ -29,7 +29,10 @@ types (integer device ids and keys read as VARCHAR are their decimal text, so
   per key with events in [day start, window end).
 
 Measures: `count(*)`, `count(DISTINCT did)`, `sum` over `DECIMAL(38, 6)`,
-`min`, `max` (NULL over no values). Rows are written in tally's shape,
+`min`, `max` (NULL over no values). A metric with `"top": {"n", "by", "per"}`
+keeps, per window and value of the `per` fields, the `n` rows with the
+largest `by` (NULL last; ties in the order of the rows' dims as JSON text,
+fields in grouping order), each with its `rank`. Rows are written in tally's shape,
 `{"metric","window_start","window_end","grouping","dims",<measures>}`, dims
 as text. It shares no code with tally; meant for test-sized inputs.
 """
@@ -59,6 +62,24 @@ def number(v):
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+def ranked(rows, top):
+    """The `n` best rows per (window, set, `per` values), with their rank."""
+    groups = {}
+    for r in rows:
+        key = (r["window_end"], json.dumps(r["grouping"]), json.dumps([r["dims"].get(f) for f in top["per"]]))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        def order(r):
+            v = r[top["by"]]
+            text = "{" + ",".join(json.dumps(g) + ":" + json.dumps(r["dims"][g]) for g in r["grouping"]) + "}"
+            return (v is None, -v if v is not None else 0, text)
+        for i, r in enumerate(sorted(members, key=order)[: top["n"]]):
+            r["rank"] = i + 1
+            out.append(r)
+    return out
 
 
 def main() -> None:
@@ -120,6 +141,7 @@ def main() -> None:
                 aggs.append(f"{fn}({expr})")
                 fields.append(f"{fn}_{col}")
         step, size = int(m["step_ms"]), int(m["size_ms"])
+        metric_rows = []
         for gs in m["grouping_sets"]:
             keys = ", ".join(quote(g) for g in gs)
             sel_keys = (keys + ", ") if gs else ""
@@ -143,8 +165,14 @@ def main() -> None:
                 vals = r[2 + len(gs) :]
                 row = {"metric": m["name"], "window_start": ws, "window_end": we, "grouping": gs, "dims": dims}
                 for f, v in zip(fields, vals):
-                    row[f] = number(v)
-                rows.append(row)
+                    row[f] = v
+                metric_rows.append(row)
+        if "top" in m:
+            metric_rows = ranked(metric_rows, m["top"])
+        for row in metric_rows:
+            for f in fields:
+                row[f] = number(row[f])
+        rows.extend(metric_rows)
     for row in rows:
         out.write(json.dumps(row, sort_keys=True) + "\n")
 

@@ -855,6 +855,13 @@ fn cumulate(
     periods
 }
 
+/// A key's dims as tally renders them: `{"f":v,…}` in group-by order.
+fn dims_text(names: &[String], values: &[Dim]) -> String {
+    let parts: Vec<String> =
+        names.iter().zip(values).map(|(n, v)| format!("{}:{}", Value::from(n.as_str()), v.to_json())).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
 /// A summary's `sum`, `min` and `max` measures, in the job's order.
 fn value_measures(spec: &MetricSpec) -> impl Iterator<Item = Measure> + '_ {
     spec.measures.iter().copied().filter(|m| m.value_field().is_some())
@@ -1107,6 +1114,8 @@ struct Got {
     values: [Option<u64>; MEASURES_N],
     /// A summary's `sum` / `min` / `max` values (`None`: `null`).
     x: Vec<Option<f64>>,
+    /// A ranked list's `rank`.
+    rank: Option<u64>,
     line: u64,
     /// Already counted as wrong while parsing (bad `window_start`).
     counted: bool,
@@ -1121,6 +1130,7 @@ struct Parsed {
     key: Vec<Dim>,
     values: [Option<u64>; MEASURES_N],
     x: Vec<Option<f64>>,
+    rank: Option<u64>,
     flaw: Option<String>,
 }
 
@@ -1209,7 +1219,7 @@ impl Checker<'_> {
             None => false,
         };
         let key = self.key_id(p.metric, p.key);
-        let got = Got { key, values: p.values, x: p.x, line, counted };
+        let got = Got { key, values: p.values, x: p.x, rank: p.rank, line, counted };
         self.windows.entry((p.metric, p.period, p.end)).or_default().push(got);
     }
 
@@ -1269,9 +1279,15 @@ impl Checker<'_> {
                 _ => return Err(format!("no number or null {field:?}")),
             });
         }
+        let top = spec.summary.as_ref().and_then(|s| s.top.as_ref());
+        let rank = match top {
+            None => None,
+            Some(_) => Some(obj.get("rank").and_then(Value::as_u64).ok_or("no integer \"rank\" in a ranked list")?),
+        };
         for field in obj.keys() {
             let known = matches!(field.as_str(), "metric" | "window_start" | "window_end" | "dims")
                 || field == "grouping" && spec.summary.is_some()
+                || field == "rank" && top.is_some()
                 || MEASURES.iter().any(|m| m.name() == field && spec.has(*m))
                 || value_measures(spec).any(|m| &spec.measure_field(m) == field);
             if !known {
@@ -1285,7 +1301,7 @@ impl Checker<'_> {
                 fmt_local(period, job.timezone_offset_ms)
             )
         });
-        Ok(Parsed { metric, period, end, key, values, x, flaw })
+        Ok(Parsed { metric, period, end, key, values, x, rank, flaw })
     }
 
     /// Id of a key: the offline id, or a new id past them for keys that never
@@ -1360,6 +1376,9 @@ impl Checker<'_> {
                 let p = prev_end.and_then(|e| value_at(points, e));
                 (p.map_or([0; MEASURES_N], |p| p.v), x_of(p))
             };
+            // A ranked list: the keys that must have rows, with their rank.
+            let top = spec.summary.as_ref().and_then(|s| s.top.as_ref());
+            let ranks = top.map(|t| self.expected_ranks(metric, period_truth, end, t));
             for row in &rows {
                 let points = period_truth.and_then(|t| t.points(row.key));
                 let expected = points.and_then(|pts| value_at(pts, end));
@@ -1383,6 +1402,14 @@ impl Checker<'_> {
                 } else if differs {
                     let want = self.show_values(metric, exp.map(Some), exp_x);
                     self.wrong(format!("{what}: expected {want}, got {got} (line {})", row.line));
+                } else if let Some(ranks) = &ranks {
+                    match ranks.get(&row.key) {
+                        None => self.wrong(format!("{what}: not among the top of its group (line {})", row.line)),
+                        Some(&r) if Some(r) != row.rank => {
+                            self.wrong(format!("{what}: rank {r} expected, got {:?} (line {})", row.rank, row.line))
+                        }
+                        Some(_) => {}
+                    }
                 } else if emit == Emit::Changed && points.is_some_and(|pts| !changed(spec, before(pts), (&exp, exp_x)))
                 {
                     self.wrong(format!(
@@ -1396,9 +1423,10 @@ impl Checker<'_> {
                     let Some(p) = value_at(points, end) else {
                         continue;
                     };
-                    let needed = match emit {
-                        Emit::All => true,
-                        Emit::Changed => changed(spec, before(points), (&p.v, truth.x(&p))),
+                    let needed = match (&ranks, emit) {
+                        (Some(ranks), _) => ranks.contains_key(key),
+                        (None, Emit::All) => true,
+                        (None, Emit::Changed) => changed(spec, before(points), (&p.v, truth.x(&p))),
                     };
                     if needed && rows.binary_search_by_key(key, |r| r.key).is_err() {
                         self.report.rows_missing += 1;
@@ -1411,6 +1439,52 @@ impl Checker<'_> {
             prev = Some((metric, period, end));
         }
         self.windows = windows;
+    }
+
+    /// A ranked list's keys at window `end` of a period, with their ranks:
+    /// per value of the `per` fields, the `n` keys with the largest `by`
+    /// (`null` last; ties by dims as tally renders them).
+    fn expected_ranks(
+        &self,
+        metric: usize,
+        period: Option<&PeriodTruth>,
+        end: i64,
+        top: &crate::job::TopSpec,
+    ) -> AHashMap<u32, u64> {
+        let spec = &self.off.job.metrics[metric];
+        let truth = &self.off.metrics[metric];
+        let xi = value_measures(spec).position(|m| m == top.by);
+        let mut cands = Vec::new();
+        for (key, points) in period.map_or(&[][..], |p| &p.series[..]) {
+            let Some(p) = value_at(points, end) else { continue };
+            let score = match (xi, top.by) {
+                (Some(i), _) => truth.x(&p)[i],
+                (None, Measure::Uv) => Some(p.v[1] as f64),
+                (None, _) => Some(p.v[5] as f64),
+            };
+            let dims = self.key_values(metric, *key);
+            let group: Vec<Dim> = top.per.iter().map(|&i| dims[i].clone()).collect();
+            let text = dims_text(&spec.group_by, dims);
+            cands.push((format!("{group:?}"), score, text, *key));
+        }
+        cands.sort_by(|a, b| {
+            let by_score = match (a.1, b.1) {
+                (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            a.0.cmp(&b.0).then(by_score).then_with(|| a.2.cmp(&b.2))
+        });
+        let mut out = AHashMap::new();
+        let mut rank = 0;
+        for (i, c) in cands.iter().enumerate() {
+            rank = if i > 0 && cands[i - 1].0 == c.0 { rank + 1 } else { 1 };
+            if rank <= top.n as u64 {
+                out.insert(c.3, rank);
+            }
+        }
+        out
     }
 
     /// Sorts a window's rows by key, keeping the last row of each key.

@@ -84,6 +84,15 @@ grouping_sets = [["author.agency"], ["room.operator", "user.tier"]]
 measures = ["count", "sum(amount)", "max(amount)"]
 
 [[metric]]
+name = "hot_rooms"
+kind = "summary"
+window = "tumble"
+step = "1h"
+grouping_sets = [["author.category", "room_id"], ["platform", "author.category", "room_id"]]
+measures = ["count", "sum(amount)"]
+top = { n = 3, by = "sum_amount", per = ["author.category"] }
+
+[[metric]]
 name = "live_day"
 kind = "summary"
 window = "cumulate"
@@ -155,6 +164,10 @@ fn reference_spec(dir: &Path) -> Value {
              "filter": "event = 'gift' AND author.agency IS NOT NULL",
              "grouping_sets": [s(&["author.agency"]), s(&["room.operator", "user.tier"])],
              "measures": ["count", "sum(amount)", "max(amount)"]},
+            {"name": "hot_rooms", "window": "tumble", "step_ms": 3_600_000, "size_ms": 3_600_000,
+             "grouping_sets": [s(&["author.category", "room_id"]), s(&["platform", "author.category", "room_id"])],
+             "measures": ["count", "sum(amount)"],
+             "top": {"n": 3, "by": "sum_amount", "per": ["author.category"]}},
             {"name": "live_day", "window": "cumulate", "step_ms": 600_000, "size_ms": DAY_MS,
              "grouping_sets": [s(&[]), s(&["author.category"]), s(&["room.operator"])],
              "measures": ["count", "uv", "sum(amount)"]},
@@ -234,12 +247,14 @@ fn live_summaries_equal_duckdb_and_do_not_depend_on_workers() {
     );
     // The data exercises what it should: every set of every metric has
     // rows, gifts have amounts, and joins miss and drop.
-    for (metric, sets) in [("live_minute", 5), ("gifts_hour", 2), ("live_day", 3)] {
+    for (metric, sets) in [("live_minute", 5), ("gifts_hour", 2), ("hot_rooms", 2), ("live_day", 3)] {
         let grouping: std::collections::BTreeSet<String> =
             tally_rows.values().filter(|r| r["metric"] == metric).map(|r| r["grouping"].to_string()).collect();
         assert_eq!(grouping.len(), sets, "{metric}: rows of {grouping:?}");
     }
     assert!(tally_rows.values().any(|r| r["sum_amount"].as_f64().is_some_and(|s| s.fract() != 0.0)));
+    // Ranked lists: 3 per window and category, some categories with fewer rooms.
+    assert!(tally_rows.values().any(|r| r["metric"] == "hot_rooms" && r["rank"] == 3));
     assert!(tally_rows.values().any(|r| r["metric"] == "live_minute" && r["sum_amount"].is_null()));
     let dims = summary["dimensions"].as_array().unwrap();
     let dim = |name: &str| dims.iter().find(|d| d["name"] == name).unwrap();

@@ -208,6 +208,19 @@ pub struct SummarySpec {
     pub grouping_json: String,
     /// The fields `sum`, `min` and `max` read, in first-use order.
     pub values: Vec<String>,
+    /// `top = { n, by, per }`: only the `n` keys with the largest `by`
+    /// per window and value of the `per` fields are written, ranked.
+    pub top: Option<TopSpec>,
+}
+
+/// A ranked list per window (the hourly strategy list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopSpec {
+    pub n: usize,
+    /// The measure ranked by (largest first; `null` last; ties by dims).
+    pub by: Measure,
+    /// Places in this set's `group_by` of the fields ranked within.
+    pub per: Vec<usize>,
 }
 
 /// What an event whose join key a dimension lacks becomes.
@@ -563,6 +576,17 @@ path = "-"
             (metric.replace("step = \"1h\"", "step = \"1h\"\nsize = \"1d\""), "metric[0].size"),
             (metric.replace("grouping_sets", "group_by = [\"x\"]\ngrouping_sets"), "metric[0].group_by"),
             (format!("{metric}window = \"hopping\"\n"), "metric[0].window"),
+        ] {
+            assert_eq!(bad(format!("{head}{edit}")).0, want, "{edit}");
+        }
+        let top = metric.replace("measures =", "top = { n = 5, by = \"sum_amount\", per = [] }\nmeasures =");
+        let t = parse(&format!("{head}{top}")).unwrap().metrics[1].summary.clone().unwrap().top.unwrap();
+        assert_eq!((t.n, t.by, t.per.len()), (5, Measure::Sum(0), 0));
+        for (edit, want) in [
+            (top.replace("n = 5", "n = 0"), "metric[0].top.n"),
+            (top.replace("\"sum_amount\"", "\"sum_gift\""), "metric[0].top.by"),
+            (top.replace("per = []", "per = [\"room_id\"]"), "metric[0].top.per"),
+            (format!("{top}emit = \"changed\"\n"), "metric[0].top"),
         ] {
             assert_eq!(bad(format!("{head}{edit}")).0, want, "{edit}");
         }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{
     default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
     DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec,
-    OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, DAY_MS,
+    OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, TopSpec, DAY_MS,
     DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
     METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
@@ -105,6 +105,16 @@ struct RawMetric {
     dedup_tolerance: Option<u32>,
     window: Option<String>,
     grouping_sets: Option<Vec<Vec<String>>>,
+    top: Option<RawTop>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTop {
+    n: usize,
+    by: String,
+    #[serde(default)]
+    per: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -511,6 +521,7 @@ fn build_metric(
     if m.kind != "summary" {
         only("window", m.window.is_some(), "summary")?;
         only("grouping_sets", m.grouping_sets.is_some(), "summary")?;
+        only("top", m.top.is_some(), "summary")?;
     }
     let dau = match m.kind.as_str() {
         "cumulate" | "summary" => None,
@@ -658,6 +669,31 @@ fn build_metric(
             Some(f)
         }
     };
+    // A ranked list: by one of the measures, within fields every set has.
+    let top = match &m.top {
+        None => None,
+        Some(t) => {
+            if !(1..=TOP_N_MAX).contains(&t.n) {
+                return Err(invalid(key("top.n"), format!("must be 1..={TOP_N_MAX}")));
+            }
+            let field_of = |x: &Measure| match x.value_field() {
+                Some(v) => format!("{}_{}", x.name(), values[v]),
+                None => x.name().to_string(),
+            };
+            let Some(by) = measures.iter().copied().find(|x| field_of(x) == t.by) else {
+                let names: Vec<String> = measures.iter().map(field_of).collect();
+                let why = format!("{:?} is not a measure of the metric ({})", t.by, names.join(", "));
+                return Err(invalid(key("top.by"), why));
+            };
+            if let Some(f) = t.per.iter().find(|f| sets.iter().any(|s| !s.contains(f))) {
+                return Err(invalid(key("top.per"), format!("field {f:?} is not in every grouping set")));
+            }
+            if emit == Emit::Changed {
+                return Err(invalid(key("top"), "a ranked list is written whole each window: use emit = \"all\""));
+            }
+            Some((t.n, by, t.per.clone()))
+        }
+    };
     let n = sets.len();
     Ok(sets
         .into_iter()
@@ -670,6 +706,11 @@ fn build_metric(
                 sets: n,
                 grouping_json: serde_json::to_string(&group_by).unwrap_or_default(),
                 values: values.clone(),
+                top: top.as_ref().map(|(n, by, per)| TopSpec {
+                    n: *n,
+                    by: *by,
+                    per: per.iter().filter_map(|f| group_by.iter().position(|g| g == f)).collect(),
+                }),
             }),
             group_by,
             filter: filter.clone(),
@@ -683,6 +724,9 @@ fn build_metric(
         })
         .collect())
 }
+
+/// Most rows of one ranked list.
+const TOP_N_MAX: usize = 100_000;
 
 /// A summary measure: `count`, `uv`, `sum(f)`, `min(f)`, `max(f)`; a value
 /// field new to `values` is added to it.

@@ -20,6 +20,7 @@
 //! dedup table classifies every pair seen so far, before any slice of D is
 //! shipped.
 
+use std::cmp::Ordering;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1161,6 +1162,8 @@ pub struct CumulateEmitter {
     /// DAU with a `minute_devices` sink: shipped detail rows whose slice
     /// the job's watermark has not passed yet.
     pub details: Option<Details>,
+    /// Summary with `top`: the ranked list's settings.
+    top: Option<Top>,
 }
 
 /// The emitter's state of one metric as a checkpoint records it.
@@ -1191,7 +1194,7 @@ impl Row {
 
 impl CumulateEmitter {
     pub fn new(geo: Geometry, spec: &MetricSpec, dict: Arc<KeyDict>) -> CumulateEmitter {
-        let measures = spec
+        let measures: Vec<(String, Source)> = spec
             .measures
             .iter()
             .map(|&m| {
@@ -1209,7 +1212,14 @@ impl CumulateEmitter {
             })
             .collect();
         let summary = spec.summary.as_ref();
+        let top = summary.and_then(|s| s.top.as_ref()).map(|t| Top {
+            n: t.n,
+            by: measures.iter().zip(&spec.measures).find(|(_, &m)| m == t.by).map_or(Source::Count(0), |(x, _)| x.1),
+            per: t.per.iter().map(|&i| spec.group_by[i].clone()).collect(),
+            groups: Vec::new(),
+        });
         CumulateEmitter {
+            top,
             geo,
             name_json: serde_json::to_string(&spec.name).unwrap_or_default(),
             grouping: summary.map_or(String::new(), |s| format!(",\"grouping\":{}", s.grouping_json)),
@@ -1390,14 +1400,16 @@ impl CumulateEmitter {
             let mut order: Vec<usize> = (0..keys.len()).filter(|&i| sums[i][0] > 0).collect();
             order.sort_by(|&a, &b| dims_of(keys[a] as usize).cmp(dims_of(keys[b] as usize)));
             let zero = vec![Agg::default(); nv];
+            let mut out = Vec::with_capacity(order.len());
             for i in order {
                 let v = &vals[i * nv..(i + 1) * nv];
                 if self.emit == Emit::Changed && self.measures.iter().all(|(_, f)| f.same(&[0; 4], &zero, &sums[i], v))
                 {
                     continue;
                 }
-                rows.push(head.row(dims_of(keys[i] as usize), &self.measures, &sums[i], v));
+                out.push((keys[i], sums[i], v.to_vec()));
             }
+            self.write_rows(&head, out, rows);
             return;
         }
         if let Some(&last) = keys.last() {
@@ -1419,6 +1431,7 @@ impl CumulateEmitter {
             }
         }
         sort_dims(&self.dims, &mut self.order, &mut self.rank);
+        let mut out = Vec::new();
         for &k in &self.order {
             let k = k as usize;
             let sums = match period.sums.get(k) {
@@ -1432,12 +1445,90 @@ impl CumulateEmitter {
             }
             period.written[k] = sums;
             period.written_vals[k * nv..(k + 1) * nv].copy_from_slice(vals);
-            rows.push(head.row(&self.dims[k], &self.measures, &sums, vals));
+            out.push((k as u32, sums, vals.to_vec()));
+        }
+        self.write_rows(&head, out, rows);
+    }
+
+    /// Renders a window's rows (given in dims order); with `top`, only the
+    /// `n` best of each group of the `per` fields, ranked, by group then
+    /// rank.
+    fn write_rows(&mut self, head: &RowHead, out: Vec<(u32, Sums, Vec<Agg>)>, rows: &mut Vec<Row>) {
+        let dims_of = |dims: &[String], k: u32| dims.get(k as usize).map_or("{}", String::as_str).to_owned();
+        let Some(top) = &mut self.top else {
+            for (k, sums, vals) in &out {
+                rows.push(head.row(&dims_of(&self.dims, *k), &self.measures, sums, vals, None));
+            }
+            return;
+        };
+        // Group, then rank by the measure (largest first, null last); ties
+        // keep dims order (the sort is stable).
+        let mut ranked: Vec<(String, usize)> = Vec::with_capacity(out.len());
+        for (i, (k, _, _)) in out.iter().enumerate() {
+            ranked.push((top.group(*k, &self.dims), i));
+        }
+        let score = |i: usize| top.by.score(&out[i].1, &out[i].2);
+        ranked
+            .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| score(b.1).partial_cmp(&score(a.1)).unwrap_or(Ordering::Equal)));
+        let mut rank = 0;
+        for (j, (group, i)) in ranked.iter().enumerate() {
+            rank = if j > 0 && ranked[j - 1].0 == *group { rank + 1 } else { 1 };
+            if rank <= top.n {
+                let (k, sums, vals) = &out[*i];
+                rows.push(head.row(&dims_of(&self.dims, *k), &self.measures, sums, vals, Some(rank)));
+            }
         }
     }
 }
 
+/// A summary's ranked list at the emitter.
+struct Top {
+    n: usize,
+    by: Source,
+    /// Names of the fields ranked within.
+    per: Vec<String>,
+    /// Per key id: the `per` fields' values as JSON (computed once).
+    groups: Vec<Option<String>>,
+}
+
+impl Top {
+    /// The group of key `k`: its `per` values, as JSON text.
+    fn group(&mut self, k: u32, dims: &[String]) -> String {
+        let k = k as usize;
+        if self.groups.len() <= k {
+            self.groups.resize(k + 1, None);
+        }
+        if self.groups[k].is_none() {
+            let parsed: serde_json::Map<String, serde_json::Value> =
+                dims.get(k).and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+            let values: Vec<&serde_json::Value> =
+                self.per.iter().map(|f| parsed.get(f).unwrap_or(&serde_json::Value::Null)).collect();
+            self.groups[k] = Some(serde_json::to_string(&values).unwrap_or_default());
+        }
+        self.groups[k].clone().unwrap_or_default()
+    }
+}
+
+/// A measure's value for ranking: `null` below every value.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+enum Score {
+    Null,
+    Int(i128),
+    Float(f64),
+}
+
 impl Source {
+    /// The measure's value, for ranking.
+    fn score(&self, sums: &Sums, vals: &[Agg]) -> Score {
+        match *self {
+            Source::Count(at) => Score::Int(sums[at] as i128),
+            Source::Value(v, _) if vals[v].n == 0 => Score::Null,
+            Source::Value(v, Which::Sum) => Score::Int(vals[v].sum),
+            Source::Value(v, Which::Min) => Score::Float(vals[v].min),
+            Source::Value(v, Which::Max) => Score::Float(vals[v].max),
+        }
+    }
+
     /// Whether the measure shows the same value for (`a`, `av`) as for
     /// (`b`, `bv`).
     fn same(&self, a: &Sums, av: &[Agg], b: &Sums, bv: &[Agg]) -> bool {
@@ -1457,7 +1548,7 @@ struct RowHead {
 }
 
 impl RowHead {
-    fn row(&self, dims: &str, measures: &[(String, Source)], sums: &Sums, vals: &[Agg]) -> Row {
+    fn row(&self, dims: &str, measures: &[(String, Source)], sums: &Sums, vals: &[Agg], rank: Option<usize>) -> Row {
         let mut line = String::with_capacity(self.text.len() + dims.len() + 24 * measures.len() + 2);
         line.push_str(&self.text);
         let key_at = line.len()..line.len() + dims.len();
@@ -1468,6 +1559,10 @@ impl RowHead {
                 Source::Count(at) => line.push_str(itoa::Buffer::new().format(sums[at])),
                 Source::Value(v, what) => vals[v].render(what, &mut line),
             }
+        }
+        if let Some(r) = rank {
+            line.push_str(",\"rank\":");
+            line.push_str(itoa::Buffer::new().format(r));
         }
         line.push_str("}\n");
         Row { window_end_ms: self.end, metric: self.metric, line, key_at }
