@@ -45,6 +45,10 @@ enum Command {
         /// per line, in any order within a partition's order).
         #[arg(long, value_name = "NAME=PATH")]
         input: Vec<String>,
+        /// Read dimension NAME from this CSV or JSON-lines file instead
+        /// (repeatable; needed for a Kafka dimension: its table as a file).
+        #[arg(long, value_name = "NAME=PATH")]
+        dimension: Vec<String>,
     },
     /// Sum the rows of instances that each own a disjoint set of devices
     /// (one consumer group over a topic partitioned by device) into the
@@ -94,7 +98,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
-        Command::Verify { job, results, input } => verify(job, results, &input),
+        Command::Verify { job, results, input, dimension } => verify(job, results, &input, &dimension),
         Command::Merge { inputs, out, job } => merge(&inputs, &out, job),
         Command::Devices { command: DevicesCommand::Export { job, state_dir, metric, out } } => {
             let job = match load(&job) {
@@ -219,7 +223,7 @@ fn merge(inputs: &[PathBuf], out: &std::path::Path, job: Option<PathBuf>) -> Exi
     }
 }
 
-fn verify(job: PathBuf, results: PathBuf, inputs: &[String]) -> ExitCode {
+fn verify(job: PathBuf, results: PathBuf, inputs: &[String], dimensions: &[String]) -> ExitCode {
     let mut job = match load(&job) {
         Ok(j) => j,
         Err(code) => return code,
@@ -230,6 +234,14 @@ fn verify(job: PathBuf, results: PathBuf, inputs: &[String]) -> ExitCode {
         };
         if let Err(e) = job.read_source_from(name, PathBuf::from(path)) {
             return fail(2, format!("--input {arg:?}: {e}"));
+        }
+    }
+    for arg in dimensions {
+        let Some((name, path)) = arg.split_once('=') else {
+            return fail(2, format!("--dimension {arg:?}: expected NAME=PATH"));
+        };
+        if let Err(e) = job.read_dimension_from(name, PathBuf::from(path)) {
+            return fail(2, format!("--dimension {arg:?}: {e}"));
         }
     }
     match tally::verify::verify(&job, &results) {

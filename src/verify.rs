@@ -886,6 +886,13 @@ impl Dim {
 
 impl RefDim {
     fn read(spec: &DimensionSpec) -> Result<RefDim> {
+        if spec.kafka.is_some() {
+            bail!(
+                "dimension {:?} reads a topic: verify reads dimension tables from files; write the table to a file and pass --dimension {}=FILE",
+                spec.name,
+                spec.name
+            );
+        }
         let path = &spec.path;
         let mut rows = AHashMap::new();
         match spec.format {

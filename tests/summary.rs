@@ -513,3 +513,84 @@ fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains(&url) && out.stderr.contains("cannot connect"), "{}", out.stderr);
 }
+
+#[test]
+fn a_changelog_topic_dimension_joins_like_the_file_of_its_latest_rows() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = support::kafka::Broker::start();
+    broker.create_topic("authors", 2);
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    // The changelog: every author with a value that is later replaced, the
+    // latest values, a tombstone, a key only inside the value, bad messages.
+    let authors = fs::read_to_string(dir.join("jsonl/authors.csv")).unwrap();
+    let rows: Vec<Vec<String>> = authors.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    let value = |category: &str, agency: &str| {
+        let agency = if agency.is_empty() { Value::Null } else { Value::from(agency) };
+        json!({"category": category, "agency": agency}).to_string()
+    };
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.addr).create().unwrap();
+    let send = |key: Option<&str>, payload: Option<String>| {
+        let mut rec: BaseRecord<str, String> = BaseRecord::to("authors");
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(p) = &payload {
+            rec = rec.payload(p);
+        }
+        producer.send(rec).map_err(|(e, _)| e).unwrap();
+    };
+    for r in &rows {
+        send(Some(&r[0]), Some(value("stale", "")));
+    }
+    for r in &rows {
+        send(Some(&r[0]), Some(value(&r[1], &r[2])));
+    }
+    let (gone, moved) = (&rows[0], &rows[1]);
+    send(Some(&gone[0]), None);
+    send(Some(&moved[0]), Some(value("moved", "ag9")));
+    send(None, Some(json!({"author_id": 99_999, "category": "keyless", "agency": null}).to_string()));
+    send(Some("bad"), Some("not json".into()));
+    producer.flush(std::time::Duration::from_secs(30)).unwrap();
+    // The same table as a file.
+    let mut latest = String::from("author_id,category,agency\n");
+    for r in &rows[1..] {
+        let (c, a) = if r[0] == moved[0] { ("moved", "ag9") } else { (r[1].as_str(), r[2].as_str()) };
+        latest.push_str(&format!("{},{c},{a}\n", r[0]));
+    }
+    latest.push_str("99999,keyless,\n");
+    fs::write(dir.join("authors-latest.csv"), latest).unwrap();
+
+    let kafka_dim = format!(
+        "[[dimension]]\nname = \"author\"\nkind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"authors\"\nkey = \"author_id\"\nfields = [\"category\", \"agency\"]\n",
+        broker.addr
+    );
+    let file_dim = "[[dimension]]\nname = \"author\"\nkind = \"file\"\npath = \"authors-latest.csv\"\nkey = \"author_id\"\nfields = [\"category\", \"agency\"]\n";
+    let job_with = |dim: &str, out: &str| {
+        let text = job_text(dir, None);
+        let start = text.find("[[dimension]]").unwrap();
+        let end = text.find("[[dimension]]\nname = \"user\"").unwrap();
+        format!("{}{dim}\n{}", &text[..start], &text[end..]).replace("out/results.jsonl", out)
+    };
+    let from_topic = write_job(dir, "topic", &job_with(&kafka_dim, "out/topic.jsonl"));
+    let from_file = write_job(dir, "file", &job_with(file_dim, "out/file.jsonl"));
+    let summary = run(&from_topic, 2).ok().clone();
+    run(&from_file, 2).ok();
+    let author = &summary["dimensions"][0];
+    assert_eq!((count(author, "rows"), count(author, "malformed")), (rows.len() as u64, 1), "{author}");
+    let (a, b) = (fs::read(dir.join("out/topic.jsonl")).unwrap(), fs::read(dir.join("out/file.jsonl")).unwrap());
+    assert!(!a.is_empty() && a == b, "rows joined with the topic differ from rows joined with its latest table");
+    let text = String::from_utf8(a).unwrap();
+    assert!(text.contains("\"author.category\":\"moved\"") && !text.contains("stale"));
+    let v = tally([
+        "verify",
+        "--job",
+        from_topic.path.to_str().unwrap(),
+        "--results",
+        dir.join("out/topic.jsonl").to_str().unwrap(),
+        "--dimension",
+        &format!("author={}", dir.join("authors-latest.csv").display()),
+    ]);
+    assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+}

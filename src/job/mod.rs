@@ -244,13 +244,27 @@ pub enum DimFormat {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DimensionSpec {
     pub name: String,
-    /// A CSV file with a header or JSON lines, reloaded when it changes.
+    /// A CSV file with a header or JSON lines, reloaded when it changes
+    /// (empty for a Kafka dimension).
     pub path: PathBuf,
     pub format: DimFormat,
+    /// `kind = "kafka"`: the table is a changelog topic instead.
+    pub kafka: Option<DimKafkaSpec>,
     /// The event field joined on; the table's key column has its name.
     pub key: String,
     pub fields: Vec<String>,
     pub on_missing: OnMissing,
+}
+
+/// A dimension read from a changelog topic: messages keyed by the join key
+/// with a JSON object of the fields as value (the latest per key counts),
+/// a message without a value (a tombstone) deletes its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DimKafkaSpec {
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka settings passed through.
+    pub properties: Vec<(String, String)>,
 }
 
 impl DimensionSpec {
@@ -433,6 +447,22 @@ impl Job {
         let text = std::fs::read_to_string(path).map_err(|source| JobError::Read { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Job::parse(&text, path, base)
+    }
+
+    /// Makes dimension `name` read `path` (a CSV or JSON-lines file)
+    /// instead of its table: how `tally verify` checks a job whose
+    /// dimension is a topic, against the table as a file.
+    pub fn read_dimension_from(&mut self, name: &str, path: PathBuf) -> Result<(), String> {
+        let Some(d) = self.dimensions.iter_mut().find(|d| d.name == name) else {
+            return Err(format!("the job has no dimension named {name:?}"));
+        };
+        if !path.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        d.format = if path.extension().is_some_and(|e| e == "csv") { DimFormat::Csv } else { DimFormat::Jsonl };
+        d.path = path;
+        d.kafka = None;
+        Ok(())
     }
 
     /// Makes source `name` read `path` (a file in the source's format;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
+    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat, DimKafkaSpec,
     DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec,
     OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, TopSpec, DAY_MS,
     DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
@@ -81,6 +81,9 @@ struct RawDimension {
     kind: String,
     path: Option<String>,
     format: Option<String>,
+    brokers: Option<String>,
+    topic: Option<String>,
+    properties: Option<toml::Table>,
     key: String,
     fields: Vec<String>,
     on_missing: Option<String>,
@@ -229,28 +232,62 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
     if d.name.is_empty() || d.name.contains('.') {
         return Err(invalid(key("name"), format!("{:?}: a dimension name must be non-empty and without `.`", d.name)));
     }
-    match d.kind.as_str() {
-        "file" => {}
-        "kafka" | "redis" => {
-            let why = format!("kind {:?} is not available yet (use \"file\")", d.kind);
+    let kafka = match d.kind.as_str() {
+        "file" => {
+            for (k, set) in
+                [("brokers", d.brokers.is_some()), ("topic", d.topic.is_some()), ("properties", d.properties.is_some())]
+            {
+                if set {
+                    return Err(invalid(key(k), "only a `kind = \"kafka\"` dimension takes this key"));
+                }
+            }
+            None
+        }
+        "kafka" => {
+            for (k, set) in [("path", d.path.is_some()), ("format", d.format.is_some())] {
+                if set {
+                    return Err(invalid(key(k), "a Kafka dimension reads `topic` (JSON object values)"));
+                }
+            }
+            let brokers = match &d.brokers {
+                Some(b) if !b.trim().is_empty() => b.clone(),
+                _ => return Err(invalid(key("brokers"), "a Kafka dimension needs `brokers`")),
+            };
+            let topic = match &d.topic {
+                Some(t) if !t.is_empty() => t.clone(),
+                _ => return Err(invalid(key("topic"), "a Kafka dimension needs `topic` (its changelog)")),
+            };
+            let properties = properties(d.properties.as_ref(), &key, &["bootstrap.servers", "enable.partition.eof"])?;
+            Some(DimKafkaSpec { brokers, topic, properties })
+        }
+        "redis" => return Err(invalid(key("kind"), "kind \"redis\" is not available yet (use \"file\" or \"kafka\")")),
+        other => {
+            let why = format!("unknown dimension kind {other:?} (expected \"file\" or \"kafka\")");
             return Err(invalid(key("kind"), why));
         }
-        other => return Err(invalid(key("kind"), format!("unknown dimension kind {other:?} (expected \"file\")"))),
-    }
-    let path = match &d.path {
-        None => return Err(invalid(key("path"), "a file dimension needs `path`")),
-        Some(p) => base.join(p),
     };
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => {}
-        Ok(_) => return Err(invalid(key("path"), format!("{} is not a file", path.display()))),
-        Err(e) => return Err(invalid(key("path"), format!("cannot open {}: {e}", path.display()))),
-    }
-    let by_extension = if path.extension().is_some_and(|e| e == "csv") { "csv" } else { "jsonl" };
-    let format = match d.format.as_deref().unwrap_or(by_extension) {
-        "csv" => DimFormat::Csv,
-        "jsonl" => DimFormat::Jsonl,
-        other => return Err(invalid(key("format"), format!("unknown format {other:?} (expected csv or jsonl)"))),
+    let (path, format) = match &kafka {
+        Some(_) => (PathBuf::new(), DimFormat::Jsonl),
+        None => {
+            let path = match &d.path {
+                None => return Err(invalid(key("path"), "a file dimension needs `path`")),
+                Some(p) => base.join(p),
+            };
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return Err(invalid(key("path"), format!("{} is not a file", path.display()))),
+                Err(e) => return Err(invalid(key("path"), format!("cannot open {}: {e}", path.display()))),
+            }
+            let by_extension = if path.extension().is_some_and(|e| e == "csv") { "csv" } else { "jsonl" };
+            let format = match d.format.as_deref().unwrap_or(by_extension) {
+                "csv" => DimFormat::Csv,
+                "jsonl" => DimFormat::Jsonl,
+                other => {
+                    return Err(invalid(key("format"), format!("unknown format {other:?} (expected csv or jsonl)")))
+                }
+            };
+            (path, format)
+        }
     };
     if d.key.is_empty() || d.key.contains('.') {
         let why = format!("{:?}: the key must be an event field (dimensions join on event fields only)", d.key);
@@ -278,7 +315,15 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
         "drop" => OnMissing::Drop,
         other => return Err(invalid(key("on_missing"), format!("unknown value {other:?} (expected null, drop)"))),
     };
-    Ok(DimensionSpec { name: d.name.clone(), path, format, key: d.key.clone(), fields: d.fields.clone(), on_missing })
+    Ok(DimensionSpec {
+        name: d.name.clone(),
+        path,
+        format,
+        kafka,
+        key: d.key.clone(),
+        fields: d.fields.clone(),
+        on_missing,
+    })
 }
 
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {

@@ -425,14 +425,25 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
             None => None,
         });
     }
-    let dims = job
-        .dimensions
-        .iter()
-        .map(|d| {
-            DimHandle::open(d).map(Arc::new).map_err(|reason| RunError::Dimension { name: d.name.clone(), reason })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let _watcher = Watcher::start(job.dimensions.clone(), dims.clone());
+    // Dimension tables are read before anything runs (a changelog topic
+    // to its end); their readers stop when dropped, at the end.
+    let mut dims = Vec::new();
+    let mut _changelogs = Vec::new();
+    for d in &job.dimensions {
+        let err = |reason| RunError::Dimension { name: d.name.clone(), reason };
+        if d.kafka.is_some() {
+            let h = Arc::new(DimHandle::empty());
+            _changelogs.push(crate::dim::kafka::start(d, h.clone()).map_err(err)?);
+            dims.push(h);
+        } else {
+            dims.push(Arc::new(DimHandle::open(d).map_err(err)?));
+        }
+    }
+    let files: Vec<usize> = (0..dims.len()).filter(|&d| job.dimensions[d].kafka.is_none()).collect();
+    let _watcher = Watcher::start(
+        files.iter().map(|&d| job.dimensions[d].clone()).collect(),
+        files.iter().map(|&d| dims[d].clone()).collect(),
+    );
     let sink_resume = |i: usize| resume.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.sinks[i].bytes);
     let mut sinks = job
         .sinks

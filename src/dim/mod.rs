@@ -14,6 +14,8 @@
 //! and skipped; when a key repeats, the last row wins (and the repeat is
 //! counted).
 
+pub mod kafka;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,7 @@ use crate::job::filter::FieldValue;
 use crate::job::{DimFormat, DimensionSpec};
 
 /// Malformed rows reported per load.
-const EXAMPLES_MAX: usize = 3;
+pub(crate) const EXAMPLES_MAX: usize = 3;
 /// How often the watcher looks at the files.
 pub const RELOAD_CHECK: Duration = Duration::from_millis(500);
 
@@ -81,7 +83,7 @@ impl DimTable {
         self.rows.is_empty()
     }
 
-    fn push_cell(&mut self, v: FieldValue) {
+    pub(crate) fn push_cell(&mut self, v: FieldValue) {
         let cell = match v {
             FieldValue::Null => Cell::Null,
             FieldValue::Int(i) => Cell::Int(i),
@@ -96,7 +98,7 @@ impl DimTable {
     }
 
     /// Adds a row (its cells already pushed); a repeated key now names it.
-    fn finish_row(&mut self, key: &[u8]) -> bool {
+    pub(crate) fn finish_row(&mut self, key: &[u8]) -> bool {
         let row = (self.cells.len() / self.fields - 1) as u32;
         self.rows.insert(key.into(), row).is_some()
     }
@@ -247,7 +249,7 @@ fn csv_cell(cell: &[u8]) -> FieldValue<'_> {
     }
 }
 
-fn json_cell(v: &Value) -> FieldValue<'_> {
+pub(crate) fn json_cell(v: &Value) -> FieldValue<'_> {
     match v {
         Value::String(s) => FieldValue::Str(s.as_bytes()),
         Value::Number(n) => match n.as_i64() {
@@ -281,6 +283,26 @@ impl DimHandle {
             load: Mutex::new(report),
             reloads: AtomicU64::new(0),
         })
+    }
+
+    /// A dimension whose table comes later ([`DimHandle::publish`]).
+    pub fn empty() -> DimHandle {
+        DimHandle {
+            table: Mutex::new(Arc::new(DimTable::default())),
+            generation: AtomicU64::new(0),
+            stamp: Mutex::new(None),
+            load: Mutex::new(LoadReport::default()),
+            reloads: AtomicU64::new(0),
+        }
+    }
+
+    /// Replaces the table (routers take it at their next block).
+    pub fn publish(&self, table: DimTable, report: LoadReport) {
+        *self.table.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = report;
+        if self.generation.fetch_add(1, Ordering::AcqRel) > 0 {
+            self.reloads.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     #[inline]
@@ -369,6 +391,7 @@ mod tests {
             name: "author".into(),
             path,
             format: if file.ends_with(".csv") { DimFormat::Csv } else { DimFormat::Jsonl },
+            kafka: None,
             key: "author_id".into(),
             fields: vec!["category".into(), "agency".into()],
             on_missing: OnMissing::Null,
