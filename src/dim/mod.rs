@@ -47,21 +47,62 @@ enum Cell {
     },
 }
 
-/// A dimension table in memory: rows by key text.
+/// Hashes a u64 that already is a hash (an xxh3 fingerprint) to itself.
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A dimension table in memory: rows by the xxh3-64 fingerprint of their
+/// key text. Like device ids, keys are exact up to 64-bit fingerprint
+/// collisions (an event key taken for another key of the table: about
+/// rows / 2^64 per lookup); keys of the table that collide with each
+/// other are kept apart by their text.
 #[derive(Debug, Default)]
 pub struct DimTable {
-    rows: AHashMap<Box<[u8]>, u32>,
+    rows: std::collections::HashMap<u64, u32, std::hash::BuildHasherDefault<Prehashed>>,
+    /// Keys whose fingerprint another key of the table has, by text.
+    collided: AHashMap<Box<[u8]>, u32>,
+    /// Fingerprints shared by two keys (looked up by text).
+    shared: Vec<u64>,
+    /// Per row: its key text in `text`.
+    keys: Vec<(u32, u32)>,
     /// `fields` cells per row.
     cells: Vec<Cell>,
     fields: usize,
     text: Vec<u8>,
+    /// Rows a later row of the same key replaced.
+    replaced: usize,
 }
 
 impl DimTable {
     /// The row of key text `key`.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<u32> {
-        self.rows.get(key).copied()
+        let fp = xxhash_rust::xxh3::xxh3_64(key);
+        if !self.shared.is_empty() && self.shared.contains(&fp) {
+            return self.collided.get(key).copied();
+        }
+        self.rows.get(&fp).copied()
+    }
+
+    fn key_of(&self, row: u32) -> &[u8] {
+        let (start, len) = self.keys[row as usize];
+        &self.text[start as usize..(start + len) as usize]
     }
 
     /// Field `f` of row `row`.
@@ -76,11 +117,11 @@ impl DimTable {
     }
 
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.keys.len() - self.replaced
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     pub(crate) fn push_cell(&mut self, v: FieldValue) {
@@ -100,7 +141,34 @@ impl DimTable {
     /// Adds a row (its cells already pushed); a repeated key now names it.
     pub(crate) fn finish_row(&mut self, key: &[u8]) -> bool {
         let row = (self.cells.len() / self.fields - 1) as u32;
-        self.rows.insert(key.into(), row).is_some()
+        let start = self.text.len() as u32;
+        self.text.extend_from_slice(key);
+        self.keys.push((start, key.len() as u32));
+        let fp = xxhash_rust::xxh3::xxh3_64(key);
+        let repeat = if self.shared.contains(&fp) {
+            self.collided.insert(key.into(), row).is_some()
+        } else {
+            match self.rows.get(&fp).copied() {
+                None => {
+                    self.rows.insert(fp, row);
+                    false
+                }
+                Some(old) if self.key_of(old) == key => {
+                    self.rows.insert(fp, row);
+                    true
+                }
+                Some(old) => {
+                    // Two keys, one fingerprint: both go by text from now.
+                    let old_key: Box<[u8]> = self.key_of(old).into();
+                    self.collided.insert(old_key, old);
+                    self.collided.insert(key.into(), row);
+                    self.shared.push(fp);
+                    false
+                }
+            }
+        };
+        self.replaced += repeat as usize;
+        repeat
     }
 }
 
