@@ -1,8 +1,11 @@
-//! Routers: parse the input blocks they claim, filter, intern
-//! group keys, hash device ids and stage one batch per shard.
+//! Routers: parse the input blocks they claim, join dimensions, filter,
+//! intern group keys, hash device ids and stage one batch per shard.
 //!
-//! Hot path: per event one parse, one xxh3 of the device id, per metric a
-//! filter evaluation, a key-cache probe and a 16-byte record push. Before a
+//! Hot path: per event one parse, a probe per dimension table the source
+//! uses (its table as of the block's start), one xxh3 of the device id,
+//! per metric a filter evaluation (once per summary, for all its grouping
+//! sets), a key-cache probe and a 16-byte record push (plus a summary's
+//! value fields, a DAU metric's device id). Before a
 //! block's batches leave, the router learns the source's watermark as of
 //! the previous block (published by whichever router parsed it) and places
 //! late events by the metric's policy; so lateness depends only on the
