@@ -736,7 +736,10 @@ path = "-"
             (kafka.replace("brokers = \"b:9092\"\n", ""), "sink[0].brokers"),
             (kafka.replace("topic = ", "path = \"x\"\ntopic = "), "sink[0].path"),
             (MINIMAL.replace("path = \"-\"", "path = \"-\"\ntopic = \"t\""), "sink[0].topic"),
-            (MINIMAL.replace("kind = \"jsonl\"\npath", "kind = \"redis\"\npath"), "sink[0].kind"),
+            (MINIMAL.replace("kind = \"jsonl\"\npath", "kind = \"memcached\"\npath"), "sink[0].kind"),
+            (MINIMAL.replace("kind = \"jsonl\"\npath", "kind = \"redis\"\npath"), "sink[0].path"),
+            (MINIMAL.replace("path = \"-\"", "path = \"-\"\nttl = \"1d\""), "sink[0].ttl"),
+            (MINIMAL.replace("kind = \"jsonl\"\npath = \"-\"", "kind = \"redis\"\nurl = \"http://x\""), "sink[0].url"),
         ] {
             assert_eq!(invalid_key(&edit).0, want_key, "{edit}");
         }
