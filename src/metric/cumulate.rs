@@ -1284,7 +1284,6 @@ impl CumulateEmitter {
         self.dict.catch_up(&mut self.dims);
         sort_dims(&self.dims, &mut self.order, &mut self.rank);
         let dims = &self.dims;
-        let dims_of = |k: u32| dims.get(k as usize).map_or("{}", String::as_str);
         // Keys by their dims' order (ranks compare as the texts do).
         let rank = |k: u32| self.rank.get(k as usize).copied().unwrap_or(u32::MAX);
         let mut order: Vec<(u32, u32, u32)> =
@@ -1308,7 +1307,7 @@ impl CumulateEmitter {
             line.push_str(",\"source\":");
             line.push_str(sources.get(r.source as usize).map_or("null", String::as_str));
             line.push_str(&head);
-            line.push_str(dims_of(r.key));
+            line.push_str(dims_of(dims, r.key));
             line.push_str(",\"did\":");
             let at = line.len();
             push_json_string(line, buf.id(i as usize));
@@ -1392,13 +1391,11 @@ impl CumulateEmitter {
         if keys.last().is_some_and(|&k| k as usize >= self.dims.len()) {
             self.dict.catch_up(&mut self.dims);
         }
-        let dims = &self.dims;
-        let dims_of = |k: usize| dims.get(k).map_or("{}", String::as_str);
         if self.geo.size_ms == self.geo.step_ms {
             // A tumble window is its period: its rows are the keys the
             // slice holds, in dims order; nothing is kept for later.
             let mut order: Vec<usize> = (0..keys.len()).filter(|&i| sums[i][0] > 0).collect();
-            order.sort_by(|&a, &b| dims_of(keys[a] as usize).cmp(dims_of(keys[b] as usize)));
+            order.sort_by(|&a, &b| dims_of(&self.dims, keys[a]).cmp(dims_of(&self.dims, keys[b])));
             let zero = vec![Agg::default(); nv];
             let mut out = Vec::with_capacity(order.len());
             for i in order {
@@ -1407,9 +1404,9 @@ impl CumulateEmitter {
                 {
                     continue;
                 }
-                out.push((keys[i], sums[i], v.to_vec()));
+                out.push((keys[i], sums[i], i * nv));
             }
-            self.write_rows(&head, out, rows);
+            write_rows(&mut self.top, &self.dims, &self.measures, &head, &out, &vals, nv, rows);
             return;
         }
         if let Some(&last) = keys.last() {
@@ -1445,38 +1442,52 @@ impl CumulateEmitter {
             }
             period.written[k] = sums;
             period.written_vals[k * nv..(k + 1) * nv].copy_from_slice(vals);
-            out.push((k as u32, sums, vals.to_vec()));
+            out.push((k as u32, sums, k * nv));
         }
-        self.write_rows(&head, out, rows);
+        write_rows(&mut self.top, &self.dims, &self.measures, &head, &out, &period.vals, nv, rows);
     }
+}
 
-    /// Renders a window's rows (given in dims order); with `top`, only the
-    /// `n` best of each group of the `per` fields, ranked, by group then
-    /// rank.
-    fn write_rows(&mut self, head: &RowHead, out: Vec<(u32, Sums, Vec<Agg>)>, rows: &mut Vec<Row>) {
-        let dims_of = |dims: &[String], k: u32| dims.get(k as usize).map_or("{}", String::as_str).to_owned();
-        let Some(top) = &mut self.top else {
-            for (k, sums, vals) in &out {
-                rows.push(head.row(&dims_of(&self.dims, *k), &self.measures, sums, vals, None));
-            }
-            return;
-        };
-        // Group, then rank by the measure (largest first, null last); ties
-        // keep dims order (the sort is stable).
-        let mut ranked: Vec<(String, usize)> = Vec::with_capacity(out.len());
-        for (i, (k, _, _)) in out.iter().enumerate() {
-            ranked.push((top.group(*k, &self.dims), i));
+/// A key's rendered dims.
+fn dims_of(dims: &[String], k: u32) -> &str {
+    dims.get(k as usize).map_or("{}", String::as_str)
+}
+
+/// Renders a window's rows, given in dims order as (key, counters, where
+/// its `nv` aggregates start in `vals`); with `top`, only the `n` best of
+/// each group of the `per` fields, ranked, by group then rank.
+#[allow(clippy::too_many_arguments)]
+fn write_rows(
+    top: &mut Option<Top>,
+    dims: &[String],
+    measures: &[(String, Source)],
+    head: &RowHead,
+    out: &[(u32, Sums, usize)],
+    vals: &[Agg],
+    nv: usize,
+    rows: &mut Vec<Row>,
+) {
+    let vals_of = |at: usize| &vals[at..at + nv];
+    let Some(top) = top else {
+        for &(k, sums, at) in out {
+            rows.push(head.row(dims_of(dims, k), measures, &sums, vals_of(at), None));
         }
-        let score = |i: usize| top.by.score(&out[i].1, &out[i].2);
-        ranked
-            .sort_by(|a, b| a.0.cmp(&b.0).then_with(|| score(b.1).partial_cmp(&score(a.1)).unwrap_or(Ordering::Equal)));
-        let mut rank = 0;
-        for (j, (group, i)) in ranked.iter().enumerate() {
-            rank = if j > 0 && ranked[j - 1].0 == *group { rank + 1 } else { 1 };
-            if rank <= top.n {
-                let (k, sums, vals) = &out[*i];
-                rows.push(head.row(&dims_of(&self.dims, *k), &self.measures, sums, vals, Some(rank)));
-            }
+        return;
+    };
+    // Group, then rank by the measure (largest first, null last); ties
+    // keep dims order (the sort is stable).
+    let mut ranked: Vec<(String, usize)> = Vec::with_capacity(out.len());
+    for (i, &(k, _, _)) in out.iter().enumerate() {
+        ranked.push((top.group(k, dims), i));
+    }
+    let score = |i: usize| top.by.score(&out[i].1, vals_of(out[i].2));
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| score(b.1).partial_cmp(&score(a.1)).unwrap_or(Ordering::Equal)));
+    let mut rank = 0;
+    for (j, (group, i)) in ranked.iter().enumerate() {
+        rank = if j > 0 && ranked[j - 1].0 == *group { rank + 1 } else { 1 };
+        if rank <= top.n {
+            let (k, sums, at) = out[*i];
+            rows.push(head.row(dims_of(dims, k), measures, &sums, vals_of(at), Some(rank)));
         }
     }
 }
