@@ -886,10 +886,11 @@ impl Dim {
 
 impl RefDim {
     fn read(spec: &DimensionSpec) -> Result<RefDim> {
-        if spec.kafka.is_some() {
+        if spec.kafka.is_some() || spec.redis.is_some() {
             bail!(
-                "dimension {:?} reads a topic: verify reads dimension tables from files; write the table to a file and pass --dimension {}=FILE",
+                "dimension {:?} reads {}: verify reads dimension tables from files; write the table to a file and pass --dimension {}=FILE",
                 spec.name,
+                if spec.kafka.is_some() { "a topic" } else { "Redis" },
                 spec.name
             );
         }

@@ -438,6 +438,43 @@ fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
     assert!(others(&after) == others(&got), "other hashes changed");
 }
 
+/// Runs `job` with 2 workers in the background, freezes Redis for
+/// `seconds` once `started` holds, and checks that the run waited and then
+/// succeeded; returns its log.
+fn run_through_a_redis_outage(
+    job: &JobFile,
+    server: &support::redis_server::Redis,
+    seconds: u64,
+    started: impl Fn(&mut redis::Connection) -> bool,
+) -> String {
+    let mut child = Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .arg("--summary")
+        .arg(&job.summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut conn = server.conn();
+    let since = std::time::Instant::now();
+    while !started(&mut conn) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it used Redis");
+        assert!(since.elapsed() < std::time::Duration::from_secs(60), "the run never used Redis");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    server.pause();
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+    let still_running = child.try_wait().unwrap().is_none();
+    server.resume();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(still_running, "the run did not wait for Redis: {log}");
+    assert!(out.status.success(), "{log}");
+    log
+}
+
 #[test]
 fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_refused() {
     let server = support::redis_server::Redis::start();
@@ -464,36 +501,9 @@ fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_
         },
     );
     let job = write_job(dir, "job", &with_redis(&job_text(dir, None), &server.url()));
-    let mut child = Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .arg("--summary")
-        .arg(&job.summary)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Freeze Redis once rows arrive: the run must wait, then finish.
-    let mut conn = server.conn();
-    let started = std::time::Instant::now();
-    loop {
-        let n: u64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
-        if n > 0 {
-            break;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before any row reached Redis");
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no row reached Redis");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    server.pause();
-    std::thread::sleep(std::time::Duration::from_secs(5));
-    let still_running = child.try_wait().unwrap().is_none();
-    server.resume();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(still_running, "the run did not wait for Redis: {log}");
-    assert!(out.status.success(), "{log}");
+    let dbsize = |conn: &mut redis::Connection| redis::cmd("DBSIZE").query::<u64>(conn).unwrap();
+    let log = run_through_a_redis_outage(&job, &server, 5, |conn| dbsize(conn) > 0);
     assert!(log.contains("retrying"), "no retry was logged: {log}");
     let summary: Value = serde_json::from_slice(&fs::read(&job.summary).unwrap()).unwrap();
     assert!(count(&summary, "sink_retries") > 0);
@@ -593,4 +603,133 @@ fn a_changelog_topic_dimension_joins_like_the_file_of_its_latest_rows() {
         &format!("author={}", dir.join("authors-latest.csv").display()),
     ]);
     assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+}
+
+/// Writes the rows of a JSON-lines dimension file to Redis as hashes
+/// `{prefix}{key}` (fields as text, `null` fields left out).
+fn load_hashes(conn: &mut redis::Connection, path: &Path, key: &str, prefix: &str) -> usize {
+    let mut pipe = redis::pipe();
+    let mut n = 0;
+    for line in fs::read_to_string(path).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let id = match &v[key] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let cmd = pipe.cmd("HSET").arg(format!("{prefix}{id}"));
+        for (f, x) in v.as_object().unwrap().iter().filter(|(f, x)| *f != key && !x.is_null()) {
+            cmd.arg(f).arg(x.as_str().map_or_else(|| x.to_string(), str::to_string));
+        }
+        cmd.ignore();
+        n += 1;
+    }
+    pipe.exec(conn).unwrap();
+    n
+}
+
+/// The job with the user and room dimensions read from Redis instead of
+/// their files (`settings`: cache keys for both).
+fn with_redis_dims(text: &str, url: &str, settings: &str) -> String {
+    let redis = |name: &str| format!("kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{name}:\"\n{settings}");
+    text.replace("kind = \"file\"\npath = \"jsonl/users.jsonl\"", &redis("user"))
+        .replace("kind = \"file\"\npath = \"jsonl/rooms.jsonl\"", &redis("room"))
+}
+
+#[test]
+fn redis_dimensions_join_like_their_files_through_small_caches() {
+    let server = support::redis_server::Redis::start();
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    let mut conn = server.conn();
+    let users = load_hashes(&mut conn, &dir.join("jsonl/users.jsonl"), "user_id", "user:");
+    load_hashes(&mut conn, &dir.join("jsonl/rooms.jsonl"), "room_id", "room:");
+    // A user the table lacks, whose key holds a string: missing all the same.
+    let known: std::collections::HashSet<String> =
+        read_values(&dir.join("jsonl/users.jsonl")).iter().map(|u| u["user_id"].as_str().unwrap().into()).collect();
+    let events = read_values(&dir.join("jsonl/events.jsonl"));
+    let stranger = events.iter().filter_map(|e| e["user_id"].as_str()).find(|u| !known.contains(*u)).unwrap();
+    redis::cmd("SET").arg(format!("user:{stranger}")).arg("not a hash").exec(&mut conn).unwrap();
+
+    // Caches far smaller than the tables: rows are evicted and asked again.
+    let small = "local_cache_entries = 64\ncache_entries = 512\ncache_bytes = \"64KiB\"\n";
+    let text = job_text(dir, None).replace("out/results.jsonl", "out/redis.jsonl");
+    let from_redis = write_job(dir, "redis", &with_redis_dims(&text, &server.url(), small));
+    let from_files = write_job(dir, "files", &job_text(dir, None).replace("out/results.jsonl", "out/files.jsonl"));
+    let summary = run(&from_redis, 2).ok().clone();
+    run(&from_files, 2).ok();
+    let (a, b) = (fs::read(dir.join("out/redis.jsonl")).unwrap(), fs::read(dir.join("out/files.jsonl")).unwrap());
+    assert!(!a.is_empty() && a == b, "rows joined through Redis differ from rows joined with the files");
+    let dims = summary["dimensions"].as_array().unwrap();
+    let dim = |name: &str| dims.iter().find(|d| d["name"] == name).unwrap();
+    let (user, room) = (dim("user"), dim("room"));
+    let cache = &user["cache"];
+    assert!(count(user, "missing") > 0 && count(room, "dropped") > 0, "{user}\n{room}");
+    assert_eq!(count(room, "lookups"), count(&summary, "events"));
+    assert!(count(cache, "fetched") > 64, "small caches refetch: {cache}");
+    assert!(count(cache, "round_trips") * 20 < count(user, "lookups"), "fetches are batched: {cache}");
+    assert!(count(cache, "not_hashes") >= 1 && count(cache, "retries") == 0, "{cache}");
+    assert!(count(cache, "cached") <= 512 && users > 512);
+    // tally verify, with the tables as files, agrees.
+    let v = tally([
+        "verify",
+        "--job",
+        from_redis.path.to_str().unwrap(),
+        "--results",
+        dir.join("out/redis.jsonl").to_str().unwrap(),
+        "--dimension",
+        &format!("user={}", dir.join("jsonl/users.jsonl").display()),
+        "--dimension",
+        &format!("room={}", dir.join("jsonl/rooms.jsonl").display()),
+    ]);
+    assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+
+    // Redis down before the run: refused before anything is written,
+    // naming the dimension.
+    drop(server);
+    fs::remove_file(dir.join("out/redis.jsonl")).unwrap();
+    let out = tally(["run", "--job", from_redis.path.to_str().unwrap()]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("dimension \"user\"") && out.stderr.contains("cannot connect"), "{}", out.stderr);
+    assert!(!dir.join("out/redis.jsonl").exists() || fs::read(dir.join("out/redis.jsonl")).unwrap().is_empty());
+}
+
+#[test]
+fn a_redis_dimension_away_mid_run_holds_the_events_back_and_loses_none() {
+    let server = support::redis_server::Redis::start();
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let opts = |events, format, out: PathBuf| GenOptions {
+        events,
+        devices: 20_000,
+        format,
+        out,
+        disorder: "2m".into(),
+        scenario: GenScenario::Live,
+        ..GenOptions::default()
+    };
+    generate(&dir.join("jsonl"), opts(400_000, GenFormat::Jsonl, dir.join("jsonl")));
+    generate(&dir.join("csv"), opts(10, GenFormat::Csv, dir.join("csv")));
+    let mut conn = server.conn();
+    load_hashes(&mut conn, &dir.join("jsonl/users.jsonl"), "user_id", "user:");
+    load_hashes(&mut conn, &dir.join("jsonl/rooms.jsonl"), "room_id", "room:");
+    // Rows expire at once: every block asks Redis again, all run long.
+    let text = job_text(dir, None).replace("out/results.jsonl", "out/redis.jsonl");
+    let job = write_job(dir, "redis", &with_redis_dims(&text, &server.url(), "cache_ttl = \"1ms\"\n"));
+    let evals = |conn: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_eval:calls="))
+            .map_or(0, |l| l.split(',').next().unwrap().parse().unwrap())
+    };
+    let log = run_through_a_redis_outage(&job, &server, 4, |conn| evals(conn) > 0);
+    assert!(log.contains("dimension \"") && log.contains("asking again"), "no retry was logged: {log}");
+    let summary: Value = serde_json::from_slice(&fs::read(&job.summary).unwrap()).unwrap();
+    let dims = summary["dimensions"].as_array().unwrap();
+    let retries: u64 = dims.iter().filter(|d| d["cache"].is_object()).map(|d| count(&d["cache"], "retries")).sum();
+    assert!(retries > 0, "{summary}");
+    let files = write_job(dir, "files", &job_text(dir, None).replace("out/results.jsonl", "out/files.jsonl"));
+    run(&files, 2).ok();
+    let (a, b) = (fs::read(dir.join("out/redis.jsonl")).unwrap(), fs::read(dir.join("out/files.jsonl")).unwrap());
+    assert!(!a.is_empty() && a == b, "rows after the outage differ from rows joined with the files");
 }

@@ -15,6 +15,7 @@
 //! counted).
 
 pub mod kafka;
+pub mod redis;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -307,7 +308,7 @@ pub fn load(spec: &DimensionSpec) -> Result<(DimTable, LoadReport), String> {
 
 /// A CSV cell as event CSV cells are read: empty is `null`, a canonical
 /// integer is a number, anything else text.
-fn csv_cell(cell: &[u8]) -> FieldValue<'_> {
+pub(crate) fn csv_cell(cell: &[u8]) -> FieldValue<'_> {
     if cell.is_empty() {
         FieldValue::Null
     } else if let Some(i) = parse_canonical_int(cell) {
@@ -337,6 +338,8 @@ pub struct DimHandle {
     stamp: Mutex<Option<(u64, SystemTime)>>,
     pub load: Mutex<LoadReport>,
     pub reloads: AtomicU64,
+    /// A Redis dimension: rows come from its caches instead of the table.
+    pub redis: Option<Arc<redis::RedisDim>>,
 }
 
 impl DimHandle {
@@ -350,6 +353,7 @@ impl DimHandle {
             stamp: Mutex::new(stamp),
             load: Mutex::new(report),
             reloads: AtomicU64::new(0),
+            redis: None,
         })
     }
 
@@ -361,7 +365,13 @@ impl DimHandle {
             stamp: Mutex::new(None),
             load: Mutex::new(LoadReport::default()),
             reloads: AtomicU64::new(0),
+            redis: None,
         }
+    }
+
+    /// A Redis dimension (checked to answer now).
+    pub fn remote(spec: &DimensionSpec) -> Result<DimHandle, String> {
+        Ok(DimHandle { redis: Some(Arc::new(redis::RedisDim::open(spec)?)), ..DimHandle::empty() })
     }
 
     /// Replaces the table (routers take it at their next block).
@@ -460,6 +470,7 @@ mod tests {
             path,
             format: if file.ends_with(".csv") { DimFormat::Csv } else { DimFormat::Jsonl },
             kafka: None,
+            redis: None,
             key: "author_id".into(),
             fields: vec!["category".into(), "agency".into()],
             on_missing: OnMissing::Null,

@@ -14,7 +14,7 @@ pub mod units;
 use std::path::{Path, PathBuf};
 
 pub use filter::Filter;
-pub use units::{parse_duration_ms, parse_timezone_offset_ms};
+pub use units::{parse_bytes, parse_duration_ms, parse_timezone_offset_ms};
 
 use crate::event::binary::{BINARY_DIMS, BINARY_DIM_NAMES_DEFAULT};
 
@@ -250,6 +250,8 @@ pub struct DimensionSpec {
     pub format: DimFormat,
     /// `kind = "kafka"`: the table is a changelog topic instead.
     pub kafka: Option<DimKafkaSpec>,
+    /// `kind = "redis"`: rows are hashes looked up on a miss instead.
+    pub redis: Option<DimRedisSpec>,
     /// The event field joined on; the table's key column has its name.
     pub key: String,
     pub fields: Vec<String>,
@@ -266,6 +268,27 @@ pub struct DimKafkaSpec {
     /// librdkafka settings passed through.
     pub properties: Vec<(String, String)>,
 }
+
+/// A dimension whose rows are Redis hashes (`{key_prefix}{key}`, one hash
+/// field per dimension field), looked up when the caches miss.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DimRedisSpec {
+    /// `redis://host:port/db`.
+    pub url: String,
+    pub key_prefix: String,
+    /// The shared cache: at most this many keys and bytes of rows.
+    pub cache_entries: usize,
+    pub cache_bytes: u64,
+    /// A cached row (or a key found missing) is asked again after this.
+    pub cache_ttl_ms: i64,
+    /// Each worker's cache in front of the shared one (keys).
+    pub local_cache_entries: usize,
+}
+
+pub const DIM_CACHE_ENTRIES_DEFAULT: usize = 1_000_000;
+pub const DIM_CACHE_BYTES_DEFAULT: u64 = 256 << 20;
+pub const DIM_CACHE_TTL_DEFAULT_MS: i64 = 60_000;
+pub const DIM_LOCAL_CACHE_ENTRIES_DEFAULT: usize = 65_536;
 
 impl DimensionSpec {
     /// The name events see field `i` under: `author.category`.
@@ -462,6 +485,7 @@ impl Job {
         d.format = if path.extension().is_some_and(|e| e == "csv") { DimFormat::Csv } else { DimFormat::Jsonl };
         d.path = path;
         d.kafka = None;
+        d.redis = None;
         Ok(())
     }
 
@@ -631,6 +655,28 @@ path = "-"
         assert_eq!(key, "dimension[0].path");
         let (key, _) = bad(format!("{head}{metric}").replace("on_missing", "x") + "[[dimension]]\nname = \"author\"\nkind = \"file\"\npath = \"authors.csv\"\nkey = \"a\"\nfields = [\"b\"]\n");
         assert_eq!(key, "dimension[1].name");
+        // A Redis dimension: its keys, defaults and refusals.
+        let file_dim = "kind = \"file\"\npath = \"authors.csv\"";
+        let redis = format!("{head}{metric}").replace(file_dim, "kind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"");
+        let r = parse(&redis).unwrap().dimensions[0].redis.clone().unwrap();
+        assert_eq!((r.key_prefix.as_str(), r.cache_ttl_ms, r.cache_bytes), ("author:", 60_000, 256 << 20));
+        let tuned = redis.replace("url =", "cache_bytes = \"8MiB\"\ncache_ttl = \"5s\"\nkey_prefix = \"a:\"\nurl =");
+        let r = parse(&tuned).unwrap().dimensions[0].redis.clone().unwrap();
+        assert_eq!((r.key_prefix.as_str(), r.cache_ttl_ms, r.cache_bytes), ("a:", 5_000, 8 << 20));
+        for (edit, want) in [
+            (redis.replace("url = \"redis://127.0.0.1:6379\"", "url = \"http://x\""), "dimension[0].url"),
+            (redis.replace("url =", "path = \"a.csv\"\nurl ="), "dimension[0].path"),
+            (redis.replace("url =", "topic = \"t\"\nurl ="), "dimension[0].topic"),
+            (redis.replace("url =", "cache_bytes = \"8MB\"\nurl ="), "dimension[0].cache_bytes"),
+            (redis.replace("url =", "cache_ttl = \"0s\"\nurl ="), "dimension[0].cache_ttl"),
+            (redis.replace("url =", "local_cache_entries = 0\nurl ="), "dimension[0].local_cache_entries"),
+            (
+                format!("{head}{metric}").replace(file_dim, &format!("{file_dim}\ncache_ttl = \"1s\"")),
+                "dimension[0].cache_ttl",
+            ),
+        ] {
+            assert_eq!(bad(edit.clone()).0, want, "{edit}");
+        }
     }
 
     #[test]

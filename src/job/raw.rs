@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{
-    default_binary_dims, filter::Filter, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat, DimKafkaSpec,
-    DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec,
-    OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec, SummaryWindow, TopSpec, DAY_MS,
-    DEDUP_TOLERANCE_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT,
-    METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    default_binary_dims, filter::Filter, parse_bytes, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
+    DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop,
+    LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec,
+    SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT, DIM_CACHE_ENTRIES_DEFAULT,
+    DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS,
+    KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -84,6 +85,12 @@ struct RawDimension {
     brokers: Option<String>,
     topic: Option<String>,
     properties: Option<toml::Table>,
+    url: Option<String>,
+    key_prefix: Option<String>,
+    cache_entries: Option<usize>,
+    cache_bytes: Option<toml::Value>,
+    cache_ttl: Option<String>,
+    local_cache_entries: Option<usize>,
     key: String,
     fields: Vec<String>,
     on_missing: Option<String>,
@@ -232,18 +239,28 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
     if d.name.is_empty() || d.name.contains('.') {
         return Err(invalid(key("name"), format!("{:?}: a dimension name must be non-empty and without `.`", d.name)));
     }
-    let kafka = match d.kind.as_str() {
+    let only = |kind: &str, keys: &[(&str, bool)]| match keys.iter().find(|(_, set)| *set) {
+        Some((k, _)) => Err(invalid(key(k), format!("only a `kind = \"{kind}\"` dimension takes this key"))),
+        None => Ok(()),
+    };
+    let kafka_keys =
+        [("brokers", d.brokers.is_some()), ("topic", d.topic.is_some()), ("properties", d.properties.is_some())];
+    let redis_keys = [
+        ("url", d.url.is_some()),
+        ("key_prefix", d.key_prefix.is_some()),
+        ("cache_entries", d.cache_entries.is_some()),
+        ("cache_bytes", d.cache_bytes.is_some()),
+        ("cache_ttl", d.cache_ttl.is_some()),
+        ("local_cache_entries", d.local_cache_entries.is_some()),
+    ];
+    let (mut kafka, mut redis) = (None, None);
+    match d.kind.as_str() {
         "file" => {
-            for (k, set) in
-                [("brokers", d.brokers.is_some()), ("topic", d.topic.is_some()), ("properties", d.properties.is_some())]
-            {
-                if set {
-                    return Err(invalid(key(k), "only a `kind = \"kafka\"` dimension takes this key"));
-                }
-            }
-            None
+            only("kafka", &kafka_keys)?;
+            only("redis", &redis_keys)?;
         }
         "kafka" => {
+            only("redis", &redis_keys)?;
             for (k, set) in [("path", d.path.is_some()), ("format", d.format.is_some())] {
                 if set {
                     return Err(invalid(key(k), "a Kafka dimension reads `topic` (JSON object values)"));
@@ -258,17 +275,58 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
                 _ => return Err(invalid(key("topic"), "a Kafka dimension needs `topic` (its changelog)")),
             };
             let properties = properties(d.properties.as_ref(), &key, &["bootstrap.servers", "enable.partition.eof"])?;
-            Some(DimKafkaSpec { brokers, topic, properties })
+            kafka = Some(DimKafkaSpec { brokers, topic, properties });
         }
-        "redis" => return Err(invalid(key("kind"), "kind \"redis\" is not available yet (use \"file\" or \"kafka\")")),
+        "redis" => {
+            only("kafka", &kafka_keys)?;
+            for (k, set) in [("path", d.path.is_some()), ("format", d.format.is_some())] {
+                if set {
+                    return Err(invalid(key(k), "a Redis dimension reads hashes at `url`"));
+                }
+            }
+            let url = match &d.url {
+                Some(u) if u.starts_with("redis://") || u.starts_with("unix://") => u.clone(),
+                Some(u) => return Err(invalid(key("url"), format!("{u:?} is not a redis:// URL"))),
+                None => return Err(invalid(key("url"), "a Redis dimension needs `url` (redis://host:port)")),
+            };
+            let positive = |k: &str, v: Option<usize>, default: usize| match v {
+                Some(0) => Err(invalid(key(k), "must be at least 1")),
+                v => Ok(v.unwrap_or(default)),
+            };
+            let cache_bytes = match &d.cache_bytes {
+                None => DIM_CACHE_BYTES_DEFAULT,
+                Some(toml::Value::Integer(n)) if *n > 0 => *n as u64,
+                Some(toml::Value::String(t)) => parse_bytes(t).map_err(|e| invalid(key("cache_bytes"), e))?,
+                Some(v) => return Err(invalid(key("cache_bytes"), format!("{v}: expected a size like \"64MiB\""))),
+            };
+            let cache_ttl_ms = match &d.cache_ttl {
+                None => DIM_CACHE_TTL_DEFAULT_MS,
+                Some(t) => match parse_duration_ms(t).map_err(|e| invalid(key("cache_ttl"), e))? {
+                    0 => return Err(invalid(key("cache_ttl"), "must be longer than 0")),
+                    ms => ms,
+                },
+            };
+            redis = Some(DimRedisSpec {
+                url,
+                key_prefix: d.key_prefix.clone().unwrap_or_else(|| format!("{}:", d.name)),
+                cache_entries: positive("cache_entries", d.cache_entries, DIM_CACHE_ENTRIES_DEFAULT)?,
+                cache_bytes,
+                cache_ttl_ms,
+                local_cache_entries: positive(
+                    "local_cache_entries",
+                    d.local_cache_entries,
+                    DIM_LOCAL_CACHE_ENTRIES_DEFAULT,
+                )?,
+            });
+        }
         other => {
-            let why = format!("unknown dimension kind {other:?} (expected \"file\" or \"kafka\")");
+            let why = format!("unknown dimension kind {other:?} (expected \"file\", \"kafka\" or \"redis\")");
             return Err(invalid(key("kind"), why));
         }
-    };
-    let (path, format) = match &kafka {
-        Some(_) => (PathBuf::new(), DimFormat::Jsonl),
-        None => {
+    }
+    let (path, format) = match kafka.is_some() || redis.is_some() {
+        true => (PathBuf::new(), DimFormat::Jsonl),
+        false => {
             let path = match &d.path {
                 None => return Err(invalid(key("path"), "a file dimension needs `path`")),
                 Some(p) => base.join(p),
@@ -320,6 +378,7 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
         path,
         format,
         kafka,
+        redis,
         key: d.key.clone(),
         fields: d.fields.clone(),
         on_missing,

@@ -23,6 +23,23 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     n.checked_mul(unit_ms).ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
+/// Parses a size: a whole number of bytes, or with a unit `B`, `KiB`,
+/// `MiB` or `GiB` (`"64MiB"`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("size {text:?} must start with a whole number"))?;
+    let unit_bytes = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        u => return Err(format!("size {text:?}: unknown unit {u:?} (use B, KiB, MiB or GiB)")),
+    };
+    n.checked_mul(unit_bytes).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
 /// Parses a fixed UTC offset: `+08:00`, `-05:30`, `+0800`, `UTC` or `Z`.
 pub fn parse_timezone_offset_ms(text: &str) -> Result<i64, String> {
     let t = text.trim();

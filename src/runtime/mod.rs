@@ -280,6 +280,29 @@ pub struct DimensionReport {
     pub lookups: u64,
     pub missing: u64,
     pub dropped: u64,
+    /// A Redis dimension: how its caches did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheReport>,
+}
+
+/// A Redis dimension's lookups in one run.
+#[derive(Debug, Serialize)]
+pub struct CacheReport {
+    /// Events whose key this worker's cache held (fresh).
+    pub local_hit_rate: f64,
+    /// Events that waited for their block's fetch; of their distinct keys,
+    /// those the shared cache held and those asked of Redis.
+    pub waited: u64,
+    pub shared_hits: u64,
+    pub fetched: u64,
+    /// Round trips to Redis (retries included), and per million events.
+    pub round_trips: u64,
+    pub round_trips_per_million: f64,
+    pub retries: u64,
+    /// Keys that held something other than a hash (taken as missing).
+    pub not_hashes: u64,
+    /// Rows in the shared cache at the end.
+    pub cached: usize,
 }
 
 /// One DAU metric's device history import.
@@ -435,11 +458,14 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
             let h = Arc::new(DimHandle::empty());
             _changelogs.push(crate::dim::kafka::start(d, h.clone()).map_err(err)?);
             dims.push(h);
+        } else if d.redis.is_some() {
+            dims.push(Arc::new(DimHandle::remote(d).map_err(err)?));
         } else {
             dims.push(Arc::new(DimHandle::open(d).map_err(err)?));
         }
     }
-    let files: Vec<usize> = (0..dims.len()).filter(|&d| job.dimensions[d].kafka.is_none()).collect();
+    let files: Vec<usize> =
+        (0..dims.len()).filter(|&d| job.dimensions[d].kafka.is_none() && job.dimensions[d].redis.is_none()).collect();
     let _watcher = Watcher::start(
         files.iter().map(|&d| job.dimensions[d].clone()).collect(),
         files.iter().map(|&d| dims[d].clone()).collect(),
@@ -698,7 +724,7 @@ fn summarize(
                 };
                 DimensionReport {
                     name: spec.name.clone(),
-                    path: spec.path.display().to_string(),
+                    path: spec.redis.as_ref().map_or_else(|| spec.path.display().to_string(), |r| r.url.clone()),
                     rows: load.rows,
                     malformed: load.malformed,
                     duplicate_keys: load.duplicate_keys,
@@ -707,6 +733,20 @@ fn summarize(
                     lookups: count(|c| c.lookups),
                     missing: count(|c| c.missing),
                     dropped: count(|c| c.dropped),
+                    cache: sh.dims[d].redis.as_ref().map(|r| {
+                        let lookups = count(|c| c.lookups).max(1) as f64;
+                        CacheReport {
+                            local_hit_rate: 1.0 - count(|c| c.waited) as f64 / lookups,
+                            waited: count(|c| c.waited),
+                            shared_hits: count(|c| c.shared_hits),
+                            fetched: count(|c| c.fetched),
+                            round_trips: count(|c| c.round_trips),
+                            round_trips_per_million: count(|c| c.round_trips) as f64 * 1e6 / lookups,
+                            retries: count(|c| c.retries),
+                            not_hashes: count(|c| c.not_hashes),
+                            cached: r.cached(),
+                        }
+                    }),
                 }
             })
             .collect(),

@@ -22,6 +22,7 @@ use ahash::AHashMap;
 use super::mesh::{push_text, text_bytes, Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::{DimCount, SourceStats};
 use super::{Claim, Shared, NOT_READY, NO_EVENTS};
+use crate::dim::redis::{Lookup, RemoteRow};
 use crate::dim::{key_text, DimTable};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
 use crate::event::csv::CsvParser;
@@ -61,6 +62,43 @@ struct Enrich {
     /// The table as this router last took it, and its generation.
     table: Arc<DimTable>,
     generation: u64,
+    /// A Redis dimension: this router's caches instead of the table.
+    remote: Option<Lookup>,
+}
+
+/// A dimension's row for one event.
+enum Found<'a> {
+    Table(&'a DimTable, u32),
+    Remote(&'a RemoteRow),
+}
+
+/// What joining an event with its dimensions came to.
+enum Join {
+    Joined,
+    /// A dimension with `on_missing = "drop"` lacks its key.
+    Dropped,
+    /// A Redis dimension's key is in no cache: the event waits for the
+    /// block's fetch.
+    Waiting,
+}
+
+/// Events of the current block waiting for a Redis dimension's fetch, as
+/// their record bytes (a line, or a binary record) to parse again.
+#[derive(Default)]
+struct Waiting {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+/// The parser a block's waiting events go through again.
+#[derive(Clone, Copy)]
+enum Reparse {
+    Jsonl,
+    /// A CSV file's parser (by file index).
+    Csv(usize),
+    /// A stream source's CSV parser.
+    CsvStream,
+    Binary,
 }
 
 /// A source's parsing state in one router.
@@ -75,6 +113,9 @@ struct SourceRt {
     binary_slots: [Option<usize>; BINARY_DIMS],
     ev: EventBuf,
     enrich: Vec<Enrich>,
+    /// Whether a dimension of `enrich` is a Redis one.
+    remote: bool,
+    waiting: Waiting,
     metrics: Vec<SourceMetric>,
     delay_ms: i64,
     max_line_bytes: usize,
@@ -236,7 +277,7 @@ impl Router {
                     let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
                     match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
                         Ok(()) => {
-                            route(src, keys, sh, &[], &mut batches, &mut acc, &mut stats.dims)?;
+                            route(src, keys, sh, chunk, &mut batches, &mut acc, &mut stats.dims)?;
                             stats.events += 1;
                         }
                         Err(reason) => stats.reject_message(reason, block.part, offset, &[]),
@@ -268,6 +309,12 @@ impl Router {
                 }
             }
         }
+        let how = match src.format {
+            Format::Binary => Reparse::Binary,
+            Format::Csv => Reparse::CsvStream,
+            Format::Jsonl => Reparse::Jsonl,
+        };
+        join_waiting(src, keys, sh, &mut batches, &mut acc, stats, how)?;
         stats.lines += records;
         let meta = block.meta();
         if let Some(stream) = &sh.streams[source] {
@@ -359,6 +406,8 @@ impl Router {
                 if let Some(e) = err {
                     return Err(e);
                 }
+                let how = if is_csv { Reparse::Csv(task.file) } else { Reparse::Jsonl };
+                join_waiting(src, keys, sh, &mut batches, &mut acc, stats, how)?;
                 n
             }
         };
@@ -534,28 +583,114 @@ struct Accumulator {
 /// Takes the tables of a source's dimensions that were reloaded since.
 fn refresh_dims(src: &mut SourceRt, sh: &Shared) {
     for e in &mut src.enrich {
-        if sh.dims[e.dim].generation() != e.generation {
+        if let Some(l) = &mut e.remote {
+            l.tick();
+        } else if sh.dims[e.dim].generation() != e.generation {
             (e.generation, e.table) = sh.dims[e.dim].current();
         }
     }
 }
 
+/// Fetches the keys a block's waiting events need from Redis and routes
+/// the events (parsed again: they parsed before, so they parse now).
+#[allow(clippy::too_many_arguments)]
+fn join_waiting(
+    src: &mut SourceRt,
+    keys: &mut KeyCache,
+    sh: &Shared,
+    batches: &mut [Option<Batch>],
+    acc: &mut Accumulator,
+    stats: &mut SourceStats,
+    how: Reparse,
+) -> io::Result<()> {
+    // Routing a waiting event again cannot make it wait (its keys were
+    // answered), but should a key expire in between it just waits again.
+    while !src.waiting.ends.is_empty() {
+        for e in &mut src.enrich {
+            if let Some(l) = e.remote.as_mut().filter(|l| l.waiting()) {
+                l.fetch(&sh.abort, &mut stats.dims[e.dim])?;
+            }
+        }
+        let waiting = std::mem::take(&mut src.waiting);
+        let mut start = 0;
+        for &end in &waiting.ends {
+            let record = &waiting.bytes[start..end];
+            start = end;
+            let parsed = match how {
+                Reparse::Jsonl => src.jsonl.parse(record, &mut src.ev),
+                Reparse::Csv(file) => {
+                    src.csv.get_mut(&file).map_or(Err(Reject::InvalidCsv), |p| p.parse(record, &mut src.ev))
+                }
+                Reparse::CsvStream => {
+                    src.csv_stream.as_mut().map_or(Err(Reject::InvalidCsv), |p| p.parse(record, &mut src.ev))
+                }
+                Reparse::Binary => {
+                    let rec: BinaryRecord = bytemuck::pod_read_unaligned(record);
+                    binary::decode(&rec, &src.binary_slots, &mut src.ev)
+                }
+            };
+            if parsed.is_ok() {
+                route(src, keys, sh, record, batches, acc, &mut stats.dims)?;
+            }
+        }
+        for l in src.enrich.iter_mut().filter_map(|e| e.remote.as_mut()) {
+            l.end_block();
+        }
+        if src.waiting.ends.is_empty() {
+            let mut reuse = waiting;
+            reuse.bytes.clear();
+            reuse.ends.clear();
+            src.waiting = reuse;
+        }
+    }
+    Ok(())
+}
+
 /// Joins a parsed event with its source's dimensions: fills the slots of
-/// the enriched fields (`null` where the table lacks the key); false if
-/// a dimension with `on_missing = "drop"` lacks it (the event is dropped).
+/// the enriched fields (`null` where the table lacks the key). An event
+/// whose key a Redis dimension's caches lack waits (all such keys of the
+/// event noted for the block's fetch) and is joined when routed again.
 #[inline]
-fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> bool {
-    let SourceRt { enrich, ev, .. } = src;
+fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> Join {
+    let SourceRt { enrich, ev, remote, .. } = src;
+    if *remote {
+        let key_fp = |e: &Enrich| {
+            let mut buf = [0u8; 32];
+            key_text(ev.value(record, e.key_slot), &mut buf).map(xxhash_rust::xxh3::xxh3_64)
+        };
+        // Bit d: the key of the event's d-th dimension is in no cache.
+        let misses = enrich.iter().enumerate().fold(0u64, |m, (d, e)| {
+            let miss = e.remote.as_ref().is_some_and(|l| key_fp(e).is_some_and(|fp| l.get(fp).is_none()));
+            m | u64::from(miss) << d.min(63)
+        });
+        if misses != 0 {
+            // Every key of the event waits, also those cached now: the
+            // block's fetch may evict them before the event comes back.
+            for (d, e) in enrich.iter_mut().enumerate() {
+                let Some(l) = &mut e.remote else { continue };
+                let mut buf = [0u8; 32];
+                if let Some(k) = key_text(ev.value(record, e.key_slot), &mut buf) {
+                    l.want(xxhash_rust::xxh3::xxh3_64(k), k);
+                }
+                counts[e.dim].waited += misses >> d.min(63) & 1;
+            }
+            return Join::Waiting;
+        }
+    }
     for e in enrich.iter() {
         let c = &mut counts[e.dim];
         c.lookups += 1;
         let mut buf = [0u8; 32];
-        let row = key_text(ev.value(record, e.key_slot), &mut buf).and_then(|k| e.table.lookup(k));
-        let Some(row) = row else {
+        let key = key_text(ev.value(record, e.key_slot), &mut buf);
+        let found = match &e.remote {
+            None => key.and_then(|k| e.table.lookup(k)).map(|row| Found::Table(&e.table, row)),
+            Some(l) => key.and_then(|k| l.get(xxhash_rust::xxh3::xxh3_64(k))).filter(|r| r.found()).map(Found::Remote),
+        };
+        let Some(found) = found else {
             c.missing += 1;
             if e.drop {
                 c.dropped += 1;
-                return false;
+                return Join::Dropped;
             }
             for &(_, slot) in &e.targets {
                 ev.values[slot] = Raw::Null;
@@ -563,7 +698,11 @@ fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> bool {
             continue;
         };
         for &(f, slot) in &e.targets {
-            ev.values[slot] = match e.table.value(row, f) {
+            let v = match found {
+                Found::Table(t, row) => t.value(row, f),
+                Found::Remote(r) => r.value(f),
+            };
+            ev.values[slot] = match v {
                 FieldValue::Null => Raw::Null,
                 FieldValue::Int(i) => Raw::Int(i),
                 FieldValue::Float(x) => Raw::Float(x),
@@ -571,7 +710,7 @@ fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> bool {
             };
         }
     }
-    true
+    Join::Joined
 }
 
 /// Sends one parsed event to its shard, once per metric it passes.
@@ -586,8 +725,16 @@ fn route(
     acc: &mut Accumulator,
     dim_counts: &mut [DimCount],
 ) -> io::Result<()> {
-    if !src.enrich.is_empty() && !enrich(src, record, dim_counts) {
-        return Ok(());
+    if !src.enrich.is_empty() {
+        match enrich(src, record, dim_counts) {
+            Join::Joined => {}
+            Join::Dropped => return Ok(()),
+            Join::Waiting => {
+                src.waiting.bytes.extend_from_slice(record);
+                src.waiting.ends.push(src.waiting.bytes.len());
+                return Ok(());
+            }
+        }
     }
     let ev = &src.ev;
     let ts = ev.ts_ms;
@@ -644,7 +791,7 @@ fn parse_binary(
         let rec: BinaryRecord = bytemuck::pod_read_unaligned(chunk);
         match binary::decode(&rec, &src.binary_slots, &mut src.ev) {
             Ok(()) => {
-                route(src, keys, sh, &[], batches, acc, &mut stats.dims)?;
+                route(src, keys, sh, chunk, batches, acc, &mut stats.dims)?;
                 stats.events += 1;
             }
             Err(reason) => stats.reject(reason, task, index, &[]),
@@ -655,6 +802,7 @@ fn parse_binary(
         stats.reject(Reject::TruncatedRecord, task, index, &[]);
         index += 1;
     }
+    join_waiting(src, keys, sh, batches, acc, stats, Reparse::Binary)?;
     Ok(index)
 }
 
@@ -688,7 +836,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
     }
     let fields = FieldSet { ts: spec.ts_field.clone(), did: spec.did_field.clone(), slots };
     let slot_of = |name: &str| fields.slot_of(name).unwrap_or(0);
-    let enrich = wanted
+    let enrich: Vec<Enrich> = wanted
         .iter()
         .map(|&d| {
             let dim = &job.dimensions[d];
@@ -702,6 +850,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
                 drop: dim.on_missing == OnMissing::Drop,
                 table,
                 generation,
+                remote: sh.dims[d].redis.clone().map(Lookup::new),
             }
         })
         .collect();
@@ -731,6 +880,8 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         },
         binary_slots,
         ev: EventBuf::new(fields.slots.len()),
+        remote: enrich.iter().any(|e: &Enrich| e.remote.is_some()),
+        waiting: Waiting::default(),
         enrich,
         fields,
         metrics,

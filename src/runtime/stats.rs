@@ -59,6 +59,21 @@ pub struct DimCount {
     pub lookups: u64,
     pub missing: u64,
     pub dropped: u64,
+    /// A Redis dimension: events that waited for a fetch (their key in no
+    /// cache), keys found in the shared cache, keys asked of Redis, round
+    /// trips (retries included), retries, keys that hold no hash.
+    #[serde(default)]
+    pub waited: u64,
+    #[serde(default)]
+    pub shared_hits: u64,
+    #[serde(default)]
+    pub fetched: u64,
+    #[serde(default)]
+    pub round_trips: u64,
+    #[serde(default)]
+    pub retries: u64,
+    #[serde(default)]
+    pub not_hashes: u64,
 }
 
 impl SourceStats {
@@ -109,6 +124,12 @@ impl SourceStats {
             a.lookups += b.lookups;
             a.missing += b.missing;
             a.dropped += b.dropped;
+            a.waited += b.waited;
+            a.shared_hits += b.shared_hits;
+            a.fetched += b.fetched;
+            a.round_trips += b.round_trips;
+            a.retries += b.retries;
+            a.not_hashes += b.not_hashes;
         }
         for (a, b) in self.parts.iter_mut().zip(&o.parts) {
             a.rejected += b.rejected;

@@ -30,12 +30,12 @@ use crate::job::{MetricSpec, RedisSinkSpec};
 pub const PIPELINE_ROWS: usize = 512;
 /// A reply slower than this counts as a failure (the connection is
 /// dropped and the pipeline sent again).
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before the first retry; doubled up to [`BACKOFF_MAX`].
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Least time between two log lines about retries.
-const LOG_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Sets the latest hash unless it holds a later window. KEYS[1]: the hash;
 /// ARGV[1]: window end; ARGV[2]: TTL seconds (0: none); ARGV[3..]: field,
@@ -229,7 +229,7 @@ impl RedisSink {
 
 /// Whether a failed pipeline may succeed when sent again: Redis away, slow,
 /// restarted (its script cache empty) or loading; not a refused command.
-fn transient(e: &redis::RedisError) -> bool {
+pub(crate) fn transient(e: &redis::RedisError) -> bool {
     use redis::ErrorKind as K;
     e.is_io_error()
         || e.is_timeout()
