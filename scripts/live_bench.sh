@@ -3,8 +3,10 @@
 # live`): (a) plain cumulate PV/UV per room (the baseline the issue names),
 # (b) a summary with two dimension joins (authors CSV, users JSON lines) and
 # five grouping sets on tumbling minutes, (c) that plus a day cumulate
-# summary of three sets and an hourly one, in alternation, same machine,
-# same file. Prints a markdown report on stdout and saves it as
+# summary of three sets and an hourly one, (d) = (b) with the users read
+# from Redis hashes (a redis-server started here on 127.0.0.1 and a free
+# port, stopped at exit) instead of the file, in alternation, same
+# machine, same file; (b) and (d) must write the same rows. Prints a markdown report on stdout and saves it as
 # data/live-bench-<N>-<D>/report.md; progress goes to stderr.
 #
 # usage: scripts/live_bench.sh [--events N] [--devices D] [--runs R] [--workers W]
@@ -99,14 +101,45 @@ filter = \"event = 'gift'\"
 grouping_sets = [[\"author_id\"], [\"user_id\"]]
 measures = [\"count\", \"sum(amount)\", \"max(amount)\"]"
 
+# (d): the users as Redis hashes.
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+REDIS_DIR=$(mktemp -d)
+redis-server --bind 127.0.0.1 --port "$PORT" --save '' --appendonly no --daemonize no \
+  --logfile "$REDIS_DIR/redis.log" --dir "$REDIS_DIR" &
+REDIS_PID=$!
+trap 'kill $REDIS_PID 2>/dev/null; wait $REDIS_PID 2>/dev/null; rm -rf "$REDIS_DIR"' EXIT
+for _ in $(seq 100); do redis-cli -p "$PORT" ping > /dev/null 2>&1 && break; sleep 0.1; done
+python3 - "$DIR/users.jsonl" <<'EOF' | redis-cli -p "$PORT" --pipe > /dev/null
+import json, sys
+out = sys.stdout.buffer
+for line in open(sys.argv[1], "rb"):
+    v = json.loads(line)
+    args = [b"HSET", b"user:" + v.pop("user_id").encode()]
+    for k, x in v.items():
+        if x is not None:
+            args += [k.encode(), (x if isinstance(x, str) else json.dumps(x)).encode()]
+    out.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+EOF
+log "redis on port $PORT holds $(redis-cli -p "$PORT" dbsize) user hashes"
+job summary5_rdim "${DIMS%%\[\[dimension\]\]
+name = \"user\"*}[[dimension]]
+name = \"user\"
+kind = \"redis\"
+url = \"redis://127.0.0.1:$PORT\"
+key = \"user_id\"
+fields = [\"tier\"]
+$MINUTE"
+
 log "warming the page cache"
 cat "$DIR/events.jsonl" > /dev/null
-JOBS="cumulate summary5 summary_all"
+JOBS="cumulate summary5 summary_all summary5_rdim"
 for r in $(seq 1 "$RUNS"); do
   for j in $JOBS; do
     "$TALLY" run --job "$DIR/$j.toml" --workers "$WORKERS" --summary "$DIR/out/summary-$j-$r.json" 2> "$DIR/out/log-$j-$r.txt" > /dev/null
     log "round $r $j: $(head -1 "$DIR/out/log-$j-$r.txt")"
   done
+  cmp "$DIR/out/rows-summary5.jsonl" "$DIR/out/rows-summary5_rdim.jsonl" \
+    || die "users from Redis gave other rows than users from the file"
 done
 
 python3 - "$DIR" "$RUNS" "$WORKERS" "$EVENTS" "$DEVICES" > "$DIR/report.md" <<'EOF'
@@ -123,7 +156,7 @@ print(f"- commit {commit}{' (+ uncommitted changes in src/)' if dirty else ''}; 
 print("| job | seconds (median) | range | M events/s | vs cumulate (events/s) | rows | state MB max |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 med = {}
-for j in ["cumulate", "summary5", "summary_all"]:
+for j in ["cumulate", "summary5", "summary_all", "summary5_rdim"]:
     ss = sorted((summ(j, r) for r in range(1, runs + 1)), key=lambda s: s["seconds"])
     m = ss[len(ss) // 2]
     med[j] = m
@@ -133,9 +166,16 @@ print()
 for dim in med["summary5"]["dimensions"]:
     hit = 1 - dim["missing"] / max(dim["lookups"], 1)
     print(f"- dimension `{dim['name']}`: {dim['rows']} rows; {dim['lookups']} lookups, {hit:.1%} found (the rest: keys the table lacks)")
+for dim in med["summary5_rdim"]["dimensions"]:
+    c = dim.get("cache")
+    if c:
+        print(f"- summary5_rdim, Redis dimension `{dim['name']}`: local cache hit rate {c['local_hit_rate']:.2%} "
+              f"({c['waited']} events waited), {c['shared_hits']} keys from the shared cache, {c['fetched']} keys "
+              f"fetched in {c['round_trips']} round trips = {c['round_trips_per_million']:.1f} per 1M events, "
+              f"{c['retries']} retries; rows byte-identical to summary5")
 print("\nCommands:\n\n```sh")
 print(f"scripts/live_bench.sh --events {events} --devices {devices} --runs {runs} --workers {workers}")
-for j in ["cumulate", "summary5", "summary_all"]:
+for j in ["cumulate", "summary5", "summary_all", "summary5_rdim"]:
     print(f"target/release/tally run --job {d}/{j}.toml --workers {workers} --summary {d}/out/summary-{j}-R.json")
 print("```")
 EOF

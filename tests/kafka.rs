@@ -429,8 +429,12 @@ fn kafka_minute_devices_sink_keys_the_detail_stream_by_device() {
     let extra = format!(
         "\n[[metric]]\nname = \"dau\"\nkind = \"dau\"\ngroup_by = [\"platform\"]\n\
          [[sink]]\nkind = \"minute_devices\"\npath = {}\n\
-         [[sink]]\nkind = \"minute_devices\"\nbrokers = \"{}\"\ntopic = \"minute_devices\"\n",
+         [[sink]]\nkind = \"minute_devices\"\nbrokers = \"{}\"\ntopic = \"minute_devices\"\n\
+         [[sink]]\nkind = \"detail\"\npath = {}\n\
+         [[sink]]\nkind = \"detail\"\nbrokers = \"{}\"\ntopic = \"dwd\"\n",
         q(&details),
+        broker.addr,
+        q(&dir.path().join("dwd.jsonl")),
         broker.addr
     );
     fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &extra).unwrap();
@@ -450,6 +454,24 @@ fn kafka_minute_devices_sink_keys_the_detail_stream_by_device() {
         got.entry(key.expect("every detail row has a key")).or_default().push(payload);
     }
     assert!(got == want, "per device, the topic holds the file's detail rows in order");
+    // The detail (DWD) sink: one message per event, keyed by its device.
+    let events = read_lines(&dir.path().join("dwd.jsonl"));
+    assert_eq!(events.len() as u64, count(summary.ok(), "events"));
+    let mut want: Vec<(Vec<u8>, Vec<u8>)> = events
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+            (v["did"].as_str().unwrap().as_bytes().to_vec(), l.clone())
+        })
+        .collect();
+    let mut got: Vec<(Vec<u8>, Vec<u8>)> = broker
+        .consume_all("dwd")
+        .into_iter()
+        .map(|(_, _, key, payload)| (key.expect("a device key"), payload))
+        .collect();
+    want.sort();
+    got.sort();
+    assert!(got == want, "the topic holds the detail file's events keyed by device");
 }
 
 /// The broker frozen while rows are being produced: the run waits for

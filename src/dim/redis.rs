@@ -13,7 +13,8 @@
 //! - each worker's own cache ([`Lookup`]), read without locks on every
 //!   event: two-way set associative, `local_cache_entries` slots;
 //! - one cache shared by the workers ([`RedisDim`]), in 16 locked shards
-//!   with second-chance (CLOCK) eviction, taken only on a worker miss.
+//!   with second-chance (CLOCK) eviction, looked up on a worker miss (the
+//!   worker's cache then takes the row).
 //!
 //! An event whose key neither cache holds waits, with the others of its
 //! block that missed; at the block's end the worker asks Redis for every
@@ -286,6 +287,8 @@ impl Lookup {
         self.wanted.entry(fp).or_insert_with(|| key.into());
     }
 
+    /// Takes a row into this worker's cache. Over its bytes, the cache
+    /// starts empty again (rows are small and few are that large).
     fn keep(&mut self, fp: u64, row: Row) {
         let i = (fp as usize & (self.local.len() - 1)) & !1;
         // The way holding the same key, else an empty one, else the older.
@@ -299,11 +302,29 @@ impl Lookup {
         if let Some((_, old)) = self.local[i + way].take() {
             self.local_bytes -= old.bytes;
         }
-        if self.local_bytes + row.bytes <= self.dim.local_bytes {
-            self.local_bytes += row.bytes;
-            self.local[i + way] = Some((fp, row.clone()));
+        if self.local_bytes + row.bytes > self.dim.local_bytes {
+            self.local.iter_mut().for_each(|slot| *slot = None);
+            self.local_bytes = 0;
         }
-        self.answered.insert(fp, row);
+        self.local_bytes += row.bytes;
+        self.local[i + way] = Some((fp, row));
+    }
+
+    /// Whether this worker can join key `fp` now: its cache holds it, or
+    /// the shared one does (then this worker's cache takes it).
+    #[inline]
+    pub fn ready(&mut self, fp: u64, count: &mut DimCount) -> bool {
+        if self.get(fp).is_some() {
+            return true;
+        }
+        match self.dim.get_shared(fp, self.now_ms) {
+            Some(row) => {
+                count.shared_hits += 1;
+                self.keep(fp, row);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether keys wait for a fetch.
@@ -324,7 +345,8 @@ impl Lookup {
             match self.dim.get_shared(fp, self.now_ms) {
                 Some(row) => {
                     count.shared_hits += 1;
-                    self.keep(fp, row);
+                    self.keep(fp, row.clone());
+                    self.answered.insert(fp, row);
                 }
                 None => ask.push((fp, key)),
             }
@@ -353,7 +375,8 @@ impl Lookup {
                 };
                 let row = Arc::new(RemoteRow::new(cells, now_ms));
                 self.dim.put_shared(*fp, row.clone());
-                self.keep(*fp, row);
+                self.keep(*fp, row.clone());
+                self.answered.insert(*fp, row);
             }
             count.fetched += batch.len() as u64;
         }
@@ -497,9 +520,11 @@ mod tests {
             l.keep(fp, row("gold", fp));
         }
         l.now_ms = 20;
+        assert!(l.get(0).is_none(), "the oldest of the set was replaced");
+        l.answered.insert(0, row("gold", 0));
         assert!(l.get(0).is_some(), "answered in this block");
         l.end_block();
-        assert!(l.get(0).is_none(), "the oldest of the set was replaced");
+        assert!(l.get(0).is_none());
         assert!(l.get(8).is_some() && l.get(16).is_some());
         l.now_ms = 60_008;
         assert!(l.get(8).is_none() && l.get(16).is_some(), "8 is older than the TTL");

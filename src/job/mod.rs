@@ -288,7 +288,7 @@ pub struct DimRedisSpec {
 pub const DIM_CACHE_ENTRIES_DEFAULT: usize = 1_000_000;
 pub const DIM_CACHE_BYTES_DEFAULT: u64 = 256 << 20;
 pub const DIM_CACHE_TTL_DEFAULT_MS: i64 = 60_000;
-pub const DIM_LOCAL_CACHE_ENTRIES_DEFAULT: usize = 65_536;
+pub const DIM_LOCAL_CACHE_ENTRIES_DEFAULT: usize = 262_144;
 
 impl DimensionSpec {
     /// The name events see field `i` under: `author.category`.
@@ -416,6 +416,17 @@ pub enum SinkRows {
     /// `kind = "minute_devices"`: the DAU minute dedup's detail rows (one
     /// per source, step, group key and device it passed).
     MinuteDevices,
+    /// `kind = "detail"`: the cleaned, enriched events (DWD).
+    Events,
+}
+
+/// What a `kind = "detail"` sink writes: one JSON object per event of
+/// `sources` that parsed and was not dropped by a join, with `source`,
+/// `ts`, `did` and `fields` (event fields and enriched `dim.field`s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventsSpec {
+    pub sources: Vec<usize>,
+    pub fields: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -425,6 +436,8 @@ pub struct SinkSpec {
     /// `minute_devices` sink: every DAU metric).
     pub metrics: Vec<usize>,
     pub rows: SinkRows,
+    /// A `kind = "detail"` sink: which events and fields.
+    pub events: Option<EventsSpec>,
 }
 
 /// A validated job: everything the runtime needs, nothing left to check.
@@ -786,6 +799,30 @@ path = "-"
             (MINIMAL.replace("kind = \"jsonl\"\npath", "kind = \"redis\"\npath"), "sink[0].path"),
             (MINIMAL.replace("path = \"-\"", "path = \"-\"\nttl = \"1d\""), "sink[0].ttl"),
             (MINIMAL.replace("kind = \"jsonl\"\npath = \"-\"", "kind = \"redis\"\nurl = \"http://x\""), "sink[0].url"),
+        ] {
+            assert_eq!(invalid_key(&edit).0, want_key, "{edit}");
+        }
+    }
+
+    #[test]
+    fn detail_sinks_name_their_sources_and_fields() {
+        let detail = MINIMAL.replace("kind = \"jsonl\"\npath = \"-\"", "kind = \"detail\"\npath = \"dwd.jsonl\"");
+        let job = parse(&detail).unwrap();
+        let events = job.sinks[0].events.clone().unwrap();
+        assert_eq!(
+            (job.sinks[0].rows, events.sources, events.fields),
+            (SinkRows::Events, vec![0], vec!["page".into(), "event".into()])
+        );
+        let listed = detail
+            .replace("path = \"dwd.jsonl\"", "path = \"dwd.jsonl\"\nsources = [\"client\"]\nfields = [\"app_ver\"]");
+        assert_eq!(parse(&listed).unwrap().sinks[0].events.clone().unwrap().fields, ["app_ver"]);
+        for (edit, want_key) in [
+            (listed.replace("[\"client\"]", "[\"server\"]"), "sink[0].sources"),
+            (listed.replace("[\"app_ver\"]", "[\"ts\"]"), "sink[0].fields"),
+            (listed.replace("[\"app_ver\"]", "[\"author.category\"]"), "sink[0].fields"),
+            (listed.replace("sources =", "metrics = [\"page_uv\"]\nsources ="), "sink[0].metrics"),
+            (MINIMAL.replace("path = \"-\"", "path = \"-\"\nfields = [\"page\"]"), "sink[0].fields"),
+            (detail.replace("path = \"dwd.jsonl\"", "url = \"redis://x\""), "sink[0].url"),
         ] {
             assert_eq!(invalid_key(&edit).0, want_key, "{edit}");
         }

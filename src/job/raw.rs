@@ -7,11 +7,12 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_bytes, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
-    DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart, KafkaStop,
-    LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec, SummarySpec,
-    SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT, DIM_CACHE_ENTRIES_DEFAULT,
-    DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT, KAFKA_IDLE_TIMEOUT_DEFAULT_MS,
-    KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, EventsSpec, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart,
+    KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec,
+    SummarySpec, SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
+    DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT,
+    KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
+    RETURNING_AFTER_DAYS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -137,6 +138,8 @@ struct RawSink {
     ttl: Option<String>,
     curve: Option<bool>,
     metrics: Option<Vec<String>>,
+    sources: Option<Vec<String>>,
+    fields: Option<Vec<String>>,
     brokers: Option<String>,
     topic: Option<String>,
     properties: Option<toml::Table>,
@@ -209,8 +212,13 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
             return Err(invalid(format!("metric[{i}]"), why));
         }
     }
-    let sinks =
+    let mut sinks =
         raw.sink.iter().enumerate().map(|(i, s)| build_sink(i, s, &metrics, base)).collect::<Result<Vec<_>, _>>()?;
+    for (i, (s, spec)) in raw.sink.iter().zip(&mut sinks).enumerate() {
+        if spec.rows == SinkRows::Events {
+            spec.events = Some(build_events(i, s, &sources, &dimensions, &metrics)?);
+        }
+    }
     let state_dir = raw.job.state_dir.map(|p| base.join(p));
     let checkpoint_interval_ms = match &raw.job.checkpoint_interval {
         None => super::CHECKPOINT_INTERVAL_DEFAULT_MS,
@@ -725,18 +733,7 @@ fn build_metric(
         "drop" => LatePolicy::Drop,
         other => return Err(invalid(key("late"), format!("unknown late policy {other:?} (expected fold, drop)"))),
     };
-    let source_ids = match &m.sources {
-        None => (0..sources.len()).collect(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                sources
-                    .iter()
-                    .position(|s| &s.name == n)
-                    .ok_or_else(|| invalid(key("sources"), format!("no source named {n:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-    };
+    let source_ids = source_ids(m.sources.as_deref(), sources, &key("sources"))?;
     let supplied = |fields: &[String]| check_fields_supplied(fields, &source_ids, sources, dims);
     let sets = match (&m.grouping_sets, summary) {
         (_, false) => vec![m.group_by.clone()],
@@ -900,13 +897,86 @@ fn check_fields_supplied(
     Ok(())
 }
 
+/// The indexes of the sources `names` lists (all sources when absent).
+fn source_ids(names: Option<&[String]>, sources: &[SourceSpec], key: &str) -> Result<Vec<usize>, Invalid> {
+    let Some(names) = names else { return Ok((0..sources.len()).collect()) };
+    names
+        .iter()
+        .map(|n| {
+            sources.iter().position(|s| &s.name == n).ok_or_else(|| invalid(key, format!("no source named {n:?}")))
+        })
+        .collect()
+}
+
+/// The events and fields of a `kind = "detail"` sink. By default every
+/// source, and every field the job reads plus every dimension's fields.
+fn build_events(
+    i: usize,
+    s: &RawSink,
+    sources: &[SourceSpec],
+    dimensions: &[DimensionSpec],
+    metrics: &[MetricSpec],
+) -> Result<EventsSpec, Invalid> {
+    let key = |k: &str| format!("sink[{i}].{k}");
+    let ids = source_ids(s.sources.as_deref(), sources, &key("sources"))?;
+    let reserved = |f: &str| {
+        f == "source" || f == "ts" || f == "did" || sources.iter().any(|s| s.ts_field == f || s.did_field == f)
+    };
+    let fields = match &s.fields {
+        Some(fields) => {
+            for (j, f) in fields.iter().enumerate() {
+                if f.is_empty() || fields[..j].contains(f) || reserved(f) {
+                    let why = format!("{f:?}: empty, listed twice, or the event time / device id (always written)");
+                    return Err(invalid(key("fields"), why));
+                }
+                let (name, field) = f.split_once('.').unwrap_or((f, ""));
+                let known = match dimensions.iter().find(|d| d.name == name) {
+                    Some(d) => d.fields.iter().any(|x| x == field),
+                    None => !f.contains('.') && ids.iter().any(|&s| sources[s].can_supply(f)),
+                };
+                if !known {
+                    return Err(invalid(key("fields"), format!("{f:?}: no source or dimension supplies it")));
+                }
+            }
+            fields.clone()
+        }
+        None => {
+            let mut all: Vec<String> = Vec::new();
+            let read = metrics.iter().flat_map(|m| {
+                let filter = m.filter.as_ref().map(|f| f.fields()).unwrap_or_default();
+                m.group_by.iter().cloned().chain(filter).chain(m.value_fields().iter().cloned()).collect::<Vec<_>>()
+            });
+            let dims = dimensions
+                .iter()
+                .flat_map(|d| std::iter::once(d.key.clone()).chain((0..d.fields.len()).map(|f| d.field_name(f))));
+            for f in read.chain(dims) {
+                if !all.contains(&f) && !reserved(&f) {
+                    all.push(f);
+                }
+            }
+            all
+        }
+    };
+    Ok(EventsSpec { sources: ids, fields })
+}
+
 fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Result<SinkSpec, Invalid> {
     let key = |k: &str| format!("sink[{i}].{k}");
-    let detail = s.kind == "minute_devices";
-    // A minute_devices sink goes to a topic when given one, else a file.
+    let events = s.kind == "detail";
+    let detail = s.kind == "minute_devices" || events;
+    if !events {
+        for (k, set) in [("sources", s.sources.is_some()), ("fields", s.fields.is_some())] {
+            if set {
+                return Err(invalid(key(k), "only a `kind = \"detail\"` sink takes this key"));
+            }
+        }
+    } else if s.metrics.is_some() {
+        return Err(invalid(key("metrics"), "a detail sink writes events, not metrics (choose `sources`)"));
+    }
+    // A detail sink goes to a topic when given one, else a file.
     let kind = match s.kind.as_str() {
-        "minute_devices" if s.brokers.is_some() || s.topic.is_some() => "kafka",
-        "minute_devices" => "jsonl",
+        "minute_devices" | "detail" if s.brokers.is_some() || s.topic.is_some() => "kafka",
+        "minute_devices" | "detail" => "jsonl",
         other => other,
     };
     if kind != "redis" {
@@ -979,10 +1049,13 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
             SinkTarget::Redis(RedisSinkSpec { url, key_prefix, ttl_s: (ttl_ms / 1000) as u64, curve })
         }
         other => {
-            let expected = "expected \"jsonl\", \"kafka\", \"redis\" or \"minute_devices\"";
+            let expected = "expected \"jsonl\", \"kafka\", \"redis\", \"minute_devices\" or \"detail\"";
             return Err(invalid(key("kind"), format!("unknown sink kind {other:?} ({expected})")));
         }
     };
+    if events {
+        return Ok(SinkSpec { target, metrics: Vec::new(), rows: SinkRows::Events, events: None });
+    }
     let ids: Vec<usize> = match &s.metrics {
         None if detail => (0..metrics.len()).filter(|&m| metrics[m].dau.is_some()).collect(),
         None => (0..metrics.len()).collect(),
@@ -1009,5 +1082,5 @@ fn build_sink(i: usize, s: &RawSink, metrics: &[MetricSpec], base: &Path) -> Res
         }
     }
     let rows = if detail { SinkRows::MinuteDevices } else { SinkRows::Results };
-    Ok(SinkSpec { target, metrics: ids, rows })
+    Ok(SinkSpec { target, metrics: ids, rows, events: None })
 }

@@ -43,26 +43,47 @@ pub fn encode_value(v: FieldValue, out: &mut Vec<u8>) {
 
 /// Renders a `dims` object: `{"page":"home","app_ver":7,"x":null}`.
 pub fn render_dims(names: &[String], values: &[FieldValue]) -> String {
-    let mut out = String::from("{");
+    let mut out = Vec::from(b"{".as_slice());
     for (i, (n, v)) in names.iter().zip(values).enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(&serde_json::to_string(n).unwrap_or_default());
-        out.push(':');
-        match v {
-            FieldValue::Null => out.push_str("null"),
-            FieldValue::Int(x) => out.push_str(itoa::Buffer::new().format(*x)),
-            FieldValue::Float(f) => {
-                // -0.0 and 0.0 are one key: render it one way, whichever came first.
-                let f = if *f == 0.0 { 0.0 } else { *f };
-                out.push_str(&serde_json::to_string(&f).unwrap_or_else(|_| "null".into()))
-            }
-            FieldValue::Str(s) => out.push_str(&serde_json::to_string(&String::from_utf8_lossy(s)).unwrap_or_default()),
-        }
+        write_json_str(n.as_bytes(), &mut out);
+        out.push(b':');
+        write_json_value(*v, &mut out);
     }
-    out.push('}');
-    out
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON text is UTF-8")
+}
+
+/// Appends a value as JSON: text as a string (invalid UTF-8 replaced),
+/// numbers as numbers (`-0` as `0`), `null`.
+#[inline]
+pub fn write_json_value(v: FieldValue, out: &mut Vec<u8>) {
+    match v {
+        FieldValue::Null => out.extend_from_slice(b"null"),
+        FieldValue::Int(x) => out.extend_from_slice(itoa::Buffer::new().format(x).as_bytes()),
+        FieldValue::Float(f) if f.is_finite() => {
+            // -0.0 and 0.0 are one key: render it one way, whichever came first.
+            let f = if f == 0.0 { 0.0 } else { f };
+            out.extend_from_slice(serde_json::to_string(&f).unwrap_or_else(|_| "null".into()).as_bytes())
+        }
+        FieldValue::Float(_) => out.extend_from_slice(b"null"),
+        FieldValue::Str(s) => write_json_str(s, out),
+    }
+}
+
+/// Appends text as a JSON string.
+#[inline]
+pub fn write_json_str(s: &[u8], out: &mut Vec<u8>) {
+    if s.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s);
+        out.push(b'"');
+    } else {
+        let text = serde_json::to_string(&String::from_utf8_lossy(s)).expect("a string renders as JSON");
+        out.extend_from_slice(text.as_bytes());
+    }
 }
 
 /// The shared dictionary of one metric's group keys.

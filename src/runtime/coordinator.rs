@@ -316,6 +316,7 @@ impl<'a> Coordinator<'a> {
                     self.emitters[metric].add_details(slice, rows).map_err(|e| RunError::Worker(e.to_string()))?
                 }
                 ToEmitter::Watermark { shard, wm_ms } => self.watermark(shard, wm_ms, sinks)?,
+                ToEmitter::Events { sink, lines } => sinks[sink].write_events(&lines)?,
                 ToEmitter::Cut(r) => self.cut_report(sh, *r, sinks)?,
                 ToEmitter::Finished(r) => reports.push(*r),
                 ToEmitter::Failed(e) => {

@@ -18,6 +18,7 @@ mod coordinator;
 pub mod mesh;
 mod resume;
 mod router;
+pub(crate) use router::EventLines;
 mod shard;
 pub mod stats;
 
@@ -167,6 +168,11 @@ pub(crate) enum ToEmitter {
         shard: usize,
         wm_ms: i64,
     },
+    /// A block's events for detail sink `sink` (from a router).
+    Events {
+        sink: usize,
+        lines: router::EventLines,
+    },
     Cut(Box<CutReport>),
     Finished(Box<WorkerReport>),
     Failed(String),
@@ -224,6 +230,8 @@ pub struct RunSummary {
     pub rows: u64,
     /// `minute_devices` rows written by this process.
     pub minute_devices_rows: u64,
+    /// Events written to detail sinks by this process.
+    pub detail_events: u64,
     pub seconds: f64,
     /// Events this process counted (not those of a resumed checkpoint) per second.
     pub events_per_second: f64,
@@ -349,6 +357,9 @@ impl RunSummary {
             if self.io_uring { " (io_uring)" } else { "" },
             self.rows
         )?;
+        if self.detail_events > 0 {
+            writeln!(w, "tally: {} events to detail sinks", self.detail_events)?;
+        }
         if self.minute_devices_rows > 0 {
             writeln!(w, "tally: {} minute_devices rows", self.minute_devices_rows)?;
         }
@@ -535,6 +546,7 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
     summary.startup_seconds = startup_seconds;
     summary.minute_devices_rows = sinks.iter().map(Sink::detail_rows).sum();
+    summary.detail_events = sinks.iter().map(Sink::event_rows).sum();
     summary.resumed_from = coord.resumed_from();
     summary.stopped = coord.stopped();
     summary.checkpoints = coord.report();
@@ -576,7 +588,7 @@ fn worker(w: usize, sh: &Shared, mut shard: Shard, tx: Sender<ToEmitter>, core: 
     if let Some(core) = core {
         core_affinity::set_for_current(core);
     }
-    let mut router = Router::new(w, sh);
+    let mut router = Router::new(w, sh, tx.clone());
     let backoff = crossbeam::utils::Backoff::new();
     let mut idle_since: Option<Instant> = None;
     let mut idle = Duration::ZERO;
@@ -683,6 +695,7 @@ fn summarize(
         late_dropped: per_source.iter().map(|s| s.late_dropped).sum(),
         rows,
         minute_devices_rows: 0,
+        detail_events: 0,
         seconds,
         events_per_second: (events - events_before) as f64 / seconds.max(1e-9),
         state_bytes_max: reports.iter().map(|r| r.state_bytes_max as u64).sum(),

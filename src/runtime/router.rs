@@ -18,10 +18,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ahash::AHashMap;
+use crossbeam::channel::Sender;
 
 use super::mesh::{push_text, text_bytes, Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
 use super::stats::{DimCount, SourceStats};
-use super::{Claim, Shared, NOT_READY, NO_EVENTS};
+use super::{Claim, Shared, ToEmitter, NOT_READY, NO_EVENTS};
 use crate::dim::redis::{Lookup, RemoteRow};
 use crate::dim::{key_text, DimTable};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
@@ -29,9 +30,9 @@ use crate::event::csv::CsvParser;
 use crate::event::jsonl::JsonlParser;
 use crate::event::{EventBuf, FieldSet, Raw, Reject};
 use crate::job::filter::{FieldValue, Node};
-use crate::job::{Format, LatePolicy, OnMissing};
+use crate::job::{EventsSpec, Format, LatePolicy, OnMissing};
 use crate::metric::cumulate::{Geometry, Placement};
-use crate::metric::keys::{KeyCache, KEY_BITS};
+use crate::metric::keys::{write_json_str, write_json_value, KeyCache, KEY_BITS};
 use crate::metric::values::{number, SUMMARY_VALUES_MAX};
 use crate::source::file::{for_each_line, Block, BlockReader, Line, READS_IN_FLIGHT};
 use crate::source::stream::{BlockMeta, StreamBlock, StreamClaim};
@@ -82,6 +83,66 @@ enum Join {
     Waiting,
 }
 
+/// Events rendered for a detail sink: JSON lines, and each line's device
+/// id (a topic keys its messages by it).
+#[derive(Default)]
+pub(crate) struct EventLines {
+    pub text: Vec<u8>,
+    /// Where each line ends in `text`.
+    pub ends: Vec<u32>,
+    pub dids: Vec<u8>,
+    pub did_ends: Vec<u32>,
+}
+
+impl EventLines {
+    /// Line `i` (with its newline) and its device id.
+    pub fn line(&self, i: usize) -> (&[u8], &[u8]) {
+        let start = |ends: &[u32]| if i == 0 { 0 } else { ends[i - 1] as usize };
+        (
+            &self.text[start(&self.ends)..self.ends[i] as usize],
+            &self.dids[start(&self.did_ends)..self.did_ends[i] as usize],
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+/// How one detail sink renders a source's events.
+struct EventOut {
+    sink: usize,
+    /// `{"source":"app","ts":`
+    head: Vec<u8>,
+    /// Per field: `,"name":` and the field's slot.
+    fields: Vec<(Vec<u8>, usize)>,
+    lines: EventLines,
+}
+
+impl EventOut {
+    #[inline]
+    fn render(&mut self, ev: &EventBuf, record: &[u8]) {
+        let t = &mut self.lines.text;
+        t.extend_from_slice(&self.head);
+        t.extend_from_slice(itoa::Buffer::new().format(ev.ts_ms).as_bytes());
+        t.extend_from_slice(b",\"did\":");
+        let did = ev.did_bytes(record);
+        write_json_str(did, t);
+        for (name, slot) in &self.fields {
+            t.extend_from_slice(name);
+            write_json_value(ev.value(record, *slot), t);
+        }
+        t.extend_from_slice(b"}\n");
+        self.lines.ends.push(t.len() as u32);
+        self.lines.dids.extend_from_slice(did);
+        self.lines.did_ends.push(self.lines.dids.len() as u32);
+    }
+}
+
 /// Events of the current block waiting for a Redis dimension's fetch, as
 /// their record bytes (a line, or a binary record) to parse again.
 #[derive(Default)]
@@ -116,9 +177,18 @@ struct SourceRt {
     /// Whether a dimension of `enrich` is a Redis one.
     remote: bool,
     waiting: Waiting,
+    /// The detail sinks that take this source's events.
+    events: Vec<EventOut>,
     metrics: Vec<SourceMetric>,
     delay_ms: i64,
     max_line_bytes: usize,
+}
+
+impl SourceRt {
+    /// The events rendered for detail sinks since the last call.
+    fn take_events(&mut self) -> Vec<(usize, EventLines)> {
+        self.events.iter_mut().filter(|o| !o.lines.is_empty()).map(|o| (o.sink, std::mem::take(&mut o.lines))).collect()
+    }
 }
 
 /// Where a staged block came from.
@@ -133,6 +203,9 @@ enum Origin {
 struct Staged {
     origin: Origin,
     batches: Vec<Option<Batch>>,
+    /// The block's events for detail sinks (by sink index), sent to the
+    /// emitter before any of its batches leaves.
+    events: Vec<(usize, EventLines)>,
     ts_min: i64,
     ts_max: i64,
     resolved: bool,
@@ -151,6 +224,8 @@ pub struct Router {
     reader: BlockReader,
     sources: Vec<SourceRt>,
     keys: KeyCache,
+    /// To the emitter: detail sinks' events.
+    tx: Sender<ToEmitter>,
     /// Parsed blocks, oldest first, waiting for their watermark or for queue room.
     staged: VecDeque<Staged>,
     /// One empty batch per shard, acquired before a block is parsed.
@@ -160,7 +235,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(w: usize, sh: &Shared) -> Router {
+    pub fn new(w: usize, sh: &Shared, tx: Sender<ToEmitter>) -> Router {
         let n = sh.mesh.n;
         let sources = (0..sh.job.sources.len()).map(|s| source_rt(s, sh)).collect();
         Router {
@@ -172,6 +247,7 @@ impl Router {
             reader: BlockReader::new(sh.plan.clone()),
             sources,
             keys: KeyCache::new(sh.job.metrics.len()),
+            tx,
             staged: VecDeque::new(),
             ready: (0..n).map(|_| None).collect(),
             allocated: vec![0; n],
@@ -323,6 +399,7 @@ impl Router {
         self.staged.push_back(Staged {
             origin: Origin::Stream { source, meta },
             batches,
+            events: src.take_events(),
             ts_min: acc.ts_min,
             ts_max: acc.ts_max,
             resolved: false,
@@ -418,6 +495,7 @@ impl Router {
         self.staged.push_back(Staged {
             origin: Origin::File(task_id),
             batches,
+            events: src.take_events(),
             ts_min: acc.ts_min,
             ts_max: acc.ts_max,
             resolved: false,
@@ -443,6 +521,11 @@ impl Router {
                     continue;
                 }
                 moved = true;
+                // Before any batch: a cut the shards reach after this
+                // block finds its events at the emitter.
+                for (sink, lines) in st.events.drain(..) {
+                    let _ = self.tx.send(ToEmitter::Events { sink, lines });
+                }
             }
             for (s, slot) in st.batches.iter_mut().enumerate() {
                 if let Some(b) = slot.take() {
@@ -654,15 +737,15 @@ fn join_waiting(
 fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> Join {
     let SourceRt { enrich, ev, remote, .. } = src;
     if *remote {
-        let key_fp = |e: &Enrich| {
-            let mut buf = [0u8; 32];
-            key_text(ev.value(record, e.key_slot), &mut buf).map(xxhash_rust::xxh3::xxh3_64)
-        };
         // Bit d: the key of the event's d-th dimension is in no cache.
-        let misses = enrich.iter().enumerate().fold(0u64, |m, (d, e)| {
-            let miss = e.remote.as_ref().is_some_and(|l| key_fp(e).is_some_and(|fp| l.get(fp).is_none()));
-            m | u64::from(miss) << d.min(63)
-        });
+        let mut misses = 0u64;
+        for (d, e) in enrich.iter_mut().enumerate() {
+            let Some(l) = &mut e.remote else { continue };
+            let mut buf = [0u8; 32];
+            let Some(k) = key_text(ev.value(record, e.key_slot), &mut buf) else { continue };
+            let ready = l.ready(xxhash_rust::xxh3::xxh3_64(k), &mut counts[e.dim]);
+            misses |= u64::from(!ready) << d.min(63);
+        }
         if misses != 0 {
             // Every key of the event waits, also those cached now: the
             // block's fetch may evict them before the event comes back.
@@ -735,6 +818,9 @@ fn route(
                 return Ok(());
             }
         }
+    }
+    for out in &mut src.events {
+        out.render(&src.ev, record);
     }
     let ev = &src.ev;
     let ts = ev.ts_ms;
@@ -819,9 +905,18 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
             }
         }
     }
-    // Dimensions whose fields the metrics use, and those that drop events
-    // they lack (from every source that has the key).
+    // The fields detail sinks write.
     let job = &sh.job;
+    let detail: Vec<(usize, &EventsSpec)> = (0..job.sinks.len())
+        .filter_map(|k| job.sinks[k].events.as_ref().filter(|e| e.sources.contains(&s)).map(|e| (k, e)))
+        .collect();
+    for f in detail.iter().flat_map(|(_, e)| &e.fields) {
+        if !slots.contains(f) {
+            slots.push(f.clone());
+        }
+    }
+    // Dimensions whose fields the metrics (or detail sinks) use, and those
+    // that drop events they lack (from every source that has the key).
     let wanted: Vec<usize> = (0..job.dimensions.len())
         .filter(|&d| {
             let dim = &job.dimensions[d];
@@ -882,6 +977,25 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         ev: EventBuf::new(fields.slots.len()),
         remote: enrich.iter().any(|e: &Enrich| e.remote.is_some()),
         waiting: Waiting::default(),
+        events: detail
+            .iter()
+            .map(|&(sink, e)| {
+                let mut head = b"{\"source\":".to_vec();
+                write_json_str(spec.name.as_bytes(), &mut head);
+                head.extend_from_slice(b",\"ts\":");
+                let fields = e
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let mut name = b",".to_vec();
+                        write_json_str(f.as_bytes(), &mut name);
+                        name.push(b':');
+                        (name, slot_of(f))
+                    })
+                    .collect();
+                EventOut { sink, head, fields, lines: EventLines::default() }
+            })
+            .collect(),
         enrich,
         fields,
         metrics,

@@ -68,6 +68,13 @@ impl JsonlSink {
         Ok(())
     }
 
+    /// Lines rendered elsewhere (`rows` of them), written as they are.
+    pub fn write_raw(&mut self, text: &[u8], rows: u64) -> Result<(), SinkError> {
+        self.rows += rows;
+        self.bytes += text.len() as u64;
+        self.out.write_all(text).map_err(|source| SinkError { name: self.name.clone(), source })
+    }
+
     pub fn flush(&mut self) -> Result<(), SinkError> {
         self.out.flush().map_err(|source| SinkError { name: self.name.clone(), source })
     }

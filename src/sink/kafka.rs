@@ -138,9 +138,17 @@ impl KafkaSink {
         self.produce(line)
     }
 
+    /// Produces an event of a detail sink keyed by its device id.
+    pub fn write_event(&mut self, line: &[u8], did: &[u8]) -> Result<(), SinkError> {
+        self.key.clear();
+        self.key.extend_from_slice(did);
+        self.produce(line)
+    }
+
     /// Produces `line` under `self.key`.
-    fn produce(&mut self, line: &str) -> Result<(), SinkError> {
-        let payload = line.trim_end_matches('\n').as_bytes();
+    fn produce(&mut self, line: impl AsRef<[u8]>) -> Result<(), SinkError> {
+        let line = line.as_ref();
+        let payload = line.strip_suffix(b"\n").unwrap_or(line);
         self.rows += 1;
         self.bytes += payload.len() as u64;
         loop {

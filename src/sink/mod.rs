@@ -8,6 +8,7 @@ pub mod redis;
 
 use crate::job::{Job, SinkRows, SinkSpec, SinkTarget};
 use crate::metric::cumulate::Row;
+use crate::runtime::EventLines;
 use jsonl::{JsonlSink, SinkError};
 use kafka::KafkaSink;
 use redis::RedisSink;
@@ -59,6 +60,32 @@ impl Sink {
             Out::Kafka(s) => s.write_detail(row.metric, &row.line, row.key()),
             // Validation keeps minute_devices rows away from Redis.
             Out::Redis(_) => Ok(()),
+        }
+    }
+
+    /// A block's events (a detail sink's; ignored by others); a topic's
+    /// messages are keyed by the device id.
+    pub(crate) fn write_events(&mut self, lines: &EventLines) -> Result<(), SinkError> {
+        if self.rows != SinkRows::Events {
+            return Ok(());
+        }
+        match &mut self.out {
+            Out::Jsonl(s) => s.write_raw(&lines.text, lines.len() as u64),
+            Out::Kafka(s) => (0..lines.len()).try_for_each(|i| {
+                let (line, did) = lines.line(i);
+                s.write_event(line, did)
+            }),
+            // Validation keeps events away from Redis.
+            Out::Redis(_) => Ok(()),
+        }
+    }
+
+    /// Events written by this process (a detail sink).
+    pub fn event_rows(&self) -> u64 {
+        if self.rows == SinkRows::Events {
+            self.written()
+        } else {
+            0
         }
     }
 
