@@ -6,7 +6,8 @@
 # summary of three sets and an hourly one, (d) = (b) with the users read
 # from Redis hashes (a redis-server started here on 127.0.0.1 and a free
 # port, stopped at exit) instead of the file, in alternation, same
-# machine, same file; (b) and (d) must write the same rows. Prints a markdown report on stdout and saves it as
+# machine, same file; (b) and (d) must write the same rows; (e) = (b) plus
+# a detail (DWD) sink writing every joined event with four fields. Prints a markdown report on stdout and saves it as
 # data/live-bench-<N>-<D>/report.md; progress goes to stderr.
 #
 # usage: scripts/live_bench.sh [--events N] [--devices D] [--runs R] [--workers W]
@@ -130,9 +131,16 @@ key = \"user_id\"
 fields = [\"tier\"]
 $MINUTE"
 
+job summary5_dwd "$DIMS
+$MINUTE
+[[sink]]
+kind = \"detail\"
+path = \"out/dwd.jsonl\"
+fields = [\"room_id\", \"amount\", \"author.category\", \"user.tier\"]"
+
 log "warming the page cache"
 cat "$DIR/events.jsonl" > /dev/null
-JOBS="cumulate summary5 summary_all summary5_rdim"
+JOBS="cumulate summary5 summary_all summary5_rdim summary5_dwd"
 for r in $(seq 1 "$RUNS"); do
   for j in $JOBS; do
     "$TALLY" run --job "$DIR/$j.toml" --workers "$WORKERS" --summary "$DIR/out/summary-$j-$r.json" 2> "$DIR/out/log-$j-$r.txt" > /dev/null
@@ -140,10 +148,12 @@ for r in $(seq 1 "$RUNS"); do
   done
   cmp "$DIR/out/rows-summary5.jsonl" "$DIR/out/rows-summary5_rdim.jsonl" \
     || die "users from Redis gave other rows than users from the file"
+  cmp "$DIR/out/rows-summary5.jsonl" "$DIR/out/rows-summary5_dwd.jsonl" \
+    || die "a detail sink changed the rows"
 done
 
 python3 - "$DIR" "$RUNS" "$WORKERS" "$EVENTS" "$DEVICES" > "$DIR/report.md" <<'EOF'
-import json, subprocess, sys
+import json, os, subprocess, sys
 d, runs, workers, events, devices = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 def summ(j, r): return json.load(open(f"{d}/out/summary-{j}-{r}.json"))
 mem = [l for l in open("/proc/meminfo") if l.startswith("MemTotal")][0].split()[1]
@@ -156,7 +166,7 @@ print(f"- commit {commit}{' (+ uncommitted changes in src/)' if dirty else ''}; 
 print("| job | seconds (median) | range | M events/s | vs cumulate (events/s) | rows | state MB max |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 med = {}
-for j in ["cumulate", "summary5", "summary_all", "summary5_rdim"]:
+for j in ["cumulate", "summary5", "summary_all", "summary5_rdim", "summary5_dwd"]:
     ss = sorted((summ(j, r) for r in range(1, runs + 1)), key=lambda s: s["seconds"])
     m = ss[len(ss) // 2]
     med[j] = m
@@ -173,9 +183,12 @@ for dim in med["summary5_rdim"]["dimensions"]:
               f"({c['waited']} events waited), {c['shared_hits']} keys from the shared cache, {c['fetched']} keys "
               f"fetched in {c['round_trips']} round trips = {c['round_trips_per_million']:.1f} per 1M events, "
               f"{c['retries']} retries; rows byte-identical to summary5")
+dwd = med["summary5_dwd"]
+print(f"- summary5_dwd: {dwd['detail_events']} events to the detail sink, "
+      f"{os.path.getsize(d + '/out/dwd.jsonl') / 1e9:.2f} GB")
 print("\nCommands:\n\n```sh")
 print(f"scripts/live_bench.sh --events {events} --devices {devices} --runs {runs} --workers {workers}")
-for j in ["cumulate", "summary5", "summary_all", "summary5_rdim"]:
+for j in ["cumulate", "summary5", "summary_all", "summary5_rdim", "summary5_dwd"]:
     print(f"target/release/tally run --job {d}/{j}.toml --workers {workers} --summary {d}/out/summary-{j}-R.json")
 print("```")
 EOF
