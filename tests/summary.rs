@@ -889,3 +889,35 @@ fn a_detail_sink_writes_every_joined_event_once_also_across_a_crash() {
         "detail events after the crash differ from the hand join"
     );
 }
+
+#[test]
+fn the_redis_sink_loads_its_script_again_after_redis_forgets_it() {
+    use tally::job::{Job, SinkTarget};
+    use tally::sink::redis::RedisSink;
+    let server = support::redis_server::Redis::start();
+    let tmp = tempdir();
+    fs::write(tmp.path().join("e.jsonl"), "").unwrap();
+    let text = format!(
+        "[job]\ntimezone = \"+08:00\"\n[[source]]\nname = \"s\"\nkind = \"file\"\npath = \"e.jsonl\"\nformat = \"jsonl\"\n\
+         [[metric]]\nname = \"m\"\nkind = \"cumulate\"\ngroup_by = [\"page\"]\n[[sink]]\nkind = \"redis\"\nurl = \"{}\"\n",
+        server.url()
+    );
+    let job = Job::parse(&text, Path::new("job.toml"), tmp.path()).unwrap();
+    let SinkTarget::Redis(spec) = &job.sinks[0].target else { panic!("a Redis sink") };
+    let mut sink = RedisSink::open(spec, &[0], &job.metrics).unwrap();
+    let dims = r#"{"page":"home"}"#;
+    let row = |end: i64, pv: u64| {
+        format!(r#"{{"metric":"m","window_start":0,"window_end":{end},"dims":{dims},"pv":{pv},"uv":1}}"#) + "\n"
+    };
+    sink.write(0, &row(60_000, 1), dims).unwrap();
+    sink.flush().unwrap();
+    // Redis restarted without persistence, or an operator flushed scripts:
+    // the next pipeline fails with NOSCRIPT, the sink loads it again.
+    let mut conn = server.conn();
+    redis::cmd("SCRIPT").arg("FLUSH").exec(&mut conn).unwrap();
+    sink.write(0, &row(120_000, 2), dims).unwrap();
+    sink.flush().unwrap();
+    assert_eq!(sink.retries, 1, "one pipeline sent again");
+    let pv: String = redis::cmd("HGET").arg(format!("tally:m:{dims}")).arg("pv").query(&mut conn).unwrap();
+    assert_eq!(pv, "2");
+}
