@@ -228,20 +228,6 @@ fn spawn_run(job: &JobFile, state: &Path) -> Child {
         .expect("start tally")
 }
 
-/// The checkpoint generation a state directory's manifest names, if any.
-fn manifest(state: &Path) -> Option<serde_json::Value> {
-    let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
-    let json = text.rsplit_once("\nxxh3:").map_or(text.as_str(), |(j, _)| j);
-    serde_json::from_str(json).ok()
-}
-
-/// Messages of the first source's topic that the checkpoint has counted.
-fn counted(state: &Path) -> u64 {
-    let Some(m) = manifest(state) else { return 0 };
-    let parts = m["input"]["sources"][0]["stream"]["parts"].as_array().cloned().unwrap_or_default();
-    parts.iter().filter_map(|p| p["messages"].as_u64()).sum()
-}
-
 /// Waits for a child to exit within the process timeout.
 fn wait(mut child: Child, what: &str) -> String {
     let started = Instant::now();

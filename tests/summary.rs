@@ -438,6 +438,21 @@ fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
     assert!(others(&after) == others(&got), "other hashes changed");
 }
 
+/// Starts `tally run` on `job` with 2 workers in the background (its log
+/// piped).
+fn spawn_run(job: &JobFile) -> std::process::Child {
+    Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .arg("--summary")
+        .arg(&job.summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Runs `job` with 2 workers in the background, freezes Redis for
 /// `seconds` once `started` holds, and checks that the run waited and then
 /// succeeded; returns its log.
@@ -447,16 +462,7 @@ fn run_through_a_redis_outage(
     seconds: u64,
     started: impl Fn(&mut redis::Connection) -> bool,
 ) -> String {
-    let mut child = Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .arg("--summary")
-        .arg(&job.summary)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(job);
     let mut conn = server.conn();
     let since = std::time::Instant::now();
     while !started(&mut conn) {
@@ -920,4 +926,133 @@ fn the_redis_sink_loads_its_script_again_after_redis_forgets_it() {
     assert_eq!(sink.retries, 1, "one pipeline sent again");
     let pv: String = redis::cmd("HGET").arg(format!("tally:m:{dims}")).arg("pv").query(&mut conn).unwrap();
     assert_eq!(pv, "2");
+}
+
+/// A file dimension rewritten mid-run: the events routed before the change
+/// join the old rows, those routed after it the new ones (the watcher
+/// reloads the file, routers take the new table at their next block).
+#[test]
+fn a_changed_dimension_file_joins_the_events_routed_after_it() {
+    let broker = support::kafka::Broker::start();
+    broker.create_topic("live", 2);
+    let tmp = tempdir();
+    let dir = tmp.path();
+    live_data(dir, 1);
+    let lines: Vec<Vec<u8>> =
+        fs::read_to_string(dir.join("jsonl/events.jsonl")).unwrap().lines().map(|l| l.as_bytes().to_vec()).collect();
+    let ts = |l: &[u8]| serde_json::from_slice::<Value>(l).unwrap()["ts"].as_i64().unwrap();
+    const HOUR: i64 = 3_600_000;
+    let (lo, hi) = lines.iter().fold((i64::MAX, i64::MIN), |(a, b), l| (a.min(ts(l)), b.max(ts(l))));
+    let cut = (lo + hi) / 2 / HOUR * HOUR;
+    let (before, after): (Vec<Vec<u8>>, Vec<Vec<u8>>) = lines.iter().cloned().partition(|l| ts(l) < cut);
+    // An event two hours after the last, in each partition, moves the
+    // watermark past the last window.
+    let mut sentinel: Value = serde_json::from_slice(&after[0]).unwrap();
+    sentinel["ts"] = Value::from(hi + 2 * HOUR);
+    let sentinel = serde_json::to_vec(&sentinel).unwrap();
+
+    let old_rows = fs::read_to_string(dir.join("jsonl/authors.csv")).unwrap();
+    let new_rows: String = old_rows
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut cells: Vec<String> = l.split(',').map(str::to_string).collect();
+            if i > 0 && !cells[1].is_empty() {
+                cells[1] = format!("v2-{}", cells[1]);
+            }
+            cells.join(",") + "\n"
+        })
+        .collect();
+    fs::write(dir.join("authors.csv"), &old_rows).unwrap();
+    let job = write_job(
+        dir,
+        "follow",
+        &format!(
+            r#"[job]
+timezone = "+08:00"
+state_dir = "state"
+checkpoint_interval = "200ms"
+[[source]]
+name = "app"
+kind = "kafka"
+brokers = "{}"
+topic = "live"
+group_id = "follow"
+start = "earliest"
+format = "jsonl"
+max_out_of_orderness = "5m"
+properties = {{ "session.timeout.ms" = "3000", "heartbeat.interval.ms" = "500" }}
+[[dimension]]
+name = "author"
+kind = "file"
+path = "authors.csv"
+key = "author_id"
+fields = ["category"]
+[[metric]]
+name = "by_category"
+kind = "summary"
+window = "tumble"
+step = "1h"
+grouping_sets = [["author.category"]]
+measures = ["count"]
+[[sink]]
+kind = "jsonl"
+path = "out/results.jsonl"
+"#,
+            broker.addr
+        ),
+    );
+    let until_counted = |n: usize| {
+        let started = std::time::Instant::now();
+        while counted(&dir.join("state")) < n as u64 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "the run did not read {n} events");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    broker.produce_lines("live", 2, &before, |_| None, |i, _| (i % 2) as i32);
+    let child = spawn_run(&job);
+    until_counted(before.len());
+    // Replaced whole (a rename), as deployments do; the watcher looks
+    // every 500 ms.
+    fs::write(dir.join("authors.csv.new"), &new_rows).unwrap();
+    fs::rename(dir.join("authors.csv.new"), dir.join("authors.csv")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut rest = after.clone();
+    rest.extend([sentinel.clone(), sentinel]);
+    broker.produce_lines("live", 2, &rest, |_| None, |i, _| (i % 2) as i32);
+    until_counted(before.len() + rest.len());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // By hand: each event's hour and its author's category, from the old
+    // table before the cut and the new one after it.
+    let table = |text: &str| -> BTreeMap<String, String> {
+        text.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).map(|c| (c[0].into(), c[1].into())).collect()
+    };
+    let (old, new) = (table(&old_rows), table(&new_rows));
+    let mut want: BTreeMap<(i64, Option<String>), u64> = BTreeMap::new();
+    for l in &lines {
+        let e: Value = serde_json::from_slice(l).unwrap();
+        let t = e["ts"].as_i64().unwrap();
+        let author = match &e["author_id"] {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let category = if t < cut { &old } else { &new }.get(&author).filter(|c| !c.is_empty()).cloned();
+        *want.entry((t / HOUR * HOUR, category)).or_default() += 1;
+    }
+    let got: BTreeMap<(i64, Option<String>), u64> = read_values(&job.results)
+        .iter()
+        .filter(|r| r["window_start"].as_i64().unwrap() <= hi)
+        .map(|r| {
+            let category = r["dims"]["author.category"].as_str().map(str::to_string);
+            ((r["window_start"].as_i64().unwrap(), category), count(r, "count"))
+        })
+        .collect();
+    assert!(got.keys().any(|(_, c)| c.as_ref().is_some_and(|c| c.starts_with("v2-"))), "no row joined the new file");
+    assert_eq!(got, want, "counts per hour and category");
+    let summary: Value = serde_json::from_slice(&fs::read(&job.summary).unwrap()).unwrap();
+    assert_eq!(count(&summary["dimensions"][0], "reloads"), 1, "{summary}");
 }

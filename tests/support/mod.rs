@@ -401,6 +401,20 @@ pub fn source_report(summary: &Value, i: usize) -> &Value {
     &summary["sources"][i]
 }
 
+/// The manifest of a state directory's last checkpoint, if any.
+pub fn manifest(state: &Path) -> Option<Value> {
+    let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
+    let json = text.rsplit_once("\nxxh3:").map_or(text.as_str(), |(j, _)| j);
+    serde_json::from_str(json).ok()
+}
+
+/// Messages of the first source's topic that the last checkpoint counted.
+pub fn counted(state: &Path) -> u64 {
+    let Some(m) = manifest(state) else { return 0 };
+    let parts = m["input"]["sources"][0]["stream"]["parts"].as_array().cloned().unwrap_or_default();
+    parts.iter().filter_map(|p| p["messages"].as_u64()).sum()
+}
+
 /// A summary counter as an integer.
 pub fn count(v: &Value, field: &str) -> u64 {
     v[field].as_u64().unwrap_or_else(|| panic!("summary field {field:?} is not a count: {v}"))
