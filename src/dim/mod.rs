@@ -46,7 +46,18 @@ enum Cell {
         start: u32,
         len: u32,
     },
+    /// Text of at most [`INLINE_TEXT`] bytes, kept in the cell: a lookup
+    /// then touches the row's cells only, not the arena too (one cache
+    /// miss less per event on a large table).
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_TEXT],
+    },
 }
+
+/// Longest text a cell holds itself (a cell stays 16 bytes).
+const INLINE_TEXT: usize = 14;
+const _: () = assert!(size_of::<Cell>() == 16);
 
 /// Hashes a u64 that already is a hash (an xxh3 fingerprint) to itself.
 #[derive(Default)]
@@ -114,6 +125,7 @@ impl DimTable {
             Cell::Int(i) => FieldValue::Int(i),
             Cell::Float(x) => FieldValue::Float(x),
             Cell::Str { start, len } => FieldValue::Str(&self.text[start as usize..(start + len) as usize]),
+            Cell::Inline { len, ref bytes } => FieldValue::Str(&bytes[..len as usize]),
         }
     }
 
@@ -130,6 +142,11 @@ impl DimTable {
             FieldValue::Null => Cell::Null,
             FieldValue::Int(i) => Cell::Int(i),
             FieldValue::Float(f) => Cell::Float(f),
+            FieldValue::Str(s) if s.len() <= INLINE_TEXT => {
+                let mut bytes = [0; INLINE_TEXT];
+                bytes[..s.len()].copy_from_slice(s);
+                Cell::Inline { len: s.len() as u8, bytes }
+            }
             FieldValue::Str(s) => {
                 let start = self.text.len() as u32;
                 self.text.extend_from_slice(s);
@@ -487,13 +504,14 @@ mod tests {
         let s = spec(
             dir.path(),
             "a.csv",
-            "agency,author_id,category\nx,7,music\n,8,\"game, pc\"\nbad\n,,music\ny,7,talk\n",
+            "agency,author_id,category\nx,7,music\n,8,\"game, pc\"\nbad\n,,music\ny,7,talk\nz,9,fifteen letters\n",
         );
         let (t, rep) = load(&s).unwrap();
-        assert_eq!((rep.rows, rep.malformed, rep.duplicate_keys), (3, 2, 1));
-        assert_eq!(t.len(), 2);
+        assert_eq!((rep.rows, rep.malformed, rep.duplicate_keys), (4, 2, 1));
+        assert_eq!(t.len(), 3);
         assert_eq!(get(&t, b"7", 0), Some(FieldValue::Str(b"talk")));
         assert_eq!(get(&t, b"8", 0), Some(FieldValue::Str(b"game, pc")));
+        assert_eq!(get(&t, b"9", 0), Some(FieldValue::Str(b"fifteen letters")), "text past a cell's inline room");
         assert_eq!(get(&t, b"8", 1), Some(FieldValue::Null));
         assert!(rep.examples[0].at.ends_with("a.csv:4"), "{:?}", rep.examples);
         let mut buf = [0; 32];
