@@ -101,6 +101,7 @@ impl Changelog {
             }
             t.finish_row(key);
         }
+        t.seal();
         self.report.rows = self.rows.len() as u64;
         (t, self.report.clone())
     }

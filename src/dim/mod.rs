@@ -53,7 +53,13 @@ enum Cell {
         len: u8,
         bytes: [u8; INLINE_TEXT],
     },
+    /// The head of a used slot of the lookup index: its key's fingerprint.
+    Key(u64),
 }
+
+/// A [`DimTable::lookup`] result naming a row of `cells` (a key looked up
+/// by text) rather than a slot of the index.
+const BY_ROW: u32 = 1 << 31;
 
 /// Longest text a cell holds itself (a cell stays 16 bytes).
 const INLINE_TEXT: usize = 14;
@@ -99,17 +105,55 @@ pub struct DimTable {
     text: Vec<u8>,
     /// Rows a later row of the same key replaced.
     replaced: usize,
+    /// The lookup index ([`DimTable::seal`]): open addressing with linear
+    /// probing, `1 + fields` cells per slot, a [`Cell::Key`] head and the
+    /// row's cells next to it, so a lookup on a large table costs one
+    /// cache miss rather than three (map control bytes, map slot, row).
+    /// Empty until sealed (lookups then go through `rows`).
+    index: Vec<Cell>,
+    index_mask: usize,
 }
 
 impl DimTable {
-    /// The row of key text `key`.
+    /// The row of key text `key`: a slot of the index, or a row (tagged
+    /// [`BY_ROW`]); for [`DimTable::value`].
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<u32> {
         let fp = xxhash_rust::xxh3::xxh3_64(key);
         if !self.shared.is_empty() && self.shared.contains(&fp) {
-            return self.collided.get(key).copied();
+            return self.collided.get(key).map(|&row| row | BY_ROW);
         }
-        self.rows.get(&fp).copied()
+        if self.index.is_empty() {
+            return self.rows.get(&fp).map(|&row| row | BY_ROW);
+        }
+        let stride = 1 + self.fields;
+        let mut i = fp as usize & self.index_mask;
+        loop {
+            match self.index[i * stride] {
+                Cell::Key(k) if k == fp => return Some(i as u32),
+                Cell::Null => return None,
+                _ => i = (i + 1) & self.index_mask,
+            }
+        }
+    }
+
+    /// Builds the lookup index of the rows loaded (called once a load is
+    /// complete; rows added later are found through `rows` only after the
+    /// next seal).
+    pub(crate) fn seal(&mut self) {
+        let stride = 1 + self.fields;
+        let slots = (self.rows.len() * 2).next_power_of_two().max(2);
+        self.index = vec![Cell::Null; slots * stride];
+        self.index_mask = slots - 1;
+        for (&fp, &row) in &self.rows {
+            let mut i = fp as usize & self.index_mask;
+            while self.index[i * stride] != Cell::Null {
+                i = (i + 1) & self.index_mask;
+            }
+            self.index[i * stride] = Cell::Key(fp);
+            let from = row as usize * self.fields;
+            self.index[i * stride + 1..(i + 1) * stride].copy_from_slice(&self.cells[from..from + self.fields]);
+        }
     }
 
     fn key_of(&self, row: u32) -> &[u8] {
@@ -117,15 +161,20 @@ impl DimTable {
         &self.text[start as usize..(start + len) as usize]
     }
 
-    /// Field `f` of row `row`.
+    /// Field `f` of the row [`DimTable::lookup`] found.
     #[inline]
-    pub fn value(&self, row: u32, f: usize) -> FieldValue<'_> {
-        match self.cells[row as usize * self.fields + f] {
-            Cell::Null => FieldValue::Null,
-            Cell::Int(i) => FieldValue::Int(i),
-            Cell::Float(x) => FieldValue::Float(x),
-            Cell::Str { start, len } => FieldValue::Str(&self.text[start as usize..(start + len) as usize]),
-            Cell::Inline { len, ref bytes } => FieldValue::Str(&bytes[..len as usize]),
+    pub fn value(&self, found: u32, f: usize) -> FieldValue<'_> {
+        let cell = if found & BY_ROW != 0 {
+            &self.cells[(found & !BY_ROW) as usize * self.fields + f]
+        } else {
+            &self.index[found as usize * (1 + self.fields) + 1 + f]
+        };
+        match cell {
+            Cell::Key(_) | Cell::Null => FieldValue::Null,
+            Cell::Int(i) => FieldValue::Int(*i),
+            Cell::Float(x) => FieldValue::Float(*x),
+            Cell::Str { start, len } => FieldValue::Str(&self.text[*start as usize..(start + len) as usize]),
+            Cell::Inline { len, bytes } => FieldValue::Str(&bytes[..*len as usize]),
         }
     }
 
@@ -320,6 +369,7 @@ pub fn load(spec: &DimensionSpec) -> Result<(DimTable, LoadReport), String> {
             }
         }
     }
+    t.seal();
     Ok((t, rep))
 }
 
@@ -516,6 +566,28 @@ mod tests {
         assert!(rep.examples[0].at.ends_with("a.csv:4"), "{:?}", rep.examples);
         let mut buf = [0; 32];
         assert_eq!(key_text(FieldValue::Int(7), &mut buf), Some(&b"7"[..]));
+    }
+
+    #[test]
+    fn the_sealed_index_finds_what_the_rows_hold() {
+        let mut t = DimTable { fields: 2, ..DimTable::default() };
+        for i in 0..1000i64 {
+            t.push_cell(FieldValue::Int(i));
+            t.push_cell(if i % 3 == 0 { FieldValue::Null } else { FieldValue::Str(b"a longer text than a cell") });
+            t.finish_row(i.to_string().as_bytes());
+        }
+        let all =
+            |t: &DimTable| (0..1010).map(|i| format!("{:?}", get(t, i.to_string().as_bytes(), 1))).collect::<Vec<_>>();
+        let before = all(&t);
+        assert!(t.index.is_empty());
+        t.seal();
+        assert_eq!(before, all(&t));
+        assert!(
+            before[1].starts_with("Some(Str(") && before[3] == "Some(Null)" && before[1005] == "None",
+            "{before:?}"
+        );
+        assert_eq!(get(&t, b"999", 0), Some(FieldValue::Int(999)));
+        assert_eq!(get(&t, b"1000", 0), None);
     }
 
     #[test]
