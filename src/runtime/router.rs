@@ -1,16 +1,19 @@
 //! Routers: parse the input blocks they claim, join dimensions, filter,
 //! intern group keys, hash device ids and stage one batch per shard.
 //!
-//! Hot path: per event one parse, a probe per dimension table the source
-//! uses (its table as of the block's start), one xxh3 of the device id,
-//! per metric a filter evaluation (once per summary, for all its grouping
-//! sets), a key-cache probe and a 16-byte record push (plus a summary's
-//! value fields, a DAU metric's device id). Before a
-//! block's batches leave, the router learns the source's watermark as of
-//! the previous block (published by whichever router parsed it) and places
-//! late events by the metric's policy; so lateness depends only on the
-//! input and the block size, never on thread timing or the number of
-//! workers.
+//! Hot path: per event one parse, a probe per dimension the source uses
+//! (a file or topic table as of the block's start, or a Redis dimension's
+//! worker cache: an event whose key it lacks waits for the block's end,
+//! when the missing keys are fetched at once and the waiting events parsed
+//! again), one xxh3 of the device id, per metric a filter evaluation (once
+//! per summary, for all its grouping sets), a key-cache probe and a
+//! 16-byte record push (plus a summary's value fields, a DAU metric's
+//! device id), and a JSON line per detail sink. Before a block's batches
+//! leave, its detail lines go to the emitter, and the router learns the
+//! source's watermark as of the previous block (published by whichever
+//! router parsed it) and places late events by the metric's policy; so
+//! lateness depends only on the input and the block size, never on thread
+//! timing or the number of workers.
 
 use std::collections::VecDeque;
 use std::io;
