@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use support::kafka::Broker;
@@ -213,19 +213,8 @@ fn kafka_run_without_state_commits_offsets_at_its_end() {
 }
 
 /// Starts `tally run` on a job with a state directory, in the background.
-fn spawn_run(job: &JobFile, state: &Path) -> Child {
-    Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--summary")
-        .arg(&job.summary)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tally")
+fn spawn_with_state(job: &JobFile, state: &Path) -> Child {
+    spawn_run(job, &[OsStr::new("--state-dir"), state.as_os_str()])
 }
 
 /// Waits for a child to exit within the process timeout.
@@ -270,7 +259,7 @@ fn kafka_restart_after_kill_rewrites_same_rows() {
     let mut kills = 0;
     let mut last = 0;
     for round in 0..2u64 {
-        let mut child = spawn_run(&kafka, &state);
+        let mut child = spawn_with_state(&kafka, &state);
         // Wait for a checkpoint that counted more of the topic, then kill
         // after a pseudo-random delay: mid-topic, with state to resume.
         let started = Instant::now();
@@ -292,7 +281,7 @@ fn kafka_restart_after_kill_rewrites_same_rows() {
         last = counted(&state);
     }
     assert!(kills > 0, "no kill landed mid-topic after a checkpoint had counted part of it: use more events");
-    let err = wait(spawn_run(&kafka, &state), "the last restart");
+    let err = wait(spawn_with_state(&kafka, &state), "the last restart");
     assert!(err.contains("resumed from checkpoint"), "{err}");
     assert_same_rows(
         &kafka.results,
@@ -315,7 +304,7 @@ fn kafka_broker_frozen_mid_run_then_back() {
     let props = r#", "queued.max.messages.kbytes" = "2048""#;
     let kafka = kafka_job(&file, &broker.addr, "frozen", "", props, "kafka");
     let state = dir.path().join("state");
-    let mut child = spawn_run(&kafka, &state);
+    let mut child = spawn_with_state(&kafka, &state);
     // Freeze as soon as the group assigned the partitions: the run reads
     // the topic in well under a second, so waiting for its first rows
     // (as this test did) sometimes froze a broker it no longer needed.
@@ -475,7 +464,7 @@ fn kafka_sink_waits_for_a_frozen_broker_and_loses_nothing() {
     add_kafka_sink(&job, &broker);
     broker.create_topic("results", PARTITIONS);
     broker.pause();
-    let mut child = spawn_run(&job, &dir.path().join("state"));
+    let mut child = spawn_with_state(&job, &dir.path().join("state"));
     std::thread::sleep(Duration::from_secs(3));
     let waited = child.try_wait().unwrap().is_none();
     broker.resume();
@@ -546,7 +535,7 @@ fn kafka_broker_down_at_start_is_waited_for() {
     // settle keeps it from reading the topic while the test still fills it.
     let brokers = format!("127.0.0.1:{port}");
     let job = kafka_job(&file, &brokers, "late-broker", "group_settle = \"3s\"\n", "", "kafka");
-    let mut child = spawn_run(&job, &dir.path().join("state"));
+    let mut child = spawn_with_state(&job, &dir.path().join("state"));
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "the run waits for the broker");
     let broker = Broker::start_on(port);

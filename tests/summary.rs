@@ -281,15 +281,7 @@ fn summaries_resume_after_a_crash_onto_another_worker_count() {
     // under kill -9), then resume re-sharded onto 3 workers.
     let text = job_text(dir, Some("state")).replace("checkpoint_interval = \"0s\"", "checkpoint_interval = \"5ms\"");
     let job = write_job(dir, "ckpt", &text);
-    let crashed = Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .env("TALLY_CRASH_AT", "renamed:2")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&crashed.stderr);
-    assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+    crash_after_checkpoint_2(&job);
     let resumed = run(&job, 3);
     let summary = resumed.ok();
     assert_eq!(summary["resumed_from"].as_u64(), Some(2), "the run did not resume: {summary}");
@@ -438,21 +430,6 @@ fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
     assert!(others(&after) == others(&got), "other hashes changed");
 }
 
-/// Starts `tally run` on `job` with 2 workers in the background (its log
-/// piped).
-fn spawn_run(job: &JobFile) -> std::process::Child {
-    Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .arg("--summary")
-        .arg(&job.summary)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// Runs `job` with 2 workers in the background, freezes Redis for
 /// `seconds` once `started` holds, and checks that the run waited and then
 /// succeeded; returns its log.
@@ -462,7 +439,7 @@ fn run_through_a_redis_outage(
     seconds: u64,
     started: impl Fn(&mut redis::Connection) -> bool,
 ) -> String {
-    let mut child = spawn_run(job);
+    let mut child = spawn_run(job, &[]);
     let mut conn = server.conn();
     let since = std::time::Instant::now();
     while !started(&mut conn) {
@@ -876,15 +853,7 @@ fn a_detail_sink_writes_every_joined_event_once_also_across_a_crash() {
     fs::remove_file(dir.join("out/dwd.jsonl")).unwrap();
     let text = detail_job(dir, Some("state")).replace("checkpoint_interval = \"0s\"", "checkpoint_interval = \"5ms\"");
     let job = write_job(dir, "ckpt", &text);
-    let crashed = Command::new(TALLY)
-        .args(["run", "--workers", "2", "--job"])
-        .arg(&job.path)
-        .env("TALLY_CRASH_AT", "renamed:2")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&crashed.stderr);
-    assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+    crash_after_checkpoint_2(&job);
     // What the crashed run wrote past its checkpoint (maybe all the rest:
     // the run goes on while the checkpoint is written) is cut off.
     assert!(!detail_lines(&dir.join("out/dwd.jsonl")).is_empty(), "the crashed run wrote no event");
@@ -1010,7 +979,7 @@ path = "out/results.jsonl"
         }
     };
     broker.produce_lines("live", 2, &before, |_| None, |i, _| (i % 2) as i32);
-    let child = spawn_run(&job);
+    let child = spawn_run(&job, &[]);
     until_counted(before.len());
     // Replaced whole (a rename), as deployments do; the watcher looks
     // every 500 ms.

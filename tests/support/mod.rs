@@ -401,6 +401,36 @@ pub fn source_report(summary: &Value, i: usize) -> &Value {
     &summary["sources"][i]
 }
 
+/// Starts `tally run --workers 2` on `job` in the background with `extra`
+/// arguments, its summary to `job.summary` and its log piped.
+pub fn spawn_run(job: &JobFile, extra: &[&OsStr]) -> std::process::Child {
+    Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .args(extra)
+        .arg("--summary")
+        .arg(&job.summary)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tally")
+}
+
+/// Runs `job` with 2 workers until it crashes right after checkpoint 2
+/// commits (the engine's test hook, as under `kill -9`).
+pub fn crash_after_checkpoint_2(job: &JobFile) {
+    let crashed = Command::new(TALLY)
+        .args(["run", "--workers", "2", "--job"])
+        .arg(&job.path)
+        .env("TALLY_CRASH_AT", "renamed:2")
+        .stdin(Stdio::null())
+        .output()
+        .expect("start tally");
+    let log = String::from_utf8_lossy(&crashed.stderr);
+    assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+}
+
 /// The manifest of a state directory's last checkpoint, if any.
 pub fn manifest(state: &Path) -> Option<Value> {
     let text = fs::read_to_string(state.join("MANIFEST")).ok()?;
