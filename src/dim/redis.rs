@@ -272,22 +272,14 @@ impl Lookup {
     /// fetched for this block).
     #[inline]
     pub fn get(&self, fp: u64) -> Option<&RemoteRow> {
-        let i = (fp as usize & (self.local.len() - 1)) & !1;
-        for (held, row) in self.local[i..i + 2].iter().flatten() {
-            if *held == fp && self.dim.fresh(row, self.now_ms) {
-                return Some(row);
-            }
-        }
-        self.answered.get(&fp).map(|r| &**r)
+        self.local_row(fp).or_else(|| self.answered.get(&fp)).map(|r| &**r)
     }
 
-    fn local_row(&self, fp: u64) -> Option<Row> {
+    /// The row of `fp` in this worker's cache, if fresh.
+    #[inline]
+    fn local_row(&self, fp: u64) -> Option<&Row> {
         let i = (fp as usize & (self.local.len() - 1)) & !1;
-        self.local[i..i + 2]
-            .iter()
-            .flatten()
-            .find(|(h, r)| *h == fp && self.dim.fresh(r, self.now_ms))
-            .map(|(_, r)| r.clone())
+        self.local[i..i + 2].iter().flatten().find(|(h, r)| *h == fp && self.dim.fresh(r, self.now_ms)).map(|(_, r)| r)
     }
 
     /// Notes a key to fetch before the block ends.
@@ -346,7 +338,7 @@ impl Lookup {
     pub fn fetch(&mut self, abort: &AtomicBool, count: &mut DimCount) -> io::Result<()> {
         let mut ask = Vec::new();
         for (fp, key) in std::mem::take(&mut self.wanted) {
-            if let Some(row) = self.local_row(fp) {
+            if let Some(row) = self.local_row(fp).cloned() {
                 self.answered.insert(fp, row);
                 continue;
             }

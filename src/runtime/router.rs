@@ -68,6 +68,9 @@ struct Enrich {
     generation: u64,
     /// A Redis dimension: this router's caches instead of the table.
     remote: Option<Lookup>,
+    /// A Redis dimension: the current event's key fingerprint (none for
+    /// a null key), hashed once for both of `enrich`'s passes.
+    key_fp: Option<u64>,
 }
 
 /// A dimension's row for one event.
@@ -745,8 +748,8 @@ fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> Join {
         for (d, e) in enrich.iter_mut().enumerate() {
             let Some(l) = &mut e.remote else { continue };
             let mut buf = [0u8; 32];
-            let Some(k) = key_text(ev.value(record, e.key_slot), &mut buf) else { continue };
-            let ready = l.ready(xxhash_rust::xxh3::xxh3_64(k), &mut counts[e.dim]);
+            e.key_fp = key_text(ev.value(record, e.key_slot), &mut buf).map(xxhash_rust::xxh3::xxh3_64);
+            let ready = e.key_fp.is_none_or(|fp| l.ready(fp, &mut counts[e.dim]));
             misses |= u64::from(!ready) << d.min(63);
         }
         if misses != 0 {
@@ -755,8 +758,8 @@ fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> Join {
             for (d, e) in enrich.iter_mut().enumerate() {
                 let Some(l) = &mut e.remote else { continue };
                 let mut buf = [0u8; 32];
-                if let Some(k) = key_text(ev.value(record, e.key_slot), &mut buf) {
-                    l.want(xxhash_rust::xxh3::xxh3_64(k), k);
+                if let (Some(fp), Some(k)) = (e.key_fp, key_text(ev.value(record, e.key_slot), &mut buf)) {
+                    l.want(fp, k);
                 }
                 counts[e.dim].waited += misses >> d.min(63) & 1;
             }
@@ -766,11 +769,14 @@ fn enrich(src: &mut SourceRt, record: &[u8], counts: &mut [DimCount]) -> Join {
     for e in enrich.iter() {
         let c = &mut counts[e.dim];
         c.lookups += 1;
-        let mut buf = [0u8; 32];
-        let key = key_text(ev.value(record, e.key_slot), &mut buf);
         let found = match &e.remote {
-            None => key.and_then(|k| e.table.lookup(k)).map(|row| Found::Table(&e.table, row)),
-            Some(l) => key.and_then(|k| l.get(xxhash_rust::xxh3::xxh3_64(k))).filter(|r| r.found()).map(Found::Remote),
+            None => {
+                let mut buf = [0u8; 32];
+                let key = key_text(ev.value(record, e.key_slot), &mut buf);
+                key.and_then(|k| e.table.lookup(k)).map(|row| Found::Table(&e.table, row))
+            }
+            // The key as hashed above.
+            Some(l) => e.key_fp.and_then(|fp| l.get(fp)).filter(|r| r.found()).map(Found::Remote),
         };
         let Some(found) = found else {
             c.missing += 1;
@@ -949,6 +955,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
                 table,
                 generation,
                 remote: sh.dims[d].redis.clone().map(Lookup::new),
+                key_fp: None,
             }
         })
         .collect();
