@@ -92,6 +92,7 @@ impl std::hash::Hasher for Prehashed {
 /// other are kept apart by their text.
 #[derive(Debug, Default)]
 pub struct DimTable {
+    /// Rows by key fingerprint while the table is built (until [`DimTable::seal`]).
     rows: std::collections::HashMap<u64, u32, std::hash::BuildHasherDefault<Prehashed>>,
     /// Keys whose fingerprint another key of the table has, by text.
     collided: AHashMap<Box<[u8]>, u32>,
@@ -137,15 +138,15 @@ impl DimTable {
         }
     }
 
-    /// Builds the lookup index of the rows loaded (called once a load is
-    /// complete; rows added later are found through `rows` only after the
-    /// next seal).
+    /// Builds the lookup index of the rows loaded, once the last row is
+    /// added; the build map is not needed after it and is freed.
     pub(crate) fn seal(&mut self) {
         let stride = 1 + self.fields;
-        let slots = (self.rows.len() * 2).next_power_of_two().max(2);
+        let rows = std::mem::take(&mut self.rows);
+        let slots = (rows.len() * 2).next_power_of_two().max(2);
         self.index = vec![Cell::Null; slots * stride];
         self.index_mask = slots - 1;
-        for (&fp, &row) in &self.rows {
+        for (&fp, &row) in &rows {
             let mut i = fp as usize & self.index_mask;
             while self.index[i * stride] != Cell::Null {
                 i = (i + 1) & self.index_mask;
