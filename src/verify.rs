@@ -253,8 +253,12 @@ fn read_source(src: &SourceSpec, f: &mut EventSink<'_>) -> Result<()> {
             src.name
         );
     }
+    if src.format == Format::Rows {
+        return read_rows(src, f);
+    }
     for path in &src.paths {
         match src.format {
+            Format::Rows => unreachable!("read whole above"),
             Format::Jsonl => read_jsonl(src, path, f),
             Format::Csv => read_csv(src, path, f),
             Format::Binary => read_binary(src, path, f),
@@ -285,6 +289,56 @@ fn read_jsonl(src: &SourceSpec, path: &Path, f: &mut EventSink<'_>) -> Result<()
         };
         f(ts, did, Rec::Json(&obj))
     })
+}
+
+/// Result rows of another job: the last row of each upsert key (metric,
+/// window end, grouping, dims) in input order replaces the ones before it;
+/// each survivor is one event whose fields are the row's, its dims, and
+/// `grouping` as the set's fields joined by commas.
+fn read_rows(src: &SourceSpec, f: &mut EventSink<'_>) -> Result<()> {
+    let mut latest: AHashMap<String, (usize, Map<String, Value>)> = AHashMap::new();
+    let mut order = 0;
+    for path in &src.paths {
+        for_each_line(path, src.max_line_bytes, &mut |line| {
+            let Ok(Value::Object(mut row)) = serde_json::from_slice::<Value>(line) else {
+                return Ok(());
+            };
+            let (Some(Value::String(metric)), Some(end), Some(Value::Object(dims)), Some(Value::Array(grouping))) = (
+                row.remove("metric"),
+                row.get("window_end").and_then(Value::as_i64),
+                row.remove("dims"),
+                row.remove("grouping"),
+            ) else {
+                return Ok(());
+            };
+            if !ts_in_range(end - 1) {
+                return Ok(());
+            }
+            let names: Option<Vec<&str>> = grouping.iter().map(Value::as_str).collect();
+            let Some(names) = names else {
+                return Ok(());
+            };
+            let mut sorted: Vec<(&String, &Value)> = dims.iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(b.0));
+            let key =
+                format!("{metric}|{end}|{}|{}", serde_json::to_string(&grouping)?, serde_json::to_string(&sorted)?);
+            let mut flat: Map<String, Value> = dims.clone();
+            flat.insert("grouping".into(), Value::String(names.join(",")));
+            flat.insert("metric".into(), Value::String(metric));
+            flat.extend(row);
+            order += 1;
+            latest.insert(key, (order, flat));
+            Ok(())
+        })
+        .with_context(|| format!("source {:?}: reading {}", src.name, path.display()))?;
+    }
+    let mut rows: Vec<_> = latest.into_iter().collect();
+    rows.sort_by_key(|(_, (order, _))| *order);
+    for (key, (_, flat)) in &rows {
+        let end = flat.get("window_end").and_then(Value::as_i64).unwrap_or_default();
+        f(end - 1, key.as_bytes(), Rec::Json(flat))?;
+    }
+    Ok(())
 }
 
 /// Calls `f` with each line of the file that is non-empty and at most

@@ -39,7 +39,7 @@ use crate::runtime::stats::SourceStats;
 use crate::state::dedup::Written;
 
 /// Version of the state directory layout.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const CKPT_DIR: &str = "ckpt";
 pub const LIVE_DIR: &str = "live";

@@ -9,6 +9,7 @@
 pub mod binary;
 pub mod csv;
 pub mod jsonl;
+pub mod rows;
 
 use crate::job::filter::FieldValue;
 
@@ -34,11 +35,13 @@ pub enum Reject {
     CsvFieldCount,
     InvalidCsv,
     TruncatedRecord,
+    /// A `format = "rows"` line without `metric`, `grouping` or `dims`.
+    NotARow,
 }
 
 impl Reject {
     /// All reasons, in report order.
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 15] = [
         Reject::EmptyLine,
         Reject::LineTooLong,
         Reject::InvalidUtf8,
@@ -53,6 +56,7 @@ impl Reject {
         Reject::CsvFieldCount,
         Reject::InvalidCsv,
         Reject::TruncatedRecord,
+        Reject::NotARow,
     ];
 
     /// Stable snake_case name used in summaries and metrics.
@@ -72,6 +76,7 @@ impl Reject {
             Reject::CsvFieldCount => "csv_field_count",
             Reject::InvalidCsv => "invalid_csv",
             Reject::TruncatedRecord => "truncated_record",
+            Reject::NotARow => "not_a_row",
         }
     }
 

@@ -50,6 +50,9 @@ pub enum Format {
     Jsonl,
     Csv,
     Binary,
+    /// Result rows of another tally job (its JSON-lines output), read as
+    /// upserts: see [`crate::event::rows`].
+    Rows,
 }
 
 impl Format {
@@ -58,6 +61,7 @@ impl Format {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
             Format::Binary => "binary",
+            Format::Rows => "rows",
         }
     }
 }
@@ -134,7 +138,7 @@ impl SourceSpec {
     /// schemaless, so any name may appear (missing values are `null`).
     pub fn can_supply(&self, field: &str) -> bool {
         match self.format {
-            Format::Jsonl => true,
+            Format::Jsonl | Format::Rows => true,
             Format::Csv => self.csv_header.as_ref().is_some_and(|h| h.iter().any(|c| c == field)),
             Format::Binary => self.binary_dims.iter().any(|d| d == field),
         }
@@ -211,6 +215,9 @@ pub struct SummarySpec {
     /// `top = { n, by, per }`: only the `n` keys with the largest `by`
     /// per window and value of the `per` fields are written, ranked.
     pub top: Option<TopSpec>,
+    /// It reads result rows (`format = "rows"`): each row counts once with
+    /// its latest value, a replayed row changes nothing.
+    pub upsert: bool,
 }
 
 /// A ranked list per window (the hourly strategy list).

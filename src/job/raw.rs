@@ -368,7 +368,9 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
         }
         let enriched = format!("{}.{f}", d.name);
         // A source whose records carry a field of that name would be shadowed.
-        if let Some(s) = sources.iter().find(|s| s.format != Format::Jsonl && s.can_supply(&enriched)) {
+        if let Some(s) =
+            sources.iter().find(|s| !matches!(s.format, Format::Jsonl | Format::Rows) && s.can_supply(&enriched))
+        {
             let why = format!("{enriched:?} collides with a field of source {:?}", s.name);
             return Err(invalid(key("fields"), why));
         }
@@ -433,10 +435,22 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         "jsonl" => Format::Jsonl,
         "csv" => Format::Csv,
         "binary" => Format::Binary,
+        "rows" => Format::Rows,
         other => {
-            return Err(invalid(key("format"), format!("unknown format {other:?} (expected jsonl, csv or binary)")))
+            return Err(invalid(
+                key("format"),
+                format!("unknown format {other:?} (expected jsonl, csv, binary or rows)"),
+            ))
         }
     };
+    if format == Format::Rows {
+        for (k, set) in [("ts_field", s.ts_field.is_some()), ("did_field", s.did_field.is_some())] {
+            if set {
+                let why = "a rows source takes event time from each row's window and identity from its upsert key";
+                return Err(invalid(key(k), why));
+            }
+        }
+    }
     let paths = match (&s.path, &kafka) {
         (_, Some(_)) => Vec::new(),
         (None, None) => return Err(invalid(key("path"), "a file source needs `path`")),
@@ -734,6 +748,7 @@ fn build_metric(
         other => return Err(invalid(key("late"), format!("unknown late policy {other:?} (expected fold, drop)"))),
     };
     let source_ids = source_ids(m.sources.as_deref(), sources, &key("sources"))?;
+    let upsert = check_rows_sources(m, &source_ids, sources, &measures, &key)?;
     let supplied = |fields: &[String]| check_fields_supplied(fields, &source_ids, sources, dims);
     let sets = match (&m.grouping_sets, summary) {
         (_, false) => vec![m.group_by.clone()],
@@ -812,6 +827,7 @@ fn build_metric(
                     by: *by,
                     per: per.iter().filter_map(|f| group_by.iter().position(|g| g == f)).collect(),
                 }),
+                upsert,
             }),
             group_by,
             filter: filter.clone(),
@@ -824,6 +840,35 @@ fn build_metric(
             dau: dau.clone(),
         })
         .collect())
+}
+
+/// Whether the metric reads result rows (`format = "rows"`): then all its
+/// sources do, it is a summary, and its measures can take a replaced
+/// row's value back (`count`, `sum`).
+fn check_rows_sources(
+    m: &RawMetric,
+    source_ids: &[usize],
+    sources: &[SourceSpec],
+    measures: &[Measure],
+    key: &dyn Fn(&str) -> String,
+) -> Result<bool, Invalid> {
+    let rows = source_ids.iter().filter(|&&s| sources[s].format == Format::Rows).count();
+    if rows == 0 {
+        return Ok(false);
+    }
+    if rows != source_ids.len() {
+        let why = "reads both result rows (format = \"rows\") and events: list only one kind in `sources`";
+        return Err(invalid(key("sources"), why));
+    }
+    if m.kind != "summary" {
+        return Err(invalid(key("kind"), "a metric over result rows (format = \"rows\") is a `kind = \"summary\"`"));
+    }
+    if let Some(x) = measures.iter().find(|x| matches!(x, Measure::Uv | Measure::Min(_) | Measure::Max(_))) {
+        let why =
+            format!("{:?} over result rows cannot take back a replaced row's value: use count and sum(f)", x.name());
+        return Err(invalid(key("measures"), why));
+    }
+    Ok(true)
 }
 
 /// Most rows of one ranked list.

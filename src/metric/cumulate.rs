@@ -38,7 +38,8 @@ use crate::state::table::{Slot, Table};
 
 use super::detail::{DetailBuf, Details};
 use super::keys::KeyDict;
-use super::values::{Agg, Which};
+use super::upsert::{Arrival, Counted, Upserts, UpsertsSaved};
+use super::values::{Agg, Which, SUMMARY_VALUES_MAX};
 
 /// Event-time arithmetic of one metric: slices, windows, periods.
 #[derive(Clone, Copy, Debug)]
@@ -185,9 +186,17 @@ impl OpenSlice {
         }
     }
 
-    /// The touched keys' values, in key order.
+    /// The touched keys' values, in key order (but keys left at zero:
+    /// every upstream row counted there was taken back). A key may count
+    /// devices and no events (a re-sharded slice's events all went to the
+    /// first shard).
     fn sparse(&self, values: usize) -> SliceCols {
         let mut keys = self.touched.clone();
+        let zero = |col: &Vec<u32>, k: usize| col.get(k).is_none_or(|&x| x == 0);
+        keys.retain(|&k| {
+            let k = k as usize;
+            !(zero(&self.pv, k) && zero(&self.uv, k) && zero(&self.new, k) && zero(&self.ret, k))
+        });
         keys.sort_unstable();
         let pick =
             |col: &Vec<u32>| if col.is_empty() { Vec::new() } else { keys.iter().map(|&k| col[k as usize]).collect() };
@@ -380,6 +389,8 @@ pub struct CumulateShardSaved {
     pub entries_seen_max: u64,
     pub closed_bytes: u64,
     pub closed_entries: u64,
+    /// A summary over result rows: the rows of open periods as counted.
+    pub upserts: Option<UpsertsSaved>,
 }
 
 /// A delta is written while the deltas since the base stay under this
@@ -429,6 +440,22 @@ pub struct CumulateShard {
     /// Anonymous tables of finished periods, emptied, for the next ones
     /// (a tumble metric opens one per step, several per block).
     spare: Vec<DedupTable>,
+    /// A summary over result rows: what each upstream row counted.
+    pub upserts: Option<Upserts>,
+}
+
+/// What an upstream row did to a summary over result rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upserted {
+    /// Counted: the first arrival of its upsert key.
+    New,
+    /// Came again with the values it had: nothing changed.
+    Unchanged,
+    /// Came with other values: the earlier ones were taken back.
+    Replaced,
+    /// Came with other values after the earlier ones were shipped:
+    /// nothing changed.
+    LateUpdate,
 }
 
 impl CumulateShard {
@@ -454,6 +481,7 @@ impl CumulateShard {
             wm_ms: i64::MIN,
             values: 0,
             spare: Vec::new(),
+            upserts: None,
         }
     }
 
@@ -616,6 +644,54 @@ impl CumulateShard {
         Ok(true)
     }
 
+    /// Counts (or with `take_back`, uncounts) one record of key `key` in
+    /// `slice` with these values: a summary over result rows, no dedup.
+    fn count(&mut self, key: u32, slice: u32, vals: &[f64], take_back: bool) {
+        let k = key as usize;
+        let i = self.slice_index(slice);
+        let nv = self.values;
+        let c = &mut self.slices[i];
+        c.fit(k, false, nv);
+        let aggs = c.vals[k * nv..(k + 1) * nv].iter_mut().zip(vals).filter(|(_, v)| !v.is_nan());
+        if take_back {
+            debug_assert!(c.pv[k] > 0, "took back a row its slice never counted");
+            c.pv[k] -= 1;
+            aggs.for_each(|(a, &v)| a.take_back(v));
+        } else {
+            c.pv[k] += 1;
+            aggs.for_each(|(a, &v)| a.add(v));
+        }
+    }
+
+    /// A summary over result rows: counts one arrival of the upstream row
+    /// `fp` (see [`super::upsert`]). `wm_before_ms`: the source's
+    /// watermark before the record's block, which placed it.
+    pub fn apply_upsert(&mut self, fp: u64, key: u32, slice: u32, vals: &[f64], wm_before_ms: i64) -> Upserted {
+        let Some(u) = &self.upserts else {
+            return Upserted::New;
+        };
+        let mut old = [0f64; SUMMARY_VALUES_MAX];
+        let (at, outcome) = match u.arrival(fp, key, vals) {
+            Arrival::Unchanged => return Upserted::Unchanged,
+            Arrival::New => (None, Upserted::New),
+            Arrival::Changed { at, was } => {
+                // Its slice went out already: what the row counted there
+                // cannot be taken back.
+                if (was.slice as i64) < self.geo.open_slice(wm_before_ms) {
+                    return Upserted::LateUpdate;
+                }
+                old[..self.values].copy_from_slice(u.vals(at));
+                self.count(was.key, was.slice, &old[..self.values], true);
+                (Some(at), Upserted::Replaced)
+            }
+        };
+        self.count(key, slice, vals, false);
+        if let Some(u) = &mut self.upserts {
+            u.set(at, Counted { fp, key, slice }, vals);
+        }
+        outcome
+    }
+
     /// DAU, as the watermark reaches `wm_ms`: in day order, classifies the
     /// pairs of each day that now has every earlier day closed, and rolls
     /// each day that closed into the device history.
@@ -714,6 +790,9 @@ impl CumulateShard {
                 self.closed_rings.1 += r.len();
             }
         }
+        if let Some(u) = &mut self.upserts {
+            u.retain(|s| geo.period_start_ms(geo.period_of_slice(s) + 1) > wm_ms);
+        }
         let (open, closed): (Vec<OpenTable>, Vec<OpenTable>) =
             std::mem::take(&mut self.tables).into_iter().partition(|t| geo.period_start_ms(t.period + 1) > wm_ms);
         self.tables = open;
@@ -729,6 +808,7 @@ impl CumulateShard {
         self.tables.iter().map(|t| t.table.bytes()).sum::<usize>()
             + self.dau.as_ref().map_or(0, |d| d.history.bytes())
             + self.slices.iter().chain(&self.free_slices).map(OpenSlice::bytes).sum::<usize>()
+            + self.upserts.as_ref().map_or(0, Upserts::bytes)
     }
 
     pub fn dedup_entries(&self) -> usize {
@@ -802,6 +882,7 @@ impl CumulateShard {
             entries_seen_max: self.entries_seen_max as u64,
             closed_bytes: self.closed_bytes as u64,
             closed_entries: self.closed_entries as u64,
+            upserts: self.upserts.as_ref().map(Upserts::saved),
         };
         Ok((saved, written))
     }
@@ -856,6 +937,16 @@ impl CumulateShard {
         self.entries_seen_max = saved.entries_seen_max as usize;
         self.closed_bytes = saved.closed_bytes as usize;
         self.closed_entries = saved.closed_entries as usize;
+        match (&mut self.upserts, &saved.upserts) {
+            (Some(u), Some(rows)) => u.extend_from(rows, |_| true),
+            (None, None) => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "shard state: upstream rows differ from the job",
+                ))
+            }
+        }
         Ok(())
     }
 }
@@ -1041,21 +1132,37 @@ pub fn reshard(old: &[&CumulateShard], new: &mut [&mut CumulateShard], wm_ms: i6
                 }
             }
         }
-        let first = &mut *new[0];
-        let dau = first.dau.is_some();
-        let nv = first.values;
-        for c in &o.slices {
-            let i = first.slice_index(c.slice);
-            let into = &mut first.slices[i];
-            for &k in &c.touched {
-                let k = k as usize;
-                into.fit(k, dau, nv);
-                into.pv[k] += c.pv[k];
-                for v in k * nv..(k + 1) * nv {
-                    into.vals[v].merge(&c.vals[v]);
+        if let Some(u) = &o.upserts {
+            // A row is taken back by the shard that owns it: it counts
+            // there, not in the first shard.
+            let saved = u.saved();
+            let nv = o.values;
+            for (i, r) in saved.rows.iter().enumerate() {
+                let target = &mut *new[owner(r.fp)];
+                let vals = &saved.vals[i * nv..(i + 1) * nv];
+                target.upserts.get_or_insert_with(|| Upserts::new(nv)).set(None, *r, vals);
+                if o.geo.slice_end_ms(r.slice) > wm_ms {
+                    target.count(r.key, r.slice, vals, false);
+                }
+            }
+        } else {
+            let first = &mut *new[0];
+            let dau = first.dau.is_some();
+            let nv = first.values;
+            for c in &o.slices {
+                let i = first.slice_index(c.slice);
+                let into = &mut first.slices[i];
+                for &k in &c.touched {
+                    let k = k as usize;
+                    into.fit(k, dau, nv);
+                    into.pv[k] += c.pv[k];
+                    for v in k * nv..(k + 1) * nv {
+                        into.vals[v].merge(&c.vals[v]);
+                    }
                 }
             }
         }
+        let first = &mut *new[0];
         first.entries_seen_max = first.entries_seen_max.max(o.entries_seen_max);
         first.closed_bytes += o.closed_bytes;
         first.closed_entries += o.closed_entries;

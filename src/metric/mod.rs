@@ -3,4 +3,5 @@
 pub mod cumulate;
 pub mod detail;
 pub mod keys;
+pub mod upsert;
 pub mod values;

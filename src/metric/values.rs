@@ -45,6 +45,14 @@ impl Agg {
         self.sum += to_millionths(v);
     }
 
+    /// Takes back a value counted before (`min` and `max` keep it: a
+    /// summary over result rows has neither).
+    #[inline]
+    pub fn take_back(&mut self, v: f64) {
+        self.n -= 1;
+        self.sum -= to_millionths(v);
+    }
+
     /// Adds another aggregate (of disjoint events).
     #[inline]
     pub fn merge(&mut self, o: &Agg) {

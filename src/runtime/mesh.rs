@@ -49,6 +49,8 @@ pub struct Batch {
     pub seq: BlockSeq,
     /// The source's watermark once this block is counted.
     pub wm_ms: i64,
+    /// And before it: what placed its late records.
+    pub wm_before_ms: i64,
 }
 
 /// Appends a device id text to a batch's `texts` (cut at 64 KiB).

@@ -409,6 +409,13 @@ impl RunSummary {
             writeln!(w, "tally: late events: {} folded, {} dropped", self.late_folded, self.late_dropped)?;
         }
         for s in &self.sources {
+            if let Some(u) = s.upserts.filter(|u| u.unchanged + u.replaced + u.late_updates > 0) {
+                writeln!(
+                    w,
+                    "tally: source {:?}: {} rows came again unchanged, {} replaced earlier values, {} updates came after their window was out (not applied)",
+                    s.name, u.unchanged, u.replaced, u.late_updates
+                )?;
+            }
             if let Some(t) = s.assigned_after_seconds {
                 writeln!(w, "tally: source {:?}: first partitions assigned {t:.3} s after the start", s.name)?;
             }
@@ -813,6 +820,7 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
             .collect(),
         late_folded: st.late_folded,
         late_dropped: st.late_dropped,
+        upserts: (job.sources[s].format == Format::Rows).then_some(st.upserts),
         examples: kept,
         partitions: stream.map(|stream| partition_reports(&stream.chain(), st)).unwrap_or_default(),
         assigned_after_seconds: stream.and_then(Stream::assigned_after_seconds),

@@ -31,6 +31,7 @@ use crate::dim::{key_text, DimTable};
 use crate::event::binary::{self, BinaryRecord, BINARY_DIMS, BINARY_RECORD_BYTES};
 use crate::event::csv::CsvParser;
 use crate::event::jsonl::JsonlParser;
+use crate::event::rows::RowsParser;
 use crate::event::{EventBuf, FieldSet, Raw, Reject};
 use crate::job::filter::{FieldValue, Node};
 use crate::job::{EventsSpec, Format, LatePolicy, OnMissing};
@@ -161,6 +162,7 @@ struct Waiting {
 #[derive(Clone, Copy)]
 enum Reparse {
     Jsonl,
+    Rows,
     /// A CSV file's parser (by file index).
     Csv(usize),
     /// A stream source's CSV parser.
@@ -173,6 +175,7 @@ struct SourceRt {
     format: Format,
     fields: FieldSet,
     jsonl: JsonlParser,
+    rows: RowsParser,
     /// CSV parsers by file index (each file has its own header).
     csv: AHashMap<usize, CsvParser>,
     /// A stream source's CSV parser (columns from the job).
@@ -377,6 +380,8 @@ impl Router {
                 Err(Reject::LineTooLong)
             } else if src.format == Format::Csv {
                 src.csv_stream.as_mut().map_or(Err(Reject::InvalidCsv), |p| p.parse(text, &mut src.ev))
+            } else if src.format == Format::Rows {
+                src.rows.parse(text, &mut src.ev)
             } else {
                 src.jsonl.parse(text, &mut src.ev)
             };
@@ -395,6 +400,7 @@ impl Router {
             Format::Binary => Reparse::Binary,
             Format::Csv => Reparse::CsvStream,
             Format::Jsonl => Reparse::Jsonl,
+            Format::Rows => Reparse::Rows,
         };
         join_waiting(src, keys, sh, &mut batches, &mut acc, stats, how)?;
         stats.lines += records;
@@ -442,9 +448,10 @@ impl Router {
         let keys = &mut self.keys;
         let lines = match src.format {
             Format::Binary => parse_binary(src, keys, sh, &block.data, block.task, &mut batches, &mut acc, stats)?,
-            Format::Jsonl | Format::Csv => {
+            Format::Jsonl | Format::Csv | Format::Rows => {
                 let file = &sh.plan.files[task.file];
                 let is_csv = src.format == Format::Csv;
+                let is_rows = src.format == Format::Rows;
                 if is_csv && !src.csv.contains_key(&task.file) {
                     let header = file.csv_header.clone().unwrap_or_default();
                     src.csv.insert(task.file, CsvParser::new(&src.fields, &header));
@@ -464,6 +471,8 @@ impl Router {
                                     Some(p) => p.parse(text, &mut src.ev),
                                     None => Err(Reject::InvalidCsv),
                                 }
+                            } else if is_rows {
+                                src.rows.parse(text, &mut src.ev)
                             } else {
                                 src.jsonl.parse(text, &mut src.ev)
                             };
@@ -489,7 +498,11 @@ impl Router {
                 if let Some(e) = err {
                     return Err(e);
                 }
-                let how = if is_csv { Reparse::Csv(task.file) } else { Reparse::Jsonl };
+                let how = match src.format {
+                    Format::Csv => Reparse::Csv(task.file),
+                    Format::Rows => Reparse::Rows,
+                    _ => Reparse::Jsonl,
+                };
                 join_waiting(src, keys, sh, &mut batches, &mut acc, stats, how)?;
                 n
             }
@@ -576,6 +589,7 @@ fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [Sour
         b.source = task.source;
         b.seq = BlockSeq::from(task.seq);
         b.wm_ms = wm_after;
+        b.wm_before_ms = wm_before;
     }
     st.resolved = true;
     true
@@ -597,6 +611,7 @@ fn resolve_stream(st: &mut Staged, sh: &Shared, source: usize, meta: &BlockMeta,
         b.source = source;
         b.seq = meta.seq;
         b.wm_ms = r.wm_after_ms;
+        b.wm_before_ms = r.late_before_ms;
     }
     st.resolved = true;
     true
@@ -707,6 +722,7 @@ fn join_waiting(
             start = end;
             let parsed = match how {
                 Reparse::Jsonl => src.jsonl.parse(record, &mut src.ev),
+                Reparse::Rows => src.rows.parse(record, &mut src.ev),
                 Reparse::Csv(file) => {
                     src.csv.get_mut(&file).map_or(Err(Reject::InvalidCsv), |p| p.parse(record, &mut src.ev))
                 }
@@ -978,6 +994,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
     SourceRt {
         format: spec.format,
         jsonl: JsonlParser::new(&fields),
+        rows: RowsParser::new(&fields),
         csv: AHashMap::new(),
         csv_stream: match (&spec.kafka, spec.format, &spec.csv_header) {
             (Some(_), Format::Csv, Some(header)) => Some(CsvParser::new(&fields, header)),

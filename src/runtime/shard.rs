@@ -20,12 +20,13 @@ use crossbeam::channel::Sender;
 
 use super::coordinator::CutRequest;
 use super::mesh::{next_text, Batch, BlockSeq};
-use super::stats::SourceStats;
+use super::stats::{SourceStats, UpsertCount};
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
-use crate::metric::cumulate::{CumulateShard, Dau};
+use crate::metric::cumulate::{CumulateShard, Dau, Upserted};
 use crate::metric::detail::Details;
 use crate::metric::keys::KEY_BITS;
+use crate::metric::upsert::Upserts;
 use crate::state::dids::DidTable;
 use crate::state::history::DeviceHistory;
 
@@ -80,6 +81,8 @@ pub struct Shard {
     pub dedup_entries_max: usize,
     /// Per source: events a minute-dedup ring found late.
     ring_late: Vec<u64>,
+    /// Per source: what upstream rows did to summaries over them.
+    upserts: Vec<UpsertCount>,
     /// Apply each source's blocks in order (a DAU metric's rings need it).
     ordered: bool,
     /// Per source, when `ordered`: blocks that arrived before an earlier
@@ -133,6 +136,9 @@ impl Shard {
                 }
             }
             st.values = spec.summary.as_ref().map_or(0, |s| s.values.len());
+            if spec.summary.as_ref().is_some_and(|s| s.upsert) {
+                st.upserts = Some(Upserts::new(st.values));
+            }
             metrics.push(st);
         }
         // A stream's length is unknown: it ends with a block whose
@@ -157,7 +163,10 @@ impl Shard {
             state_bytes_max: 0,
             dedup_entries_max: 0,
             ring_late: vec![0; sh.job.sources.len()],
-            ordered: sh.job.metrics.iter().any(|m| m.dau.is_some()),
+            upserts: vec![UpsertCount::default(); sh.job.sources.len()],
+            // Upstream rows: the latest value of a row is the one last in
+            // its source, whatever router parsed it.
+            ordered: sh.job.metrics.iter().any(|m| m.dau.is_some() || m.summary.as_ref().is_some_and(|s| s.upsert)),
             held: sh.job.sources.iter().map(|_| BTreeMap::new()).collect(),
         })
     }
@@ -324,6 +333,16 @@ impl Shard {
             let did = if m.dau.is_some() { next_text(&batch.texts, &mut text_at) } else { &[] };
             let vals = &batch.vals[vals_at..vals_at + m.values];
             vals_at += m.values;
+            if m.upserts.is_some() {
+                let u = &mut self.upserts[source];
+                match m.apply_upsert(r.device_fp, r.key & mask, r.slice, vals, batch.wm_before_ms) {
+                    Upserted::New => {}
+                    Upserted::Unchanged => u.unchanged += 1,
+                    Upserted::Replaced => u.replaced += 1,
+                    Upserted::LateUpdate => u.late_updates += 1,
+                }
+                continue;
+            }
             if !m.apply(r.device_fp, r.key & mask, r.slice, source, did, vals)? {
                 self.ring_late[source] += 1;
             }
@@ -335,8 +354,11 @@ impl Shard {
     /// minute-dedup ring, since this process started) to the router's
     /// counters of each source.
     pub fn add_counts(&self, stats: &mut [SourceStats]) {
-        for (st, &late) in stats.iter_mut().zip(&self.ring_late) {
+        for ((st, &late), u) in stats.iter_mut().zip(&self.ring_late).zip(&self.upserts) {
             st.late_dropped += late;
+            st.upserts.unchanged += u.unchanged;
+            st.upserts.replaced += u.replaced;
+            st.upserts.late_updates += u.late_updates;
         }
     }
 

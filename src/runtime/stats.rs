@@ -51,6 +51,19 @@ pub struct SourceStats {
     /// events dropped (`on_missing = "drop"`).
     #[serde(default)]
     pub dims: Vec<DimCount>,
+    /// A rows source: (metric, row) records that came again unchanged,
+    /// that replaced an earlier value, and updates too late to apply (see
+    /// `metric::upsert`), since this process started.
+    #[serde(default)]
+    pub upserts: UpsertCount,
+}
+
+/// What a rows source's records did to the summaries over them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpsertCount {
+    pub unchanged: u64,
+    pub replaced: u64,
+    pub late_updates: u64,
 }
 
 /// One source's lookups in one dimension.
@@ -113,6 +126,9 @@ impl SourceStats {
         }
         self.late_folded += o.late_folded;
         self.late_dropped += o.late_dropped;
+        self.upserts.unchanged += o.upserts.unchanged;
+        self.upserts.replaced += o.upserts.replaced;
+        self.upserts.late_updates += o.upserts.late_updates;
         self.examples.extend(o.examples.iter().cloned());
         if self.parts.len() < o.parts.len() {
             self.parts.resize_with(o.parts.len(), PartRejects::default);
@@ -164,6 +180,9 @@ pub struct SourceReport {
     pub rejected_by_reason: std::collections::BTreeMap<&'static str, u64>,
     pub late_folded: u64,
     pub late_dropped: u64,
+    /// A rows source: what its records did to the summaries over them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upserts: Option<UpsertCount>,
     pub examples: Vec<Example>,
     /// Stream sources: each partition read.
     #[serde(skip_serializing_if = "Vec::is_empty")]
