@@ -26,7 +26,8 @@ use ahash::AHashMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::event::parse_canonical_int;
+use crate::event::jsonl::JsonlParser;
+use crate::event::{parse_canonical_int, EventBuf, FieldSet};
 use crate::job::filter::FieldValue;
 use crate::job::{DimFormat, DimensionSpec};
 
@@ -336,11 +337,36 @@ pub fn load(spec: &DimensionSpec) -> Result<(DimTable, LoadReport), String> {
             }
         }
         DimFormat::Jsonl => {
+            // The events' parser picks the key and the fields without
+            // building the object; a line it refuses goes through serde_json
+            // for the reason.
+            let names = FieldSet {
+                ts: "\u{0}ts".into(),
+                did: "\u{0}did".into(),
+                slots: std::iter::once(&spec.key).chain(&spec.fields).cloned().collect(),
+            };
+            let mut parser = JsonlParser::new(&names);
+            let mut ev = EventBuf::new(names.slots.len());
             for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
                 let line = i as u64 + 1;
                 let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
                 if raw.iter().all(u8::is_ascii_whitespace) {
                     continue;
+                }
+                if parser.parse_fields(raw, &mut ev).is_ok() {
+                    let mut buf = [0u8; 32];
+                    let key = match ev.value(raw, 0) {
+                        v @ (FieldValue::Str(_) | FieldValue::Int(_)) => key_text(v, &mut buf),
+                        _ => None,
+                    };
+                    if let Some(key) = key.filter(|k| !k.is_empty()) {
+                        for f in 1..names.slots.len() {
+                            t.push_cell(ev.value(raw, f));
+                        }
+                        rep.rows += 1;
+                        rep.duplicate_keys += t.finish_row(key) as u64;
+                        continue;
+                    }
                 }
                 let obj = match serde_json::from_slice::<Value>(raw) {
                     Ok(Value::Object(o)) => o,

@@ -50,6 +50,18 @@ impl JsonlParser {
 
     /// Parses one line (without its `\n`; a trailing `\r` is ignored).
     pub fn parse(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<(), Reject> {
+        let ts = self.scan(line, ev)?;
+        finish(ts, ev)
+    }
+
+    /// Parses one line's fields only: no event time or device id needed
+    /// (a dimension table's row). `ev.did` and `ev.ts_ms` mean nothing.
+    pub fn parse_fields(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<(), Reject> {
+        self.scan(line, ev).map(|_| ())
+    }
+
+    /// Validates the line and picks its fields; returns the event time's raw value.
+    fn scan(&mut self, line: &[u8], ev: &mut EventBuf) -> Result<Option<Raw>, Reject> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         ev.reset();
         if line.is_empty() {
@@ -62,14 +74,13 @@ impl JsonlParser {
         if high && std::str::from_utf8(line).is_err() {
             return Err(Reject::InvalidUtf8);
         }
-        let ts = match self.fast(line, ev) {
-            Some(ts) => ts,
+        match self.fast(line, ev) {
+            Some(ts) => Ok(ts),
             None => {
                 ev.reset();
-                self.general(line, ev)?
+                self.general(line, ev)
             }
-        };
-        finish(ts, ev)
+        }
     }
 
     /// The common shape, `{"k":v,...}` with no whitespace, escapes, nested
