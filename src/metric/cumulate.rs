@@ -515,10 +515,15 @@ impl CumulateShard {
             }
         }
         let period = self.geo.period_of_slice(slice);
-        // Days look alike: size a new day's table like the largest one this
-        // shard holds or held, instead of growing it again.
-        let expected = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(self.entries_seen_max);
-        let i = self.table_of_period(period, expected)?;
+        let i = match self.tables.iter().position(|t| t.period == period) {
+            Some(i) => i,
+            None => {
+                // Days look alike: size a new day's table like the largest
+                // one this shard holds or held, instead of growing it again.
+                let expected = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(self.entries_seen_max);
+                self.table_of_period(period, expected)?
+            }
+        };
         self.table_hit = Some((slice, i));
         Ok(i)
     }
