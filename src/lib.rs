@@ -9,6 +9,7 @@ pub mod job;
 pub mod merge;
 pub mod metric;
 pub mod runtime;
+pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -18,21 +18,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a job over its input files and write every window's rows.
-    Run {
-        /// The job file (TOML).
-        #[arg(long)]
-        job: PathBuf,
-        /// Worker threads (default: the job's `workers`, else all cores).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Keep state here (memory-mapped tables, checkpoints) and resume
-        /// from its checkpoint if it has one.
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Also write the run summary as JSON to this file.
-        #[arg(long)]
-        summary: Option<PathBuf>,
-    },
+    Run(RunArgs),
+    /// Run a job as a daemon: as `run`, and its rows answer an HTTP API
+    /// (`[serve]` in the job: `http`, `token`) until SIGTERM or SIGINT.
+    Serve(RunArgs),
     /// Recompute a job's metrics offline and compare every emitted row.
     Verify {
         #[arg(long)]
@@ -75,6 +64,23 @@ enum Command {
     Demo(tally::demo::DemoOptions),
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The job file (TOML).
+    #[arg(long)]
+    job: PathBuf,
+    /// Worker threads (default: the job's `workers`, else all cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Keep state here (memory-mapped tables, checkpoints) and resume
+    /// from its checkpoint if it has one.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Also write the run summary as JSON to this file when the run ends.
+    #[arg(long)]
+    summary: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum DevicesCommand {
     /// Write the history as of the last checkpoint as `did,first_day,last_day`
@@ -97,7 +103,8 @@ enum DevicesCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { job, workers, state_dir, summary } => run(job, workers, state_dir, summary),
+        Command::Run(a) => run(a),
+        Command::Serve(a) => serve(a),
         Command::Verify { job, results, input, dimension } => verify(job, results, &input, &dimension),
         Command::Merge { inputs, out, job } => merge(&inputs, &out, job),
         Command::Devices { command: DevicesCommand::Export { job, state_dir, metric, out } } => {
@@ -151,28 +158,67 @@ fn load(path: &std::path::Path) -> Result<Job, ExitCode> {
     Job::load(path).map_err(|e| fail(2, e.to_string()))
 }
 
-fn run(job: PathBuf, workers: Option<usize>, state_dir: Option<PathBuf>, summary: Option<PathBuf>) -> ExitCode {
-    let mut job = match load(&job) {
-        Ok(j) => j,
-        Err(code) => return code,
-    };
+/// The job with the command line's overrides, and the flag SIGTERM and
+/// SIGINT set (finish the batch, checkpoint, exit 0; a second SIGINT exits
+/// at once).
+fn prepare(
+    job: &std::path::Path,
+    workers: Option<usize>,
+    state_dir: Option<PathBuf>,
+) -> Result<(Job, std::sync::Arc<std::sync::atomic::AtomicBool>), ExitCode> {
+    let mut job = load(job)?;
     if let Some(w) = workers {
         if w == 0 {
-            return fail(2, "--workers must be at least 1".into());
+            return Err(fail(2, "--workers must be at least 1".into()));
         }
         job.workers = w;
     }
     if state_dir.is_some() {
         job.state_dir = state_dir;
     }
-    // SIGTERM or SIGINT: finish the batch, checkpoint, exit 0. A second
-    // SIGINT exits at once.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone());
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
-    match tally::runtime::run_until(&job, &stop) {
+    Ok((job, stop))
+}
+
+fn run(RunArgs { job, workers, state_dir, summary }: RunArgs) -> ExitCode {
+    let (job, stop) = match prepare(&job, workers, state_dir) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    ended(tally::runtime::run_until(&job, &stop), summary)
+}
+
+fn serve(RunArgs { job, workers, state_dir, summary }: RunArgs) -> ExitCode {
+    let (job, stop) = match prepare(&job, workers, state_dir) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let live = tally::serve::Live::new(&job);
+    let addr = job.serve.as_ref().map_or(tally::job::SERVE_HTTP_DEFAULT, |s| s.http.as_str());
+    let server = match tally::serve::Server::start(addr, live.clone()) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    eprintln!("tally serve: HTTP API on http://{}", server.addr);
+    let result = tally::runtime::run_with(&job, &stop, Some(live));
+    if result.as_ref().is_ok_and(|s| !s.stopped) {
+        // The input ended (files only): the rows stay up until a signal.
+        eprintln!("tally serve: input done; serving until SIGTERM or SIGINT");
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    drop(server);
+    ended(result, summary)
+}
+
+/// Prints a run's summary and maps its outcome to an exit code.
+fn ended(result: Result<tally::runtime::RunSummary, tally::runtime::RunError>, summary: Option<PathBuf>) -> ExitCode {
+    match result {
         Ok(s) => {
             let _ = s.print(&mut std::io::stderr());
             if let Some(p) = summary {

@@ -468,7 +468,21 @@ pub struct Job {
     pub dimensions: Vec<DimensionSpec>,
     pub metrics: Vec<MetricSpec>,
     pub sinks: Vec<SinkSpec>,
+    /// `[serve]`: what `tally serve` listens on.
+    pub serve: Option<ServeSpec>,
 }
+
+/// `[serve]` of a job file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeSpec {
+    /// Address of the HTTP API (`127.0.0.1:PORT`).
+    pub http: String,
+    /// Bearer token the API wants (none: open).
+    pub token: Option<String>,
+}
+
+/// Where `tally serve` listens when the job file does not say.
+pub const SERVE_HTTP_DEFAULT: &str = "127.0.0.1:8080";
 
 impl Job {
     /// Whether a `minute_devices` sink takes metric `m`'s detail rows.

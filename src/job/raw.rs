@@ -8,11 +8,11 @@ use serde::Deserialize;
 use super::{
     default_binary_dims, filter::Filter, parse_bytes, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
     DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, EventsSpec, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart,
-    KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, SinkRows, SinkSpec, SinkTarget, SourceSpec,
-    SummarySpec, SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
+    KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, ServeSpec, SinkRows, SinkSpec, SinkTarget,
+    SourceSpec, SummarySpec, SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
     DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT,
     KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
-    RETURNING_AFTER_DAYS_DEFAULT,
+    RETURNING_AFTER_DAYS_DEFAULT, SERVE_HTTP_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -34,6 +34,14 @@ pub(super) struct RawJob {
     metric: Vec<RawMetric>,
     #[serde(default)]
     sink: Vec<RawSink>,
+    serve: Option<RawServe>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServe {
+    http: Option<String>,
+    token: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -229,6 +237,22 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
         "mapped" => true,
         other => return Err(invalid("job.state_tables", format!("unknown value {other:?} (expected memory, mapped)"))),
     };
+    let serve = match &raw.serve {
+        None => None,
+        Some(s) => {
+            let http = s.http.clone().unwrap_or_else(|| SERVE_HTTP_DEFAULT.into());
+            if http.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "serve.http".to_string(),
+                    format!("{http:?} is not an address such as \"127.0.0.1:8080\""),
+                ));
+            }
+            if s.token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace())) {
+                return Err(invalid("serve.token".to_string(), "must be non-empty, without whitespace"));
+            }
+            Some(ServeSpec { http, token: s.token.clone() })
+        }
+    };
     Ok(Job {
         timezone_offset_ms,
         workers,
@@ -239,6 +263,7 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
         dimensions,
         metrics,
         sinks,
+        serve,
     })
 }
 

@@ -36,6 +36,7 @@ use crate::event::Reject;
 use crate::job::{Format, Job};
 use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
+use crate::serve::Live;
 use crate::sink::jsonl::SinkError;
 use crate::sink::Sink;
 use crate::source::file::{InputError, Plan};
@@ -441,6 +442,12 @@ pub fn run(job: &Job) -> Result<RunSummary, RunError> {
 /// with a state directory, it cuts a checkpoint at the next block boundary
 /// and returns, to be resumed by the next run with the same directory.
 pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
+    run_with(job, stop, None)
+}
+
+/// [`run_until`], also handing every row to `live` (`tally serve`) and
+/// telling it when the state is restored and the input ends.
+pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let plan = Arc::new(Plan::new(job)?);
     let n = job.workers;
@@ -496,6 +503,12 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         .map(|(i, s)| Sink::open(s, job, sink_resume(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::SinkOpen)?;
+    if let Some(l) = &serving {
+        sinks.push(Sink::live(l.clone()));
+        for k in kafka.iter().flatten() {
+            l.watch(k.stream.clone());
+        }
+    }
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
     let dicts: Vec<Arc<KeyDict>> = match &resume {
         Some(r) => r.dicts.to_vec(),
@@ -527,6 +540,9 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
     }
     let mut coord = Coordinator::new(&sh, resume, stop, &kafka);
     let startup_seconds = started.elapsed().as_secs_f64();
+    if let Some(l) = &serving {
+        l.restored.store(true, Ordering::Release);
+    }
     let (tx, rx) = unbounded();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let outcome = std::thread::scope(|scope| {
@@ -549,6 +565,9 @@ pub fn run_until(job: &Job, stop: &AtomicBool) -> Result<RunSummary, RunError> {
         s.flush()?;
     }
     coord.finish(&sh, &mut reports, &mut sinks)?;
+    if let Some(l) = &serving {
+        l.finished.store(!coord.stopped(), Ordering::Release);
+    }
     let rows = sinks.iter().map(Sink::rows).sum::<u64>() + coord.rows_before();
     let mut summary = summarize(job, &sh, reports, coord.stats_before(), rows, started.elapsed());
     summary.startup_seconds = startup_seconds;

@@ -9,9 +9,11 @@ pub mod redis;
 use crate::job::{Job, SinkRows, SinkSpec, SinkTarget};
 use crate::metric::cumulate::Row;
 use crate::runtime::EventLines;
+use crate::serve::Live;
 use jsonl::{JsonlSink, SinkError};
 use kafka::KafkaSink;
 use redis::RedisSink;
+use std::sync::Arc;
 
 /// One `[[sink]]` of a job: where its rows go, and which rows it takes.
 pub struct Sink {
@@ -23,6 +25,8 @@ enum Out {
     Jsonl(JsonlSink),
     Kafka(KafkaSink),
     Redis(Box<RedisSink>),
+    /// `tally serve`'s latest rows (not a `[[sink]]`: counts no rows).
+    Live(Arc<Live>),
 }
 
 impl Sink {
@@ -37,6 +41,11 @@ impl Sink {
         Ok(Sink { out, rows: spec.rows })
     }
 
+    /// The rows `tally serve` answers from.
+    pub fn live(live: Arc<Live>) -> Sink {
+        Sink { out: Out::Live(live), rows: SinkRows::Results }
+    }
+
     /// A window row (ignored by a `minute_devices` sink).
     pub fn write(&mut self, row: &Row) -> Result<(), SinkError> {
         if self.rows != SinkRows::Results {
@@ -46,6 +55,10 @@ impl Sink {
             Out::Jsonl(s) => s.write(row.metric, &row.line),
             Out::Kafka(s) => s.write(row.metric, &row.line, row.key()),
             Out::Redis(s) => s.write(row.metric, &row.line, row.key()),
+            Out::Live(l) => {
+                l.record(row);
+                Ok(())
+            }
         }
     }
 
@@ -59,7 +72,7 @@ impl Sink {
             Out::Jsonl(s) => s.write(row.metric, &row.line),
             Out::Kafka(s) => s.write_detail(row.metric, &row.line, row.key()),
             // Validation keeps minute_devices rows away from Redis.
-            Out::Redis(_) => Ok(()),
+            Out::Redis(_) | Out::Live(_) => Ok(()),
         }
     }
 
@@ -76,7 +89,7 @@ impl Sink {
                 s.write_event(line, did)
             }),
             // Validation keeps events away from Redis.
-            Out::Redis(_) => Ok(()),
+            Out::Redis(_) | Out::Live(_) => Ok(()),
         }
     }
 
@@ -94,6 +107,7 @@ impl Sink {
             Out::Jsonl(s) => s.flush(),
             Out::Kafka(s) => s.flush(),
             Out::Redis(s) => s.flush(),
+            Out::Live(_) => Ok(()),
         }
     }
 
@@ -103,6 +117,7 @@ impl Sink {
             Out::Jsonl(s) => s.rows,
             Out::Kafka(s) => s.rows,
             Out::Redis(s) => s.rows,
+            Out::Live(_) => 0,
         }
     }
 
@@ -130,6 +145,7 @@ impl Sink {
             Out::Jsonl(s) => s.bytes,
             Out::Kafka(s) => s.bytes,
             Out::Redis(s) => s.bytes,
+            Out::Live(_) => 0,
         }
     }
 

@@ -639,6 +639,9 @@ impl Reader {
         if let Some(a) = self.assigned.get_mut(&p) {
             a.at_end = true;
         }
+        if self.assigned.values().all(|a| a.at_end) && !self.awaiting_assignment {
+            self.stream.caught_up.store(true, Ordering::Release);
+        }
         if !self.caught_up || self.done.contains(&p) || !self.assigned.contains_key(&p) {
             return;
         }

@@ -273,6 +273,9 @@ pub struct Stream {
     created: std::time::Instant,
     /// Microseconds from `created` to the first partition assignment (0: none yet).
     assigned_after_us: AtomicU64,
+    /// Set once every partition assigned (to every reader) was read to
+    /// its end: `tally serve` is ready from then on.
+    pub caught_up: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -303,6 +306,7 @@ impl Stream {
             draining: AtomicBool::new(false),
             created: std::time::Instant::now(),
             assigned_after_us: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
         }
     }
 

@@ -1,0 +1,260 @@
+//! `tally serve`: a job run as a daemon, with an HTTP API beside it.
+//!
+//! The job runs as `tally run` runs it (Kafka sources keep it going;
+//! SIGTERM or SIGINT finish the batch, checkpoint and end it). Every row
+//! the emitter writes also lands in [`Live`], the latest row per (metric,
+//! dims); a server on a thread of its own (a one-thread tokio runtime, off
+//! the shard cores) answers from it:
+//!
+//! - `GET /healthz`: 200 while the process runs;
+//! - `GET /readyz`: 200 once the state is restored and the input was read
+//!   to its end once (files: the run finished them; Kafka: every assigned
+//!   partition reached its end), else 503 with what it waits for;
+//! - `GET /api/v1/latest?metric=NAME&dims={"room_id":"r7"}`: the latest row
+//!   (largest window end) of that metric and group key, as written to the
+//!   sinks; `dims` is the row's `dims` object (omitted: `{}`);
+//! - `GET /metrics`: Prometheus text.
+//!
+//! With `[serve] token`, every path but `/healthz` and `/readyz` wants
+//! `Authorization: Bearer <token>` (401 otherwise). Bad parameters get a
+//! 400 with the reason. The server binds `[serve] http` (127.0.0.1 unless
+//! the job says otherwise).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::Value;
+
+use crate::job::Job;
+use crate::metric::cumulate::Row;
+use crate::source::stream::Stream;
+
+/// Longest `dims` parameter accepted (bytes).
+const DIMS_MAX_BYTES: usize = 4096;
+
+/// What the server answers from: the latest rows and the run's progress.
+pub struct Live {
+    /// (metric name, dims as canonical JSON) -> (window end, row).
+    latest: Mutex<HashMap<(String, String), (i64, String)>>,
+    names: Vec<String>,
+    token: Option<String>,
+    rows: AtomicU64,
+    started: Instant,
+    /// The state was restored (or a fresh one made) and workers run.
+    pub restored: AtomicBool,
+    /// The run read all its input and ended (a job of files only).
+    pub finished: AtomicBool,
+    /// Its stream sources, for readiness.
+    streams: Mutex<Vec<Arc<Stream>>>,
+}
+
+impl Live {
+    pub fn new(job: &Job) -> Arc<Live> {
+        Arc::new(Live {
+            latest: Mutex::new(HashMap::new()),
+            names: job.metrics.iter().map(|m| m.name.clone()).collect(),
+            token: job.serve.as_ref().and_then(|s| s.token.clone()),
+            rows: AtomicU64::new(0),
+            started: Instant::now(),
+            restored: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            streams: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Watches a stream source for readiness.
+    pub fn watch(&self, stream: Arc<Stream>) {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+    }
+
+    /// Keeps a row if it is the latest of its metric and dims.
+    pub fn record(&self, row: &Row) {
+        self.rows.fetch_add(1, Ordering::Relaxed);
+        let Ok(Value::Object(r)) = serde_json::from_str::<Value>(&row.line) else {
+            return;
+        };
+        let Some(dims) = r.get("dims").and_then(Value::as_object) else {
+            return;
+        };
+        let name = self.names.get(row.metric).cloned().unwrap_or_default();
+        let key = (name, canonical(dims));
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        match latest.get_mut(&key) {
+            Some((end, line)) if *end <= row.window_end_ms => {
+                *end = row.window_end_ms;
+                line.clone_from(&row.line);
+            }
+            Some(_) => {}
+            None => {
+                latest.insert(key, (row.window_end_ms, row.line.clone()));
+            }
+        }
+    }
+
+    /// Why the daemon is not ready yet, if it is not.
+    fn waiting_for(&self) -> Option<&'static str> {
+        if !self.restored.load(Ordering::Acquire) {
+            return Some("restoring the state");
+        }
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.is_empty() {
+            return (!self.finished.load(Ordering::Acquire)).then_some("reading the input files");
+        }
+        if streams.iter().any(|s| !s.caught_up.load(Ordering::Acquire)) {
+            return Some("reading the Kafka partitions to their end");
+        }
+        None
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        given.and_then(|v| v.strip_prefix("Bearer ")) == Some(token.as_str())
+    }
+}
+
+/// A dims object as text with its fields sorted, whatever order a writer
+/// or a query put them in.
+fn canonical(dims: &serde_json::Map<String, Value>) -> String {
+    let sorted: BTreeMap<&String, &Value> = dims.iter().collect();
+    serde_json::to_string(&sorted).unwrap_or_default()
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(live): State<Arc<Live>>) -> Response {
+    match live.waiting_for() {
+        None => text(StatusCode::OK, "ready\n"),
+        Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+async fn latest(
+    State(live): State<Arc<Live>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    if !live.authorized(&headers) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    if let Some(k) = params.keys().find(|k| *k != "metric" && *k != "dims") {
+        return text(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (expected metric, dims)\n"));
+    }
+    let Some(metric) = params.get("metric") else {
+        return text(StatusCode::BAD_REQUEST, "`metric` is required\n");
+    };
+    if !live.names.contains(metric) {
+        return text(StatusCode::NOT_FOUND, format!("the job has no metric {metric:?}\n"));
+    }
+    let dims = params.get("dims").map_or("{}", String::as_str);
+    if dims.len() > DIMS_MAX_BYTES {
+        return text(StatusCode::BAD_REQUEST, format!("`dims` is longer than {DIMS_MAX_BYTES} bytes\n"));
+    }
+    let dims = match serde_json::from_str::<Value>(dims) {
+        Ok(Value::Object(d)) => canonical(&d),
+        _ => return text(StatusCode::BAD_REQUEST, "`dims` must be a JSON object, e.g. {\"room_id\":\"r7\"}\n"),
+    };
+    let found = live.latest.lock().unwrap_or_else(|p| p.into_inner()).get(&(metric.clone(), dims)).cloned();
+    match found {
+        // A row's line ends with its newline.
+        Some((_, line)) => ([(header::CONTENT_TYPE, "application/json")], line).into_response(),
+        None => text(StatusCode::NOT_FOUND, "no row for these dims yet\n"),
+    }
+}
+
+async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response {
+    if !live.authorized(&headers) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    let mut keys: BTreeMap<&str, u64> = live.names.iter().map(|n| (n.as_str(), 0)).collect();
+    for (name, _) in live.latest.lock().unwrap_or_else(|p| p.into_inner()).keys() {
+        if let Some(k) = keys.get_mut(name.as_str()) {
+            *k += 1;
+        }
+    }
+    let mut out = String::new();
+    out.push_str("# HELP tally_ready 1 once the state is restored and the input was read to its end once.\n");
+    out.push_str("# TYPE tally_ready gauge\n");
+    out.push_str(&format!("tally_ready {}\n", u8::from(live.waiting_for().is_none())));
+    out.push_str("# HELP tally_rows_total Result rows the job wrote since the daemon started.\n");
+    out.push_str("# TYPE tally_rows_total counter\n");
+    out.push_str(&format!("tally_rows_total {}\n", live.rows.load(Ordering::Relaxed)));
+    out.push_str("# HELP tally_keys Group keys with a latest row, per metric.\n");
+    out.push_str("# TYPE tally_keys gauge\n");
+    for (name, n) in keys {
+        out.push_str(&format!("tally_keys{{metric=\"{}\"}} {n}\n", name.replace('\\', "\\\\").replace('"', "\\\"")));
+    }
+    out.push_str("# HELP tally_uptime_seconds Seconds since the daemon started.\n");
+    out.push_str("# TYPE tally_uptime_seconds gauge\n");
+    out.push_str(&format!("tally_uptime_seconds {:.3}\n", live.started.elapsed().as_secs_f64()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The HTTP server, running until dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `addr` (an error names it) and serves `live` from a thread of
+    /// its own.
+    pub fn start(addr: &str, live: Arc<Live>) -> Result<Server, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| format!("[serve] http = {addr:?}: cannot listen: {e}"))?;
+        let local = listener.local_addr().map_err(|e| format!("[serve] http = {addr:?}: {e}"))?;
+        let app = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/api/v1/latest", get(latest))
+            .route("/metrics", get(metrics))
+            .with_state(live);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tally-http".into())
+            .spawn(move || {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                    let _ = rx.await;
+                });
+                if let Err(e) = rt.block_on(std::future::IntoFuture::into_future(serve)) {
+                    eprintln!("tally serve: HTTP server stopped: {e}");
+                }
+            })
+            .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+        Ok(Server { addr: local, shutdown: Some(tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

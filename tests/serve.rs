@@ -1,0 +1,250 @@
+//! `tally serve`: the job runs as `tally run` would, and an HTTP API on
+//! 127.0.0.1 answers from its rows: the latest row of every key equals the
+//! last row the file sink wrote for it (which `tally verify` checks against
+//! the offline recomputation), `/metrics` counts what was written, bad
+//! requests get 400/401/404 with a reason, SIGTERM ends it with exit 0.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::kafka::free_port;
+use support::*;
+
+const TOKEN: &str = "t0ken";
+
+/// One request with `Connection: close`; (status, body).
+fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to tally serve");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// `s` percent-encoded for a query string.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The last row of each (metric, dims) in a results file.
+fn last_rows(path: &std::path::Path) -> BTreeMap<(String, String), String> {
+    let mut last = BTreeMap::new();
+    for line in read_lines(path) {
+        let line = String::from_utf8(line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        last.insert((v["metric"].as_str().unwrap().into(), v["dims"].to_string()), line);
+    }
+    last
+}
+
+fn serve_job(dir: &std::path::Path, port: u16) -> JobFile {
+    let files = generate(&dir.join("data"), gen_options(60_000));
+    let job = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version()).write(dir, "job");
+    let serve = format!("\n[serve]\nhttp = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n");
+    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &serve).unwrap();
+    job
+}
+
+#[test]
+fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let port = free_port();
+    let job = serve_job(dir, port);
+    let mut child = std::process::Command::new(TALLY)
+        .args([
+            OsStr::new("serve"),
+            OsStr::new("--workers"),
+            OsStr::new("2"),
+            OsStr::new("--job"),
+            job.path.as_os_str(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tally serve");
+    // Ready once the input was read to its end.
+    let started = Instant::now();
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() && get(port, "/readyz", None).0 == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(port, "/healthz", None), (200, "ok\n".into()));
+    assert_verifies(&job, &job.results, "the rows beside the API");
+
+    // The last row the file got for each (metric, dims), as the API has it.
+    let last = last_rows(&job.results);
+    assert!(last.len() > 20, "keys to ask for: {}", last.len());
+    for ((metric, dims), line) in &last {
+        let path = format!("/api/v1/latest?metric={}&dims={}", enc(metric), enc(dims));
+        assert_eq!(get(port, &path, Some(TOKEN)), (200, format!("{line}\n")), "{metric} {dims}");
+    }
+
+    // Prometheus text: every sample line is `name{labels} value`.
+    let (status, text) = get(port, "/metrics", Some(TOKEN));
+    assert_eq!(status, 200);
+    let mut samples: BTreeMap<String, f64> = BTreeMap::new();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample line: {l:?}"));
+        samples.insert(name.to_string(), value.parse().unwrap_or_else(|_| panic!("not a number: {l:?}")));
+    }
+    assert_eq!(samples["tally_ready"], 1.0);
+    assert_eq!(samples["tally_rows_total"], read_lines(&job.results).len() as f64);
+    for metric in ["page_uv", "platform_version"] {
+        let keys = last.keys().filter(|(m, _)| m == metric).count();
+        assert_eq!(samples[&format!("tally_keys{{metric=\"{metric}\"}}")], keys as f64, "{metric}");
+    }
+
+    // Bad requests: the reason, never a crash.
+    let (metric, dims) = last.keys().next().unwrap();
+    let good = format!("/api/v1/latest?metric={}&dims={}", enc(metric), enc(dims));
+    assert_eq!(get(port, &good, None).0, 401, "no token");
+    assert_eq!(get(port, &good, Some("wrong")).0, 401, "wrong token");
+    assert_eq!(get(port, "/metrics", None).0, 401, "metrics want the token too");
+    for (path, status, says) in [
+        ("/api/v1/latest".to_string(), 400, "`metric` is required"),
+        (format!("/api/v1/latest?metric={}&dims=%7Bnot", enc(metric)), 400, "JSON object"),
+        (format!("/api/v1/latest?metric={}&limit=3", enc(metric)), 400, "unknown parameter"),
+        ("/api/v1/latest?metric=nope".to_string(), 404, "no metric"),
+        (format!("/api/v1/latest?metric={}&dims=%7B%22x%22%3A1%7D", enc(metric)), 404, "no row"),
+    ] {
+        let (got, body) = get(port, &path, Some(TOKEN));
+        assert!(got == status && body.contains(says), "{path}: {got} {body:?}");
+    }
+
+    // SIGTERM: exit 0.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(status.success(), "exit {status}: {log}");
+}
+
+#[test]
+fn serve_refuses_an_address_it_cannot_listen_on_before_it_starts() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let job = serve_job(dir, port);
+    let out = tally([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("127.0.0.1:{port}")), "{}", out.stderr);
+    assert!(!job.results.exists(), "nothing ran");
+
+    let text = fs::read_to_string(&job.path).unwrap().replace(&format!("127.0.0.1:{port}"), "localhost");
+    fs::write(&job.path, text).unwrap();
+    let out = tally([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()]);
+    assert!(out.code == Some(2) && out.stderr.contains("serve.http"), "{}", out.stderr);
+}
+
+/// With a Kafka source the run never ends: ready once every partition was
+/// read to its end; the API then has, for every key, the last row the file
+/// sink got (read after SIGTERM flushed it).
+#[test]
+fn serve_over_a_topic_is_ready_once_caught_up() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let port = free_port();
+    let job = serve_job(dir, port);
+    // Every key the job can have: the same job over the files.
+    let out = tally([OsStr::new("run"), OsStr::new("--job"), job.path.as_os_str()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let keys: std::collections::BTreeSet<(String, String)> = read_values(&job.results)
+        .iter()
+        .map(|v| (v["metric"].as_str().unwrap().to_string(), v["dims"].to_string()))
+        .collect();
+    fs::remove_file(&job.results).unwrap();
+
+    let broker = support::kafka::Broker::start();
+    let mut files: Vec<_> = fs::read_dir(dir.join("data")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let lines: Vec<Vec<u8>> = files.iter().flat_map(|f| read_lines(f)).collect();
+    broker.produce_lines("events", 2, &lines, |_| None, |i, _| (i % 2) as i32);
+    let text = fs::read_to_string(&job.path).unwrap();
+    let start = text.find("kind = \"file\"").unwrap();
+    let end = start + text[start..].find("\nformat").unwrap();
+    let source = format!(
+        "kind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"events\"\ngroup_id = \"serve\"\nstart = \"earliest\"\n\
+         properties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\" }}\n",
+        broker.addr
+    );
+    fs::write(&job.path, format!("{}{source}{}", &text[..start], &text[end + 1..])).unwrap();
+    // A state directory: SIGTERM checkpoints and exits 0.
+    let mut child = std::process::Command::new(TALLY)
+        .args([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tally serve");
+    let started = Instant::now();
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let (status, body) = get(port, "/readyz", None);
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Read is not yet counted: wait until the rows stop coming.
+    let rows_now = || {
+        let (_, text) = get(port, "/metrics", Some(TOKEN));
+        text.lines().find_map(|l| l.strip_prefix("tally_rows_total ")).and_then(|v| v.parse::<u64>().ok())
+    };
+    let (mut rows, mut same) = (u64::MAX, 0);
+    while same < 3 {
+        assert!(started.elapsed() < Duration::from_secs(90), "rows kept coming");
+        std::thread::sleep(Duration::from_millis(300));
+        let now = rows_now().unwrap_or(0);
+        same = if now == rows && now > 0 { same + 1 } else { 0 };
+        rows = now;
+    }
+    let answers: BTreeMap<(String, String), (u16, String)> = keys
+        .iter()
+        .map(|(metric, dims)| {
+            let path = format!("/api/v1/latest?metric={}&dims={}", enc(metric), enc(dims));
+            ((metric.clone(), dims.clone()), get(port, &path, Some(TOKEN)))
+        })
+        .collect();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    assert_eq!(read_lines(&job.results).len() as u64, rows, "the rows the API counted");
+    let last = last_rows(&job.results);
+    assert!(last.len() > 20, "rows while the topic stays open: {}", last.len());
+    for (key, answer) in &answers {
+        match last.get(key) {
+            Some(line) => assert_eq!(answer, &(200, format!("{line}\n")), "{key:?}"),
+            None => assert_eq!(answer.0, 404, "{key:?}: no row written, yet {answer:?}"),
+        }
+    }
+}
