@@ -33,8 +33,10 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
 
+use crate::job::filter::FieldValue;
 use crate::job::Job;
 use crate::metric::cumulate::Row;
+use crate::metric::keys::render_dims;
 use crate::source::stream::Stream;
 
 /// Longest `dims` parameter accepted (bytes).
@@ -42,9 +44,11 @@ const DIMS_MAX_BYTES: usize = 4096;
 
 /// What the server answers from: the latest rows and the run's progress.
 pub struct Live {
-    /// (metric name, dims as canonical JSON) -> (window end, row).
-    latest: Mutex<HashMap<(String, String), (i64, String)>>,
+    /// Per metric (a summary's grouping sets apart): the row's `dims` text
+    /// as the engine renders it -> (window end, row).
+    latest: Mutex<Vec<HashMap<String, (i64, String)>>>,
     names: Vec<String>,
+    group_by: Vec<Vec<String>>,
     token: Option<String>,
     rows: AtomicU64,
     started: Instant,
@@ -59,8 +63,9 @@ pub struct Live {
 impl Live {
     pub fn new(job: &Job) -> Arc<Live> {
         Arc::new(Live {
-            latest: Mutex::new(HashMap::new()),
+            latest: Mutex::new(job.metrics.iter().map(|_| HashMap::new()).collect()),
             names: job.metrics.iter().map(|m| m.name.clone()).collect(),
+            group_by: job.metrics.iter().map(|m| m.group_by.clone()).collect(),
             token: job.serve.as_ref().and_then(|s| s.token.clone()),
             rows: AtomicU64::new(0),
             started: Instant::now(),
@@ -75,28 +80,56 @@ impl Live {
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
     }
 
-    /// Keeps a row if it is the latest of its metric and dims.
+    /// Keeps a row if it is the latest of its metric and dims (on the
+    /// emitter thread: a map probe by the row's dims text, no parsing).
     pub fn record(&self, row: &Row) {
         self.rows.fetch_add(1, Ordering::Relaxed);
-        let Ok(Value::Object(r)) = serde_json::from_str::<Value>(&row.line) else {
-            return;
-        };
-        let Some(dims) = r.get("dims").and_then(Value::as_object) else {
-            return;
-        };
-        let name = self.names.get(row.metric).cloned().unwrap_or_default();
-        let key = (name, canonical(dims));
         let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        match latest.get_mut(&key) {
-            Some((end, line)) if *end <= row.window_end_ms => {
-                *end = row.window_end_ms;
-                line.clone_from(&row.line);
+        let Some(map) = latest.get_mut(row.metric) else {
+            return;
+        };
+        match map.get_mut(row.key()) {
+            Some((end, line)) => {
+                if *end <= row.window_end_ms {
+                    *end = row.window_end_ms;
+                    line.clone_from(&row.line);
+                }
             }
-            Some(_) => {}
             None => {
-                latest.insert(key, (row.window_end_ms, row.line.clone()));
+                map.insert(row.key().to_string(), (row.window_end_ms, row.line.clone()));
             }
         }
+    }
+
+    /// The latest row of metric `name` whose dims are `dims` (any field
+    /// order): the grouping set with exactly those fields, its dims text
+    /// rendered as the engine renders it.
+    fn find(&self, name: &str, dims: &serde_json::Map<String, Value>) -> Result<Option<String>, String> {
+        let mut fields: Vec<&String> = dims.keys().collect();
+        fields.sort();
+        let set = (0..self.names.len()).find(|&m| {
+            let mut g: Vec<&String> = self.group_by[m].iter().collect();
+            g.sort();
+            self.names[m] == name && g == fields
+        });
+        let Some(m) = set else {
+            return Err(format!("metric {name:?} has no grouping by exactly {fields:?}"));
+        };
+        let mut values = Vec::with_capacity(dims.len());
+        for f in &self.group_by[m] {
+            values.push(match &dims[f] {
+                Value::Null => FieldValue::Null,
+                Value::String(s) => FieldValue::Str(s.as_bytes()),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => FieldValue::Int(i),
+                    None => FieldValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                _ => return Err(format!("dims field {f:?}: a string, a number or null")),
+            });
+        }
+        let text = render_dims(&self.group_by[m], &values);
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(latest[m].get(&text).map(|(_, line)| line.clone()))
     }
 
     /// Why the daemon is not ready yet, if it is not.
@@ -121,13 +154,6 @@ impl Live {
         let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         given.and_then(|v| v.strip_prefix("Bearer ")) == Some(token.as_str())
     }
-}
-
-/// A dims object as text with its fields sorted, whatever order a writer
-/// or a query put them in.
-fn canonical(dims: &serde_json::Map<String, Value>) -> String {
-    let sorted: BTreeMap<&String, &Value> = dims.iter().collect();
-    serde_json::to_string(&sorted).unwrap_or_default()
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -167,14 +193,14 @@ async fn latest(
         return text(StatusCode::BAD_REQUEST, format!("`dims` is longer than {DIMS_MAX_BYTES} bytes\n"));
     }
     let dims = match serde_json::from_str::<Value>(dims) {
-        Ok(Value::Object(d)) => canonical(&d),
+        Ok(Value::Object(d)) => d,
         _ => return text(StatusCode::BAD_REQUEST, "`dims` must be a JSON object, e.g. {\"room_id\":\"r7\"}\n"),
     };
-    let found = live.latest.lock().unwrap_or_else(|p| p.into_inner()).get(&(metric.clone(), dims)).cloned();
-    match found {
+    match live.find(metric, &dims) {
         // A row's line ends with its newline.
-        Some((_, line)) => ([(header::CONTENT_TYPE, "application/json")], line).into_response(),
-        None => text(StatusCode::NOT_FOUND, "no row for these dims yet\n"),
+        Ok(Some(line)) => ([(header::CONTENT_TYPE, "application/json")], line).into_response(),
+        Ok(None) => text(StatusCode::NOT_FOUND, "no row for these dims yet\n"),
+        Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
     }
 }
 
@@ -182,11 +208,9 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
     if !live.authorized(&headers) {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
-    let mut keys: BTreeMap<&str, u64> = live.names.iter().map(|n| (n.as_str(), 0)).collect();
-    for (name, _) in live.latest.lock().unwrap_or_else(|p| p.into_inner()).keys() {
-        if let Some(k) = keys.get_mut(name.as_str()) {
-            *k += 1;
-        }
+    let mut keys: BTreeMap<&str, usize> = live.names.iter().map(|n| (n.as_str(), 0)).collect();
+    for (m, map) in live.latest.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+        *keys.entry(live.names[m].as_str()).or_default() += map.len();
     }
     let mut out = String::new();
     out.push_str("# HELP tally_ready 1 once the state is restored and the input was read to its end once.\n");

@@ -127,7 +127,9 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
         (format!("/api/v1/latest?metric={}&dims=%7Bnot", enc(metric)), 400, "JSON object"),
         (format!("/api/v1/latest?metric={}&limit=3", enc(metric)), 400, "unknown parameter"),
         ("/api/v1/latest?metric=nope".to_string(), 404, "no metric"),
-        (format!("/api/v1/latest?metric={}&dims=%7B%22x%22%3A1%7D", enc(metric)), 404, "no row"),
+        (format!("/api/v1/latest?metric={}&dims=%7B%22x%22%3A1%7D", enc(metric)), 400, "no grouping"),
+        (format!("/api/v1/latest?metric=page_uv&dims={}", enc(r#"{"page":"no-such-page"}"#)), 404, "no row"),
+        (format!("/api/v1/latest?metric=page_uv&dims={}", enc(r#"{"page":[1]}"#)), 400, "a string, a number or null"),
     ] {
         let (got, body) = get(port, &path, Some(TOKEN));
         assert!(got == status && body.contains(says), "{path}: {got} {body:?}");
