@@ -13,6 +13,7 @@
 //! - `GET /api/v1/latest?metric=NAME&dims={"room_id":"r7"}`: the latest row
 //!   (largest window end) of that metric and group key, as written to the
 //!   sinks; `dims` is the row's `dims` object (omitted: `{}`);
+//! - `GET /api/v1/status`: the job's sources and metrics, rows, readiness;
 //! - `GET /metrics`: Prometheus text.
 //!
 //! With `[serve] token`, every path but `/healthz` and `/readyz` wants
@@ -49,6 +50,8 @@ pub struct Live {
     latest: Mutex<Vec<HashMap<String, (i64, String)>>>,
     names: Vec<String>,
     group_by: Vec<Vec<String>>,
+    /// (name, kind, format) of each source.
+    sources: Vec<(String, &'static str, &'static str)>,
     token: Option<String>,
     rows: AtomicU64,
     started: Instant,
@@ -66,6 +69,11 @@ impl Live {
             latest: Mutex::new(job.metrics.iter().map(|_| HashMap::new()).collect()),
             names: job.metrics.iter().map(|m| m.name.clone()).collect(),
             group_by: job.metrics.iter().map(|m| m.group_by.clone()).collect(),
+            sources: job
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), if s.kafka.is_some() { "kafka" } else { "file" }, s.format.name()))
+                .collect(),
             token: job.serve.as_ref().and_then(|s| s.token.clone()),
             rows: AtomicU64::new(0),
             started: Instant::now(),
@@ -204,14 +212,40 @@ async fn latest(
     }
 }
 
+impl Live {
+    /// Keys with a latest row, per metric name (a summary's sets summed).
+    fn keys(&self) -> BTreeMap<&str, usize> {
+        let mut keys: BTreeMap<&str, usize> = self.names.iter().map(|n| (n.as_str(), 0)).collect();
+        for (m, map) in self.latest.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+            *keys.entry(self.names[m].as_str()).or_default() += map.len();
+        }
+        keys
+    }
+}
+
+async fn status(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response {
+    if !live.authorized(&headers) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    let keys = live.keys();
+    let body = serde_json::json!({
+        "ready": live.waiting_for().is_none(),
+        "waiting_for": live.waiting_for(),
+        "uptime_seconds": live.started.elapsed().as_secs_f64(),
+        "rows": live.rows.load(Ordering::Relaxed),
+        "metrics": keys.iter().map(|(name, n)| serde_json::json!({"name": name, "keys": n})).collect::<Vec<_>>(),
+        "sources": live.sources.iter().map(|(name, kind, format)| {
+            serde_json::json!({"name": name, "kind": kind, "format": format})
+        }).collect::<Vec<_>>(),
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string() + "\n").into_response()
+}
+
 async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response {
     if !live.authorized(&headers) {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
-    let mut keys: BTreeMap<&str, usize> = live.names.iter().map(|n| (n.as_str(), 0)).collect();
-    for (m, map) in live.latest.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
-        *keys.entry(live.names[m].as_str()).or_default() += map.len();
-    }
+    let keys = live.keys();
     let mut out = String::new();
     out.push_str("# HELP tally_ready 1 once the state is restored and the input was read to its end once.\n");
     out.push_str("# TYPE tally_ready gauge\n");
@@ -254,6 +288,7 @@ impl Server {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/api/v1/latest", get(latest))
+            .route("/api/v1/status", get(status))
             .route("/metrics", get(metrics))
             .with_state(live);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -101,6 +101,18 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
         assert_eq!(get(port, &path, Some(TOKEN)), (200, format!("{line}\n")), "{metric} {dims}");
     }
 
+    // Status: the job's sources and metrics, as the API has them.
+    let (status, body) = get(port, "/api/v1/status", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let st: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st["ready"], Value::Bool(true), "{st}");
+    assert_eq!(st["rows"].as_u64(), Some(read_lines(&job.results).len() as u64), "{st}");
+    assert_eq!(st["sources"][0]["kind"], "file", "{st}");
+    let page_keys = last.keys().filter(|(m, _)| m == "page_uv").count() as u64;
+    assert_eq!(st["metrics"].as_array().unwrap().len(), 2, "{st}");
+    assert!(st["metrics"].as_array().unwrap().iter().any(|m| m["name"] == "page_uv" && m["keys"] == page_keys), "{st}");
+    assert_eq!(get(port, "/api/v1/status", None).0, 401);
+
     // Prometheus text: every sample line is `name{labels} value`.
     let (status, text) = get(port, "/metrics", Some(TOKEN));
     assert_eq!(status, 200);
