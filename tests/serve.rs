@@ -54,6 +54,34 @@ fn last_rows(path: &std::path::Path) -> BTreeMap<(String, String), String> {
     last
 }
 
+/// `tally serve` on `job` with more arguments; its stderr is piped.
+fn spawn_serve(job: &JobFile, extra: &[&OsStr]) -> std::process::Child {
+    std::process::Command::new(TALLY)
+        .args([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tally serve")
+}
+
+/// Waits until `/readyz` answers 200 (503 until then), at most 60 s.
+fn wait_ready(port: u16) {
+    let started = Instant::now();
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let (status, body) = get(port, "/readyz", None);
+            if status == 200 {
+                return;
+            }
+            assert_eq!(status, 503, "{body}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn serve_job(dir: &std::path::Path, port: u16) -> JobFile {
     let files = generate(&dir.join("data"), gen_options(60_000));
     let job = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version()).write(dir, "job");
@@ -68,28 +96,9 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
     let dir = tmp.path();
     let port = free_port();
     let job = serve_job(dir, port);
-    let mut child = std::process::Command::new(TALLY)
-        .args([
-            OsStr::new("serve"),
-            OsStr::new("--workers"),
-            OsStr::new("2"),
-            OsStr::new("--job"),
-            job.path.as_os_str(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tally serve");
+    let mut child = spawn_serve(&job, &["--workers".as_ref(), "2".as_ref()]);
     // Ready once the input was read to its end.
-    let started = Instant::now();
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() && get(port, "/readyz", None).0 == 200 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(port);
     assert_eq!(get(port, "/healthz", None), (200, "ok\n".into()));
     assert_verifies(&job, &job.results, "the rows beside the API");
 
@@ -207,27 +216,10 @@ fn serve_over_a_topic_is_ready_once_caught_up() {
     );
     fs::write(&job.path, format!("{}{source}{}", &text[..start], &text[end + 1..])).unwrap();
     // A state directory: SIGTERM checkpoints and exits 0.
-    let mut child = std::process::Command::new(TALLY)
-        .args([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tally serve");
+    let state = dir.join("state");
+    let mut child = spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str()]);
     let started = Instant::now();
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            let (status, body) = get(port, "/readyz", None);
-            if status == 200 {
-                break;
-            }
-            assert_eq!(status, 503, "{body}");
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never caught up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(port);
     // Read is not yet counted: wait until the rows stop coming.
     let rows_now = || {
         let (_, text) = get(port, "/metrics", Some(TOKEN));

@@ -99,14 +99,15 @@ pub fn upsert_key(metric: &str, end: i64, grouping: &[Value], dims: &Map<String,
     out.push(0x1f);
     out.extend_from_slice(itoa::Buffer::new().format(end).as_bytes());
     out.push(0x1f);
-    out.extend_from_slice(Value::Array(grouping.to_vec()).to_string().as_bytes());
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, grouping);
     let mut names: Vec<&String> = dims.keys().collect();
     names.sort();
     for n in names {
         out.push(0x1f);
-        out.extend_from_slice(Value::String(n.clone()).to_string().as_bytes());
+        let _ = serde_json::to_writer(&mut *out, n);
         out.push(b':');
-        out.extend_from_slice(dims[n].to_string().as_bytes());
+        let _ = serde_json::to_writer(&mut *out, &dims[n]);
     }
 }
 

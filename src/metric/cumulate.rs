@@ -943,7 +943,7 @@ impl CumulateShard {
         self.closed_bytes = saved.closed_bytes as usize;
         self.closed_entries = saved.closed_entries as usize;
         match (&mut self.upserts, &saved.upserts) {
-            (Some(u), Some(rows)) => u.extend_from(rows, |_| true),
+            (Some(u), Some(rows)) => u.extend_from(rows),
             (None, None) => {}
             _ => {
                 return Err(io::Error::new(

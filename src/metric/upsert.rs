@@ -124,13 +124,10 @@ impl Upserts {
         UpsertsSaved { rows: self.rows.clone(), vals: self.vals.clone() }
     }
 
-    /// The rows of a checkpoint (of this shard, or of any shard: `mine`
-    /// picks the fingerprints this one owns).
-    pub fn extend_from(&mut self, saved: &UpsertsSaved, mine: impl Fn(u64) -> bool) {
+    /// The rows of this shard's checkpoint.
+    pub fn extend_from(&mut self, saved: &UpsertsSaved) {
         for (i, r) in saved.rows.iter().enumerate() {
-            if mine(r.fp) {
-                self.set(None, *r, &saved.vals[i * self.values..(i + 1) * self.values]);
-            }
+            self.set(None, *r, &saved.vals[i * self.values..(i + 1) * self.values]);
         }
     }
 }
@@ -155,7 +152,7 @@ mod tests {
         assert_eq!((u.len(), u.arrival(7, 1, &[2.0, 3.0])), (1, Arrival::New));
         assert_eq!(u.arrival(8, 1, &[5.0, 6.0]), Arrival::Unchanged);
         let mut back = Upserts::new(2);
-        back.extend_from(&u.saved(), |fp| fp == 8);
+        back.extend_from(&u.saved());
         assert_eq!(back.arrival(8, 1, &[5.0, 6.0]), Arrival::Unchanged);
     }
 }
