@@ -241,6 +241,20 @@ pub struct GenOptions {
     /// written next to them).
     #[arg(long, value_enum, default_value_t = GenScenario::Pages)]
     pub scenario: GenScenario,
+    /// Stream the events to a TCP source (`tcp://HOST:PORT`) instead of
+    /// writing files (a live scenario's dimension files still go to --out).
+    /// No CSV header is sent: the source names its `csv_columns`.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// With --to: connections to open; consecutive chunks of events go to
+    /// them in turn, so each carries the whole span in time order.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// With --to: send at this many events per second on average, following
+    /// the time shape (--shape peak sends its peak faster); 0 sends as fast
+    /// as the receiver reads.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 impl Default for GenOptions {
@@ -263,6 +277,9 @@ impl Default for GenOptions {
             dup_rate: DEFAULT_DUP_RATE,
             did_strings: DEFAULT_DID_STRINGS,
             scenario: GenScenario::Pages,
+            to: None,
+            connections: 1,
+            rate: 0.0,
         }
     }
 }
@@ -295,14 +312,27 @@ pub fn generate_with_threads(opts: &GenOptions, threads: usize) -> Result<GenRep
 fn generate_chunked(opts: &GenOptions, threads: usize, chunk_events: u64) -> Result<GenReport> {
     let started = Instant::now();
     let plan = Plan::new(opts, chunk_events)?;
-    let mut files = output_paths(opts)?;
-    let header = match opts.scenario {
-        GenScenario::Pages => opts.format.header(),
-        GenScenario::Live => live::header(opts.format),
+    let (mut files, events, bytes) = match &opts.to {
+        Some(to) => {
+            if plan.live.is_some() {
+                fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+            }
+            let mut sink = TcpOut::connect(to, opts.connections, opts.rate, started)?;
+            run_pipeline(&plan, threads, &mut sink)?;
+            (Vec::new(), sink.records, sink.bytes)
+        }
+        None => {
+            let files = output_paths(opts)?;
+            let header = match opts.scenario {
+                GenScenario::Pages => opts.format.header(),
+                GenScenario::Live => live::header(opts.format),
+            };
+            let mut sink = Sink::open(files.clone(), header)?;
+            run_pipeline(&plan, threads, &mut sink)?;
+            let (events, bytes) = sink.finish()?;
+            (files, events, bytes)
+        }
     };
-    let mut sink = Sink::open(files.clone(), header)?;
-    run_pipeline(&plan, threads, &mut sink)?;
-    let (events, bytes) = sink.finish()?;
     if let Some(live) = &plan.live {
         files.extend(live.write_dimensions(&opts.out, opts.seed)?);
     }
@@ -385,6 +415,12 @@ fn validate(opts: &GenOptions) -> Result<()> {
         "--scenario live writes JSON lines or CSV (a binary record has no amount)"
     );
     ensure!((1..=MAX_FILES).contains(&opts.files), "--files must be between 1 and {MAX_FILES}, got {}", opts.files);
+    ensure!(opts.connections >= 1, "--connections must be at least 1");
+    ensure!(opts.rate >= 0.0 && opts.rate.is_finite(), "--rate must be 0 (unpaced) or a positive number of events/s");
+    ensure!(
+        opts.to.is_some() || (opts.connections == 1 && opts.rate == 0.0),
+        "--connections and --rate pace a stream: they need --to tcp://HOST:PORT"
+    );
     for (flag, value) in [
         ("--disorder-fraction", opts.disorder_fraction),
         ("--late-fraction", opts.late_fraction),
@@ -1178,7 +1214,7 @@ impl Plan {
 /// Worker `w` builds chunks `w, w + T, w + 2T, …` into its own bounded queue;
 /// the calling thread drains the queues round-robin, which restores chunk
 /// order and bounds the chunks in flight. Used buffers go back to the workers.
-fn run_pipeline(plan: &Plan, threads: usize, sink: &mut Sink) -> Result<()> {
+fn run_pipeline(plan: &Plan, threads: usize, sink: &mut dyn ChunkSink) -> Result<()> {
     let chunks = plan.chunk_count();
     let threads = threads.clamp(1, MAX_THREADS).min(chunks.max(1) as usize);
     let (recycle_tx, recycle_rx) = channel::unbounded::<Vec<u8>>();
@@ -1192,7 +1228,7 @@ fn run_pipeline(plan: &Plan, threads: usize, sink: &mut Sink) -> Result<()> {
         }
         // On error the queues drop here, so blocked workers see a closed
         // channel and stop before the scope joins them.
-        drain_in_order(chunks, queues, &recycle_tx, sink)
+        drain_in_order(plan, chunks, queues, &recycle_tx, sink)
     })
 }
 
@@ -1206,11 +1242,17 @@ fn run_worker(plan: &Plan, worker: usize, threads: usize, tx: Sender<Chunk>, rec
     }
 }
 
-fn drain_in_order(chunks: u64, queues: Vec<Receiver<Chunk>>, recycle: &Sender<Vec<u8>>, sink: &mut Sink) -> Result<()> {
+fn drain_in_order(
+    plan: &Plan,
+    chunks: u64,
+    queues: Vec<Receiver<Chunk>>,
+    recycle: &Sender<Vec<u8>>,
+    sink: &mut dyn ChunkSink,
+) -> Result<()> {
     for chunk in 0..chunks {
         let queue = &queues[(chunk % queues.len() as u64) as usize];
         let built = queue.recv().map_err(|_| anyhow!("generator thread for chunk {chunk} stopped"))?;
-        sink.write_chunk(&built)?;
+        sink.write_chunk(plan, chunk, &built)?;
         // Workers may all be done already; then the buffer is simply freed.
         let _ = recycle.send(built.bytes);
     }
@@ -1220,6 +1262,11 @@ fn drain_in_order(chunks: u64, queues: Vec<Receiver<Chunk>>, recycle: &Sender<Ve
 // ---------------------------------------------------------------------------
 // Output files
 // ---------------------------------------------------------------------------
+
+/// Where the ordered chunks go.
+trait ChunkSink {
+    fn write_chunk(&mut self, plan: &Plan, index: u64, chunk: &Chunk) -> Result<()>;
+}
 
 /// Writes the ordered byte stream, switching files at chunk cuts.
 struct Sink {
@@ -1252,7 +1299,20 @@ impl Sink {
         self.write(self.header)
     }
 
-    fn write_chunk(&mut self, chunk: &Chunk) -> Result<()> {
+    /// Creates any files left (more files than events) and returns
+    /// `(records, bytes)` written.
+    fn finish(mut self) -> Result<(u64, u64)> {
+        while self.current + 1 < self.paths.len() {
+            self.next_file()?;
+        }
+        let path = &self.paths[self.current];
+        self.file.flush().with_context(|| format!("writing {}", path.display()))?;
+        Ok((self.records, self.bytes))
+    }
+}
+
+impl ChunkSink for Sink {
+    fn write_chunk(&mut self, _: &Plan, _: u64, chunk: &Chunk) -> Result<()> {
         let mut from = 0;
         for &cut in &chunk.cuts {
             self.write(&chunk.bytes[from..cut])?;
@@ -1263,16 +1323,68 @@ impl Sink {
         self.records += chunk.records;
         Ok(())
     }
+}
 
-    /// Creates any files left (more files than events) and returns
-    /// `(records, bytes)` written.
-    fn finish(mut self) -> Result<(u64, u64)> {
-        while self.current + 1 < self.paths.len() {
-            self.next_file()?;
+/// Streams the chunks to a TCP source: chunk `k` on connection `k % n`,
+/// paced by event time when a rate is given.
+struct TcpOut {
+    to: String,
+    conns: Vec<std::net::TcpStream>,
+    /// Events per second on average (0: unpaced).
+    rate: f64,
+    started: Instant,
+    records: u64,
+    bytes: u64,
+}
+
+/// Wall-clock pieces a paced chunk is sent in, per second of sending.
+const PACE_STEPS_PER_SECOND: f64 = 50.0;
+
+impl TcpOut {
+    fn connect(to: &str, connections: usize, rate: f64, started: Instant) -> Result<TcpOut> {
+        let addr = to.strip_prefix("tcp://").ok_or_else(|| anyhow!("--to {to:?}: expected tcp://HOST:PORT"))?;
+        let conns = (0..connections)
+            .map(|_| std::net::TcpStream::connect(addr).with_context(|| format!("--to {to}: cannot connect")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TcpOut { to: to.to_owned(), conns, rate, started, records: 0, bytes: 0 })
+    }
+
+    /// Seconds after the start at which event `index` is due: its place in
+    /// the time span, the span lasting `events / rate` seconds.
+    fn due(&self, plan: &Plan, index: u64) -> f64 {
+        let ts = plan.clock.true_ts(index.min(plan.events.saturating_sub(1)), plan.events);
+        let x = (ts - plan.clock.start_ms) as f64 / plan.clock.duration_ms.max(1) as f64;
+        x * plan.events as f64 / self.rate
+    }
+}
+
+impl ChunkSink for TcpOut {
+    fn write_chunk(&mut self, plan: &Plan, index: u64, chunk: &Chunk) -> Result<()> {
+        let conn = (index % self.conns.len() as u64) as usize;
+        let bytes = &chunk.bytes;
+        let pieces = if self.rate > 0.0 {
+            // Enough pieces that each takes about 1/PACE_STEPS_PER_SECOND s.
+            let seconds = chunk.records as f64 / self.rate;
+            ((seconds * PACE_STEPS_PER_SECOND).ceil() as usize).clamp(1, bytes.len().max(1))
+        } else {
+            1
+        };
+        let first = index * plan.chunk_events;
+        for p in 0..pieces {
+            let (lo, hi) = (bytes.len() * p / pieces, bytes.len() * (p + 1) / pieces);
+            if self.rate > 0.0 {
+                let at = first + (plan.chunk_events * p as u64) / pieces as u64;
+                let due = self.due(plan, at);
+                let now = self.started.elapsed().as_secs_f64();
+                if due > now {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(due - now));
+                }
+            }
+            self.conns[conn].write_all(&bytes[lo..hi]).with_context(|| format!("--to {}: sending", self.to))?;
         }
-        let path = &self.paths[self.current];
-        self.file.flush().with_context(|| format!("writing {}", path.display()))?;
-        Ok((self.records, self.bytes))
+        self.records += chunk.records;
+        self.bytes += bytes.len() as u64;
+        Ok(())
     }
 }
 

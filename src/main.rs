@@ -100,8 +100,24 @@ enum DevicesCommand {
     },
 }
 
+/// Lifts the soft limit on open files to the hard one, as servers do: a
+/// TCP source holds a descriptor per client connection.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
+        raise_open_files_limit();
+    }
     match cli.command {
         Command::Run(a) => run(a),
         Command::Serve(a) => serve(a),
@@ -129,11 +145,14 @@ fn main() -> ExitCode {
         }
         Command::Gen(opts) => match tally::gen::generate(&opts) {
             Ok(r) => {
+                let whereto = match &opts.to {
+                    Some(to) => format!("sent to {to} on {} connection(s)", opts.connections),
+                    None => format!("in {} file(s)", r.files.len()),
+                };
                 eprintln!(
-                    "tally gen: {} events, {} bytes in {} file(s), {:.2} s ({:.1} M events/s)",
+                    "tally gen: {} events, {} bytes {whereto}, {:.2} s ({:.1} M events/s)",
                     r.events,
                     r.bytes,
-                    r.files.len(),
                     r.seconds,
                     r.events as f64 / r.seconds.max(1e-9) / 1e6
                 );

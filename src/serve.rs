@@ -34,14 +34,23 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
 
+use crate::event::Reject;
 use crate::job::filter::FieldValue;
 use crate::job::Job;
 use crate::metric::cumulate::Row;
 use crate::metric::keys::render_dims;
+use crate::runtime::stats::LiveCounts;
 use crate::source::stream::Stream;
+use crate::source::tcp::TcpStats;
 
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
+
+/// A TCP source's bound address and counters.
+type TcpSeen = (SocketAddr, Arc<TcpStats>);
+
+/// One family of TCP source counters in `/metrics`: name, type, help, value.
+type TcpFamily = (&'static str, &'static str, &'static str, fn(&TcpStats) -> &AtomicU64);
 
 /// What the server answers from: the latest rows and the run's progress.
 pub struct Live {
@@ -61,6 +70,10 @@ pub struct Live {
     pub finished: AtomicBool,
     /// Its stream sources, for readiness.
     streams: Mutex<Vec<Arc<Stream>>>,
+    /// Per source: a TCP source's bound address and counters.
+    tcp: Mutex<Vec<Option<TcpSeen>>>,
+    /// Per source: records, events and rejects so far.
+    counts: Mutex<Option<Arc<[LiveCounts]>>>,
 }
 
 impl Live {
@@ -69,18 +82,28 @@ impl Live {
             latest: Mutex::new(job.metrics.iter().map(|_| HashMap::new()).collect()),
             names: job.metrics.iter().map(|m| m.name.clone()).collect(),
             group_by: job.metrics.iter().map(|m| m.group_by.clone()).collect(),
-            sources: job
-                .sources
-                .iter()
-                .map(|s| (s.name.clone(), if s.kafka.is_some() { "kafka" } else { "file" }, s.format.name()))
-                .collect(),
+            sources: job.sources.iter().map(|s| (s.name.clone(), s.kind(), s.format.name())).collect(),
             token: job.serve.as_ref().and_then(|s| s.token.clone()),
             rows: AtomicU64::new(0),
             started: Instant::now(),
             restored: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             streams: Mutex::new(Vec::new()),
+            tcp: Mutex::new(job.sources.iter().map(|_| None).collect()),
+            counts: Mutex::new(None),
         })
+    }
+
+    /// The run's per-source counts, as the routers publish them.
+    pub fn counts(&self, counts: Arc<[LiveCounts]>) {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(counts);
+    }
+
+    /// Reports TCP source `source`'s address and counters.
+    pub fn tcp(&self, source: usize, addr: SocketAddr, stats: Arc<TcpStats>) {
+        if let Some(t) = self.tcp.lock().unwrap_or_else(|p| p.into_inner()).get_mut(source) {
+            *t = Some((addr, stats));
+        }
     }
 
     /// Watches a stream source for readiness.
@@ -228,14 +251,20 @@ async fn status(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
     let keys = live.keys();
+    let tcp = live.tcp.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let body = serde_json::json!({
         "ready": live.waiting_for().is_none(),
         "waiting_for": live.waiting_for(),
         "uptime_seconds": live.started.elapsed().as_secs_f64(),
         "rows": live.rows.load(Ordering::Relaxed),
         "metrics": keys.iter().map(|(name, n)| serde_json::json!({"name": name, "keys": n})).collect::<Vec<_>>(),
-        "sources": live.sources.iter().map(|(name, kind, format)| {
-            serde_json::json!({"name": name, "kind": kind, "format": format})
+        "sources": live.sources.iter().zip(&tcp).map(|((name, kind, format), tcp)| {
+            let mut s = serde_json::json!({"name": name, "kind": kind, "format": format});
+            if let Some((addr, stats)) = tcp {
+                s["listen"] = addr.to_string().into();
+                s["connections"] = stats.open.load(Ordering::Relaxed).into();
+            }
+            s
         }).collect::<Vec<_>>(),
     });
     ([(header::CONTENT_TYPE, "application/json")], body.to_string() + "\n").into_response()
@@ -256,12 +285,77 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
     out.push_str("# HELP tally_keys Group keys with a latest row, per metric.\n");
     out.push_str("# TYPE tally_keys gauge\n");
     for (name, n) in keys {
-        out.push_str(&format!("tally_keys{{metric=\"{}\"}} {n}\n", name.replace('\\', "\\\\").replace('"', "\\\"")));
+        out.push_str(&format!("tally_keys{{metric=\"{}\"}} {n}\n", label(name)));
+    }
+    let counts = live.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(counts) = counts {
+        let sources = live.sources.iter().map(|(name, ..)| label(name)).zip(counts.iter());
+        let sources: Vec<(String, &LiveCounts)> = sources.collect();
+        out.push_str("# HELP tally_records_total Records read per source (good or bad).\n");
+        out.push_str("# TYPE tally_records_total counter\n");
+        for (name, c) in &sources {
+            out.push_str(&format!("tally_records_total{{source=\"{name}\"}} {}\n", c.records.load(Ordering::Relaxed)));
+        }
+        out.push_str("# HELP tally_events_total Events per source that parsed and went on to the metrics.\n");
+        out.push_str("# TYPE tally_events_total counter\n");
+        for (name, c) in &sources {
+            out.push_str(&format!("tally_events_total{{source=\"{name}\"}} {}\n", c.events.load(Ordering::Relaxed)));
+        }
+        out.push_str("# HELP tally_records_rejected_total Malformed records skipped, per source and reason.\n");
+        out.push_str("# TYPE tally_records_rejected_total counter\n");
+        for (name, c) in &sources {
+            for r in Reject::ALL {
+                let n = c.rejected[r.index()].load(Ordering::Relaxed);
+                out.push_str(&format!(
+                    "tally_records_rejected_total{{source=\"{name}\",reason=\"{}\"}} {n}\n",
+                    r.as_str()
+                ));
+            }
+        }
+    }
+    let tcp = live.tcp.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tcp: Vec<(&str, &TcpStats)> =
+        live.sources.iter().zip(&tcp).filter_map(|((name, ..), t)| Some((name.as_str(), &*t.as_ref()?.1))).collect();
+    if !tcp.is_empty() {
+        let families: [TcpFamily; 6] = [
+            ("tally_tcp_connections", "gauge", "Open client connections of a TCP source.", |t| &t.open),
+            ("tally_tcp_connections_accepted_total", "counter", "Connections a TCP source accepted.", |t| &t.accepted),
+            (
+                "tally_tcp_connections_refused_total",
+                "counter",
+                "Connections closed at once: max_connections were open.",
+                |t| &t.refused,
+            ),
+            (
+                "tally_tcp_connections_closed_bad_total",
+                "counter",
+                "Connections tally closed: a line over max_line_bytes or a read error.",
+                |t| &t.closed_bad,
+            ),
+            ("tally_tcp_received_bytes_total", "counter", "Bytes a TCP source received.", |t| &t.bytes),
+            (
+                "tally_tcp_backpressure_total",
+                "counter",
+                "Times a TCP source stopped reading because the routers were behind.",
+                |t| &t.backpressure,
+            ),
+        ];
+        for (family, kind, help, value) in families {
+            out.push_str(&format!("# HELP {family} {help}\n# TYPE {family} {kind}\n"));
+            for (name, t) in &tcp {
+                out.push_str(&format!("{family}{{source=\"{}\"}} {}\n", label(name), value(t).load(Ordering::Relaxed)));
+            }
+        }
     }
     out.push_str("# HELP tally_uptime_seconds Seconds since the daemon started.\n");
     out.push_str("# TYPE tally_uptime_seconds gauge\n");
     out.push_str(&format!("tally_uptime_seconds {:.3}\n", live.started.elapsed().as_secs_f64()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// The HTTP server, running until dropped.

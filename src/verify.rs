@@ -246,9 +246,10 @@ type EventSink<'s> = dyn FnMut(i64, &[u8], Rec<'_>) -> Result<()> + 's;
 /// Reads every file of a source in order, calling `f` for each event that has
 /// a valid time and device id.
 fn read_source(src: &SourceSpec, f: &mut EventSink<'_>) -> Result<()> {
-    if src.kafka.is_some() {
+    if src.is_stream() {
+        let what = if src.kafka.is_some() { "Kafka topics" } else { "a TCP socket" };
         anyhow::bail!(
-            "source {:?} reads Kafka: verify recomputes from files; dump its topics to a file and pass --input {}=FILE",
+            "source {:?} reads {what}: verify recomputes from files; save what it received to a file and pass --input {}=FILE",
             src.name,
             src.name
         );

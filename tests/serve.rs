@@ -9,39 +9,16 @@ mod support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::Stdio;
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::http::{enc, get, spawn_serve, wait_ready};
 use support::kafka::free_port;
 use support::*;
 
 const TOKEN: &str = "t0ken";
-
-/// One request with `Connection: close`; (status, body).
-fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to tally serve");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, body.to_string())
-}
-
-/// `s` percent-encoded for a query string.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 /// The last row of each (metric, dims) in a results file.
 fn last_rows(path: &std::path::Path) -> BTreeMap<(String, String), String> {
@@ -52,34 +29,6 @@ fn last_rows(path: &std::path::Path) -> BTreeMap<(String, String), String> {
         last.insert((v["metric"].as_str().unwrap().into(), v["dims"].to_string()), line);
     }
     last
-}
-
-/// `tally serve` on `job` with more arguments; its stderr is piped.
-fn spawn_serve(job: &JobFile, extra: &[&OsStr]) -> std::process::Child {
-    std::process::Command::new(TALLY)
-        .args([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tally serve")
-}
-
-/// Waits until `/readyz` answers 200 (503 until then), at most 60 s.
-fn wait_ready(port: u16) {
-    let started = Instant::now();
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            let (status, body) = get(port, "/readyz", None);
-            if status == 200 {
-                return;
-            }
-            assert_eq!(status, 503, "{body}");
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "tally serve never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn serve_job(dir: &std::path::Path, port: u16) -> JobFile {

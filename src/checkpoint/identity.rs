@@ -66,7 +66,7 @@ pub fn job_identity(job: &Job) -> Value {
                 "did_field": s.did_field,
                 "binary_dims": s.binary_dims,
                 "kafka_topics": s.kafka.as_ref().map(|k| &k.topics),
-                "csv_columns": s.kafka.as_ref().and(s.csv_header.as_ref()),
+                "csv_columns": s.is_stream().then_some(s.csv_header.as_ref()).flatten(),
             })
         })
         .collect();

@@ -85,7 +85,42 @@ pub struct SourceSpec {
     pub csv_header: Option<Vec<String>>,
     /// A `kind = "kafka"` source's settings (`paths` is empty then).
     pub kafka: Option<KafkaSpec>,
+    /// A `kind = "tcp"` source's settings (`paths` is empty then).
+    pub tcp: Option<TcpSpec>,
 }
+
+impl SourceSpec {
+    /// Whether the source is read while the job runs (Kafka, TCP), not
+    /// planned in blocks before it starts (files).
+    pub fn is_stream(&self) -> bool {
+        self.kafka.is_some() || self.tcp.is_some()
+    }
+
+    /// The source's kind as the job file names it.
+    pub fn kind(&self) -> &'static str {
+        match (&self.kafka, &self.tcp) {
+            (Some(_), _) => "kafka",
+            (_, Some(_)) => "tcp",
+            _ => "file",
+        }
+    }
+}
+
+/// A `kind = "tcp"` source: clients connect and stream records, one
+/// partition per connection.
+#[derive(Clone, Debug)]
+pub struct TcpSpec {
+    /// Address to listen on (`listen`).
+    pub listen: std::net::SocketAddr,
+    /// Connections beyond this many are refused (closed at once, logged).
+    pub max_connections: usize,
+    /// After this long without data, a connection stops holding the
+    /// source's watermark back until it sends again.
+    pub idle_timeout_ms: i64,
+}
+
+/// `max_connections` of a TCP source when the job does not say.
+pub const TCP_MAX_CONNECTIONS_DEFAULT: usize = 4096;
 
 /// Where a Kafka source starts reading a partition that its state
 /// directory holds no position for.
@@ -126,8 +161,8 @@ pub struct KafkaSpec {
     pub properties: Vec<(String, String)>,
 }
 
-/// `idle_timeout` of a Kafka source when the job does not say.
-pub const KAFKA_IDLE_TIMEOUT_DEFAULT_MS: i64 = 30_000;
+/// `idle_timeout` of a Kafka or TCP source when the job does not say.
+pub const STREAM_IDLE_TIMEOUT_DEFAULT_MS: i64 = 30_000;
 /// librdkafka settings tally sets itself: offsets are committed only with
 /// checkpoints, and a partition's end must be reported.
 pub const KAFKA_RESERVED_PROPERTIES: [&str; 5] =
@@ -535,6 +570,7 @@ impl Job {
         }
         src.paths = vec![path];
         src.kafka = None;
+        src.tcp = None;
         Ok(())
     }
 

@@ -9,10 +9,10 @@ use super::{
     default_binary_dims, filter::Filter, parse_bytes, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
     DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, EventsSpec, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart,
     KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, ServeSpec, SinkRows, SinkSpec, SinkTarget,
-    SourceSpec, SummarySpec, SummaryWindow, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
-    DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT,
-    KAFKA_IDLE_TIMEOUT_DEFAULT_MS, KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS,
-    RETURNING_AFTER_DAYS_DEFAULT, SERVE_HTTP_DEFAULT,
+    SourceSpec, SummarySpec, SummaryWindow, TcpSpec, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
+    DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT, KAFKA_RESERVED_PROPERTIES,
+    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT, SERVE_HTTP_DEFAULT,
+    STREAM_IDLE_TIMEOUT_DEFAULT_MS, TCP_MAX_CONNECTIONS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -82,6 +82,8 @@ struct RawSource {
     group_settle: Option<String>,
     csv_columns: Option<Vec<String>>,
     properties: Option<toml::Table>,
+    listen: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -423,39 +425,51 @@ fn build_dimension(i: usize, d: &RawDimension, sources: &[SourceSpec], base: &Pa
 fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Invalid> {
     let key = |k: &str| format!("source[{i}].{k}");
     match s.kind.as_str() {
-        "file" | "kafka" => {}
-        "tcp" => {
+        "file" | "kafka" | "tcp" => {}
+        other => {
             return Err(invalid(
                 key("kind"),
-                "kind \"tcp\" is not available in `tally run` yet (use \"file\" or \"kafka\")",
+                format!("unknown source kind {other:?} (expected \"file\", \"kafka\" or \"tcp\")"),
             ))
-        }
-        other => {
-            return Err(invalid(key("kind"), format!("unknown source kind {other:?} (expected \"file\" or \"kafka\")")))
         }
     }
     let kafka = if s.kind == "kafka" { Some(build_kafka(s, &key)?) } else { None };
-    for (k, set) in [("path", s.path.is_some() && kafka.is_some()), ("brokers", s.brokers.is_some() && kafka.is_none())]
-    {
-        if set {
-            return Err(invalid(key(k), format!("not a key of a {:?} source", s.kind)));
-        }
+    let tcp = if s.kind == "tcp" { Some(build_tcp(s, &key)?) } else { None };
+    let only = |k: &str, kinds: &str| Err(invalid(key(k), format!("not a key of a {:?} source ({kinds})", s.kind)));
+    if s.kind != "file" && s.path.is_some() {
+        return only("path", "only a file source reads `path`");
     }
-    if kafka.is_none() {
+    if s.kind != "kafka" {
         let kafka_keys = [
+            ("brokers", s.brokers.is_some()),
             ("topic", s.topic.is_some()),
             ("group_id", s.group_id.is_some()),
             ("start", s.start.is_some()),
             ("stop", s.stop.is_some()),
-            ("idle_timeout", s.idle_timeout.is_some()),
             ("group_settle", s.group_settle.is_some()),
-            ("csv_columns", s.csv_columns.is_some()),
             ("properties", s.properties.is_some()),
         ];
         if let Some((k, _)) = kafka_keys.iter().find(|(_, set)| *set) {
-            return Err(invalid(key(k), "only a `kind = \"kafka\"` source takes this key"));
+            return only(k, "only a `kind = \"kafka\"` source takes it");
         }
     }
+    if s.kind != "tcp" {
+        if let Some((k, _)) = [("listen", s.listen.is_some()), ("max_connections", s.max_connections.is_some())]
+            .iter()
+            .find(|(_, set)| *set)
+        {
+            return only(k, "only a `kind = \"tcp\"` source takes it");
+        }
+    }
+    if s.kind == "file" {
+        if let Some((k, _)) = [("idle_timeout", s.idle_timeout.is_some()), ("csv_columns", s.csv_columns.is_some())]
+            .iter()
+            .find(|(_, set)| *set)
+        {
+            return only(k, "only a Kafka or TCP source takes it");
+        }
+    }
+    let stream = kafka.is_some() || tcp.is_some();
     let format = match s.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => Format::Jsonl,
         "csv" => Format::Csv,
@@ -476,10 +490,10 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
             }
         }
     }
-    let paths = match (&s.path, &kafka) {
-        (_, Some(_)) => Vec::new(),
-        (None, None) => return Err(invalid(key("path"), "a file source needs `path`")),
-        (Some(p), None) => expand_paths(&one_or_many(p), base).map_err(|r| invalid(key("path"), r))?,
+    let paths = match (&s.path, stream) {
+        (_, true) => Vec::new(),
+        (None, false) => return Err(invalid(key("path"), "a file source needs `path`")),
+        (Some(p), false) => expand_paths(&one_or_many(p), base).map_err(|r| invalid(key("path"), r))?,
     };
     let max_out_of_orderness_ms = match &s.max_out_of_orderness {
         Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("max_out_of_orderness"), r))?,
@@ -494,18 +508,18 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         Some(names) => <[String; BINARY_DIMS]>::try_from(names.clone())
             .map_err(|_| invalid(key("binary_dims"), format!("needs exactly {BINARY_DIMS} names")))?,
     };
-    let csv_header = match (format, &kafka) {
-        (Format::Csv, None) => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
-        (Format::Csv, Some(_)) => match &s.csv_columns {
+    let csv_header = match (format, stream) {
+        (Format::Csv, false) => Some(read_csv_header(&paths[0]).map_err(|r| invalid(key("path"), r))?),
+        (Format::Csv, true) => match &s.csv_columns {
             Some(c) if !c.is_empty() => Some(c.clone()),
             _ => {
                 return Err(invalid(
                     key("csv_columns"),
-                    "a CSV Kafka source needs its column names (messages carry no header)",
+                    "a CSV Kafka or TCP source needs its column names (its records carry no header)",
                 ))
             }
         },
-        (_, Some(_)) if s.csv_columns.is_some() => {
+        (_, true) if s.csv_columns.is_some() => {
             return Err(invalid(key("csv_columns"), "only a `format = \"csv\"` source takes this key"))
         }
         _ => None,
@@ -521,6 +535,7 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         binary_dims,
         csv_header,
         kafka,
+        tcp,
     })
 }
 
@@ -566,19 +581,42 @@ fn build_kafka(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<KafkaSpec,
         "caught_up" => KafkaStop::CaughtUp,
         other => return Err(invalid(key("stop"), format!("unknown stop {other:?} (expected never, caught_up)"))),
     };
-    let idle_timeout_ms = match &s.idle_timeout {
-        None => KAFKA_IDLE_TIMEOUT_DEFAULT_MS,
-        Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("idle_timeout"), r))?,
-    };
-    if idle_timeout_ms <= 0 {
-        return Err(invalid(key("idle_timeout"), "must be positive"));
-    }
+    let idle_timeout_ms = idle_timeout(s, key)?;
     let group_settle_ms = match &s.group_settle {
         None => 0,
         Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("group_settle"), r))?,
     };
     let properties = properties(s.properties.as_ref(), key, &KAFKA_RESERVED_PROPERTIES)?;
     Ok(KafkaSpec { brokers, topics, group_id, start, stop, idle_timeout_ms, group_settle_ms, properties })
+}
+
+/// A stream source's `idle_timeout` (default [`STREAM_IDLE_TIMEOUT_DEFAULT_MS`]).
+fn idle_timeout(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<i64, Invalid> {
+    let ms = match &s.idle_timeout {
+        None => STREAM_IDLE_TIMEOUT_DEFAULT_MS,
+        Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("idle_timeout"), r))?,
+    };
+    if ms <= 0 {
+        return Err(invalid(key("idle_timeout"), "must be positive"));
+    }
+    Ok(ms)
+}
+
+fn build_tcp(s: &RawSource, key: &dyn Fn(&str) -> String) -> Result<TcpSpec, Invalid> {
+    use std::net::ToSocketAddrs;
+    let Some(text) = &s.listen else {
+        return Err(invalid(key("listen"), "a TCP source needs `listen` (host:port, e.g. \"127.0.0.1:9000\")"));
+    };
+    let listen = text
+        .to_socket_addrs()
+        .map_err(|e| invalid(key("listen"), format!("{text:?} is not an address to listen on: {e}")))?
+        .next()
+        .ok_or_else(|| invalid(key("listen"), format!("{text:?} names no address")))?;
+    let max_connections = s.max_connections.unwrap_or(TCP_MAX_CONNECTIONS_DEFAULT);
+    if max_connections == 0 {
+        return Err(invalid(key("max_connections"), "must be at least 1"));
+    }
+    Ok(TcpSpec { listen, max_connections, idle_timeout_ms: idle_timeout(s, key)? })
 }
 
 /// A `properties` table of librdkafka settings, as text; `reserved` ones

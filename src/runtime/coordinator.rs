@@ -47,6 +47,8 @@ use crate::state::snapshot::SnapshotPool;
 /// How often the coordinator looks at the clock and the stop flag while
 /// no message arrives.
 const TICK: Duration = Duration::from_millis(20);
+/// Longest a stop waits for TCP input held by readers to reach the routers.
+const STOP_HANDOVER_MAX: Duration = Duration::from_secs(30);
 
 /// The cut workers are asked to reach.
 pub(crate) struct CutRequest {
@@ -166,6 +168,8 @@ struct Ckpt {
     /// Blocks per source before the last cut asked for: a stream source
     /// that brought nothing new since is not checkpointed again.
     last_cut: Option<Vec<BlockSeq>>,
+    /// When a stop asked TCP readers to hand over what they hold.
+    stop_asked: Option<Instant>,
 }
 
 pub(crate) struct Coordinator<'a> {
@@ -259,6 +263,7 @@ impl<'a> Coordinator<'a> {
                 in_flight: None,
                 complete_at_start,
                 last_cut: None,
+                stop_asked: None,
             });
         }
         c.emitters = emitters;
@@ -376,6 +381,9 @@ impl<'a> Coordinator<'a> {
             return;
         };
         if ck.pending.is_some() || ck.in_flight.is_some() {
+            return;
+        }
+        if stop && !streams_handed_over(sh, &mut ck.stop_asked) {
             return;
         }
         let due = ck.interval.is_some() && Instant::now() >= ck.due;
@@ -626,6 +634,27 @@ impl<'a> Coordinator<'a> {
         ck.in_flight = Some(InFlight { generation, started, bytes, chains });
         Ok(())
     }
+}
+
+/// At a stop: whether every stream that cannot be read again (TCP) took
+/// no more input and its routers claimed every block it held, so that the
+/// last checkpoint covers all it received. Gives up waiting after
+/// [`STOP_HANDOVER_MAX`] (what is still held is then lost, and said).
+fn streams_handed_over(sh: &Shared, asked: &mut Option<Instant>) -> bool {
+    let since = *asked.get_or_insert_with(Instant::now);
+    let mut waiting = false;
+    for s in sh.streams.iter().flatten().filter(|s| !s.replayable) {
+        s.closing.store(true, Ordering::Relaxed);
+        waiting |= !s.closed.load(Ordering::Acquire) || s.queued() > 0;
+    }
+    if waiting && since.elapsed() >= STOP_HANDOVER_MAX {
+        eprintln!(
+            "tally: stop: the routers did not take all TCP input within {}s; what is left is not in the checkpoint",
+            STOP_HANDOVER_MAX.as_secs()
+        );
+        return true;
+    }
+    !waiting
 }
 
 fn merge_stats(into: &mut Vec<SourceStats>, from: &[SourceStats]) {

@@ -42,6 +42,7 @@ use crate::sink::Sink;
 use crate::source::file::{InputError, Plan};
 use crate::source::kafka::{KafkaSource, KafkaSourceError};
 use crate::source::stream::{Chain, Stream};
+use crate::source::tcp::{TcpSource, TcpSourceError};
 use crate::state::history::{HistoryError, ImportReport, Imported};
 use coordinator::{Coordinator, CutReport, CutRequest};
 use mesh::Mesh;
@@ -86,6 +87,8 @@ pub(crate) struct Shared {
     pub streams: Vec<Option<Arc<Stream>>>,
     /// Per dimension: its current table.
     pub dims: Vec<Arc<DimHandle>>,
+    /// Per source: its counts so far (`tally serve`'s `/metrics`).
+    pub counts: Arc<[stats::LiveCounts]>,
 }
 
 /// Bit of [`Shared::next_task`] that stops routers from claiming blocks.
@@ -209,6 +212,8 @@ pub enum RunError {
     History(#[from] HistoryError),
     #[error(transparent)]
     Kafka(#[from] KafkaSourceError),
+    #[error(transparent)]
+    Tcp(#[from] TcpSourceError),
     #[error("dimension {name:?}: {reason}")]
     Dimension { name: String, reason: String },
     #[error("shard state: {0}")]
@@ -462,6 +467,7 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
     let (histories, history_imports) = if fresh { import_histories(job, live.as_deref())? } else { Default::default() };
     // Stopped when dropped, at the end of this function.
     let mut kafka = Vec::new();
+    let mut tcp = Vec::new();
     for (s, spec) in job.sources.iter().enumerate() {
         let chain = resume
             .as_ref()
@@ -469,10 +475,19 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
             .and_then(|m| m.input.sources.get(s))
             .and_then(|c| c.stream.clone());
         kafka.push(match spec.kafka {
-            Some(_) => Some(KafkaSource::start(s, spec, chain)?),
+            Some(_) => Some(KafkaSource::start(s, spec, chain.clone())?),
+            None => None,
+        });
+        tcp.push(match spec.tcp {
+            Some(_) => Some(TcpSource::start(s, spec, chain)?),
             None => None,
         });
     }
+    let streams: Vec<Option<Arc<Stream>>> = kafka
+        .iter()
+        .zip(&tcp)
+        .map(|(k, t)| k.as_ref().map(|k| k.stream.clone()).or_else(|| t.as_ref().map(|t| t.stream.clone())))
+        .collect();
     // Dimension tables are read before anything runs (a changelog topic
     // to its end); their readers stop when dropped, at the end.
     let mut dims = Vec::new();
@@ -503,10 +518,17 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         .map(|(i, s)| Sink::open(s, job, sink_resume(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::SinkOpen)?;
+    let counts: Arc<[stats::LiveCounts]> = job.sources.iter().map(|_| stats::LiveCounts::default()).collect();
     if let Some(l) = &serving {
+        l.counts(counts.clone());
         sinks.push(Sink::live(l.clone()));
-        for k in kafka.iter().flatten() {
-            l.watch(k.stream.clone());
+        for (s, stream) in streams.iter().enumerate() {
+            if let Some(stream) = stream {
+                l.watch(stream.clone());
+            }
+            if let Some(t) = &tcp[s] {
+                l.tcp(s, t.addr, t.stats.clone());
+            }
         }
     }
     let geometry: Vec<Geometry> = job.metrics.iter().map(|m| Geometry::new(job, m)).collect();
@@ -526,8 +548,9 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         cut: Mutex::new(None),
         cut_epoch: AtomicU64::new(0),
         plan: plan.clone(),
-        streams: kafka.iter().map(|k| k.as_ref().map(|k| k.stream.clone())).collect(),
+        streams,
         dims,
+        counts: counts.clone(),
     };
     let mut shards = match &resume {
         Some(r) => r.place(&sh)?,
@@ -578,6 +601,9 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
     summary.checkpoints = coord.report();
     summary.history_imports = history_imports;
     summary.sink_retries = sinks.iter().map(Sink::retries).sum();
+    for (report, t) in summary.sources.iter_mut().zip(&tcp) {
+        report.tcp = t.as_ref().map(|t| t.stats.report());
+    }
     Ok(summary)
 }
 
@@ -843,6 +869,7 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
         examples: kept,
         partitions: stream.map(|stream| partition_reports(&stream.chain(), st)).unwrap_or_default(),
         assigned_after_seconds: stream.and_then(Stream::assigned_after_seconds),
+        tcp: None,
     }
 }
 

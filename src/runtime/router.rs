@@ -350,6 +350,7 @@ impl Router {
         let src = &mut self.sources[source];
         refresh_dims(src, sh);
         let stats = &mut self.stats[source];
+        let mark = stats.mark();
         let keys = &mut self.keys;
         let mut records = 0u64;
         for i in 0..block.ends.len() {
@@ -404,6 +405,7 @@ impl Router {
         };
         join_waiting(src, keys, sh, &mut batches, &mut acc, stats, how)?;
         stats.lines += records;
+        sh.counts[source].publish(&mark, stats);
         let meta = block.meta();
         if let Some(stream) = &sh.streams[source] {
             stream.recycle(block);
@@ -445,6 +447,7 @@ impl Router {
         let src = &mut self.sources[task.source];
         refresh_dims(src, sh);
         let stats = &mut self.stats[task.source];
+        let mark = stats.mark();
         let keys = &mut self.keys;
         let lines = match src.format {
             Format::Binary => parse_binary(src, keys, sh, &block.data, block.task, &mut batches, &mut acc, stats)?,
@@ -509,6 +512,7 @@ impl Router {
         };
         sh.line_counts[block.task].store(lines, Ordering::Relaxed);
         stats.lines += lines as u64;
+        sh.counts[task.source].publish(&mark, stats);
         let task_id = block.task;
         self.reader.recycle(block);
         self.staged.push_back(Staged {
@@ -996,8 +1000,8 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         jsonl: JsonlParser::new(&fields),
         rows: RowsParser::new(&fields),
         csv: AHashMap::new(),
-        csv_stream: match (&spec.kafka, spec.format, &spec.csv_header) {
-            (Some(_), Format::Csv, Some(header)) => Some(CsvParser::new(&fields, header)),
+        csv_stream: match (spec.is_stream(), spec.format, &spec.csv_header) {
+            (true, Format::Csv, Some(header)) => Some(CsvParser::new(&fields, header)),
             _ => None,
         },
         binary_slots,

@@ -2,6 +2,8 @@
 //! examples, late events. Each router keeps its own; they are summed once
 //! at the end.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::event::Reject;
@@ -191,6 +193,9 @@ pub struct SourceReport {
     /// first assigned partitions (the join; part of `seconds`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assigned_after_seconds: Option<f64>,
+    /// A TCP source: its connections and bytes in this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<crate::source::tcp::TcpReport>,
 }
 
 /// What a run did to one partition of a stream source.
@@ -205,4 +210,34 @@ pub struct PartitionReport {
     pub rejected_offsets: Vec<i64>,
     /// Offset of the first message not counted (-1: none counted).
     pub next_offset: i64,
+}
+
+/// A source's counts so far, published by the routers once per block (for
+/// `/metrics` while the job runs; the summary is built from [`SourceStats`]).
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    pub records: AtomicU64,
+    pub events: AtomicU64,
+    pub rejected: [AtomicU64; Reject::ALL.len()],
+}
+
+impl LiveCounts {
+    /// Adds what `now` counts beyond `before` (the same router's stats
+    /// before a block).
+    pub fn publish(&self, before: &(u64, u64, [u64; Reject::ALL.len()]), now: &SourceStats) {
+        self.records.fetch_add(now.lines - before.0, Ordering::Relaxed);
+        self.events.fetch_add(now.events - before.1, Ordering::Relaxed);
+        for (i, (a, b)) in now.rejected.iter().zip(&before.2).enumerate() {
+            if a != b {
+                self.rejected[i].fetch_add(a - b, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl SourceStats {
+    /// What [`LiveCounts::publish`] compares against.
+    pub fn mark(&self) -> (u64, u64, [u64; Reject::ALL.len()]) {
+        (self.lines, self.events, self.rejected)
+    }
 }

@@ -4,3 +4,4 @@
 pub mod file;
 pub mod kafka;
 pub mod stream;
+pub mod tcp;

@@ -1,7 +1,8 @@
-//! Stream sources: input that arrives while the job runs (Kafka topics),
-//! handed to the routers as a sequence of blocks.
+//! Stream sources: input that arrives while the job runs (Kafka topics,
+//! TCP connections), handed to the routers as a sequence of blocks.
 //!
-//! A reader thread (one per topic) packs the messages of one partition into
+//! A reader thread (one per topic, one per TCP source) packs the messages
+//! of one partition (a topic's partition, a TCP connection) into
 //! a [`StreamBlock`] and pushes it onto the source's [`Stream`], which
 //! numbers blocks in push order. Routers claim blocks in that order, like
 //! a file's blocks; a checkpoint's cut is "blocks before seq S". Changes of
@@ -10,8 +11,8 @@
 //!
 //! Watermarks ([`Chain`]): each partition has its own (largest event time
 //! seen − `max_out_of_orderness`); the source's watermark is the minimum
-//! over assigned partitions that are neither idle nor done, and never moves
-//! back. A block's lateness is judged against the larger of its
+//! over assigned partitions that are neither idle nor done (when every
+//! one is idle or done: the largest of theirs), and never moves back. A block's lateness is judged against the larger of its
 //! partition's watermark and the source's, both as of the block before it:
 //! so which events are late depends only on each partition's own order
 //! (and on idleness, a processing-time decision, as in Flink), never on how
@@ -36,8 +37,10 @@ pub const STREAM_QUEUE_BLOCKS: usize = 32;
 pub enum BlockKind {
     /// Messages.
     Data,
-    /// The partition was assigned to this consumer: it holds the watermark
-    /// back until it has data, goes idle or is done.
+    /// The partition was assigned to this consumer (a TCP connection was
+    /// accepted): it holds the watermark back until it has data, goes idle
+    /// or is done. A done partition assigned again starts afresh (a TCP
+    /// source reuses the index of a closed connection).
     Assigned,
     /// The partition went to another consumer of the group.
     Revoked,
@@ -199,6 +202,10 @@ impl Chain {
                     p.messages += b.messages;
                     p.state = PartState::Active;
                 }
+                BlockKind::Assigned if p.state == PartState::Done => {
+                    let id = ids.get(part).cloned().unwrap_or_else(|| p.id.clone());
+                    *p = PartWm { id, max_ts_ms: NO_EVENTS, state: PartState::Active, next_offset: -1, messages: 0 };
+                }
                 BlockKind::Assigned => p.state = PartState::Active,
                 BlockKind::Idle if p.state == PartState::Active => p.state = PartState::Idle,
                 BlockKind::Idle => {}
@@ -207,9 +214,20 @@ impl Chain {
                 BlockKind::End => {}
             }
             let active = self.parts.iter().filter(|p| p.state == PartState::Active);
-            if let Some(wm) = active.map(|p| to_wm(p.max_ts_ms, delay_ms)).min() {
-                self.wm_ms = self.wm_ms.max(wm);
-            }
+            let wm = match active.map(|p| to_wm(p.max_ts_ms, delay_ms)).min() {
+                Some(wm) => wm,
+                // None is active (all idle or done, e.g. traffic stopped for
+                // the night): every event seen is in, so the windows they
+                // fill may close.
+                None => self
+                    .parts
+                    .iter()
+                    .filter(|p| p.state != PartState::Unassigned)
+                    .map(|p| to_wm(p.max_ts_ms, delay_ms))
+                    .max()
+                    .unwrap_or(i64::MIN),
+            };
+            self.wm_ms = self.wm_ms.max(wm);
         }
         Some(Resolved { late_before_ms, wm_after_ms: self.wm_ms })
     }
@@ -276,6 +294,14 @@ pub struct Stream {
     /// Set once every partition assigned (to every reader) was read to
     /// its end: `tally serve` is ready from then on.
     pub caught_up: AtomicBool,
+    /// Whether the input can be read again from a checkpoint's positions
+    /// (Kafka). If not (TCP), a stop lets the routers take every block the
+    /// reader holds before the last checkpoint is cut: see `closing`.
+    pub replayable: bool,
+    /// Set at a stop: the reader takes no more input, pushes what it holds
+    /// and then sets `closed`.
+    pub closing: AtomicBool,
+    pub closed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -307,7 +333,21 @@ impl Stream {
             created: std::time::Instant::now(),
             assigned_after_us: AtomicU64::new(0),
             caught_up: AtomicBool::new(false),
+            replayable: true,
+            closing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// A stream whose input cannot be read again (see `replayable`).
+    pub fn not_replayable(mut self) -> Stream {
+        self.replayable = false;
+        self
+    }
+
+    /// Blocks pushed and not claimed yet.
+    pub fn queued(&self) -> usize {
+        lock(&self.queue).blocks.len()
     }
 
     /// Notes the first partition assignment (for the run summary).
@@ -332,6 +372,14 @@ impl Stream {
                 parts.push(id.clone());
                 (parts.len() - 1) as u32
             }
+        }
+    }
+
+    /// Gives a done partition's index to a new one (a TCP source's new
+    /// connection); its `Assigned` block then starts it afresh.
+    pub fn reuse_part(&self, part: u32, id: PartId) {
+        if let Some(p) = lock(&self.parts).get_mut(part as usize) {
+            *p = id;
         }
     }
 
@@ -460,6 +508,31 @@ mod tests {
         let g = r(&mut c, 7, 0, BlockKind::End, i64::MIN);
         assert_eq!(g.wm_after_ms, i64::MAX);
         assert_eq!(c.offsets(), vec![(ids[0].clone(), 1), (ids[1].clone(), 1)]);
+    }
+
+    #[test]
+    fn with_none_active_the_largest_counts_and_a_reused_index_starts_afresh() {
+        let mut ids = ids(2);
+        let mut c = Chain::default();
+        let meta = |seq, part, kind| BlockMeta { seq, part, kind, next_offset: Some(1), messages: 1 };
+        let mut seq = 0;
+        let mut r = |c: &mut Chain, ids: &[PartId], part, kind, ts| {
+            seq += 1;
+            c.resolve(&meta(seq - 1, part, kind), ts, 10, ids).unwrap()
+        };
+        r(&mut c, &ids, 0, BlockKind::Assigned, i64::MIN);
+        r(&mut c, &ids, 1, BlockKind::Assigned, i64::MIN);
+        r(&mut c, &ids, 0, BlockKind::Data, 1000);
+        assert_eq!(r(&mut c, &ids, 0, BlockKind::Done, i64::MIN).wm_after_ms, i64::MIN, "1 holds it back");
+        // The last active one goes idle: everything seen is in.
+        assert_eq!(r(&mut c, &ids, 1, BlockKind::Idle, i64::MIN).wm_after_ms, 990);
+        // Index 0 goes to a new connection: its own watermark starts over,
+        // and the source's never moves back.
+        ids[0] = PartId { topic: "new".into(), partition: 9 };
+        r(&mut c, &ids, 0, BlockKind::Assigned, i64::MIN);
+        assert_eq!((c.parts[0].id.clone(), c.parts[0].max_ts_ms, c.parts[0].messages), (ids[0].clone(), NO_EVENTS, 0));
+        let late = r(&mut c, &ids, 0, BlockKind::Data, 500);
+        assert_eq!((late.late_before_ms, late.wm_after_ms), (990, 990));
     }
 
     #[test]

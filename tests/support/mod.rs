@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 #[allow(unused_imports)]
 pub use tally::gen::{GenFormat, GenOptions};
 pub use tally::source::file::BLOCK_BYTES;
+pub mod http;
 pub mod kafka;
 pub mod redis_server;
 

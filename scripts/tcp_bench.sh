@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# TCP ingest against file ingest on the same events, in the same run.
+#
+#   scripts/tcp_bench.sh [--events N] [--devices D] [--connections C] [--runs R] [--idle K]
+#
+# Generates N JSON-lines events once (data/tcp-bench-N-D/), then per round:
+#   file: `tally run` of page_uv over the file, 2 workers (its summary's seconds);
+#   tcp:  `tally serve` of the same job with a TCP source, 2 workers; C client
+#         processes send the file's lines (split in C parts at line ends) with
+#         sendfile(2); timed from the first byte sent until /metrics counts
+#         every event (tally_events_total).
+# Then the memory of K idle connections: the daemon's RSS with K clients
+# connected and silent, minus its RSS before they connected.
+# Prints a markdown report and saves it as data/tcp-bench-N-D/report.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EVENTS=10000000 DEVICES=1000000 CONNECTIONS=8 RUNS=3 IDLE=1000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --events) EVENTS=$2; shift 2 ;;
+        --devices) DEVICES=$2; shift 2 ;;
+        --connections) CONNECTIONS=$2; shift 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        --idle) IDLE=$2; shift 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+cargo build --release --quiet
+TALLY=target/release/tally
+DIR=data/tcp-bench-$EVENTS-$DEVICES
+mkdir -p "$DIR"
+if [ ! -f "$DIR/events/events.jsonl" ]; then
+    $TALLY gen --events "$EVENTS" --devices "$DEVICES" --out "$DIR/events"
+fi
+INPUT=$DIR/events/events.jsonl
+if [ ! -f "$DIR/parts/part-$CONNECTIONS-0" ]; then
+    mkdir -p "$DIR/parts"
+    split -n "l/$CONNECTIONS" -d -a 1 "$INPUT" "$DIR/parts/part-$CONNECTIONS-"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(free_port) HTTP=$(free_port)
+
+metric_block='
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+measures = ["pv", "uv"]
+'
+cat > "$DIR/file.toml" <<EOF
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "file"
+path = "$(realpath "$INPUT")"
+max_out_of_orderness = "5m"
+$metric_block
+[[sink]]
+kind = "jsonl"
+path = "$(realpath "$DIR")/file-out.jsonl"
+EOF
+cat > "$DIR/tcp.toml" <<EOF
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "tcp"
+listen = "127.0.0.1:$PORT"
+max_out_of_orderness = "5m"
+$metric_block
+[[sink]]
+kind = "jsonl"
+path = "$(realpath "$DIR")/tcp-out.jsonl"
+[serve]
+http = "127.0.0.1:$HTTP"
+EOF
+
+# Sends the parts on one connection each (sendfile), or with --idle K holds
+# K silent connections until stdin closes.
+SENDER=$(cat <<'PY'
+import socket, sys, threading
+port = int(sys.argv[1])
+if sys.argv[2] == "--idle":
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(int(sys.argv[3]))]
+    print("connected", flush=True)
+    sys.stdin.read()
+    sys.exit(0)
+def send(path):
+    with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
+        s.sendfile(f)
+threads = [threading.Thread(target=send, args=(p,)) for p in sys.argv[2:]]
+for t in threads: t.start()
+for t in threads: t.join()
+PY
+)
+
+metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+wait_ready() { until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+events=$($TALLY run --job "$DIR/file.toml" --workers 2 --summary "$DIR/s.json" 2>/dev/null >/dev/null; python3 -c "import json; print(json.load(open('$DIR/s.json'))['events'])")
+report=$DIR/report.md
+{
+    echo "# TCP vs file ingest ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
+    echo
+    echo "$(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "Input: $INPUT ($events events, $(du -h "$INPUT" | cut -f1)); TCP: $CONNECTIONS connections"
+    echo
+    echo "| round | file M events/s | tcp M events/s | tcp / file | file run CPU s | tcp daemon CPU s | senders CPU s |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+} > "$report"
+for round in $(seq 1 "$RUNS"); do
+    /usr/bin/time -f "%U %S" -o "$DIR/file-cpu" $TALLY run --job "$DIR/file.toml" --workers 2 --summary "$DIR/s.json" >/dev/null 2>&1
+    file_rate=$(python3 -c "import json; s=json.load(open('$DIR/s.json')); print(s['events']/s['seconds']/1e6)")
+    file_cpu=$(awk '{ print $1 + $2 }' "$DIR/file-cpu")
+
+    $TALLY serve --job "$DIR/tcp.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
+    serve=$!
+    wait_ready
+    cpu0=$(cpu_ticks $serve)
+    t0=$(date +%s.%N)
+    /usr/bin/time -f "%U %S" -o "$DIR/sender-cpu" python3 -c "$SENDER" "$PORT" "$DIR"/parts/part-"$CONNECTIONS"-* &
+    sender=$!
+    while [ "$(metric 'tally_events_total{source="client"}')" != "$events" ]; do sleep 0.02; done
+    t1=$(date +%s.%N)
+    cpu1=$(cpu_ticks $serve)
+    wait $sender
+    tcp_cpu=$(python3 -c "print(($cpu1 - $cpu0) / $(getconf CLK_TCK))")
+    sender_cpu=$(awk '{ print $1 + $2 }' "$DIR/sender-cpu")
+    kill -TERM $serve; wait $serve || true
+    tcp_rate=$(python3 -c "print($events/($t1-$t0)/1e6)")
+    printf '| %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n' "$round" "$file_rate" "$tcp_rate" \
+        "$(python3 -c "print($tcp_rate/$file_rate)")" "$file_cpu" "$tcp_cpu" "$sender_cpu" >> "$report"
+done
+
+# Memory per idle connection.
+$TALLY serve --job "$DIR/tcp.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
+serve=$!
+wait_ready
+sleep 0.5
+before=$(rss_kb $serve)
+coproc IDLE_CLIENTS { python3 -c "$SENDER" "$PORT" --idle "$IDLE"; }
+read -r _ <&"${IDLE_CLIENTS[0]}"
+until [ "$(metric 'tally_tcp_connections{source="client"}')" = "$IDLE" ]; do sleep 0.05; done
+sleep 0.5
+after=$(rss_kb $serve)
+eval "exec ${IDLE_CLIENTS[1]}>&-"
+wait "$IDLE_CLIENTS_PID" || true
+kill -TERM $serve; wait $serve || true
+{
+    echo
+    echo "Idle connections: RSS $before kB with none, $after kB with $IDLE: $(( (after - before) * 1024 / IDLE )) bytes each."
+    echo "Load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "Commands: \`$TALLY run --job $DIR/file.toml --workers 2\`; \`$TALLY serve --job $DIR/tcp.toml --workers 2\` fed by $CONNECTIONS sendfile(2) clients (scripts/tcp_bench.sh)."
+} >> "$report"
+cat "$report"

@@ -1,0 +1,348 @@
+//! TCP sources under `tally serve`: clients stream JSON lines, each
+//! connection a partition with its own watermark. What the daemon writes
+//! equals the rows of the same job over the same events as a file (which
+//! `tally verify` checks offline), SIGTERM hands over everything received
+//! before the last checkpoint, bad clients are closed with the reason
+//! logged while the others lose nothing, and idle connections stop holding
+//! the watermark back after `idle_timeout`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::http::{get, spawn_serve, wait_ready};
+use support::kafka::free_port;
+use support::*;
+
+/// The file job's rows (checked by `tally verify`) and its input.
+struct Reference {
+    files: Vec<PathBuf>,
+    opts: GenOptions,
+    def: JobDef,
+    rows: BTreeMap<(String, i64, String), String>,
+    events: u64,
+    bytes: u64,
+}
+
+fn reference(dir: &Path, events: u64) -> Reference {
+    let opts = gen_options(events);
+    let files = generate(&dir.join("data"), opts.clone());
+    let def = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version());
+    let job = def.write(dir, "files");
+    let out = run(&job, 2);
+    assert_verifies(&job, &job.results, "the file run");
+    Reference {
+        bytes: files.iter().map(|f| fs::metadata(f).unwrap().len()).sum(),
+        events: count(&out.ok()["sources"][0], "events"),
+        rows: keyed_rows(&job.results),
+        files,
+        opts,
+        def,
+    }
+}
+
+/// Rows by (metric, window end, dims).
+fn keyed_rows(path: &Path) -> BTreeMap<(String, i64, String), String> {
+    let mut rows = BTreeMap::new();
+    for line in read_lines(path) {
+        let line = String::from_utf8(line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let key = (v["metric"].as_str().unwrap().to_string(), v["window_end"].as_i64().unwrap(), v["dims"].to_string());
+        assert!(rows.insert(key, line.clone()).is_none(), "one row per key: {line}");
+    }
+    rows
+}
+
+/// The reference job with its source read from TCP `port` (more source
+/// lines in `extra`) and the API on `http`.
+fn tcp_job(dir: &Path, def: &JobDef, port: u16, http: u16, extra: &str) -> JobFile {
+    let job = def.write(dir, "tcp");
+    let text = fs::read_to_string(&job.path).unwrap();
+    let start = text.find("kind = \"file\"").unwrap();
+    let end = start + text[start..].find("\nformat").unwrap();
+    let source = format!("kind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"\n{extra}");
+    let serve = format!("\n[serve]\nhttp = \"127.0.0.1:{http}\"\n");
+    fs::write(&job.path, format!("{}{source}{}{serve}", &text[..start], &text[end + 1..])).unwrap();
+    job
+}
+
+/// Prometheus samples by `name{labels}`.
+fn samples(http: u16) -> BTreeMap<String, f64> {
+    let (status, text) = get(http, "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample line: {l:?}"));
+            (name.to_string(), value.parse().unwrap_or_else(|_| panic!("not a number: {l:?}")))
+        })
+        .collect()
+}
+
+fn tcp_sample(http: u16, family: &str) -> f64 {
+    samples(http)[&format!("{family}{{source=\"client\"}}")]
+}
+
+/// Waits until the source received `bytes`, has `open` connections and
+/// the rows stopped coming.
+fn wait_settled(http: u16, bytes: u64, open: u64) {
+    let started = Instant::now();
+    let (mut rows, mut same) = (u64::MAX, 0);
+    while same < 3 {
+        assert!(started.elapsed() < Duration::from_secs(90), "never settled: {:?}", samples(http));
+        std::thread::sleep(Duration::from_millis(300));
+        let s = samples(http);
+        let received = s["tally_tcp_received_bytes_total{source=\"client\"}"] as u64;
+        let connections = s["tally_tcp_connections{source=\"client\"}"] as u64;
+        let now = s["tally_rows_total"] as u64;
+        same = if received == bytes && connections == open && now == rows && now > 0 { same + 1 } else { 0 };
+        rows = now;
+    }
+}
+
+/// SIGTERM; the exit status must be 0. Returns the log.
+fn stop(mut child: Child) -> String {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(status.success(), "exit {status}: {log}");
+    log
+}
+
+/// Every row the daemon wrote is the file run's row of that key, and it
+/// wrote every file row up to its last window end (no gap).
+fn assert_rows_within(results: &Path, r: &Reference) {
+    let got = keyed_rows(results);
+    assert!(got.len() * 2 > r.rows.len(), "rows: {} of {}", got.len(), r.rows.len());
+    for (key, line) in &got {
+        assert_eq!(Some(line), r.rows.get(key), "{key:?}");
+    }
+    let last = got.keys().map(|k| k.1).max().unwrap();
+    let gaps: Vec<_> = r.rows.keys().filter(|k| k.1 <= last && !got.contains_key(*k)).take(5).collect();
+    assert!(gaps.is_empty(), "rows up to {last} not written: {gaps:?}");
+}
+
+#[test]
+fn a_tcp_source_fed_by_the_generator_writes_the_file_rows_and_closes_only_bad_clients() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 120_000);
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &r.def, port, http, "");
+    let state = dir.join("state");
+    let child = spawn_serve(
+        &job,
+        &[
+            "--workers".as_ref(),
+            "2".as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--summary".as_ref(),
+            job.summary.as_os_str(),
+        ],
+    );
+    wait_ready(http);
+
+    // A client sending garbage, a line without its device id and no
+    // newline at the end: its lines are counted and skipped.
+    let garbage = b"not json\n{\"ts\":\n\x00\xff\xfe\n\n{\"ts\":1771171200000,\"page\":\"p1\"}";
+    let mut bad = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    bad.write_all(garbage).unwrap();
+    drop(bad);
+    // A client sending a 100 MB line: closed after max_line_bytes (1 MiB).
+    let long = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        for _ in 0..100 {
+            match s.write_all(&chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(_) => break, // tally closed it
+            }
+        }
+        sent
+    });
+    // The generator: the file's events on 4 connections at once.
+    let sent = tally::gen::generate(&GenOptions {
+        to: Some(format!("tcp://127.0.0.1:{port}")),
+        connections: 4,
+        out: dir.join("unused"),
+        ..r.opts.clone()
+    })
+    .unwrap();
+    assert_eq!(sent.bytes, r.bytes, "the generator sends the file's bytes");
+    let long_sent = long.join().unwrap();
+    assert!(long_sent < 100 << 20, "the long line was cut off, {long_sent} bytes sent");
+
+    let garbage_received = garbage.len() as u64;
+    let started = Instant::now();
+    while tcp_sample(http, "tally_tcp_connections") > 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", samples(http));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = samples(http);
+    let received = s["tally_tcp_received_bytes_total{source=\"client\"}"] as u64;
+    assert!(received > r.bytes + garbage_received, "{s:?}");
+    let long_received = received - r.bytes - garbage_received;
+    assert!((1 << 20..100 << 20).contains(&long_received), "{long_received} bytes of the long line read");
+    wait_settled(http, received, 0);
+    let s = samples(http);
+    assert_eq!(s["tally_tcp_connections_accepted_total{source=\"client\"}"], 6.0, "{s:?}");
+    assert_eq!(s["tally_tcp_connections_closed_bad_total{source=\"client\"}"], 1.0, "{s:?}");
+    // The live counters say what the summary will.
+    assert_eq!(s["tally_events_total{source=\"client\"}"], r.events as f64, "{s:?}");
+    assert_eq!(s["tally_records_total{source=\"client\"}"], (r.events + 6) as f64, "{s:?}");
+    let reasons =
+        ["empty_line", "line_too_long", "missing_device_id", "invalid_json", "not_an_object", "control_character"];
+    for reason in reasons {
+        let n = s[&format!("tally_records_rejected_total{{source=\"client\",reason=\"{reason}\"}}")];
+        assert_eq!(n, 1.0, "{reason}: {s:?}");
+    }
+    let log = stop(child);
+    assert!(
+        log.contains("closed the connection from 127.0.0.1:") && log.contains("longer than max_line_bytes"),
+        "{log}"
+    );
+
+    // Everything received was counted before the last checkpoint.
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    let src = source_report(&summary, 0);
+    assert_eq!(count(src, "events"), r.events, "{src}");
+    assert_eq!(count(src, "rejected"), 6, "5 bad lines and the long one: {src}");
+    for reason in reasons {
+        assert_eq!(src["rejected_by_reason"][reason], 1, "{reason}: {src}");
+    }
+    assert_rows_within(&job.results, &r);
+}
+
+#[test]
+fn a_thousand_idle_connections_hold_the_watermark_only_until_idle_timeout() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 60_000);
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &r.def, port, http, "idle_timeout = \"1s\"\nmax_connections = 1001\n");
+    let state = dir.join("state");
+    let child =
+        spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()]);
+    wait_ready(http);
+    let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let started = Instant::now();
+    while tcp_sample(http, "tally_tcp_connections") < 1000.0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", samples(http));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One connection more streams the events; one beyond that is refused.
+    let mut sending = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut refused = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(refused.read(&mut [0u8; 16]).ok(), Some(0), "closed at once");
+    for f in &r.files {
+        sending.write_all(&fs::read(f).unwrap()).unwrap();
+    }
+    drop(sending);
+    wait_settled(http, r.bytes, 1000);
+    let s = samples(http);
+    assert_eq!(s["tally_tcp_connections_refused_total{source=\"client\"}"], 1.0, "{s:?}");
+    let log = stop(child);
+    assert!(log.contains("max_connections"), "{log}");
+    drop(idle);
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    assert_eq!(count(source_report(&summary, 0), "events"), r.events);
+    // Rows came while 1000 silent connections stayed open.
+    assert_rows_within(&job.results, &r);
+}
+
+#[test]
+fn tcp_source_settings_are_checked_at_load() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let def = JobDef::new("jsonl", &[dir.join("none.jsonl")]).metric(page_uv());
+    for (extra, says) in [
+        ("", ""),
+        ("max_connections = 0\n", "source[0].max_connections"),
+        ("idle_timeout = \"soon\"\n", "source[0].idle_timeout"),
+        ("topic = \"t\"\n", "source[0].topic"),
+    ] {
+        let job = tcp_job(dir, &def, 1, 2, extra);
+        let out = if says.is_empty() {
+            let args = ["verify", "--job", &job.path.to_string_lossy(), "--results", &job.path.to_string_lossy()];
+            tally(args.map(|a| a.to_string()))
+        } else {
+            tally([OsStr::new("run"), OsStr::new("--job"), job.path.as_os_str()])
+        };
+        if says.is_empty() {
+            assert!(out.stderr.contains("TCP socket"), "verify explains it cannot re-read TCP: {}", out.stderr);
+        } else {
+            assert!(out.code == Some(2) && out.stderr.contains(says), "{extra}: {}", out.stderr);
+        }
+    }
+    let job = tcp_job(dir, &def, 1, 2, "");
+    let text = fs::read_to_string(&job.path).unwrap().replace("127.0.0.1:1\"", "nowhere\"");
+    fs::write(&job.path, text).unwrap();
+    let out = tally([OsStr::new("run"), OsStr::new("--job"), job.path.as_os_str()]);
+    assert!(out.code == Some(2) && out.stderr.contains("source[0].listen"), "{}", out.stderr);
+}
+
+/// SIGTERM while a client streams: every complete line received is in the
+/// last checkpoint; the client sends the rest to the restarted daemon and
+/// the rows are the file run's, none twice.
+#[test]
+fn a_stop_mid_stream_keeps_every_line_received_and_a_restart_goes_on() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 200_000);
+    let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &r.def, port, http, "");
+    let state = dir.join("state");
+    let args = ["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()];
+    let child = spawn_serve(&job, &args);
+    wait_ready(http);
+    let first = input.clone();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        for piece in first.chunks(64 << 10) {
+            if s.write_all(piece).is_err() {
+                return; // the daemon stopped
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let started = Instant::now();
+    while tcp_sample(http, "tally_tcp_received_bytes_total") < 4e6 {
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", samples(http));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(child);
+    client.join().unwrap();
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    let src = source_report(&summary, 0);
+    let received = src["tcp"]["received_bytes"].as_u64().unwrap() as usize;
+    assert!(received < input.len(), "stopped mid-stream: {src}");
+    let lines = input[..received].iter().filter(|&&b| b == b'\n').count();
+    assert_eq!(count(src, "records") as usize, lines, "every complete line received was counted");
+
+    // The rest, from the first line not counted, to the restarted daemon.
+    let from = input.iter().enumerate().filter(|(_, &b)| b == b'\n').nth(lines - 1).unwrap().0 + 1;
+    let child = spawn_serve(&job, &args);
+    wait_ready(http);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&input[from..]).unwrap();
+    drop(s);
+    wait_settled(http, (input.len() - from) as u64, 0);
+    stop(child);
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    assert_eq!(count(source_report(&summary, 0), "events"), r.events, "over both runs");
+    assert_rows_within(&job.results, &r);
+}
