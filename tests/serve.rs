@@ -9,7 +9,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -45,7 +44,7 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
     let dir = tmp.path();
     let port = free_port();
     let job = serve_job(dir, port);
-    let mut child = spawn_serve(&job, &["--workers".as_ref(), "2".as_ref()]);
+    let child = spawn_serve(&job, &["--workers".as_ref(), "2".as_ref()]);
     // Ready once the input was read to its end.
     wait_ready(port);
     assert_eq!(get(port, "/healthz", None), (200, "ok\n".into()));
@@ -106,12 +105,7 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
     }
 
     // SIGTERM: exit 0.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
-    assert!(status.success(), "exit {status}: {log}");
+    child.stop();
 }
 
 #[test]
@@ -166,7 +160,7 @@ fn serve_over_a_topic_is_ready_once_caught_up() {
     fs::write(&job.path, format!("{}{source}{}", &text[..start], &text[end + 1..])).unwrap();
     // A state directory: SIGTERM checkpoints and exits 0.
     let state = dir.join("state");
-    let mut child = spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str()]);
+    let child = spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str()]);
     let started = Instant::now();
     wait_ready(port);
     // Read is not yet counted: wait until the rows stop coming.
@@ -189,9 +183,7 @@ fn serve_over_a_topic_is_ready_once_caught_up() {
             ((metric.clone(), dims.clone()), get(port, &path, Some(TOKEN)))
         })
         .collect();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    child.stop();
 
     assert_eq!(read_lines(&job.results).len() as u64, rows, "the rows the API counted");
     let last = last_rows(&job.results);
@@ -202,4 +194,97 @@ fn serve_over_a_topic_is_ready_once_caught_up() {
             None => assert_eq!(answer.0, 404, "{key:?}: no row written, yet {answer:?}"),
         }
     }
+}
+
+/// Day curves and top-N over a run killed right after its 2nd checkpoint
+/// (as `kill -9`) and restarted: the API answers every minute of both days
+/// with exactly the rows the file sink holds, no dip, no gap, no jump.
+#[test]
+fn curves_and_top_answer_every_minute_across_a_crash_and_restart() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let port = free_port();
+    let files = generate(&dir.join("data"), gen_options(600_000));
+    let job = JobDef::new("jsonl", &files)
+        .metric(page_uv())
+        .metric(platform_version())
+        .job_line("checkpoint_interval = \"10ms\"")
+        .write(dir, "job");
+    fs::write(&job.path, fs::read_to_string(&job.path).unwrap() + &format!("\n[serve]\nhttp = \"127.0.0.1:{port}\"\n"))
+        .unwrap();
+    let state = dir.join("state");
+    // `timeout`: a daemon that did not crash would serve forever.
+    let crashed = std::process::Command::new("timeout")
+        .args([OsStr::new("60"), OsStr::new(TALLY), OsStr::new("serve"), OsStr::new("--workers"), OsStr::new("2")])
+        .args([OsStr::new("--job"), job.path.as_os_str(), OsStr::new("--state-dir"), state.as_os_str()])
+        .env("TALLY_CRASH_AT", "renamed:2")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&crashed.stderr);
+    assert!(!crashed.status.success() && log.contains("TALLY_CRASH_AT"), "no crash at checkpoint 2: {log}");
+    let child = spawn_serve(&job, &["--workers".as_ref(), "2".as_ref(), "--state-dir".as_ref(), state.as_os_str()]);
+    wait_ready(port);
+    assert_verifies(&job, &job.results, "the rows after the restart");
+
+    // Every key's rows in the file, by local day of their window.
+    let mut by_key: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for v in read_values(&job.results) {
+        by_key.entry((v["metric"].as_str().unwrap().into(), v["dims"].to_string())).or_default().push(v);
+    }
+    let day = |end: i64| (end - 1 + TZ_OFFSET_MS).div_euclid(DAY_MS);
+    let newest = by_key.values().flatten().map(|v| day(v["window_end"].as_i64().unwrap())).max().unwrap();
+    let mut checked = 0;
+    for ((metric, dims), rows) in &by_key {
+        for (which, d) in [("latest", newest), ("previous", newest - 1)] {
+            let want: Vec<(i64, u64, u64)> = rows
+                .iter()
+                .filter(|v| day(v["window_end"].as_i64().unwrap()) == d)
+                .map(|v| (v["window_end"].as_i64().unwrap(), count(v, "pv"), count(v, "uv")))
+                .collect();
+            let path = format!("/api/v1/curve?metric={}&dims={}&day={which}", enc(metric), enc(dims));
+            let (status, body) = get(port, &path, None);
+            assert_eq!(status, 200, "{path}: {body}");
+            let c: Value = serde_json::from_str(&body).unwrap();
+            let got: Vec<(i64, u64, u64)> = c["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p["window_end"].as_i64().unwrap(), count(p, "pv"), count(p, "uv")))
+                .collect();
+            assert_eq!(got, want, "{metric} {dims} {which}");
+            checked += got.len();
+        }
+    }
+    assert!(checked > 10_000, "points checked: {checked}");
+
+    // Top 5 pages by uv at the newest window end, ties by dims text.
+    let end = by_key.values().flatten().map(|v| v["window_end"].as_i64().unwrap()).max().unwrap();
+    let mut at_end: Vec<(u64, String)> = by_key
+        .iter()
+        .filter(|((m, _), _)| m == "page_uv")
+        .filter_map(|((_, dims), rows)| {
+            let last = rows.last().unwrap();
+            (last["window_end"].as_i64() == Some(end)).then(|| (count(last, "uv"), dims.clone()))
+        })
+        .collect();
+    at_end.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let (status, body) = get(port, "/api/v1/top?metric=page_uv&by=uv&n=5", None);
+    assert_eq!(status, 200, "{body}");
+    let top: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(top["window_end"].as_i64(), Some(end));
+    let got: Vec<(u64, String)> =
+        top["rows"].as_array().unwrap().iter().map(|r| (count(r, "uv"), r["dims"].to_string())).collect();
+    assert_eq!(got, at_end[..5].to_vec());
+    for (path, status) in [
+        ("/api/v1/top?metric=page_uv&by=nope", 400),
+        ("/api/v1/top?metric=page_uv", 400),
+        ("/api/v1/top?metric=page_uv&by=uv&n=0", 400),
+        ("/api/v1/top?metric=page_uv&by=uv&group_by=platform", 400),
+        ("/api/v1/curve?metric=page_uv&dims=%7B%22page%22%3A%22p1%22%7D&day=2001-01-01", 404),
+        ("/api/v1/curve?metric=page_uv&dims=%7B%22page%22%3A%22p1%22%7D&day=yesterday", 400),
+        ("/api/v1/curve?metric=page_uv&dims=%7B%7D", 400),
+    ] {
+        assert_eq!(get(port, path, None).0, status, "{path}");
+    }
+    child.stop();
 }

@@ -14,7 +14,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -108,17 +107,6 @@ fn wait_settled(http: u16, bytes: u64, open: u64) {
     }
 }
 
-/// SIGTERM; the exit status must be 0. Returns the log.
-fn stop(mut child: Child) -> String {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
-    assert!(status.success(), "exit {status}: {log}");
-    log
-}
-
 /// Every row the daemon wrote is the file run's row of that key, and it
 /// wrote every file row up to its last window end (no gap).
 fn assert_rows_within(results: &Path, r: &Reference) {
@@ -208,7 +196,7 @@ fn a_tcp_source_fed_by_the_generator_writes_the_file_rows_and_closes_only_bad_cl
         let n = s[&format!("tally_records_rejected_total{{source=\"client\",reason=\"{reason}\"}}")];
         assert_eq!(n, 1.0, "{reason}: {s:?}");
     }
-    let log = stop(child);
+    let log = child.stop();
     assert!(
         log.contains("closed the connection from 127.0.0.1:") && log.contains("longer than max_line_bytes"),
         "{log}"
@@ -254,7 +242,7 @@ fn a_thousand_idle_connections_hold_the_watermark_only_until_idle_timeout() {
     wait_settled(http, r.bytes, 1000);
     let s = samples(http);
     assert_eq!(s["tally_tcp_connections_refused_total{source=\"client\"}"], 1.0, "{s:?}");
-    let log = stop(child);
+    let log = child.stop();
     assert!(log.contains("max_connections"), "{log}");
     drop(idle);
     let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
@@ -324,7 +312,7 @@ fn a_stop_mid_stream_keeps_every_line_received_and_a_restart_goes_on() {
         assert!(started.elapsed() < Duration::from_secs(60), "{:?}", samples(http));
         std::thread::sleep(Duration::from_millis(20));
     }
-    stop(child);
+    child.stop();
     client.join().unwrap();
     let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
     let src = source_report(&summary, 0);
@@ -341,7 +329,7 @@ fn a_stop_mid_stream_keeps_every_line_received_and_a_restart_goes_on() {
     s.write_all(&input[from..]).unwrap();
     drop(s);
     wait_settled(http, (input.len() - from) as u64, 0);
-    stop(child);
+    child.stop();
     let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
     assert_eq!(count(source_report(&summary, 0), "events"), r.events, "over both runs");
     assert_rows_within(&job.results, &r);

@@ -514,10 +514,15 @@ pub struct ServeSpec {
     pub http: String,
     /// Bearer token the API wants (none: open).
     pub token: Option<String>,
+    /// Memory for day curves (the points of today and the previous day
+    /// per metric and key); points beyond it are dropped and counted.
+    pub curve_bytes: u64,
 }
 
 /// Where `tally serve` listens when the job file does not say.
 pub const SERVE_HTTP_DEFAULT: &str = "127.0.0.1:8080";
+/// `[serve] curve_bytes` when the job file does not say.
+pub const SERVE_CURVE_BYTES_DEFAULT: u64 = 256 << 20;
 
 impl Job {
     /// Whether a `minute_devices` sink takes metric `m`'s detail rows.

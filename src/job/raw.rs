@@ -11,8 +11,8 @@ use super::{
     KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, ServeSpec, SinkRows, SinkSpec, SinkTarget,
     SourceSpec, SummarySpec, SummaryWindow, TcpSpec, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
     DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT, KAFKA_RESERVED_PROPERTIES,
-    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT, SERVE_HTTP_DEFAULT,
-    STREAM_IDLE_TIMEOUT_DEFAULT_MS, TCP_MAX_CONNECTIONS_DEFAULT,
+    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT, SERVE_CURVE_BYTES_DEFAULT,
+    SERVE_HTTP_DEFAULT, STREAM_IDLE_TIMEOUT_DEFAULT_MS, TCP_MAX_CONNECTIONS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -42,6 +42,7 @@ pub(super) struct RawJob {
 struct RawServe {
     http: Option<String>,
     token: Option<String>,
+    curve_bytes: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -252,7 +253,13 @@ pub(super) fn build(raw: RawJob, base: &Path) -> Result<Job, Invalid> {
             if s.token.as_deref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace())) {
                 return Err(invalid("serve.token".to_string(), "must be non-empty, without whitespace"));
             }
-            Some(ServeSpec { http, token: s.token.clone() })
+            let curve_bytes = match &s.curve_bytes {
+                None => SERVE_CURVE_BYTES_DEFAULT,
+                Some(toml::Value::Integer(n)) if *n >= 0 => *n as u64,
+                Some(toml::Value::String(t)) => parse_bytes(t).map_err(|r| invalid("serve.curve_bytes", r))?,
+                Some(_) => return Err(invalid("serve.curve_bytes", "a size such as \"256MiB\" or a number of bytes")),
+            };
+            Some(ServeSpec { http, token: s.token.clone(), curve_bytes })
         }
     };
     Ok(Job {

@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::checkpoint::CheckpointError;
 use crate::dim::{DimExample, DimHandle, Watcher};
 use crate::event::Reject;
-use crate::job::{Format, Job};
+use crate::job::{Format, Job, SinkRows, SinkTarget};
 use crate::metric::cumulate::{Geometry, SliceCols};
 use crate::metric::keys::KeyDict;
 use crate::serve::Live;
@@ -518,6 +518,21 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         .map(|(i, s)| Sink::open(s, job, sink_resume(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::SinkOpen)?;
+    if let (Some(l), Some(m)) = (&serving, resume.as_ref().and_then(|r| r.manifest.as_ref())) {
+        // The rows before the checkpoint, as its file sinks were cut back to.
+        for s in &job.sinks {
+            if let (SinkTarget::File(path), SinkRows::Results) = (&s.target, s.rows) {
+                match l.refill(path) {
+                    Ok(n) => eprintln!(
+                        "tally serve: {n} rows of checkpoint {} read back from {} for the API",
+                        m.generation,
+                        path.display()
+                    ),
+                    Err(e) => eprintln!("tally serve: cannot read back {} for the API: {e}", path.display()),
+                }
+            }
+        }
+    }
     let counts: Arc<[stats::LiveCounts]> = job.sources.iter().map(|_| stats::LiveCounts::default()).collect();
     if let Some(l) = &serving {
         l.counts(counts.clone());

@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Stdio;
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{JobFile, TALLY};
@@ -31,16 +31,52 @@ pub fn enc(s: &str) -> String {
         .collect()
 }
 
+/// A running `tally serve`, killed if the test ends without stopping it
+/// (a failed assertion must not leave a daemon behind).
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// SIGTERM, then waits for the exit: (status, log).
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let mut child = self.0.take().expect("running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().expect("wait for tally serve");
+        let mut log = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut log);
+        }
+        (status, log)
+    }
+
+    /// SIGTERM; the exit must be 0. Returns the log.
+    pub fn stop(self) -> String {
+        let (status, log) = self.terminate();
+        assert!(status.success(), "exit {status}: {log}");
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `tally serve` on `job` with more arguments; its stderr is piped.
-pub fn spawn_serve(job: &JobFile, extra: &[&OsStr]) -> std::process::Child {
-    std::process::Command::new(TALLY)
+pub fn spawn_serve(job: &JobFile, extra: &[&OsStr]) -> Daemon {
+    let child = std::process::Command::new(TALLY)
         .args([OsStr::new("serve"), OsStr::new("--job"), job.path.as_os_str()])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start tally serve")
+        .expect("start tally serve");
+    Daemon(Some(child))
 }
 
 /// Waits until `/readyz` answers 200 (503 until then), at most 60 s.

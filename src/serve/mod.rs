@@ -13,6 +13,11 @@
 //! - `GET /api/v1/latest?metric=NAME&dims={"room_id":"r7"}`: the latest row
 //!   (largest window end) of that metric and group key, as written to the
 //!   sinks; `dims` is the row's `dims` object (omitted: `{}`);
+//! - `GET /api/v1/curve?metric=NAME&dims={..}&day=latest|previous|YYYY-MM-DD`:
+//!   the key's day curve, every row of that day so far (`limit`: the last
+//!   N), for the newest day with rows and the one before it;
+//! - `GET /api/v1/top?metric=NAME&by=MEASURE&n=10[&group_by=a,b]`: the `n`
+//!   keys with the largest measure at the metric's newest window end;
 //! - `GET /api/v1/status`: the job's sources and metrics, rows, readiness;
 //! - `GET /metrics`: Prometheus text.
 //!
@@ -37,11 +42,15 @@ use serde_json::Value;
 use crate::event::Reject;
 use crate::job::filter::FieldValue;
 use crate::job::Job;
+use crate::job::SERVE_CURVE_BYTES_DEFAULT;
 use crate::metric::cumulate::Row;
 use crate::metric::keys::render_dims;
 use crate::runtime::stats::LiveCounts;
 use crate::source::stream::Stream;
 use crate::source::tcp::TcpStats;
+
+mod store;
+use store::{format_day, parse_day, Store};
 
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
@@ -54,9 +63,9 @@ type TcpFamily = (&'static str, &'static str, &'static str, fn(&TcpStats) -> &At
 
 /// What the server answers from: the latest rows and the run's progress.
 pub struct Live {
-    /// Per metric (a summary's grouping sets apart): the row's `dims` text
-    /// as the engine renders it -> (window end, row).
-    latest: Mutex<Vec<HashMap<String, (i64, String)>>>,
+    /// Per metric (a summary's grouping sets apart) and key: the latest row
+    /// and the day curve.
+    store: Mutex<Store>,
     names: Vec<String>,
     group_by: Vec<Vec<String>>,
     /// (name, kind, format) of each source.
@@ -79,7 +88,11 @@ pub struct Live {
 impl Live {
     pub fn new(job: &Job) -> Arc<Live> {
         Arc::new(Live {
-            latest: Mutex::new(job.metrics.iter().map(|_| HashMap::new()).collect()),
+            store: Mutex::new(Store::new(
+                job.metrics.len(),
+                job.timezone_offset_ms,
+                job.serve.as_ref().map_or(SERVE_CURVE_BYTES_DEFAULT, |s| s.curve_bytes),
+            )),
             names: job.metrics.iter().map(|m| m.name.clone()).collect(),
             group_by: job.metrics.iter().map(|m| m.group_by.clone()).collect(),
             sources: job.sources.iter().map(|s| (s.name.clone(), s.kind(), s.format.name())).collect(),
@@ -115,27 +128,51 @@ impl Live {
     /// emitter thread: a map probe by the row's dims text, no parsing).
     pub fn record(&self, row: &Row) {
         self.rows.fetch_add(1, Ordering::Relaxed);
-        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(map) = latest.get_mut(row.metric) else {
-            return;
-        };
-        match map.get_mut(row.key()) {
-            Some((end, line)) => {
-                if *end <= row.window_end_ms {
-                    *end = row.window_end_ms;
-                    line.clone_from(&row.line);
-                }
-            }
-            None => {
-                map.insert(row.key().to_string(), (row.window_end_ms, row.line.clone()));
-            }
-        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.record(row.metric, row.window_end_ms, &row.line, row.key_at.clone());
     }
 
-    /// The latest row of metric `name` whose dims are `dims` (any field
-    /// order): the grouping set with exactly those fields, its dims text
+    /// Fills the store from a JSON-lines file of the job's rows (its sink's
+    /// file, cut back to the checkpoint a resumed run starts from), so the
+    /// API answers after a restart as it did before. Returns the rows read;
+    /// lines that are not rows of this job are skipped.
+    pub fn refill(&self, path: &std::path::Path) -> std::io::Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Head<'a> {
+            metric: &'a str,
+            window_end: i64,
+            #[serde(default)]
+            grouping: Option<Vec<String>>,
+            #[serde(borrow)]
+            dims: &'a serde_json::value::RawValue,
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        let mut line = String::new();
+        for l in text.lines() {
+            let Ok(h) = serde_json::from_str::<Head>(l) else { continue };
+            let m = (0..self.names.len())
+                .find(|&m| self.names[m] == h.metric && h.grouping.as_ref().is_none_or(|g| *g == self.group_by[m]));
+            let Some(m) = m else { continue };
+            let at = h.dims.get().as_ptr() as usize - l.as_ptr() as usize;
+            line.clear();
+            line.push_str(l);
+            line.push('\n');
+            store.record(m, h.window_end, &line, at..at + h.dims.get().len());
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The metric (grouping set) and dims text of a key: metric `name`'s
+    /// set with exactly the fields of `dims` (any order), its dims text
     /// rendered as the engine renders it.
-    fn find(&self, name: &str, dims: &serde_json::Map<String, Value>) -> Result<Option<String>, String> {
+    fn key_of(&self, name: &str, dims: &serde_json::Map<String, Value>) -> Result<(usize, String), String> {
         let mut fields: Vec<&String> = dims.keys().collect();
         fields.sort();
         let set = (0..self.names.len()).find(|&m| {
@@ -158,9 +195,7 @@ impl Live {
                 _ => return Err(format!("dims field {f:?}: a string, a number or null")),
             });
         }
-        let text = render_dims(&self.group_by[m], &values);
-        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(latest[m].get(&text).map(|(_, line)| line.clone()))
+        Ok((m, render_dims(&self.group_by[m], &values)))
     }
 
     /// Why the daemon is not ready yet, if it is not.
@@ -202,45 +237,199 @@ async fn readyz(State(live): State<Arc<Live>>) -> Response {
     }
 }
 
+/// A bad request's answer.
+type Refusal = Box<Response>;
+
+fn refuse(status: StatusCode, why: impl Into<String>) -> Refusal {
+    Box::new(text(status, why.into() + "\n"))
+}
+
+/// Checks the token and that every parameter is one of `allowed`; returns
+/// `metric`, which every such path requires, known to the job.
+fn checked<'p>(
+    live: &Live,
+    headers: &HeaderMap,
+    params: &'p HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<&'p str, Refusal> {
+    if !live.authorized(headers) {
+        return Err(refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+    }
+    if let Some(k) = params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (expected {})", allowed.join(", ")),
+        ));
+    }
+    let Some(metric) = params.get("metric") else {
+        return Err(refuse(StatusCode::BAD_REQUEST, "`metric` is required"));
+    };
+    if !live.names.contains(metric) {
+        return Err(refuse(StatusCode::NOT_FOUND, format!("the job has no metric {metric:?}")));
+    }
+    Ok(metric)
+}
+
+/// The grouping set and dims text `metric` and `dims` name.
+fn key_param(live: &Live, metric: &str, params: &HashMap<String, String>) -> Result<(usize, String), Refusal> {
+    let dims = params.get("dims").map_or("{}", String::as_str);
+    if dims.len() > DIMS_MAX_BYTES {
+        return Err(refuse(StatusCode::BAD_REQUEST, format!("`dims` is longer than {DIMS_MAX_BYTES} bytes")));
+    }
+    let dims = match serde_json::from_str::<Value>(dims) {
+        Ok(Value::Object(d)) => d,
+        _ => return Err(refuse(StatusCode::BAD_REQUEST, "`dims` must be a JSON object, e.g. {\"room_id\":\"r7\"}")),
+    };
+    live.key_of(metric, &dims).map_err(|why| refuse(StatusCode::BAD_REQUEST, why))
+}
+
+/// A whole number parameter within `1..=max` (`default` when absent).
+fn count_param(params: &HashMap<String, String>, name: &str, default: usize, max: usize) -> Result<usize, Refusal> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(refuse(StatusCode::BAD_REQUEST, format!("`{name}` must be a whole number from 1 to {max}"))),
+        },
+    }
+}
+
+fn json(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 async fn latest(
     State(live): State<Arc<Live>>,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if !live.authorized(&headers) {
-        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-    }
-    if let Some(k) = params.keys().find(|k| *k != "metric" && *k != "dims") {
-        return text(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?} (expected metric, dims)\n"));
-    }
-    let Some(metric) = params.get("metric") else {
-        return text(StatusCode::BAD_REQUEST, "`metric` is required\n");
+    let answer = || -> Result<Response, Refusal> {
+        let metric = checked(&live, &headers, &params, &["metric", "dims"])?;
+        let (m, dims) = key_param(&live, metric, &params)?;
+        let store = live.store.lock().unwrap_or_else(|p| p.into_inner());
+        match store.latest(m, &dims) {
+            // A row's line ends with its newline.
+            Some(line) => Ok(json(line.to_string())),
+            None => Err(refuse(StatusCode::NOT_FOUND, "no row for these dims yet")),
+        }
     };
-    if !live.names.contains(metric) {
-        return text(StatusCode::NOT_FOUND, format!("the job has no metric {metric:?}\n"));
-    }
-    let dims = params.get("dims").map_or("{}", String::as_str);
-    if dims.len() > DIMS_MAX_BYTES {
-        return text(StatusCode::BAD_REQUEST, format!("`dims` is longer than {DIMS_MAX_BYTES} bytes\n"));
-    }
-    let dims = match serde_json::from_str::<Value>(dims) {
-        Ok(Value::Object(d)) => d,
-        _ => return text(StatusCode::BAD_REQUEST, "`dims` must be a JSON object, e.g. {\"room_id\":\"r7\"}\n"),
+    answer().unwrap_or_else(|r| *r)
+}
+
+/// Most points one curve request returns.
+const CURVE_POINTS_MAX: usize = 100_000;
+
+async fn curve(
+    State(live): State<Arc<Live>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let answer = || -> Result<Response, Refusal> {
+        let metric = checked(&live, &headers, &params, &["metric", "dims", "day", "limit"])?;
+        let (m, dims) = key_param(&live, metric, &params)?;
+        let limit = count_param(&params, "limit", CURVE_POINTS_MAX, CURVE_POINTS_MAX)?;
+        let store = live.store.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(newest) = store.newest_day(m) else {
+            return Err(refuse(StatusCode::NOT_FOUND, "no row of this metric yet"));
+        };
+        let day = match params.get("day").map(String::as_str) {
+            None | Some("latest") => newest,
+            Some("previous") => newest - 1,
+            Some(d) => match parse_day(d) {
+                Some(day) if day == newest || day == newest - 1 => day,
+                Some(_) => {
+                    return Err(refuse(
+                        StatusCode::NOT_FOUND,
+                        format!("curves are kept for {} and {} only", format_day(newest - 1), format_day(newest)),
+                    ))
+                }
+                None => {
+                    return Err(refuse(StatusCode::BAD_REQUEST, "`day` must be latest, previous or a date YYYY-MM-DD"))
+                }
+            },
+        };
+        let Some(points) = store.curve(m, &dims, day, limit) else {
+            return Err(refuse(StatusCode::NOT_FOUND, "no row for these dims yet"));
+        };
+        let mut body = String::with_capacity(64 + points.len() * 48);
+        body.push_str("{\"metric\":");
+        body.push_str(&Value::from(metric).to_string());
+        body.push_str(",\"dims\":");
+        body.push_str(&dims);
+        body.push_str(&format!(",\"day\":\"{}\",\"points\":[", format_day(day)));
+        for (i, (end, tail)) in points.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            // A point is its row's window end and measures.
+            body.push_str(&format!("{{\"window_end\":{end}{tail}"));
+        }
+        body.push_str("]}\n");
+        Ok(json(body))
     };
-    match live.find(metric, &dims) {
-        // A row's line ends with its newline.
-        Ok(Some(line)) => ([(header::CONTENT_TYPE, "application/json")], line).into_response(),
-        Ok(None) => text(StatusCode::NOT_FOUND, "no row for these dims yet\n"),
-        Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
-    }
+    answer().unwrap_or_else(|r| *r)
+}
+
+/// Most keys one top request returns.
+const TOP_MAX: usize = 1000;
+
+async fn top(
+    State(live): State<Arc<Live>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let answer = || -> Result<Response, Refusal> {
+        let metric = checked(&live, &headers, &params, &["metric", "by", "n", "group_by"])?;
+        let sets: Vec<usize> = (0..live.names.len()).filter(|&m| live.names[m] == metric).collect();
+        let m = match params.get("group_by") {
+            Some(g) => {
+                let mut want: Vec<&str> = g.split(',').filter(|f| !f.is_empty()).collect();
+                want.sort_unstable();
+                let found = sets.iter().copied().find(|&m| {
+                    let mut have: Vec<&str> = live.group_by[m].iter().map(String::as_str).collect();
+                    have.sort_unstable();
+                    have == want
+                });
+                found.ok_or_else(|| {
+                    refuse(StatusCode::BAD_REQUEST, format!("metric {metric:?} has no grouping by {want:?}"))
+                })?
+            }
+            None if sets.len() == 1 => sets[0],
+            None => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("metric {metric:?} has {} grouping sets: name one with group_by=field,field", sets.len()),
+                ))
+            }
+        };
+        let Some(by) = params.get("by") else {
+            return Err(refuse(StatusCode::BAD_REQUEST, "`by` (the measure to rank by) is required"));
+        };
+        let n = count_param(&params, "n", 10, TOP_MAX)?;
+        let store = live.store.lock().unwrap_or_else(|p| p.into_inner());
+        let (end, rows) = store.top(m, by, n).map_err(|why| refuse(StatusCode::BAD_REQUEST, why))?;
+        let Some(end) = end else {
+            return Err(refuse(StatusCode::NOT_FOUND, "no row of this grouping yet"));
+        };
+        let mut body = format!(
+            "{{\"metric\":{},\"by\":{},\"window_end\":{end},\"rows\":[",
+            Value::from(metric),
+            Value::from(by.as_str())
+        );
+        body.push_str(&rows.join(","));
+        body.push_str("]}\n");
+        Ok(json(body))
+    };
+    answer().unwrap_or_else(|r| *r)
 }
 
 impl Live {
     /// Keys with a latest row, per metric name (a summary's sets summed).
     fn keys(&self) -> BTreeMap<&str, usize> {
         let mut keys: BTreeMap<&str, usize> = self.names.iter().map(|n| (n.as_str(), 0)).collect();
-        for (m, map) in self.latest.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
-            *keys.entry(self.names[m].as_str()).or_default() += map.len();
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        for m in 0..self.names.len() {
+            *keys.entry(self.names[m].as_str()).or_default() += store.keys(m);
         }
         keys
     }
@@ -347,6 +536,13 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
             }
         }
     }
+    let (curve_bytes, curve_dropped) = live.store.lock().unwrap_or_else(|p| p.into_inner()).curve_usage();
+    out.push_str("# HELP tally_curve_bytes Memory the day curves hold ([serve] curve_bytes bounds it).\n");
+    out.push_str("# TYPE tally_curve_bytes gauge\n");
+    out.push_str(&format!("tally_curve_bytes {curve_bytes}\n"));
+    out.push_str("# HELP tally_curve_points_dropped_total Curve points not kept: curve_bytes was reached.\n");
+    out.push_str("# TYPE tally_curve_points_dropped_total counter\n");
+    out.push_str(&format!("tally_curve_points_dropped_total {curve_dropped}\n"));
     out.push_str("# HELP tally_uptime_seconds Seconds since the daemon started.\n");
     out.push_str("# TYPE tally_uptime_seconds gauge\n");
     out.push_str(&format!("tally_uptime_seconds {:.3}\n", live.started.elapsed().as_secs_f64()));
@@ -382,6 +578,8 @@ impl Server {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/api/v1/latest", get(latest))
+            .route("/api/v1/curve", get(curve))
+            .route("/api/v1/top", get(top))
             .route("/api/v1/status", get(status))
             .route("/metrics", get(metrics))
             .with_state(live);
