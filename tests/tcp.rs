@@ -334,3 +334,45 @@ fn a_stop_mid_stream_keeps_every_line_received_and_a_restart_goes_on() {
     assert_eq!(count(source_report(&summary, 0), "events"), r.events, "over both runs");
     assert_rows_within(&job.results, &r);
 }
+
+/// `max_events_per_second`: the reader never hands on more than the rate
+/// allows (plus its 0.1 s burst and one read), however fast the client
+/// sends; every event arrives in the end.
+#[test]
+fn max_events_per_second_holds_a_fast_client_back() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 30_000);
+    let (port, http) = (free_port(), free_port());
+    let rate = 10_000.0;
+    let job = tcp_job(dir, &r.def, port, http, "max_events_per_second = 10000\n");
+    let state = dir.join("state");
+    let child =
+        spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()]);
+    wait_ready(http);
+    let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&input).unwrap();
+    });
+    loop {
+        let s = samples(http);
+        // Read before the clock: the bound below can only be generous.
+        let records = s["tally_records_total{source=\"client\"}"];
+        // The rate, its burst, and one read (256 KiB of lines) taken on debt.
+        let read = (256 << 10) as f64 / (r.bytes as f64 / r.events as f64);
+        let allowed = rate * (started.elapsed().as_secs_f64() + 0.1) + rate * 0.1 + read;
+        assert!(records <= allowed, "{records} records handed on, {allowed} allowed");
+        if records as u64 >= r.events {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sender.join().unwrap();
+    assert!(tcp_sample(http, "tally_throttled_seconds_total") > 1.0, "{:?}", samples(http));
+    child.stop();
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    assert_eq!(count(source_report(&summary, 0), "events"), r.events);
+}

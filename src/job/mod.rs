@@ -87,6 +87,9 @@ pub struct SourceSpec {
     pub kafka: Option<KafkaSpec>,
     /// A `kind = "tcp"` source's settings (`paths` is empty then).
     pub tcp: Option<TcpSpec>,
+    /// `max_events_per_second` (Kafka and TCP sources): records handed on
+    /// per second at most.
+    pub max_events_per_second: Option<u64>,
 }
 
 impl SourceSpec {

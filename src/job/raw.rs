@@ -85,6 +85,7 @@ struct RawSource {
     properties: Option<toml::Table>,
     listen: Option<String>,
     max_connections: Option<usize>,
+    max_events_per_second: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -468,10 +469,17 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
             return only(k, "only a `kind = \"tcp\"` source takes it");
         }
     }
+    if s.max_events_per_second == Some(0) {
+        return Err(invalid(key("max_events_per_second"), "must be at least 1"));
+    }
     if s.kind == "file" {
-        if let Some((k, _)) = [("idle_timeout", s.idle_timeout.is_some()), ("csv_columns", s.csv_columns.is_some())]
-            .iter()
-            .find(|(_, set)| *set)
+        if let Some((k, _)) = [
+            ("idle_timeout", s.idle_timeout.is_some()),
+            ("csv_columns", s.csv_columns.is_some()),
+            ("max_events_per_second", s.max_events_per_second.is_some()),
+        ]
+        .iter()
+        .find(|(_, set)| *set)
         {
             return only(k, "only a Kafka or TCP source takes it");
         }
@@ -543,6 +551,7 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         csv_header,
         kafka,
         tcp,
+        max_events_per_second: s.max_events_per_second,
     })
 }
 

@@ -536,6 +536,22 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
             }
         }
     }
+    let throttled: Vec<(String, f64)> = live
+        .streams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|s| Some((label(&live.sources.get(s.source)?.0), s.throttle.as_ref()?.held_seconds())))
+        .collect();
+    if !throttled.is_empty() {
+        out.push_str(
+            "# HELP tally_throttled_seconds_total Time a source's reader held back for max_events_per_second.\n",
+        );
+        out.push_str("# TYPE tally_throttled_seconds_total counter\n");
+        for (name, secs) in throttled {
+            out.push_str(&format!("tally_throttled_seconds_total{{source=\"{name}\"}} {secs:.3}\n"));
+        }
+    }
     let (curve_bytes, curve_dropped) = live.store.lock().unwrap_or_else(|p| p.into_inner()).curve_usage();
     out.push_str("# HELP tally_curve_bytes Memory the day curves hold ([serve] curve_bytes bounds it).\n");
     out.push_str("# TYPE tally_curve_bytes gauge\n");

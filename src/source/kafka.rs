@@ -191,7 +191,9 @@ impl KafkaSource {
         let Some(k) = &spec.kafka else {
             return Err(KafkaSourceError { source_name: spec.name.clone(), reason: "not a Kafka source".into() });
         };
-        let stream = Arc::new(Stream::new(source, spec.max_out_of_orderness_ms, chain.clone()));
+        let stream = Arc::new(
+            Stream::new(source, spec.max_out_of_orderness_ms, chain.clone()).throttled(spec.max_events_per_second),
+        );
         let failed = Arc::new(Mutex::new(None));
         let live = Arc::new(AtomicUsize::new(k.topics.len()));
         let mut commits = Vec::new();
@@ -458,6 +460,13 @@ impl Reader {
     /// Pushes a block, waiting while the routers are behind (which holds
     /// the consumer back, and librdkafka's queue with it).
     fn push(&self, mut block: StreamBlock) {
+        if let Some(t) = &self.stream.throttle {
+            // max_events_per_second: hold the consumer back (its lag grows).
+            let until = Instant::now() + t.take(block.ends.len() as u64);
+            while Instant::now() < until && !self.stream.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL_TIMEOUT));
+            }
+        }
         loop {
             match self.stream.push(block) {
                 Ok(()) => return,

@@ -5,3 +5,4 @@ pub mod file;
 pub mod kafka;
 pub mod stream;
 pub mod tcp;
+pub mod throttle;

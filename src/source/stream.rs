@@ -24,6 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::throttle::Throttle;
 use crate::runtime::mesh::BlockSeq;
 use crate::runtime::NO_EVENTS;
 
@@ -302,6 +303,8 @@ pub struct Stream {
     /// and then sets `closed`.
     pub closing: AtomicBool,
     pub closed: AtomicBool,
+    /// `max_events_per_second`: readers take a token per record.
+    pub throttle: Option<Throttle>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -336,7 +339,14 @@ impl Stream {
             replayable: true,
             closing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            throttle: None,
         }
+    }
+
+    /// A stream whose readers hand on at most `per_second` records a second.
+    pub fn throttled(mut self, per_second: Option<u64>) -> Stream {
+        self.throttle = per_second.map(Throttle::new);
+        self
     }
 
     /// A stream whose input cannot be read again (see `replayable`).

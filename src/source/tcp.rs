@@ -124,7 +124,11 @@ impl TcpSource {
         let poll = Poll::new().map_err(|e| err(format!("cannot create a poller: {e}")))?;
         let restored: Vec<(u32, PartState)> =
             chain.iter().flat_map(|c| &c.parts).enumerate().map(|(i, p)| (i as u32, p.state)).collect();
-        let stream = Arc::new(Stream::new(source, spec.max_out_of_orderness_ms, chain).not_replayable());
+        let stream = Arc::new(
+            Stream::new(source, spec.max_out_of_orderness_ms, chain)
+                .not_replayable()
+                .throttled(spec.max_events_per_second),
+        );
         // Nothing to catch up with: what clients send from now on is the input.
         stream.caught_up.store(true, Ordering::Release);
         let stats = Arc::new(TcpStats::default());
@@ -144,6 +148,7 @@ impl TcpSource {
             idle_timeout: Duration::from_millis(t.idle_timeout_ms as u64),
             serial: 0,
             last_refusal_log: None,
+            throttled_until: None,
         };
         reader
             .poll
@@ -227,6 +232,8 @@ struct Reader {
     /// Connections accepted so far (names each one).
     serial: u64,
     last_refusal_log: Option<Instant>,
+    /// `max_events_per_second`: no reading before this.
+    throttled_until: Option<Instant>,
 }
 
 /// Why a connection ends.
@@ -246,8 +253,12 @@ impl Reader {
                 self.close_input();
                 continue;
             }
-            let blocked = !self.offer();
-            let timeout = if blocked {
+            let throttled = self.throttled_until.filter(|&t| t > Instant::now());
+            self.throttled_until = throttled;
+            let blocked = !self.offer() || throttled.is_some();
+            let timeout = if let Some(t) = throttled {
+                t.saturating_duration_since(Instant::now()).min(POLL_TIMEOUT)
+            } else if blocked {
                 BLOCKED_WAIT
             } else if self.ready.is_empty() {
                 POLL_TIMEOUT
@@ -357,6 +368,9 @@ impl Reader {
             if !self.out.is_empty() && !self.offer() {
                 return; // the routers are behind: leave the rest in the kernel
             }
+            if self.throttled_until.is_some() {
+                return; // max_events_per_second: the same
+            }
             let part = self.ready[i];
             match self.read_turn(part) {
                 Ok(true) => i += 1,
@@ -399,8 +413,19 @@ impl Reader {
             if conn.idle {
                 conn.idle = false; // its data block makes it active again
             }
-            if let Some(why) = cut_records(conn, self.binary, self.max_line_bytes) {
+            let before = conn.next_record;
+            let cut = cut_records(conn, self.binary, self.max_line_bytes);
+            if let Some(t) = &stream.throttle {
+                let wait = t.take((conn.next_record - before) as u64);
+                if !wait.is_zero() {
+                    self.throttled_until = Some(Instant::now() + wait);
+                }
+            }
+            if let Some(why) = cut {
                 return Err(Close::Bad(why));
+            }
+            if self.throttled_until.is_some() {
+                return Ok(true);
             }
             if conn.complete() >= STREAM_BLOCK_BYTES {
                 self.out.extend(take_complete(conn, &stream));
