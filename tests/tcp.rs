@@ -187,6 +187,19 @@ fn a_tcp_source_fed_by_the_generator_writes_the_file_rows_and_closes_only_bad_cl
     let s = samples(http);
     assert_eq!(s["tally_tcp_connections_accepted_total{source=\"client\"}"], 6.0, "{s:?}");
     assert_eq!(s["tally_tcp_connections_closed_bad_total{source=\"client\"}"], 1.0, "{s:?}");
+    // The watermark: every connection closed, so the largest event time
+    // seen less the bound; the data delay is now less that.
+    let max_ts = r
+        .files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| serde_json::from_slice::<Value>(&l).unwrap()["ts"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let wm = (max_ts - 5 * MINUTE_MS) as f64 / 1e3;
+    assert_eq!(s["tally_watermark_seconds"], wm, "{s:?}");
+    assert_eq!(s["tally_source_watermark_seconds{source=\"client\"}"], wm, "{s:?}");
+    assert!(s["tally_data_delay_seconds"] > 0.0 && s["tally_source_queued_blocks{source=\"client\"}"] == 0.0, "{s:?}");
     // The live counters say what the summary will.
     assert_eq!(s["tally_events_total{source=\"client\"}"], r.events as f64, "{s:?}");
     assert_eq!(s["tally_records_total{source=\"client\"}"], (r.events + 6) as f64, "{s:?}");

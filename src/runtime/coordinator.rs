@@ -193,6 +193,7 @@ pub(crate) struct Coordinator<'a> {
     source_names: Vec<String>,
     /// Where `minute_devices` rows are rendered, one after the other.
     detail_row: Row,
+    progress: Arc<crate::runtime::stats::Progress>,
 }
 
 impl<'a> Coordinator<'a> {
@@ -232,6 +233,7 @@ impl<'a> Coordinator<'a> {
             kafka,
             source_names: sh.job.sources.iter().map(|s| serde_json::Value::from(s.name.as_str()).to_string()).collect(),
             detail_row: Row { window_end_ms: 0, metric: 0, line: String::new(), key_at: 0..0 },
+            progress: sh.progress.clone(),
         };
         if let Some(r) = resume {
             let interval = (sh.job.checkpoint_interval_ms > 0)
@@ -343,6 +345,7 @@ impl<'a> Coordinator<'a> {
             return Ok(());
         }
         self.job_wm = wm;
+        self.progress.watermark_ms.store(wm, Ordering::Relaxed);
         for (m, e) in self.emitters.iter_mut().enumerate() {
             e.emit(m, wm, wm == i64::MAX, &mut self.rows);
         }
@@ -547,6 +550,9 @@ impl<'a> Coordinator<'a> {
         self.report.bytes_written += f.bytes;
         self.report.seconds_max = self.report.seconds_max.max(took);
         self.report.seconds_total += took;
+        self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.progress.checkpoint_last_us.store((took * 1e6) as u64, Ordering::Relaxed);
+        self.progress.checkpoint_bytes.fetch_add(f.bytes, Ordering::Relaxed);
         // Only now may the consumer group learn how far the input was read.
         for (k, chain) in self.kafka.iter().zip(&f.chains) {
             if let (Some(k), Some(chain)) = (k, chain) {

@@ -89,6 +89,7 @@ pub(crate) struct Shared {
     pub dims: Vec<Arc<DimHandle>>,
     /// Per source: its counts so far (`tally serve`'s `/metrics`).
     pub counts: Arc<[stats::LiveCounts]>,
+    pub progress: Arc<stats::Progress>,
 }
 
 /// Bit of [`Shared::next_task`] that stops routers from claiming blocks.
@@ -534,8 +535,9 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         }
     }
     let counts: Arc<[stats::LiveCounts]> = job.sources.iter().map(|_| stats::LiveCounts::default()).collect();
+    let progress = Arc::new(stats::Progress::default());
     if let Some(l) = &serving {
-        l.counts(counts.clone());
+        l.counts(counts.clone(), progress.clone());
         sinks.push(Sink::live(l.clone()));
         for (s, stream) in streams.iter().enumerate() {
             if let Some(stream) = stream {
@@ -566,6 +568,7 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         streams,
         dims,
         counts: counts.clone(),
+        progress: progress.clone(),
     };
     let mut shards = match &resume {
         Some(r) => r.place(&sh)?,

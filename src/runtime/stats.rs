@@ -241,3 +241,26 @@ impl SourceStats {
         (self.lines, self.events, self.rejected)
     }
 }
+
+/// How far the run is, for `/metrics`: the job watermark (the coordinator
+/// sets it as it emits) and the checkpoints committed.
+#[derive(Debug)]
+pub struct Progress {
+    /// The job watermark (`i64::MIN`: none yet).
+    pub watermark_ms: std::sync::atomic::AtomicI64,
+    pub checkpoints: AtomicU64,
+    /// Microseconds from the last checkpoint's pause to its commit.
+    pub checkpoint_last_us: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            watermark_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_last_us: AtomicU64::new(0),
+            checkpoint_bytes: AtomicU64::new(0),
+        }
+    }
+}

@@ -45,7 +45,7 @@ use crate::job::Job;
 use crate::job::SERVE_CURVE_BYTES_DEFAULT;
 use crate::metric::cumulate::Row;
 use crate::metric::keys::render_dims;
-use crate::runtime::stats::LiveCounts;
+use crate::runtime::stats::{LiveCounts, Progress};
 use crate::source::stream::Stream;
 use crate::source::tcp::TcpStats;
 
@@ -81,8 +81,8 @@ pub struct Live {
     streams: Mutex<Vec<Arc<Stream>>>,
     /// Per source: a TCP source's bound address and counters.
     tcp: Mutex<Vec<Option<TcpSeen>>>,
-    /// Per source: records, events and rejects so far.
-    counts: Mutex<Option<Arc<[LiveCounts]>>>,
+    /// Per source: records, events and rejects so far; the run's progress.
+    counts: Mutex<Option<(Arc<[LiveCounts]>, Arc<Progress>)>>,
 }
 
 impl Live {
@@ -108,8 +108,8 @@ impl Live {
     }
 
     /// The run's per-source counts, as the routers publish them.
-    pub fn counts(&self, counts: Arc<[LiveCounts]>) {
-        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(counts);
+    pub fn counts(&self, counts: Arc<[LiveCounts]>, progress: Arc<Progress>) {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = Some((counts, progress));
     }
 
     /// Reports TCP source `source`'s address and counters.
@@ -477,7 +477,79 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
         out.push_str(&format!("tally_keys{{metric=\"{}\"}} {n}\n", label(name)));
     }
     let counts = live.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if let Some(counts) = counts {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut gauge = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        if samples.is_empty() {
+            return;
+        }
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    if let Some((_, p)) = &counts {
+        let wm = p.watermark_ms.load(Ordering::Relaxed);
+        let known = (wm != i64::MIN && wm != i64::MAX).then_some(wm);
+        let at = |f: &dyn Fn(i64) -> f64| known.map(|wm| vec![(String::new(), f(wm))]).unwrap_or_default();
+        gauge(
+            "tally_watermark_seconds",
+            "gauge",
+            "The job watermark (event time every window before it is emitted).",
+            &at(&|wm| wm as f64 / 1e3),
+        );
+        gauge(
+            "tally_data_delay_seconds",
+            "gauge",
+            "Now minus the job watermark: the delay of the results (the SLA figure).",
+            &at(&|wm| (now_ms - wm) as f64 / 1e3),
+        );
+        let ck = |v: f64| vec![(String::new(), v)];
+        gauge(
+            "tally_checkpoints_total",
+            "counter",
+            "Checkpoints committed by this process.",
+            &ck(p.checkpoints.load(Ordering::Relaxed) as f64),
+        );
+        gauge(
+            "tally_checkpoint_last_seconds",
+            "gauge",
+            "The last checkpoint, from its cut to its commit.",
+            &ck(p.checkpoint_last_us.load(Ordering::Relaxed) as f64 / 1e6),
+        );
+        gauge(
+            "tally_checkpoint_written_bytes_total",
+            "counter",
+            "Bytes the checkpoints of this process wrote.",
+            &ck(p.checkpoint_bytes.load(Ordering::Relaxed) as f64),
+        );
+    }
+    let streams = live.streams.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let per_stream = |f: &dyn Fn(&Stream) -> Option<f64>| -> Vec<(String, f64)> {
+        streams
+            .iter()
+            .filter_map(|s| Some((format!("{{source=\"{}\"}}", label(&live.sources.get(s.source)?.0)), f(s)?)))
+            .collect()
+    };
+    let known = |wm: i64| (wm != i64::MIN && wm != i64::MAX).then_some(wm);
+    gauge(
+        "tally_source_watermark_seconds",
+        "gauge",
+        "A stream source's watermark.",
+        &per_stream(&|s| known(s.watermark()).map(|wm| wm as f64 / 1e3)),
+    );
+    gauge(
+        "tally_source_data_delay_seconds",
+        "gauge",
+        "Now minus a stream source's watermark.",
+        &per_stream(&|s| known(s.watermark()).map(|wm| (now_ms - wm) as f64 / 1e3)),
+    );
+    gauge(
+        "tally_source_queued_blocks",
+        "gauge",
+        "Blocks a stream source's readers queued and the workers did not take yet.",
+        &per_stream(&|s| Some(s.queued() as f64)),
+    );
+    if let Some((counts, _)) = counts {
         let sources = live.sources.iter().map(|(name, ..)| label(name)).zip(counts.iter());
         let sources: Vec<(String, &LiveCounts)> = sources.collect();
         out.push_str("# HELP tally_records_total Records read per source (good or bad).\n");

@@ -458,6 +458,11 @@ impl Stream {
         chain.resolve(block, ts_max, self.delay_ms, &ids)
     }
 
+    /// The source's watermark as of the blocks counted so far.
+    pub fn watermark(&self) -> i64 {
+        lock(&self.chain).wm_ms
+    }
+
     /// The chain as it stands (at a cut: exactly the blocks before it).
     pub fn chain(&self) -> Chain {
         lock(&self.chain).clone()
