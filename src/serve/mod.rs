@@ -55,6 +55,9 @@ use store::{format_day, parse_day, Store};
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
 
+/// Per source counts and the run's progress, as the run publishes them.
+type RunCounts = (Arc<[LiveCounts]>, Arc<Progress>);
+
 /// A TCP source's bound address and counters.
 type TcpSeen = (SocketAddr, Arc<TcpStats>);
 
@@ -82,7 +85,7 @@ pub struct Live {
     /// Per source: a TCP source's bound address and counters.
     tcp: Mutex<Vec<Option<TcpSeen>>>,
     /// Per source: records, events and rejects so far; the run's progress.
-    counts: Mutex<Option<(Arc<[LiveCounts]>, Arc<Progress>)>>,
+    counts: Mutex<Option<RunCounts>>,
 }
 
 impl Live {
