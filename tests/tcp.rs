@@ -389,3 +389,56 @@ fn max_events_per_second_holds_a_fast_client_back() {
     let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
     assert_eq!(count(source_report(&summary, 0), "events"), r.events);
 }
+
+/// The dashboard in headless Chromium (scripts/dashboard_probe.py, the
+/// DevTools protocol): the page loads without console errors and its curve
+/// gains points as events arrive.
+#[test]
+fn the_dashboard_curve_gains_points_as_events_arrive() {
+    use std::io::BufRead;
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 60_000);
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &r.def, port, http, "");
+    let state = dir.join("state");
+    let child = spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str()]);
+    wait_ready(http);
+    let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    let half = input[..input.len() / 2].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    let send = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(bytes).unwrap();
+    };
+    send(&input[..half]);
+    let shot = dir.join("dashboard.png");
+    let probe = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dashboard_probe.py"))
+        .arg(format!("http://127.0.0.1:{http}/"))
+        .arg("20")
+        .arg("--screenshot")
+        .arg(&shot)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut probe = support::http::Reaped(probe);
+    let lines = std::io::BufReader::new(probe.0.stdout.take().unwrap()).lines();
+    let (mut first, mut grew) = (None, false);
+    for line in lines {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_eq!(v["errors"], Value::Array(vec![]), "console errors: {v}");
+        let points: u64 = v["points"].as_array().map_or(0, |p| p.iter().map(|n| n.as_u64().unwrap()).sum());
+        match first {
+            None if points > 0 => {
+                first = Some(points);
+                send(&input[half..]); // the rest of the day
+            }
+            Some(f) if points > f => grew = true,
+            _ => {}
+        }
+    }
+    assert!(probe.0.wait().unwrap().success(), "the probe failed");
+    assert!(first.is_some() && grew, "points: first {first:?}, grew {grew}");
+    assert!(fs::metadata(&shot).unwrap().len() > 1000, "a screenshot");
+    child.stop();
+}

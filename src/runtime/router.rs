@@ -587,7 +587,7 @@ fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [Sour
     let wm_before = to_wm(prev, delay_ms);
     let wm_after = to_wm(mine, delay_ms);
     if st.ts_min < wm_before {
-        place_late(&mut st.batches, wm_before, sh, &mut stats[task.source]);
+        place_late(&mut st.batches, wm_before, sh, task.source, &mut stats[task.source]);
     }
     for b in st.batches.iter_mut().flatten() {
         b.source = task.source;
@@ -609,7 +609,7 @@ fn resolve_stream(st: &mut Staged, sh: &Shared, source: usize, meta: &BlockMeta,
         return false;
     };
     if st.ts_min < r.late_before_ms {
-        place_late(&mut st.batches, r.late_before_ms, sh, &mut stats[source]);
+        place_late(&mut st.batches, r.late_before_ms, sh, source, &mut stats[source]);
     }
     for b in st.batches.iter_mut().flatten() {
         b.source = source;
@@ -639,7 +639,8 @@ fn to_wm(prefix_max: i64, delay_ms: i64) -> i64 {
 }
 
 /// Applies each record's metric late policy against `wm_ms`.
-fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mut SourceStats) {
+fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, source: usize, stats: &mut SourceStats) {
+    let before = (stats.late_folded, stats.late_dropped);
     for b in batches.iter_mut().flatten() {
         // A DAU record's text and a summary record's values go (or stay)
         // with it: compacted in place.
@@ -681,6 +682,9 @@ fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, stats: &mu
         texts.truncate(write);
         vals.truncate(vwrite);
     }
+    let live = &sh.counts[source];
+    live.late_folded.fetch_add(stats.late_folded - before.0, Ordering::Relaxed);
+    live.late_dropped.fetch_add(stats.late_dropped - before.1, Ordering::Relaxed);
 }
 
 struct Accumulator {

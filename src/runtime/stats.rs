@@ -219,6 +219,10 @@ pub struct LiveCounts {
     pub records: AtomicU64,
     pub events: AtomicU64,
     pub rejected: [AtomicU64; Reject::ALL.len()],
+    /// Late events placed by the routers (folded into the open window, or
+    /// dropped), as blocks are judged.
+    pub late_folded: AtomicU64,
+    pub late_dropped: AtomicU64,
 }
 
 impl LiveCounts {

@@ -50,7 +50,14 @@ use crate::source::stream::Stream;
 use crate::source::tcp::TcpStats;
 
 mod store;
-use store::{format_day, parse_day, Store};
+use store::{format_day, measure, parse_day, Store};
+
+/// The dashboard page: assets built into the binary.
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// The delay SLA the dashboard draws (the practice's 5 minutes).
+const SLA_SECONDS: f64 = 300.0;
+/// How often the dashboard's stream sends a snapshot.
+const STREAM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
@@ -71,6 +78,7 @@ pub struct Live {
     store: Mutex<Store>,
     names: Vec<String>,
     group_by: Vec<Vec<String>>,
+    tz_ms: i64,
     /// (name, kind, format) of each source.
     sources: Vec<(String, &'static str, &'static str)>,
     token: Option<String>,
@@ -97,6 +105,7 @@ impl Live {
                 job.serve.as_ref().map_or(SERVE_CURVE_BYTES_DEFAULT, |s| s.curve_bytes),
             )),
             names: job.metrics.iter().map(|m| m.name.clone()).collect(),
+            tz_ms: job.timezone_offset_ms,
             group_by: job.metrics.iter().map(|m| m.group_by.clone()).collect(),
             sources: job.sources.iter().map(|s| (s.name.clone(), s.kind(), s.format.name())).collect(),
             token: job.serve.as_ref().and_then(|s| s.token.clone()),
@@ -223,6 +232,82 @@ impl Live {
         let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         given.and_then(|v| v.strip_prefix("Bearer ")) == Some(token.as_str())
     }
+
+    /// For a browser (which cannot set headers on an event stream): the
+    /// header, or `?token=`.
+    fn authorized_browser(&self, headers: &HeaderMap, params: &HashMap<String, String>) -> bool {
+        self.authorized(headers) || self.token.as_ref().is_some_and(|t| params.get("token") == Some(t))
+    }
+
+    /// What the dashboard shows, as one JSON object: readiness, rows, the
+    /// data delay, per source its counts, per metric name the curve of one
+    /// key (its coarsest grouping's leader by `uv`, else its first measure)
+    /// for the newest day and the one before.
+    fn snapshot(&self) -> String {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let wm = counts
+            .as_ref()
+            .map(|(_, p)| p.watermark_ms.load(Ordering::Relaxed))
+            .filter(|&w| w != i64::MIN && w != i64::MAX);
+        let sources: Vec<Value> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(s, (name, kind, _))| {
+                let c = counts.as_ref().and_then(|(c, _)| c.get(s));
+                let get = |f: &dyn Fn(&LiveCounts) -> u64| c.map_or(0, f);
+                serde_json::json!({
+                    "name": name,
+                    "kind": kind,
+                    "records": get(&|c| c.records.load(Ordering::Relaxed)),
+                    "events": get(&|c| c.events.load(Ordering::Relaxed)),
+                    "rejected": get(&|c| c.rejected.iter().map(|r| r.load(Ordering::Relaxed)).sum()),
+                    "late_folded": get(&|c| c.late_folded.load(Ordering::Relaxed)),
+                    "late_dropped": get(&|c| c.late_dropped.load(Ordering::Relaxed)),
+                })
+            })
+            .collect();
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut metrics = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for name in &self.names {
+            if seen.contains(&name.as_str()) {
+                continue;
+            }
+            seen.push(name);
+            let sets = (0..self.names.len()).filter(|&m| &self.names[m] == name);
+            let Some(m) = sets.min_by_key(|&m| self.group_by[m].len()) else { continue };
+            let (Some((dims, by)), Some(day)) = (store.leader(m), store.newest_day(m)) else { continue };
+            let points = |d: i64| -> Vec<(i64, f64)> {
+                let pts = store.curve(m, &dims, d, usize::MAX).unwrap_or_default();
+                pts.iter().filter_map(|&(end, tail)| Some((end, measure(tail, &by)??))).collect()
+            };
+            metrics.push(serde_json::json!({
+                "name": name,
+                "dims": dims,
+                "measure": by,
+                "day": format_day(day),
+                "day_start_ms": day * 86_400_000 - self.tz_ms,
+                "points": points(day),
+                "previous": points(day - 1),
+            }));
+        }
+        drop(store);
+        serde_json::json!({
+            "now_ms": now_ms,
+            "ready": self.waiting_for().is_none(),
+            "waiting_for": self.waiting_for(),
+            "rows": self.rows.load(Ordering::Relaxed),
+            "watermark_ms": wm,
+            "data_delay_seconds": wm.map(|w| (now_ms - w) as f64 / 1e3),
+            "sla_seconds": SLA_SECONDS,
+            "sources": sources,
+            "metrics": metrics,
+        })
+        .to_string()
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -317,6 +402,36 @@ async fn latest(
         }
     };
     answer().unwrap_or_else(|r| *r)
+}
+
+async fn dashboard(
+    State(live): State<Arc<Live>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    if !live.authorized_browser(&headers, &params) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong token (add ?token=…)\n");
+    }
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD).into_response()
+}
+
+/// Server-sent events: a [`Live::snapshot`] now and every [`STREAM_EVERY`].
+async fn stream(
+    State(live): State<Arc<Live>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    use axum::response::sse::{Event, Sse};
+    if !live.authorized_browser(&headers, &params) {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong token\n");
+    }
+    let ticks = tokio::time::interval(STREAM_EVERY);
+    let events = futures_util::stream::unfold((live, ticks), |(live, mut ticks)| async move {
+        ticks.tick().await;
+        let event = Event::default().data(live.snapshot());
+        Some((Ok::<_, std::convert::Infallible>(event), (live, ticks)))
+    });
+    Sse::new(events).into_response()
 }
 
 /// Most points one curve request returns.
@@ -565,6 +680,14 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
         for (name, c) in &sources {
             out.push_str(&format!("tally_events_total{{source=\"{name}\"}} {}\n", c.events.load(Ordering::Relaxed)));
         }
+        out.push_str("# HELP tally_late_events_total Events behind their watermark, per source and what was done: folded or dropped.\n");
+        out.push_str("# TYPE tally_late_events_total counter\n");
+        for (name, c) in &sources {
+            for (what, n) in [("folded", &c.late_folded), ("dropped", &c.late_dropped)] {
+                let n = n.load(Ordering::Relaxed);
+                out.push_str(&format!("tally_late_events_total{{source=\"{name}\",policy=\"{what}\"}} {n}\n"));
+            }
+        }
         out.push_str("# HELP tally_records_rejected_total Malformed records skipped, per source and reason.\n");
         out.push_str("# TYPE tally_records_rejected_total counter\n");
         for (name, c) in &sources {
@@ -666,6 +789,8 @@ impl Server {
             .map_err(|e| format!("[serve] http = {addr:?}: cannot listen: {e}"))?;
         let local = listener.local_addr().map_err(|e| format!("[serve] http = {addr:?}: {e}"))?;
         let app = Router::new()
+            .route("/", get(dashboard))
+            .route("/api/v1/stream", get(stream))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/api/v1/latest", get(latest))

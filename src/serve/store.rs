@@ -63,6 +63,9 @@ struct MetricStore {
     newest_day: Option<i64>,
 }
 
+/// The newest window end and the (dims, row) pairs ranked at it.
+type Ranked<'a> = (Option<i64>, Vec<(&'a str, &'a str)>);
+
 /// The latest rows and day curves of every metric.
 pub struct Store {
     metrics: Vec<MetricStore>,
@@ -186,6 +189,12 @@ impl Store {
     /// The `n` keys with the largest `by` among those whose latest row has
     /// the newest window end of the metric: (that end, their rows).
     pub fn top(&self, metric: usize, by: &str, n: usize) -> Result<(Option<i64>, Vec<&str>), String> {
+        let (end, ranked) = self.ranked(metric, by, n)?;
+        Ok((end, ranked.into_iter().map(|(_, line)| line).collect()))
+    }
+
+    /// [`Store::top`] with each row's dims text: (dims, row).
+    fn ranked(&self, metric: usize, by: &str, n: usize) -> Result<Ranked<'_>, String> {
         let Some(store) = self.metrics.get(metric) else { return Ok((None, Vec::new())) };
         let Some(newest) = store.keys.values().map(|k| k.end).max() else { return Ok((None, Vec::new())) };
         let mut ranked: Vec<(f64, &str, &str)> = Vec::new();
@@ -207,7 +216,21 @@ impl Store {
             return Err(format!("the rows have no measure {by:?}"));
         }
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        Ok((Some(newest), ranked.into_iter().take(n).map(|r| r.2).collect()))
+        Ok((Some(newest), ranked.into_iter().take(n).map(|r| (r.1, r.2)).collect()))
+    }
+
+    /// The key the dashboard draws for a metric: at the newest window end,
+    /// the largest `uv` (else the first measure); (its dims text, that
+    /// measure's name).
+    pub fn leader(&self, metric: usize) -> Option<(String, String)> {
+        let store = self.metrics.get(metric)?;
+        let newest = store.keys.values().map(|k| k.end).max()?;
+        let (dims, k) = store.keys.iter().find(|(_, k)| k.end == newest)?;
+        let tail = k.line[k.line.find(dims.as_str())? + dims.len()..].trim_end_matches('\n');
+        let names: Vec<&str> = tail.split(",\"").skip(1).filter_map(|f| f.split_once("\":").map(|(n, _)| n)).collect();
+        let by = if names.contains(&"uv") { "uv" } else { *names.first()? };
+        let (_, ranked) = self.ranked(metric, by, 1).ok()?;
+        Some((ranked.first()?.0.to_string(), by.to_string()))
     }
 
     pub fn keys(&self, metric: usize) -> usize {
@@ -222,7 +245,7 @@ impl Store {
 
 /// The value of measure `by` in a row's text: None if the row has no such
 /// field, Some(None) if it is null.
-fn measure(line: &str, by: &str) -> Option<Option<f64>> {
+pub fn measure(line: &str, by: &str) -> Option<Option<f64>> {
     let pat = format!(",\"{by}\":");
     let at = line.rfind(&pat)? + pat.len();
     let rest = &line[at..];

@@ -66,6 +66,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A child process killed if the test ends before it exits.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `tally serve` on `job` with more arguments; its stderr is piped.
 pub fn spawn_serve(job: &JobFile, extra: &[&OsStr]) -> Daemon {
     let child = std::process::Command::new(TALLY)
