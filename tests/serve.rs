@@ -79,6 +79,11 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
         samples.insert(name.to_string(), value.parse().unwrap_or_else(|_| panic!("not a number: {l:?}")));
     }
     assert_eq!(samples["tally_ready"], 1.0);
+    // Every latest request above was timed (status ones and these too).
+    let timed = samples["tally_api_request_duration_seconds_count{path=\"/api/v1/latest\"}"];
+    assert_eq!(timed, last.len() as f64, "{text}");
+    let under_1s = samples["tally_api_request_duration_seconds_bucket{path=\"/api/v1/latest\",le=\"+Inf\"}"];
+    assert_eq!(under_1s, timed);
     assert_eq!(samples["tally_rows_total"], read_lines(&job.results).len() as f64);
     for metric in ["page_uv", "platform_version"] {
         let keys = last.keys().filter(|(m, _)| m == metric).count();
@@ -287,4 +292,69 @@ fn curves_and_top_answer_every_minute_across_a_crash_and_restart() {
         assert_eq!(get(port, path, None).0, status, "{path}");
     }
     child.stop();
+}
+
+/// Hot standby: two daemons with the same job over the same topic (each
+/// its own consumer group, state and outputs) write the same rows, and
+/// their APIs answer alike, so readers can switch from one to the other.
+#[test]
+fn two_daemons_over_one_topic_write_the_same_rows() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let broker = support::kafka::Broker::start();
+    let files = generate(&dir.join("data"), gen_options(60_000));
+    let lines: Vec<Vec<u8>> = files.iter().flat_map(|f| read_lines(f)).collect();
+    broker.produce_lines("events", 2, &lines, |_| None, |i, _| (i % 2) as i32);
+    let reference = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version()).write(dir, "files");
+    let mut daemons = Vec::new();
+    for i in 0..2 {
+        let port = free_port();
+        let job =
+            JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version()).write(dir, &format!("d{i}"));
+        let text = fs::read_to_string(&job.path).unwrap();
+        let start = text.find("kind = \"file\"").unwrap();
+        let end = start + text[start..].find("\nformat").unwrap();
+        let source = format!(
+            "kind = \"kafka\"\nbrokers = \"{}\"\ntopic = \"events\"\ngroup_id = \"standby-{i}\"\nstart = \"earliest\"\n\
+             stop = \"caught_up\"\nproperties = {{ \"session.timeout.ms\" = \"3000\", \"heartbeat.interval.ms\" = \"500\" }}\n",
+            broker.addr
+        );
+        let serve = format!("\n[serve]\nhttp = \"127.0.0.1:{port}\"\n");
+        fs::write(&job.path, format!("{}{source}{}{serve}", &text[..start], &text[end + 1..])).unwrap();
+        let state = dir.join(format!("state{i}"));
+        daemons.push((port, job.clone(), spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str()])));
+    }
+    // A job's rows so far, sorted.
+    let rows_of = |job: &JobFile| {
+        let mut rows: Vec<Vec<u8>> = if job.results.exists() { read_lines(&job.results) } else { Vec::new() };
+        rows.sort();
+        rows
+    };
+    // Both read the topic to its end and flushed every window: as many
+    // rows as the same job over the files.
+    let out = tally([OsStr::new("run"), OsStr::new("--job"), reference.path.as_os_str()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let want = read_lines(&reference.results).len();
+    let started = Instant::now();
+    for (port, job, _) in &daemons {
+        wait_ready(*port);
+        while rows_of(job).len() < want {
+            assert!(started.elapsed() < Duration::from_secs(90), "{} of {want} rows", rows_of(job).len());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The same latest row from either API.
+    let last = last_rows(&daemons[0].1.results);
+    for (metric, dims) in last.keys().take(20) {
+        let path = format!("/api/v1/latest?metric={}&dims={}", enc(metric), enc(dims));
+        assert_eq!(get(daemons[0].0, &path, None), get(daemons[1].0, &path, None), "{path}");
+    }
+    let (a, b) = (daemons[0].1.clone(), daemons[1].1.clone());
+    for (_, _, d) in daemons {
+        d.stop();
+    }
+    assert!(!rows_of(&a).is_empty());
+    assert_eq!(rows_of(&a), rows_of(&b), "the standby's rows");
+    assert_eq!(rows_of(&a), rows_of(&reference), "the rows of the job over the files (verified offline elsewhere)");
+    assert_verifies(&reference, &a.results, "the daemons' rows");
 }

@@ -62,6 +62,69 @@ const STREAM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
 
+/// Paths whose answer times `/metrics` reports (any other: `other`).
+const TIMED_PATHS: [&str; 10] = [
+    "/",
+    "/api/v1/stream",
+    "/healthz",
+    "/readyz",
+    "/api/v1/latest",
+    "/api/v1/curve",
+    "/api/v1/top",
+    "/api/v1/status",
+    "/metrics",
+    "other",
+];
+/// Upper bounds (seconds) of the answer-time histogram's buckets.
+const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+/// Answer times per path: a Prometheus histogram.
+#[derive(Default)]
+struct ApiTimes {
+    /// Per path: per bucket (the last one is +Inf), answers at or under it.
+    buckets: [[AtomicU64; LATENCY_BUCKETS.len() + 1]; TIMED_PATHS.len()],
+    sum_us: [AtomicU64; TIMED_PATHS.len()],
+}
+
+impl ApiTimes {
+    fn observe(&self, path: &str, took: std::time::Duration) {
+        let p = TIMED_PATHS.iter().position(|&t| t == path).unwrap_or(TIMED_PATHS.len() - 1);
+        let secs = took.as_secs_f64();
+        let b = LATENCY_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[p][b].fetch_add(1, Ordering::Relaxed);
+        self.sum_us[p].fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str(
+            "# HELP tally_api_request_duration_seconds Time to answer an HTTP request (to its headers), per path.\n",
+        );
+        out.push_str("# TYPE tally_api_request_duration_seconds histogram\n");
+        for (p, path) in TIMED_PATHS.iter().enumerate() {
+            let mut cumulative = 0;
+            for (b, n) in self.buckets[p].iter().enumerate() {
+                cumulative += n.load(Ordering::Relaxed);
+                let le = LATENCY_BUCKETS.get(b).map_or("+Inf".to_string(), |v| v.to_string());
+                out.push_str(&format!(
+                    "tally_api_request_duration_seconds_bucket{{path=\"{path}\",le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            let sum = self.sum_us[p].load(Ordering::Relaxed) as f64 / 1e6;
+            out.push_str(&format!("tally_api_request_duration_seconds_sum{{path=\"{path}\"}} {sum}\n"));
+            out.push_str(&format!("tally_api_request_duration_seconds_count{{path=\"{path}\"}} {cumulative}\n"));
+        }
+    }
+}
+
+/// Times every request ([`ApiTimes`]).
+async fn timed(State(live): State<Arc<Live>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    live.api_times.observe(&path, started.elapsed());
+    response
+}
+
 /// Per source counts and the run's progress, as the run publishes them.
 type RunCounts = (Arc<[LiveCounts]>, Arc<Progress>);
 
@@ -94,6 +157,7 @@ pub struct Live {
     tcp: Mutex<Vec<Option<TcpSeen>>>,
     /// Per source: records, events and rejects so far; the run's progress.
     counts: Mutex<Option<RunCounts>>,
+    api_times: ApiTimes,
 }
 
 impl Live {
@@ -116,6 +180,7 @@ impl Live {
             streams: Mutex::new(Vec::new()),
             tcp: Mutex::new(job.sources.iter().map(|_| None).collect()),
             counts: Mutex::new(None),
+            api_times: ApiTimes::default(),
         })
     }
 
@@ -757,6 +822,7 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
     out.push_str("# HELP tally_curve_points_dropped_total Curve points not kept: curve_bytes was reached.\n");
     out.push_str("# TYPE tally_curve_points_dropped_total counter\n");
     out.push_str(&format!("tally_curve_points_dropped_total {curve_dropped}\n"));
+    live.api_times.render(&mut out);
     out.push_str("# HELP tally_uptime_seconds Seconds since the daemon started.\n");
     out.push_str("# TYPE tally_uptime_seconds gauge\n");
     out.push_str(&format!("tally_uptime_seconds {:.3}\n", live.started.elapsed().as_secs_f64()));
@@ -798,6 +864,7 @@ impl Server {
             .route("/api/v1/top", get(top))
             .route("/api/v1/status", get(status))
             .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn_with_state(live.clone(), timed))
             .with_state(live);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# API latency of `tally serve` at a fixed request rate, idle and while it
+# ingests a TCP stream, in the same run.
+#
+#   scripts/api_bench.sh [--rate 1000] [--ingest 400000] [--seconds 15] [--devices 1000000]
+#
+# A daemon (page_uv over a TCP source, 2 workers) first takes a minute of
+# events (event time: the last minute) so the API has keys; then
+# scripts/api_latency.py sends --rate /api/v1/latest requests a second for
+# --seconds over 4 keep-alive connections, once with no input arriving and
+# once while `tally gen --rate --ingest` streams on 8 connections. Prints a
+# markdown report (data/api-bench/report.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATE=1000 INGEST=400000 SECS=15 DEVICES=1000000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rate) RATE=$2; shift 2 ;;
+        --ingest) INGEST=$2; shift 2 ;;
+        --seconds) SECS=$2; shift 2 ;;
+        --devices) DEVICES=$2; shift 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+cargo build --release --quiet
+TALLY=target/release/tally
+DIR=data/api-bench
+mkdir -p "$DIR"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+PORT=$(free_port) HTTP=$(free_port)
+cat > "$DIR/job.toml" <<EOF
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "tcp"
+listen = "127.0.0.1:$PORT"
+max_out_of_orderness = "5s"
+idle_timeout = "2s"
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+measures = ["pv", "uv"]
+[[sink]]
+kind = "jsonl"
+path = "$(realpath "$DIR")/out.jsonl"
+[serve]
+http = "127.0.0.1:$HTTP"
+EOF
+$TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
+serve=$!
+trap 'kill -TERM $serve 2>/dev/null || true' EXIT
+until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done
+now=$(date +%s%3N)
+$TALLY gen --events 1000000 --devices "$DEVICES" --start-ms $((now - 60000)) --duration 60s --disorder 1s \
+    --late-fraction 0 --to "tcp://127.0.0.1:$PORT" 2>/dev/null
+until [ "$(metric tally_rows_total)" != "0" ]; do sleep 0.2; done
+sleep 3
+
+idle=$(python3 scripts/api_latency.py "$HTTP" page_uv "$RATE" "$SECS")
+before=$(metric 'tally_events_total{source="client"}')
+now=$(date +%s%3N)
+$TALLY gen --events $((INGEST * (SECS + 4))) --devices "$DEVICES" --start-ms "$now" --duration "$((SECS + 4))s" \
+    --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" --connections 8 --rate "$INGEST" 2>/dev/null &
+gen=$!
+sleep 2
+busy=$(python3 scripts/api_latency.py "$HTTP" page_uv "$RATE" "$SECS")
+after=$(metric 'tally_events_total{source="client"}')
+delay=$(metric tally_data_delay_seconds)
+wait $gen
+row() { python3 -c "import json,sys; r=json.loads(sys.argv[2]); print(f\"| {sys.argv[1]} | {r['requests']} | {r['errors']} | {r['rate']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} |\")" "$1" "$2"; }
+{
+    echo "# API latency ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
+    echo
+    echo "$(nproc) cores; load after: $(cut -d' ' -f1-3 /proc/loadavg). $RATE requests/s of /api/v1/latest over 4 keep-alive connections for $SECS s; ingest: \`tally gen --rate $INGEST --connections 8\` into a TCP source on the same machine."
+    echo
+    echo "| phase | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | max ms |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    row "idle" "$idle"
+    row "while ingesting" "$busy"
+    echo
+    echo "Ingested while measuring: $(python3 -c "print(round(($after - $before) / $SECS))") events/s; data delay at the end of it: ${delay} s."
+} | tee "$DIR/report.md"

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Finds the highest rate at which `tally serve` keeps up: the data delay
+# (now - job watermark, /metrics tally_data_delay_seconds) stays flat.
+#
+#   scripts/stress.sh [--rates "200000 400000 800000"] [--seconds 20] [--connections 8]
+#                     [--devices 1000000] [--shape flat|peak]
+#
+# Per rate R: a fresh daemon (page_uv over a TCP source, max_out_of_orderness
+# 5s, 2 workers); `tally gen --to tcp://… --rate R --start-ms NOW` streams
+# R x SECONDS events whose event time is the wall clock (with --shape peak,
+# R is the average and the peak runs about six times faster); the delay is
+# sampled every second. Flat: over the second half of the run it grows by
+# less than 2 s. The generator runs on the same machine and takes its share
+# of the cores. Prints a markdown report (data/stress/report.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATES="100000 200000 400000 800000 1600000" SECONDS_PER_RATE=20 CONNECTIONS=8 DEVICES=1000000 SHAPE=flat
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rates) RATES=$2; shift 2 ;;
+        --seconds) SECONDS_PER_RATE=$2; shift 2 ;;
+        --connections) CONNECTIONS=$2; shift 2 ;;
+        --devices) DEVICES=$2; shift 2 ;;
+        --shape) SHAPE=$2; shift 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+cargo build --release --quiet
+TALLY=target/release/tally
+DIR=data/stress
+mkdir -p "$DIR"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+
+report=$DIR/report.md
+{
+    echo "# tally serve under a stream at a given rate ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
+    echo
+    echo "$(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "$CONNECTIONS connections, $SECONDS_PER_RATE s per rate, $DEVICES devices, shape $SHAPE; generator on the same machine"
+    echo
+    echo "| rate events/s | events | delay at 1/2 s | delay at end s | growth over 2nd half s | flat | events/s taken | RSS MB |"
+    echo "|---:|---:|---:|---:|---:|---|---:|---:|"
+} > "$report"
+best=0
+for R in $RATES; do
+    PORT=$(free_port) HTTP=$(free_port)
+    cat > "$DIR/job.toml" <<EOF
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "tcp"
+listen = "127.0.0.1:$PORT"
+max_out_of_orderness = "5s"
+idle_timeout = "2s"
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+measures = ["pv", "uv"]
+[[sink]]
+kind = "jsonl"
+path = "$(realpath "$DIR")/out.jsonl"
+[serve]
+http = "127.0.0.1:$HTTP"
+EOF
+    $TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
+    serve=$!
+    until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done
+    events=$((R * SECONDS_PER_RATE))
+    now_ms=$(date +%s%3N)
+    $TALLY gen --events "$events" --devices "$DEVICES" --start-ms "$now_ms" --duration "${SECONDS_PER_RATE}s" \
+        --shape "$SHAPE" --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" \
+        --connections "$CONNECTIONS" --rate "$R" 2>"$DIR/gen.log" &
+    gen=$!
+    delays=()
+    for _ in $(seq 1 "$SECONDS_PER_RATE"); do
+        sleep 1
+        delays+=("$(metric tally_data_delay_seconds)")
+    done
+    wait $gen || true
+    taken_at=$(date +%s.%N)
+    taken=$(metric 'tally_events_total{source="client"}')
+    rss=$(awk '/VmRSS/ { printf "%.0f", $2/1024 }' "/proc/$serve/status")
+    kill -TERM $serve; wait $serve || true
+    half=$((SECONDS_PER_RATE / 2))
+    read -r mid end growth flat < <(python3 - "$half" "${delays[@]}" <<'PY'
+import sys
+half = int(sys.argv[1]); d = [float(x) if x else float("nan") for x in sys.argv[2:]]
+second = [x for x in d[half:] if x == x]
+grow = second[-1] - second[0] if second else float("nan")
+print(f"{d[half-1]:.1f} {d[-1]:.1f} {grow:.1f} {'yes' if second and grow < 2 else 'no'}")
+PY
+)
+    rate_taken=$(python3 -c "print(round(${taken:-0} / $SECONDS_PER_RATE))")
+    echo "| $R | $events | $mid | $end | $growth | $flat | $rate_taken | $rss |" >> "$report"
+    if [ "$flat" = yes ]; then best=$R; fi
+done
+{
+    echo
+    echo "Highest rate with a flat delay: **$best events/s**."
+    echo "Load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "Commands: \`$TALLY serve --job $DIR/job.toml --workers 2\` fed by \`$TALLY gen --events R*S --start-ms NOW --duration Ss --shape $SHAPE --disorder 1s --late-fraction 0 --to tcp://… --connections $CONNECTIONS --rate R\` (scripts/stress.sh)."
+} >> "$report"
+cat "$report"
