@@ -442,3 +442,60 @@ fn the_dashboard_curve_gains_points_as_events_arrive() {
     assert!(fs::metadata(&shot).unwrap().len() > 1000, "a screenshot");
     child.stop();
 }
+
+/// A followed file (`follow = true`, like `tail -F`): lines appended while
+/// the daemon runs are read, a restart goes on from the checkpoint's
+/// offset (nothing twice), a rotation (rename, new file) loses nothing, and
+/// the rows are the file run's.
+#[test]
+fn a_followed_file_is_read_across_appends_a_restart_and_a_rotation() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference(dir, 60_000);
+    let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    let cut = |k: usize| input[..input.len() * k / 3].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    let (a, b) = (cut(1), cut(2));
+    let live = dir.join("live");
+    fs::create_dir_all(&live).unwrap();
+    let path = live.join("events.jsonl");
+    fs::write(&path, &input[..a]).unwrap();
+    let http = free_port();
+    let mut def = r.def.clone();
+    def.sources[0].paths = vec![path.clone()];
+    let job = def.write(dir, "follow");
+    let text = fs::read_to_string(&job.path)
+        .unwrap()
+        .replace("format = \"jsonl\"", "format = \"jsonl\"\nfollow = true\nidle_timeout = \"1s\"");
+    fs::write(&job.path, format!("{text}\n[serve]\nhttp = \"127.0.0.1:{http}\"\n")).unwrap();
+    let state = dir.join("state");
+    let args = ["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()];
+    let lines = |bytes: &[u8]| bytes.iter().filter(|&&c| c == b'\n').count() as f64;
+    let wait_records = |n: f64| {
+        let started = Instant::now();
+        while samples(http).get("tally_records_total{source=\"client\"}").copied().unwrap_or(0.0) < n {
+            assert!(started.elapsed() < Duration::from_secs(60), "{:?}", samples(http));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let child = spawn_serve(&job, &args);
+    wait_ready(http);
+    wait_records(lines(&input[..a]));
+    // Appended while running.
+    fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&input[a..b]).unwrap();
+    wait_records(lines(&input[..b]));
+    child.stop();
+
+    // Restarted: from the checkpoint's offset; then the file is rotated
+    // (renamed, a new one created) with the last third in the new one.
+    let child = spawn_serve(&job, &args);
+    wait_ready(http);
+    fs::rename(&path, live.join("events.jsonl.1")).unwrap();
+    fs::write(&path, &input[b..]).unwrap();
+    wait_records(lines(&input[b..]));
+    std::thread::sleep(Duration::from_secs(2)); // past idle_timeout: the last windows close
+    child.stop();
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    let src = source_report(&summary, 0);
+    assert_eq!(count(src, "events"), r.events, "every line once, over both runs: {src}");
+    assert_rows_within(&job.results, &r);
+}

@@ -59,6 +59,7 @@ pub fn job_identity(job: &Job) -> Value {
             json!({
                 "name": s.name,
                 "paths": s.paths.iter().map(|p| absolute(p)).collect::<Vec<_>>(),
+                "follow": s.follow.as_ref().map(|f| f.paths.iter().map(|p| absolute(p)).collect::<Vec<_>>()),
                 "format": s.format.name(),
                 "max_out_of_orderness_ms": s.max_out_of_orderness_ms,
                 "max_line_bytes": s.max_line_bytes,

@@ -87,6 +87,8 @@ pub struct SourceSpec {
     pub kafka: Option<KafkaSpec>,
     /// A `kind = "tcp"` source's settings (`paths` is empty then).
     pub tcp: Option<TcpSpec>,
+    /// A file source with `follow = true` (`paths` is empty then).
+    pub follow: Option<FollowSpec>,
     /// `max_events_per_second` (Kafka and TCP sources): records handed on
     /// per second at most.
     pub max_events_per_second: Option<u64>,
@@ -96,7 +98,7 @@ impl SourceSpec {
     /// Whether the source is read while the job runs (Kafka, TCP), not
     /// planned in blocks before it starts (files).
     pub fn is_stream(&self) -> bool {
-        self.kafka.is_some() || self.tcp.is_some()
+        self.kafka.is_some() || self.tcp.is_some() || self.follow.is_some()
     }
 
     /// The source's kind as the job file names it.
@@ -119,6 +121,15 @@ pub struct TcpSpec {
     pub max_connections: usize,
     /// After this long without data, a connection stops holding the
     /// source's watermark back until it sends again.
+    pub idle_timeout_ms: i64,
+}
+
+/// A followed file source (`tail -F`).
+#[derive(Clone, Debug)]
+pub struct FollowSpec {
+    pub paths: Vec<PathBuf>,
+    /// After this long without a new line, a file stops holding the
+    /// source's watermark back until it grows again.
     pub idle_timeout_ms: i64,
 }
 
@@ -579,6 +590,7 @@ impl Job {
         src.paths = vec![path];
         src.kafka = None;
         src.tcp = None;
+        src.follow = None;
         Ok(())
     }
 

@@ -7,12 +7,12 @@ use serde::Deserialize;
 
 use super::{
     default_binary_dims, filter::Filter, parse_bytes, parse_duration_ms, parse_timezone_offset_ms, DauSpec, DimFormat,
-    DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, EventsSpec, Format, Job, KafkaSinkSpec, KafkaSpec, KafkaStart,
-    KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, ServeSpec, SinkRows, SinkSpec, SinkTarget,
-    SourceSpec, SummarySpec, SummaryWindow, TcpSpec, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT, DIM_CACHE_BYTES_DEFAULT,
-    DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT, KAFKA_RESERVED_PROPERTIES,
-    MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT, SERVE_CURVE_BYTES_DEFAULT,
-    SERVE_HTTP_DEFAULT, STREAM_IDLE_TIMEOUT_DEFAULT_MS, TCP_MAX_CONNECTIONS_DEFAULT,
+    DimKafkaSpec, DimRedisSpec, DimensionSpec, Emit, EventsSpec, FollowSpec, Format, Job, KafkaSinkSpec, KafkaSpec,
+    KafkaStart, KafkaStop, LatePolicy, Measure, MetricSpec, OnMissing, RedisSinkSpec, ServeSpec, SinkRows, SinkSpec,
+    SinkTarget, SourceSpec, SummarySpec, SummaryWindow, TcpSpec, TopSpec, DAY_MS, DEDUP_TOLERANCE_DEFAULT,
+    DIM_CACHE_BYTES_DEFAULT, DIM_CACHE_ENTRIES_DEFAULT, DIM_CACHE_TTL_DEFAULT_MS, DIM_LOCAL_CACHE_ENTRIES_DEFAULT,
+    KAFKA_RESERVED_PROPERTIES, MAX_LINE_BYTES_DEFAULT, METRICS_MAX, MINUTE_MS, RETURNING_AFTER_DAYS_DEFAULT,
+    SERVE_CURVE_BYTES_DEFAULT, SERVE_HTTP_DEFAULT, STREAM_IDLE_TIMEOUT_DEFAULT_MS, TCP_MAX_CONNECTIONS_DEFAULT,
 };
 use crate::event::binary::BINARY_DIMS;
 use crate::metric::values::SUMMARY_VALUES_MAX;
@@ -86,6 +86,7 @@ struct RawSource {
     listen: Option<String>,
     max_connections: Option<usize>,
     max_events_per_second: Option<u64>,
+    follow: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -472,7 +473,11 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
     if s.max_events_per_second == Some(0) {
         return Err(invalid(key("max_events_per_second"), "must be at least 1"));
     }
-    if s.kind == "file" {
+    let follow = s.follow == Some(true);
+    if s.follow.is_some() && s.kind != "file" {
+        return only("follow", "only a file source can be followed");
+    }
+    if s.kind == "file" && !follow {
         if let Some((k, _)) = [
             ("idle_timeout", s.idle_timeout.is_some()),
             ("csv_columns", s.csv_columns.is_some()),
@@ -481,10 +486,10 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         .iter()
         .find(|(_, set)| *set)
         {
-            return only(k, "only a Kafka or TCP source takes it");
+            return only(k, "only a Kafka, TCP or followed file source takes it");
         }
     }
-    let stream = kafka.is_some() || tcp.is_some();
+    let stream = kafka.is_some() || tcp.is_some() || follow;
     let format = match s.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => Format::Jsonl,
         "csv" => Format::Csv,
@@ -506,9 +511,17 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         }
     }
     let paths = match (&s.path, stream) {
-        (_, true) => Vec::new(),
-        (None, false) => return Err(invalid(key("path"), "a file source needs `path`")),
-        (Some(p), false) => expand_paths(&one_or_many(p), base).map_err(|r| invalid(key("path"), r))?,
+        (_, true) if !follow => Vec::new(),
+        (None, _) => return Err(invalid(key("path"), "a file source needs `path`")),
+        (Some(p), _) => expand_paths(&one_or_many(p), base).map_err(|r| invalid(key("path"), r))?,
+    };
+    let (paths, follow) = if follow {
+        if !matches!(format, Format::Jsonl | Format::Rows) {
+            return Err(invalid(key("follow"), "a followed file is read as JSON lines or rows"));
+        }
+        (Vec::new(), Some(FollowSpec { paths, idle_timeout_ms: idle_timeout(s, &key)? }))
+    } else {
+        (paths, None)
     };
     let max_out_of_orderness_ms = match &s.max_out_of_orderness {
         Some(d) => parse_duration_ms(d).map_err(|r| invalid(key("max_out_of_orderness"), r))?,
@@ -551,6 +564,7 @@ fn build_source(i: usize, s: &RawSource, base: &Path) -> Result<SourceSpec, Inva
         csv_header,
         kafka,
         tcp,
+        follow,
         max_events_per_second: s.max_events_per_second,
     })
 }

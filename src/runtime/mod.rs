@@ -42,6 +42,7 @@ use crate::sink::Sink;
 use crate::source::file::{InputError, Plan};
 use crate::source::kafka::{KafkaSource, KafkaSourceError};
 use crate::source::stream::{Chain, Stream};
+use crate::source::tail::TailSource;
 use crate::source::tcp::{TcpSource, TcpSourceError};
 use crate::state::history::{HistoryError, ImportReport, Imported};
 use coordinator::{Coordinator, CutReport, CutRequest};
@@ -469,6 +470,7 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
     // Stopped when dropped, at the end of this function.
     let mut kafka = Vec::new();
     let mut tcp = Vec::new();
+    let mut tail = Vec::new();
     for (s, spec) in job.sources.iter().enumerate() {
         let chain = resume
             .as_ref()
@@ -480,14 +482,23 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
             None => None,
         });
         tcp.push(match spec.tcp {
-            Some(_) => Some(TcpSource::start(s, spec, chain)?),
+            Some(_) => Some(TcpSource::start(s, spec, chain.clone())?),
+            None => None,
+        });
+        tail.push(match spec.follow {
+            Some(_) => Some(TailSource::start(s, spec, chain).map_err(|e| InputError {
+                path: spec.follow.as_ref().and_then(|f| f.paths.first().cloned()).unwrap_or_default(),
+                reason: format!("source {:?}: cannot follow: {e}", spec.name),
+            })?),
             None => None,
         });
     }
-    let streams: Vec<Option<Arc<Stream>>> = kafka
-        .iter()
-        .zip(&tcp)
-        .map(|(k, t)| k.as_ref().map(|k| k.stream.clone()).or_else(|| t.as_ref().map(|t| t.stream.clone())))
+    let streams: Vec<Option<Arc<Stream>>> = (0..job.sources.len())
+        .map(|s| {
+            let k = kafka[s].as_ref().map(|k| k.stream.clone());
+            k.or_else(|| tcp[s].as_ref().map(|t| t.stream.clone()))
+                .or_else(|| tail[s].as_ref().map(|t| t.stream.clone()))
+        })
         .collect();
     // Dimension tables are read before anything runs (a changelog topic
     // to its end); their readers stop when dropped, at the end.

@@ -4,5 +4,6 @@
 pub mod file;
 pub mod kafka;
 pub mod stream;
+pub mod tail;
 pub mod tcp;
 pub mod throttle;
