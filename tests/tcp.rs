@@ -32,9 +32,13 @@ struct Reference {
 }
 
 fn reference(dir: &Path, events: u64) -> Reference {
-    let opts = gen_options(events);
+    reference_in(dir, events, GenFormat::Jsonl, "jsonl")
+}
+
+fn reference_in(dir: &Path, events: u64, format: GenFormat, name: &str) -> Reference {
+    let opts = GenOptions { format, ..gen_options(events) };
     let files = generate(&dir.join("data"), opts.clone());
-    let def = JobDef::new("jsonl", &files).metric(page_uv()).metric(platform_version());
+    let def = JobDef::new(name, &files).metric(page_uv()).metric(platform_version());
     let job = def.write(dir, "files");
     let out = run(&job, 2);
     assert_verifies(&job, &job.results, "the file run");
@@ -497,5 +501,42 @@ fn a_followed_file_is_read_across_appends_a_restart_and_a_rotation() {
     let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
     let src = source_report(&summary, 0);
     assert_eq!(count(src, "events"), r.events, "every line once, over both runs: {src}");
+    assert_rows_within(&job.results, &r);
+}
+
+/// Binary records over TCP: records cut across reads and connections'
+/// writes of any size are put back together; the rows are the file run's.
+#[test]
+fn binary_records_over_tcp_are_put_back_together_across_reads() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let r = reference_in(dir, 60_000, GenFormat::Binary, "binary");
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &r.def, port, http, "");
+    let state = dir.join("state");
+    let child =
+        spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()]);
+    wait_ready(http);
+    let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
+    let half = input.len() / 64 * 32;
+    let senders: Vec<_> = [input[..half].to_vec(), input[half..].to_vec()]
+        .into_iter()
+        .map(|part| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                for piece in part.chunks(1000) {
+                    s.write_all(piece).unwrap(); // 1000 = 31 records and a bit
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    wait_settled(http, r.bytes, 0);
+    child.stop();
+    let summary: Value = serde_json::from_str(&fs::read_to_string(&job.summary).unwrap()).unwrap();
+    let src = source_report(&summary, 0);
+    assert_eq!((count(src, "events"), count(src, "rejected")), (r.events, 0), "{src}");
     assert_rows_within(&job.results, &r);
 }
