@@ -459,27 +459,8 @@ impl Reader {
 
     /// Pushes a block, waiting while the routers are behind (which holds
     /// the consumer back, and librdkafka's queue with it).
-    fn push(&self, mut block: StreamBlock) {
-        if let Some(t) = &self.stream.throttle {
-            // max_events_per_second: hold the consumer back (its lag grows).
-            let until = Instant::now() + t.take(block.ends.len() as u64);
-            while Instant::now() < until && !self.stream.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL_TIMEOUT));
-            }
-        }
-        loop {
-            match self.stream.push(block) {
-                Ok(()) => return,
-                Err(b) if self.stream.stop.load(Ordering::Relaxed) || self.stream.draining.load(Ordering::Relaxed) => {
-                    drop(b);
-                    return;
-                }
-                Err(b) => {
-                    block = b;
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        }
+    fn push(&self, block: StreamBlock) {
+        self.stream.push_waiting(block);
     }
 
     fn marker(&self, p: i32, kind: BlockKind) {

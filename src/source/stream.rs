@@ -414,6 +414,31 @@ impl Stream {
         Ok(())
     }
 
+    /// Queues a block for a reader that may wait (Kafka, followed files):
+    /// first for `max_events_per_second`, then while the routers are
+    /// behind (which holds the reader's input back). Gives up on `stop`,
+    /// or on `draining` (nothing will be claimed any more).
+    pub fn push_waiting(&self, mut block: StreamBlock) {
+        let gone = || self.stop.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed);
+        if let Some(t) = &self.throttle {
+            let until = std::time::Instant::now() + t.take(block.ends.len() as u64);
+            while std::time::Instant::now() < until && !gone() {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                std::thread::sleep(left.min(std::time::Duration::from_millis(10)));
+            }
+        }
+        loop {
+            match self.push(block) {
+                Ok(()) => return,
+                Err(_) if gone() => return,
+                Err(b) => {
+                    block = b;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
     /// The next block, in push order.
     pub fn claim(&self) -> StreamClaim {
         let mut q = lock(&self.queue);

@@ -174,16 +174,14 @@ impl Reader {
         let f = &mut self.files[i];
         let Some(o) = &mut f.open else { return Ok(0) };
         let len = o.block.data.len();
-        o.block.data.resize(len + READ_CHUNK, 0);
-        let n = o.file.read(&mut o.block.data[len..]);
-        let n = match n {
+        // Appends what the file has, up to a chunk, without zeroing first.
+        let n = match (&mut o.file).take(READ_CHUNK as u64).read_to_end(&mut o.block.data) {
             Ok(n) => n,
             Err(e) => {
-                o.block.data.truncate(len);
+                o.block.data.truncate(len); // read again from the same offset
                 return Err(e);
             }
         };
-        o.block.data.truncate(len + n);
         if n > 0 {
             cut_lines(o, len, max_line);
             o.offset += n as u64;
@@ -275,23 +273,8 @@ impl Reader {
 
     /// Queues a block, waiting while the routers are behind (the file
     /// simply waits on disk).
-    fn push(&self, mut block: StreamBlock) {
-        if let Some(t) = &self.stream.throttle {
-            let until = Instant::now() + t.take(block.ends.len() as u64);
-            while Instant::now() < until && !self.stream.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL_EVERY));
-            }
-        }
-        loop {
-            match self.stream.push(block) {
-                Ok(()) => return,
-                Err(_) if self.stream.stop.load(Ordering::Relaxed) => return,
-                Err(b) => {
-                    block = b;
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        }
+    fn push(&self, block: StreamBlock) {
+        self.stream.push_waiting(block);
     }
 }
 
