@@ -79,22 +79,37 @@ path = "$(realpath "$DIR")/tcp-out.jsonl"
 http = "127.0.0.1:$HTTP"
 EOF
 
-# Sends the parts on one connection each (sendfile), or with --idle K holds
-# K silent connections until stdin closes.
+# Sends the parts on one connection each (sendfile) while polling /metrics
+# on one keep-alive connection until the daemon counts every event, then
+# prints the seconds since the first connect; or with --idle K holds K
+# silent connections until stdin closes. (A curl per poll would cost the
+# daemon's two cores about as much as the senders do.)
 SENDER=$(cat <<'PY'
-import socket, sys, threading
+import http.client, socket, sys, threading, time
 port = int(sys.argv[1])
 if sys.argv[2] == "--idle":
     conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(int(sys.argv[3]))]
     print("connected", flush=True)
     sys.stdin.read()
     sys.exit(0)
+http_port, events = int(sys.argv[2]), int(sys.argv[3])
+key = 'tally_events_total{source="client"} '
 def send(path):
     with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
         s.sendfile(f)
-threads = [threading.Thread(target=send, args=(p,)) for p in sys.argv[2:]]
+api = http.client.HTTPConnection("127.0.0.1", http_port)
+threads = [threading.Thread(target=send, args=(p,)) for p in sys.argv[4:]]
+t0 = time.monotonic()
 for t in threads: t.start()
+while True:
+    api.request("GET", "/metrics")
+    lines = api.getresponse().read().decode().splitlines()
+    if next(int(l[len(key):]) for l in lines if l.startswith(key)) >= events:
+        break
+    time.sleep(0.01)
+seconds = time.monotonic() - t0
 for t in threads: t.join()
+print(f"{seconds:.4f}")
 PY
 )
 
@@ -123,38 +138,37 @@ for round in $(seq 1 "$RUNS"); do
     serve=$!
     wait_ready
     cpu0=$(cpu_ticks $serve)
-    t0=$(date +%s.%N)
-    /usr/bin/time -f "%U %S" -o "$DIR/sender-cpu" python3 -c "$SENDER" "$PORT" "$DIR"/parts/part-"$CONNECTIONS"-* &
-    sender=$!
-    while [ "$(metric 'tally_events_total{source="client"}')" != "$events" ]; do sleep 0.02; done
-    t1=$(date +%s.%N)
+    seconds=$(/usr/bin/time -f "%U %S" -o "$DIR/sender-cpu" python3 -c "$SENDER" "$PORT" "$HTTP" "$events" "$DIR"/parts/part-"$CONNECTIONS"-*)
     cpu1=$(cpu_ticks $serve)
-    wait $sender
     tcp_cpu=$(python3 -c "print(($cpu1 - $cpu0) / $(getconf CLK_TCK))")
     sender_cpu=$(awk '{ print $1 + $2 }' "$DIR/sender-cpu")
     kill -TERM $serve; wait $serve || true
-    tcp_rate=$(python3 -c "print($events/($t1-$t0)/1e6)")
+    tcp_rate=$(python3 -c "print($events/$seconds/1e6)")
     printf '| %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n' "$round" "$file_rate" "$tcp_rate" \
         "$(python3 -c "print($tcp_rate/$file_rate)")" "$file_cpu" "$tcp_cpu" "$sender_cpu" >> "$report"
 done
 
 # Memory per idle connection.
-$TALLY serve --job "$DIR/tcp.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
-serve=$!
-wait_ready
-sleep 0.5
-before=$(rss_kb $serve)
-coproc IDLE_CLIENTS { python3 -c "$SENDER" "$PORT" --idle "$IDLE"; }
-read -r _ <&"${IDLE_CLIENTS[0]}"
-until [ "$(metric 'tally_tcp_connections{source="client"}')" = "$IDLE" ]; do sleep 0.05; done
-sleep 0.5
-after=$(rss_kb $serve)
-eval "exec ${IDLE_CLIENTS[1]}>&-"
-wait "$IDLE_CLIENTS_PID" || true
-kill -TERM $serve; wait $serve || true
+idle_line="Idle connections: not measured (--idle 0)."
+if [ "$IDLE" -gt 0 ]; then
+    $TALLY serve --job "$DIR/tcp.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
+    serve=$!
+    wait_ready
+    sleep 0.5
+    before=$(rss_kb $serve)
+    coproc IDLE_CLIENTS { python3 -c "$SENDER" "$PORT" --idle "$IDLE"; }
+    read -r _ <&"${IDLE_CLIENTS[0]}"
+    until [ "$(metric 'tally_tcp_connections{source="client"}')" = "$IDLE" ]; do sleep 0.05; done
+    sleep 0.5
+    after=$(rss_kb $serve)
+    eval "exec ${IDLE_CLIENTS[1]}>&-"
+    wait "$IDLE_CLIENTS_PID" || true
+    kill -TERM $serve; wait $serve || true
+    idle_line="Idle connections: RSS $before kB with none, $after kB with $IDLE: $(( (after - before) * 1024 / IDLE )) bytes each."
+fi
 {
     echo
-    echo "Idle connections: RSS $before kB with none, $after kB with $IDLE: $(( (after - before) * 1024 / IDLE )) bytes each."
+    echo "$idle_line"
     echo "Load after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "Commands: \`$TALLY run --job $DIR/file.toml --workers 2\`; \`$TALLY serve --job $DIR/tcp.toml --workers 2\` fed by $CONNECTIONS sendfile(2) clients (scripts/tcp_bench.sh)."
