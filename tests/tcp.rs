@@ -204,6 +204,10 @@ fn a_tcp_source_fed_by_the_generator_writes_the_file_rows_and_closes_only_bad_cl
     assert_eq!(s["tally_watermark_seconds"], wm, "{s:?}");
     assert_eq!(s["tally_source_watermark_seconds{source=\"client\"}"], wm, "{s:?}");
     assert!(s["tally_data_delay_seconds"] > 0.0 && s["tally_source_queued_blocks{source=\"client\"}"] == 0.0, "{s:?}");
+    for shard in ["0", "1"] {
+        let g = |name: &str| s[&format!("tally_shard_{name}{{shard=\"{shard}\"}}")];
+        assert!(g("state_bytes") > 0.0 && g("dedup_entries") > 0.0 && g("queued_batches") == 0.0, "{s:?}");
+    }
     // The live counters say what the summary will.
     assert_eq!(s["tally_events_total{source=\"client\"}"], r.events as f64, "{s:?}");
     assert_eq!(s["tally_records_total{source=\"client\"}"], (r.events + 6) as f64, "{s:?}");
@@ -539,4 +543,78 @@ fn binary_records_over_tcp_are_put_back_together_across_reads() {
     let src = source_report(&summary, 0);
     assert_eq!((count(src, "events"), count(src, "rejected")), (r.events, 0), "{src}");
     assert_rows_within(&job.results, &r);
+}
+
+/// Upper bounds (ms) of the lateness buckets as the README documents them.
+const LATENESS_LE_MS: [i64; 10] = [0, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000];
+
+/// Events per lateness bucket (and the lag sum in ms) of times in the
+/// order read: each against the largest time before it.
+fn lateness_reference(times: impl IntoIterator<Item = i64>) -> (Vec<u64>, i64) {
+    let (mut buckets, mut sum, mut max) = (vec![0u64; LATENESS_LE_MS.len() + 1], 0, i64::MIN);
+    for t in times {
+        let lag = if t >= max { 0 } else { max - t };
+        max = max.max(t);
+        buckets[LATENESS_LE_MS.iter().position(|&b| lag <= b).unwrap_or(LATENESS_LE_MS.len())] += 1;
+        sum += lag;
+    }
+    (buckets, sum)
+}
+
+#[test]
+fn lateness_counts_each_event_against_the_largest_time_before_it_in_its_file_or_connection() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    // A file (2 min of disorder on 30% of the events, many blocks): the
+    // run's summary against the file's lines in order.
+    let files = generate(&dir.join("data"), gen_options(60_000));
+    let def = JobDef::new("jsonl", &files).metric(page_uv());
+    let out = run(&def.write(dir, "files"), 2);
+    let times = files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| serde_json::from_slice::<Value>(&l).unwrap()["ts"].as_i64().unwrap());
+    let (buckets, sum_ms) = lateness_reference(times);
+    assert!(buckets[0] < buckets.iter().sum::<u64>() * 9 / 10 && buckets[7] > 0, "disordered input: {buckets:?}");
+    let l = &out.ok()["sources"][0]["lateness"];
+    let got: Vec<u64> = l["events"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(got, buckets, "{l}");
+    assert_eq!(l["out_of_order"].as_u64().unwrap(), buckets[1..].iter().sum::<u64>(), "{l}");
+    assert_eq!(l["lag_sum_seconds"].as_f64().unwrap(), sum_ms as f64 / 1e3, "{l}");
+
+    // Two connections: each is its own order. B's first event is 150 s
+    // behind A's latest and not late on its connection (then B: 1 s, 10 s
+    // late); A's last event comes in a later block than A's largest time
+    // and is 70 s late.
+    let (port, http) = (free_port(), free_port());
+    let job = tcp_job(dir, &def, port, http, "");
+    let child = spawn_serve(&job, &[]);
+    wait_ready(http);
+    let t0 = 1_771_171_200_000i64;
+    let line = |dt: i64| format!("{{\"ts\":{},\"did\":\"d{dt}\",\"page\":\"p1\"}}\n", t0 + dt);
+    let wait_events = |n: f64| {
+        let started = Instant::now();
+        while tcp_sample(http, "tally_events_total") < n {
+            assert!(started.elapsed() < Duration::from_secs(30), "{:?}", samples(http));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    a.write_all((line(100_000) + &line(200_000)).as_bytes()).unwrap();
+    wait_events(2.0);
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    b.write_all((line(50_000) + &line(49_000) + &line(40_000)).as_bytes()).unwrap();
+    wait_events(5.0);
+    a.write_all(line(130_000).as_bytes()).unwrap();
+    wait_events(6.0);
+    let family = "tally_event_lateness_seconds";
+    let s: BTreeMap<String, f64> = samples(http).into_iter().filter(|(k, _)| k.starts_with(family)).collect();
+    let le = ["0", "1", "2", "5", "10", "30", "60", "300", "1800", "3600", "+Inf"];
+    let cumulative: Vec<f64> =
+        le.iter().map(|le| s[&format!("{family}_bucket{{source=\"client\",le=\"{le}\"}}")]).collect();
+    assert_eq!(cumulative, [3.0, 4.0, 4.0, 4.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0, 6.0], "{s:?}");
+    assert_eq!(s[&format!("{family}_sum{{source=\"client\"}}")], 81.0, "1 + 10 + 70 s: {s:?}");
+    assert_eq!(s[&format!("{family}_count{{source=\"client\"}}")], 6.0, "{s:?}");
+    drop((a, b));
+    child.terminate();
 }

@@ -373,6 +373,9 @@ impl<'a> Coordinator<'a> {
 
     /// Acts on a stop request or a due checkpoint.
     fn tick(&mut self, sh: &Shared) {
+        for (s, g) in sh.progress.shards.iter().enumerate() {
+            g.queued_batches.store(sh.mesh.queued(s) as u64, Ordering::Relaxed);
+        }
         let stop = !self.stop_seen && self.stop.load(Ordering::Relaxed);
         let Some(ck) = &mut self.ckpt else {
             if stop {

@@ -115,6 +115,11 @@ impl Mesh {
         let _ = self.returned[r * self.n + s].push(b);
     }
 
+    /// Batches queued for shard `s` (from every router) and not taken yet.
+    pub fn queued(&self, s: usize) -> usize {
+        (0..self.n).map(|r| self.to_shard[r * self.n + s].len()).sum()
+    }
+
     /// Router `r` reuses a batch it sent to shard `s` earlier.
     #[inline]
     pub fn reuse(&self, r: usize, s: usize) -> Option<Batch> {

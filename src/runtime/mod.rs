@@ -546,7 +546,7 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         }
     }
     let counts: Arc<[stats::LiveCounts]> = job.sources.iter().map(|_| stats::LiveCounts::default()).collect();
-    let progress = Arc::new(stats::Progress::default());
+    let progress = Arc::new(stats::Progress::new(n));
     if let Some(l) = &serving {
         l.counts(counts.clone(), progress.clone());
         sinks.push(Sink::live(l.clone()));
@@ -898,6 +898,7 @@ fn source_report(job: &Job, sh: &Shared, s: usize, st: &SourceStats) -> SourceRe
         examples: kept,
         partitions: stream.map(|stream| partition_reports(&stream.chain(), st)).unwrap_or_default(),
         assigned_after_seconds: stream.and_then(Stream::assigned_after_seconds),
+        lateness: st.lateness.report(),
         tcp: None,
     }
 }

@@ -24,7 +24,7 @@ use ahash::AHashMap;
 use crossbeam::channel::Sender;
 
 use super::mesh::{push_text, text_bytes, Batch, BlockSeq, Record, POOL_BATCHES, STAGED_BLOCKS_MAX};
-use super::stats::{DimCount, SourceStats};
+use super::stats::{DimCount, Lateness, SourceStats};
 use super::{Claim, Shared, ToEmitter, NOT_READY, NO_EVENTS};
 use crate::dim::redis::{Lookup, RemoteRow};
 use crate::dim::{key_text, DimTable};
@@ -217,6 +217,8 @@ struct Staged {
     events: Vec<(usize, EventLines)>,
     ts_min: i64,
     ts_max: i64,
+    /// Each routed event's time, in the order read (for [`Lateness`]).
+    times: Vec<i64>,
     resolved: bool,
 }
 
@@ -240,6 +242,8 @@ pub struct Router {
     /// One empty batch per shard, acquired before a block is parsed.
     ready: Vec<Option<Batch>>,
     allocated: Vec<usize>,
+    /// `Staged::times` vectors to reuse.
+    spare_times: Vec<Vec<i64>>,
     pub stats: Vec<SourceStats>,
 }
 
@@ -260,6 +264,7 @@ impl Router {
             staged: VecDeque::new(),
             ready: (0..n).map(|_| None).collect(),
             allocated: vec![0; n],
+            spare_times: Vec::new(),
             stats: sh
                 .job
                 .sources
@@ -346,7 +351,8 @@ impl Router {
     /// text), or whole binary records.
     fn parse_stream(&mut self, sh: &Shared, source: usize, block: StreamBlock) -> io::Result<()> {
         let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
-        let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
+        let mut acc =
+            Accumulator { ts_min: i64::MAX, ts_max: i64::MIN, times: self.spare_times.pop().unwrap_or_default() };
         let src = &mut self.sources[source];
         refresh_dims(src, sh);
         let stats = &mut self.stats[source];
@@ -416,6 +422,7 @@ impl Router {
             events: src.take_events(),
             ts_min: acc.ts_min,
             ts_max: acc.ts_max,
+            times: acc.times,
             resolved: false,
         });
         Ok(())
@@ -443,7 +450,8 @@ impl Router {
     fn parse(&mut self, sh: &Shared, mut block: Block) -> io::Result<()> {
         let task = sh.plan.tasks[block.task];
         let mut batches: Vec<Option<Batch>> = self.ready.iter_mut().map(Option::take).collect();
-        let mut acc = Accumulator { ts_min: i64::MAX, ts_max: i64::MIN };
+        let mut acc =
+            Accumulator { ts_min: i64::MAX, ts_max: i64::MIN, times: self.spare_times.pop().unwrap_or_default() };
         let src = &mut self.sources[task.source];
         refresh_dims(src, sh);
         let stats = &mut self.stats[task.source];
@@ -521,6 +529,7 @@ impl Router {
             events: src.take_events(),
             ts_min: acc.ts_min,
             ts_max: acc.ts_max,
+            times: acc.times,
             resolved: false,
         });
         Ok(())
@@ -544,6 +553,9 @@ impl Router {
                     continue;
                 }
                 moved = true;
+                let mut times = std::mem::take(&mut st.times);
+                times.clear();
+                self.spare_times.push(times);
                 // Before any batch: a cut the shards reach after this
                 // block finds its events at the emitter.
                 for (sink, lines) in st.events.drain(..) {
@@ -583,6 +595,7 @@ fn resolve(st: &mut Staged, sh: &Shared, sources: &[SourceRt], stats: &mut [Sour
     }
     let mine = if st.ts_max == i64::MIN { prev } else { prev.max(st.ts_max) };
     prefix[task.seq as usize].store(mine, Ordering::Release);
+    count_lateness(&st.times, if prev == NO_EVENTS { i64::MIN } else { prev }, sh, task.source, stats);
     let delay_ms = sources[task.source].delay_ms;
     let wm_before = to_wm(prev, delay_ms);
     let wm_after = to_wm(mine, delay_ms);
@@ -608,6 +621,7 @@ fn resolve_stream(st: &mut Staged, sh: &Shared, source: usize, meta: &BlockMeta,
     let Some(r) = stream.resolve(meta, st.ts_max) else {
         return false;
     };
+    count_lateness(&st.times, r.before_max_ms, sh, source, stats);
     if st.ts_min < r.late_before_ms {
         place_late(&mut st.batches, r.late_before_ms, sh, source, &mut stats[source]);
     }
@@ -619,6 +633,18 @@ fn resolve_stream(st: &mut Staged, sh: &Shared, source: usize, meta: &BlockMeta,
     }
     st.resolved = true;
     true
+}
+
+/// Counts a resolved block's events in its source's lateness histogram,
+/// `before` being the largest event time of its input before it.
+fn count_lateness(times: &[i64], before: i64, sh: &Shared, source: usize, stats: &mut [SourceStats]) {
+    if times.is_empty() {
+        return;
+    }
+    let mut l = Lateness::default();
+    l.add_block(before, times);
+    stats[source].lateness.merge(&l);
+    sh.counts[source].publish_lateness(&l);
 }
 
 /// A message without its line end, if it has one.
@@ -690,6 +716,7 @@ fn place_late(batches: &mut [Option<Batch>], wm_ms: i64, sh: &Shared, source: us
 struct Accumulator {
     ts_min: i64,
     ts_max: i64,
+    times: Vec<i64>,
 }
 
 /// Takes the tables of a source's dimensions that were reloaded since.
@@ -859,6 +886,7 @@ fn route(
     let ts = ev.ts_ms;
     acc.ts_min = acc.ts_min.min(ts);
     acc.ts_max = acc.ts_max.max(ts);
+    acc.times.push(ts);
     let device_fp = xxhash_rust::xxh3::xxh3_64(ev.did_bytes(record));
     let shard = ((device_fp as u128 * batches.len() as u128) >> 64) as usize;
     // A summary's filter and values, evaluated once for all its sets.

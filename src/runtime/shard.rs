@@ -15,12 +15,13 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use crossbeam::channel::Sender;
 
 use super::coordinator::CutRequest;
 use super::mesh::{next_text, Batch, BlockSeq};
-use super::stats::{SourceStats, UpsertCount};
+use super::stats::{ShardGauges, SourceStats, UpsertCount};
 use super::{Shared, ToEmitter};
 use crate::checkpoint::{FileRef, PendingFile, ShardSaved};
 use crate::metric::cumulate::{CumulateShard, Dau, Upserted};
@@ -301,7 +302,7 @@ impl Shard {
             }
         }
         if moved || self.wm_ms == i64::MIN {
-            self.advance(out)?;
+            self.advance(out, &sh.progress.shards[self.s])?;
         }
         Ok(moved)
     }
@@ -363,7 +364,7 @@ impl Shard {
     }
 
     /// Moves the shard watermark and ships what it closed.
-    fn advance(&mut self, out: &Sender<ToEmitter>) -> io::Result<()> {
+    fn advance(&mut self, out: &Sender<ToEmitter>, gauges: &ShardGauges) -> io::Result<()> {
         let wm = self.progress.iter().map(Progress::watermark).min().unwrap_or(i64::MAX);
         if wm <= self.wm_ms {
             return Ok(());
@@ -372,6 +373,8 @@ impl Shard {
         let entries: usize = self.metrics.iter().map(CumulateShard::dedup_entries).sum();
         self.state_bytes_max = self.state_bytes_max.max(bytes);
         self.dedup_entries_max = self.dedup_entries_max.max(entries);
+        gauges.state_bytes.store(bytes as u64, Ordering::Relaxed);
+        gauges.dedup_entries.store(entries as u64, Ordering::Relaxed);
         self.wm_ms = wm;
         for (metric, m) in self.metrics.iter_mut().enumerate() {
             m.ship(

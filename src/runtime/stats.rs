@@ -58,6 +58,54 @@ pub struct SourceStats {
     /// `metric::upsert`), since this process started.
     #[serde(default)]
     pub upserts: UpsertCount,
+    /// How far events came behind the largest event time before them.
+    #[serde(default)]
+    pub lateness: Lateness,
+}
+
+/// Upper bounds (ms) of the lateness histogram's buckets; one more bucket
+/// takes the rest.
+pub const LATENESS_BOUNDS_MS: [i64; 10] =
+    [0, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000, 1_800_000, 3_600_000];
+pub const LATENESS_BUCKETS: usize = LATENESS_BOUNDS_MS.len() + 1;
+
+/// Out-of-order monitoring: how far each event's time is behind the
+/// largest event time before it in its input order (a file source's
+/// blocks in file order, a stream source's partition or connection).
+/// Counts per bucket (not cumulative) and the sum of the lags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lateness {
+    pub buckets: [u64; LATENESS_BUCKETS],
+    pub sum_ms: u64,
+}
+
+impl Lateness {
+    /// Counts the events of a block in the order read, `before` being the
+    /// largest event time of the input before the block (`i64::MIN`: none).
+    pub fn add_block(&mut self, before: i64, times: &[i64]) {
+        let mut max = before;
+        for &t in times {
+            if t >= max {
+                max = t;
+                self.buckets[0] += 1;
+            } else {
+                let lag = max - t;
+                self.buckets[LATENESS_BOUNDS_MS.iter().take_while(|&&b| lag > b).count()] += 1;
+                self.sum_ms += lag as u64;
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: &Lateness) {
+        for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+            *a += b;
+        }
+        self.sum_ms += o.sum_ms;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
 }
 
 /// What a rows source's records did to the summaries over them.
@@ -131,6 +179,7 @@ impl SourceStats {
         self.upserts.unchanged += o.upserts.unchanged;
         self.upserts.replaced += o.upserts.replaced;
         self.upserts.late_updates += o.upserts.late_updates;
+        self.lateness.merge(&o.lateness);
         self.examples.extend(o.examples.iter().cloned());
         if self.parts.len() < o.parts.len() {
             self.parts.resize_with(o.parts.len(), PartRejects::default);
@@ -193,9 +242,36 @@ pub struct SourceReport {
     /// first assigned partitions (the join; part of `seconds`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub assigned_after_seconds: Option<f64>,
+    /// How far events came behind the largest event time before them
+    /// (absent before any event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lateness: Option<LatenessReport>,
     /// A TCP source: its connections and bytes in this process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp: Option<crate::source::tcp::TcpReport>,
+}
+
+/// [`Lateness`] for the run summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatenessReport {
+    /// Upper bounds of the buckets; a last bucket takes the rest.
+    pub le_seconds: Vec<f64>,
+    /// Events per bucket (not cumulative): `le_seconds.len() + 1` counts.
+    pub events: Vec<u64>,
+    /// Events behind an earlier one (every bucket but the first).
+    pub out_of_order: u64,
+    pub lag_sum_seconds: f64,
+}
+
+impl Lateness {
+    pub fn report(&self) -> Option<LatenessReport> {
+        (self.count() > 0).then(|| LatenessReport {
+            le_seconds: LATENESS_BOUNDS_MS.iter().map(|&b| b as f64 / 1e3).collect(),
+            events: self.buckets.to_vec(),
+            out_of_order: self.count() - self.buckets[0],
+            lag_sum_seconds: self.sum_ms as f64 / 1e3,
+        })
+    }
 }
 
 /// What a run did to one partition of a stream source.
@@ -223,6 +299,9 @@ pub struct LiveCounts {
     /// dropped), as blocks are judged.
     pub late_folded: AtomicU64,
     pub late_dropped: AtomicU64,
+    /// [`Lateness`], as blocks are judged.
+    pub lateness: [AtomicU64; LATENESS_BUCKETS],
+    pub lateness_sum_ms: AtomicU64,
 }
 
 impl LiveCounts {
@@ -237,6 +316,16 @@ impl LiveCounts {
             }
         }
     }
+
+    /// Adds a block's lateness counts.
+    pub fn publish_lateness(&self, l: &Lateness) {
+        for (a, &b) in self.lateness.iter().zip(&l.buckets) {
+            if b > 0 {
+                a.fetch_add(b, Ordering::Relaxed);
+            }
+        }
+        self.lateness_sum_ms.fetch_add(l.sum_ms, Ordering::Relaxed);
+    }
 }
 
 impl SourceStats {
@@ -247,7 +336,8 @@ impl SourceStats {
 }
 
 /// How far the run is, for `/metrics`: the job watermark (the coordinator
-/// sets it as it emits) and the checkpoints committed.
+/// sets it as it emits), the checkpoints committed, and each shard's
+/// gauges.
 #[derive(Debug)]
 pub struct Progress {
     /// The job watermark (`i64::MIN`: none yet).
@@ -256,15 +346,29 @@ pub struct Progress {
     /// Microseconds from the last checkpoint's pause to its commit.
     pub checkpoint_last_us: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
+    pub shards: Vec<ShardGauges>,
 }
 
-impl Default for Progress {
-    fn default() -> Progress {
+/// One shard's state and backlog, as last seen.
+#[derive(Debug, Default)]
+pub struct ShardGauges {
+    /// Batches the routers queued for the shard and it did not take yet
+    /// (the coordinator samples the queues every tick).
+    pub queued_batches: AtomicU64,
+    /// Bytes of its state (dedup tables, device histories, open minutes),
+    /// as of its last watermark move.
+    pub state_bytes: AtomicU64,
+    pub dedup_entries: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(shards: usize) -> Progress {
         Progress {
             watermark_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
             checkpoints: AtomicU64::new(0),
             checkpoint_last_us: AtomicU64::new(0),
             checkpoint_bytes: AtomicU64::new(0),
+            shards: (0..shards).map(|_| ShardGauges::default()).collect(),
         }
     }
 }

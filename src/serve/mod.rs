@@ -45,7 +45,7 @@ use crate::job::Job;
 use crate::job::SERVE_CURVE_BYTES_DEFAULT;
 use crate::metric::cumulate::Row;
 use crate::metric::keys::render_dims;
-use crate::runtime::stats::{LiveCounts, Progress};
+use crate::runtime::stats::{LiveCounts, Progress, ShardGauges, LATENESS_BOUNDS_MS};
 use crate::source::stream::Stream;
 use crate::source::tcp::TcpStats;
 
@@ -705,6 +705,28 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
             "Bytes the checkpoints of this process wrote.",
             &ck(p.checkpoint_bytes.load(Ordering::Relaxed) as f64),
         );
+        let per_shard = |f: &dyn Fn(&ShardGauges) -> &AtomicU64| -> Vec<(String, f64)> {
+            let g = p.shards.iter().enumerate();
+            g.map(|(i, g)| (format!("{{shard=\"{i}\"}}"), f(g).load(Ordering::Relaxed) as f64)).collect()
+        };
+        gauge(
+            "tally_shard_queued_batches",
+            "gauge",
+            "Batches the routers queued for a shard and it did not take yet (at most workers x 8; full queues hold the readers back).",
+            &per_shard(&|g| &g.queued_batches),
+        );
+        gauge(
+            "tally_shard_state_bytes",
+            "gauge",
+            "Bytes of a shard's state: dedup tables, device histories, open minutes (as of its last watermark move).",
+            &per_shard(&|g| &g.state_bytes),
+        );
+        gauge(
+            "tally_shard_dedup_entries",
+            "gauge",
+            "Entries in a shard's dedup tables.",
+            &per_shard(&|g| &g.dedup_entries),
+        );
     }
     let streams = live.streams.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let per_stream = |f: &dyn Fn(&Stream) -> Option<f64>| -> Vec<(String, f64)> {
@@ -752,6 +774,22 @@ async fn metrics(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response 
                 let n = n.load(Ordering::Relaxed);
                 out.push_str(&format!("tally_late_events_total{{source=\"{name}\",policy=\"{what}\"}} {n}\n"));
             }
+        }
+        out.push_str("# HELP tally_event_lateness_seconds Per source, how far each event's time is behind the largest event time before it in its input order (a file in file order, a stream partition or TCP connection): out-of-order monitoring.\n");
+        out.push_str("# TYPE tally_event_lateness_seconds histogram\n");
+        for (name, c) in &sources {
+            let mut cumulative = 0;
+            for (i, n) in c.lateness.iter().enumerate() {
+                cumulative += n.load(Ordering::Relaxed);
+                let le =
+                    LATENESS_BOUNDS_MS.get(i).map_or_else(|| "+Inf".to_string(), |&b| (b as f64 / 1e3).to_string());
+                out.push_str(&format!(
+                    "tally_event_lateness_seconds_bucket{{source=\"{name}\",le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            let sum = c.lateness_sum_ms.load(Ordering::Relaxed) as f64 / 1e3;
+            out.push_str(&format!("tally_event_lateness_seconds_sum{{source=\"{name}\"}} {sum}\n"));
+            out.push_str(&format!("tally_event_lateness_seconds_count{{source=\"{name}\"}} {cumulative}\n"));
         }
         out.push_str("# HELP tally_records_rejected_total Malformed records skipped, per source and reason.\n");
         out.push_str("# TYPE tally_records_rejected_total counter\n");

@@ -156,6 +156,9 @@ pub struct Resolved {
     pub late_before_ms: i64,
     /// The source's watermark once the block is counted.
     pub wm_after_ms: i64,
+    /// The largest event time of the block's partition before it
+    /// (`i64::MIN`: none).
+    pub before_max_ms: i64,
 }
 
 impl Default for Chain {
@@ -187,6 +190,7 @@ impl Chain {
         }
         let wm_before = self.wm_ms;
         let mut late_before_ms = wm_before;
+        let mut before_max_ms = i64::MIN;
         if kind == BlockKind::End {
             self.ended = true;
             self.wm_ms = i64::MAX;
@@ -194,6 +198,9 @@ impl Chain {
             match kind {
                 BlockKind::Data => {
                     late_before_ms = late_before_ms.max(to_wm(p.max_ts_ms, delay_ms));
+                    if p.max_ts_ms != NO_EVENTS {
+                        before_max_ms = p.max_ts_ms;
+                    }
                     if ts_max != i64::MIN {
                         p.max_ts_ms = p.max_ts_ms.max(ts_max);
                     }
@@ -230,7 +237,7 @@ impl Chain {
             };
             self.wm_ms = self.wm_ms.max(wm);
         }
-        Some(Resolved { late_before_ms, wm_after_ms: self.wm_ms })
+        Some(Resolved { late_before_ms, wm_after_ms: self.wm_ms, before_max_ms })
     }
 
     /// Where each partition stands: (partition, next offset), for those
