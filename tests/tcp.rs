@@ -208,13 +208,17 @@ fn a_tcp_source_fed_by_the_generator_writes_the_file_rows_and_closes_only_bad_cl
         let g = |name: &str| s[&format!("tally_shard_{name}{{shard=\"{shard}\"}}")];
         assert!(g("state_bytes") > 0.0 && g("dedup_entries") > 0.0 && g("queued_batches") == 0.0, "{s:?}");
     }
-    // The live counters say what the summary will.
+    // The live counters say what the summary will, as Prometheus's own
+    // parser reads them.
+    let s = prometheus_samples(http);
     assert_eq!(s["tally_events_total{source=\"client\"}"], r.events as f64, "{s:?}");
     assert_eq!(s["tally_records_total{source=\"client\"}"], (r.events + 6) as f64, "{s:?}");
+    assert_eq!(s["tally_event_lateness_seconds_count{source=\"client\"}"], r.events as f64, "{s:?}");
+    assert_eq!(s["tally_tcp_received_bytes_total{source=\"client\"}"], received as f64, "{s:?}");
     let reasons =
         ["empty_line", "line_too_long", "missing_device_id", "invalid_json", "not_an_object", "control_character"];
     for reason in reasons {
-        let n = s[&format!("tally_records_rejected_total{{source=\"client\",reason=\"{reason}\"}}")];
+        let n = s[&format!("tally_records_rejected_total{{reason=\"{reason}\",source=\"client\"}}")];
         assert_eq!(n, 1.0, "{reason}: {s:?}");
     }
     let log = child.stop();
@@ -543,6 +547,26 @@ fn binary_records_over_tcp_are_put_back_together_across_reads() {
     let src = source_report(&summary, 0);
     assert_eq!((count(src, "events"), count(src, "rejected")), (r.events, 0), "{src}");
     assert_rows_within(&job.results, &r);
+}
+
+/// `/metrics` as the Prometheus project's parser reads it
+/// (scripts/prom_check.py: prometheus_client, plus the TYPE/HELP and
+/// histogram consistency a scraper relies on), by `name{labels}` with
+/// labels sorted.
+fn prometheus_samples(http: u16) -> BTreeMap<String, f64> {
+    let (status, text) = get(http, "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    let mut check = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/prom_check.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "/metrics does not pass the Prometheus parser: {said}\n{text}");
+    serde_json::from_str(&said).unwrap()
 }
 
 /// Upper bounds (ms) of the lateness buckets as the README documents them.
