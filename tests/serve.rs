@@ -9,6 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -104,10 +105,23 @@ fn serve_answers_the_latest_row_of_every_key_and_counts_what_it_wrote() {
         (format!("/api/v1/latest?metric={}&dims=%7B%22x%22%3A1%7D", enc(metric)), 400, "no grouping"),
         (format!("/api/v1/latest?metric=page_uv&dims={}", enc(r#"{"page":"no-such-page"}"#)), 404, "no row"),
         (format!("/api/v1/latest?metric=page_uv&dims={}", enc(r#"{"page":[1]}"#)), 400, "a string, a number or null"),
+        (format!("/api/v1/latest?metric=page_uv&dims={}", "x".repeat(9000)), 414, "longer than 8192 bytes"),
     ] {
         let (got, body) = get(port, &path, Some(TOKEN));
         assert!(got == status && body.contains(says), "{path}: {got} {body:?}");
     }
+    // A request with a body (no endpoint reads one): refused unread.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = "x".repeat(1 << 20);
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body.as_bytes()); // the server may close before reading it all
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("at most 4096 bytes"), "{answer:?}");
 
     // SIGTERM: exit 0.
     child.stop();

@@ -116,11 +116,33 @@ impl ApiTimes {
     }
 }
 
-/// Times every request ([`ApiTimes`]).
+/// The longest request target (path and query) answered.
+const URI_MAX_BYTES: usize = 8192;
+/// The largest request body accepted (no endpoint reads one).
+const BODY_MAX_BYTES: u64 = 4096;
+/// The longest a request may take to its response's headers.
+const ANSWER_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Bounds every request (target length, body, time to answer) and times
+/// it ([`ApiTimes`]).
 async fn timed(State(live): State<Arc<Live>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path().to_string();
     let started = Instant::now();
-    let response = next.run(req).await;
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let body = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let response = if target > URI_MAX_BYTES {
+        text(StatusCode::URI_TOO_LONG, format!("the request target is longer than {URI_MAX_BYTES} bytes\n"))
+    } else if chunked || body.is_some_and(|b| b > BODY_MAX_BYTES) {
+        text(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are not read; at most {BODY_MAX_BYTES} bytes\n"))
+    } else {
+        match tokio::time::timeout(ANSWER_TIME_MAX, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {} s\n", ANSWER_TIME_MAX.as_secs()))
+            }
+        }
+    };
     live.api_times.observe(&path, started.elapsed());
     response
 }
