@@ -116,6 +116,11 @@ pub struct Manifest {
     pub shards: Vec<FileRef>,
     /// Every table file the shard states name (for checking and cleanup).
     pub tables: Vec<FileRef>,
+    /// `tally serve`: what its API answers from, a base of the whole store
+    /// (`.api`) then the rows recorded after it, one file per checkpoint
+    /// (`.rows`, JSON lines), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api: Vec<FileRef>,
 }
 
 /// Where the input stood at the cut.
@@ -384,6 +389,7 @@ impl Committer {
             keep.extend(m.shards.iter().map(|f| f.file.as_str()));
             keep.extend(m.tables.iter().map(|f| f.file.as_str()));
             keep.extend(m.dicts.iter().map(|d| d.file.as_str()));
+            keep.extend(m.api.iter().map(|f| f.file.as_str()));
         }
         let Ok(entries) = std::fs::read_dir(self.ckpt()) else {
             return;

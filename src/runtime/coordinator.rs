@@ -33,12 +33,14 @@ use super::{CheckpointReport, RunError, Shared, ToEmitter, WorkerReport, NO_EVEN
 use crate::checkpoint::dict::DictLog;
 use crate::checkpoint::identity::{job_identity, sink_target};
 use crate::checkpoint::{
-    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, PendingFile, SinkCut, SourceCut, StateDir,
-    FORMAT_VERSION,
+    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, Pending as PendingBytes, PendingFile, SinkCut,
+    SourceCut, StateDir, FORMAT_VERSION,
 };
 use crate::job::SinkTarget;
 use crate::metric::cumulate::{CumulateEmitter, Row};
 use crate::metric::detail::DetailBuf;
+use crate::serve::store::{Store, StoreSaved};
+use crate::serve::Live;
 use crate::sink::Sink;
 use crate::source::kafka::KafkaSource;
 use crate::source::stream::Chain;
@@ -170,7 +172,21 @@ struct Ckpt {
     last_cut: Option<Vec<BlockSeq>>,
     /// When a stop asked TCP readers to hand over what they hold.
     stop_asked: Option<Instant>,
+    /// The API store's files in the last manifest (base, then rows).
+    api_files: Vec<FileRef>,
 }
+
+/// `tally serve`'s store, kept in the checkpoints.
+struct ApiKept {
+    live: Arc<Live>,
+    /// Bytes of the base in `Ckpt::api_files`, and of the rows after it.
+    base_bytes: u64,
+    rows_bytes: u64,
+}
+
+/// Rows files (JSON lines) after a base add up to at most this many bytes,
+/// or the base's, before a checkpoint writes a new base.
+const API_ROWS_MIN_BEFORE_BASE: u64 = 1 << 20;
 
 pub(crate) struct Coordinator<'a> {
     emitters: Vec<CumulateEmitter>,
@@ -194,6 +210,7 @@ pub(crate) struct Coordinator<'a> {
     /// Where `minute_devices` rows are rendered, one after the other.
     detail_row: Row,
     progress: Arc<crate::runtime::stats::Progress>,
+    api: Option<ApiKept>,
 }
 
 impl<'a> Coordinator<'a> {
@@ -234,13 +251,16 @@ impl<'a> Coordinator<'a> {
             source_names: sh.job.sources.iter().map(|s| serde_json::Value::from(s.name.as_str()).to_string()).collect(),
             detail_row: Row { window_end_ms: 0, metric: 0, line: String::new(), key_at: 0..0 },
             progress: sh.progress.clone(),
+            api: None,
         };
         if let Some(r) = resume {
             let interval = (sh.job.checkpoint_interval_ms > 0)
                 .then(|| Duration::from_millis(sh.job.checkpoint_interval_ms as u64));
             let mut generation = 0;
             let mut complete_at_start = false;
+            let mut api_files = Vec::new();
             if let Some(m) = &r.manifest {
+                api_files = m.api.clone();
                 generation = m.generation;
                 complete_at_start = m.input.next_task >= m.input.tasks
                     && m.input.sources.iter().all(|c| c.stream.as_ref().is_none_or(|s| s.ended));
@@ -266,6 +286,7 @@ impl<'a> Coordinator<'a> {
                 complete_at_start,
                 last_cut: None,
                 stop_asked: None,
+                api_files,
             });
         }
         c.emitters = emitters;
@@ -336,6 +357,37 @@ impl<'a> Coordinator<'a> {
             Some(e) => Err(RunError::Worker(e)),
             None => Ok(reports),
         }
+    }
+
+    /// `tally serve`: restores the API's store from the checkpoint resumed
+    /// from (false if it holds none: a state directory of an earlier
+    /// version, or a run without the API), then keeps it in every
+    /// checkpoint. Without a state directory it does nothing.
+    pub fn keep_api(&mut self, live: Arc<Live>) -> Result<bool, RunError> {
+        let Some(ck) = &self.ckpt else {
+            return Ok(false);
+        };
+        let mut kept = ApiKept { live, base_bytes: 0, rows_bytes: 0 };
+        let restored = if let Some((base, rows)) = ck.api_files.split_first() {
+            let saved: StoreSaved = ck.state.read_saved(base)?;
+            let fits = kept.live.with_store(|s| s.restore(saved));
+            if !fits {
+                let reason = format!("{} does not hold the API store of this job", base.file);
+                return Err(CheckpointError::Refused { dir: ck.state.root.clone(), reason }.into());
+            }
+            for r in rows {
+                let text = ck.state.read_checked(r)?;
+                kept.live.replay(&String::from_utf8_lossy(&text));
+            }
+            kept.base_bytes = base.bytes;
+            kept.rows_bytes = rows.iter().map(|r| r.bytes).sum();
+            true
+        } else {
+            false
+        };
+        kept.live.with_store(Store::keep_journal);
+        self.api = Some(kept);
+        Ok(restored)
     }
 
     fn watermark(&mut self, shard: usize, wm_ms: i64, sinks: &mut [Sink]) -> Result<(), RunError> {
@@ -619,7 +671,35 @@ impl<'a> Coordinator<'a> {
         };
         let (pending, meta) = ck.state.saved(format!("g{generation}.meta"), &meta)?;
         files.push(pending);
-        let bytes = shard_bytes + meta.bytes;
+        let mut api_bytes = 0;
+        if let Some(api) = &mut self.api {
+            // The rows the sinks got up to this cut are in the store: a
+            // restart from this checkpoint re-emits only later ones.
+            let journal = api.live.with_store(Store::take_journal);
+            if ck.api_files.is_empty()
+                || api.rows_bytes + journal.len() as u64 > api.base_bytes.max(API_ROWS_MIN_BEFORE_BASE)
+            {
+                let (pending, base) =
+                    ck.state.saved(format!("g{generation}.api"), &api.live.with_store(|s| s.saved()))?;
+                files.push(pending);
+                api.base_bytes = base.bytes;
+                api.rows_bytes = 0;
+                api_bytes = base.bytes;
+                ck.api_files = vec![base];
+            } else if !journal.is_empty() {
+                let bytes = journal.into_bytes();
+                let r = FileRef {
+                    bytes: bytes.len() as u64,
+                    xxh3: xxhash_rust::xxh3::xxh3_64(&bytes),
+                    file: format!("g{generation}.rows"),
+                };
+                files.push(PendingFile { path: ck.state.ckpt().join(&r.file), bytes: PendingBytes::Encoded(bytes) });
+                api.rows_bytes += r.bytes;
+                api_bytes = r.bytes;
+                ck.api_files.push(r);
+            }
+        }
+        let bytes = shard_bytes + meta.bytes + api_bytes;
         let manifest = Manifest {
             format: FORMAT_VERSION,
             generation,
@@ -631,6 +711,7 @@ impl<'a> Coordinator<'a> {
             meta,
             shards,
             tables,
+            api: ck.api_files.clone(),
         };
         let writer = match &mut ck.writer {
             Some(w) => w,

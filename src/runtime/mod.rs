@@ -530,8 +530,10 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         .map(|(i, s)| Sink::open(s, job, sink_resume(i)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::SinkOpen)?;
-    if let (Some(l), Some(m)) = (&serving, resume.as_ref().and_then(|r| r.manifest.as_ref())) {
-        // The rows before the checkpoint, as its file sinks were cut back to.
+    let manifest = resume.as_ref().and_then(|r| r.manifest.as_ref());
+    if let (Some(l), Some(m)) = (&serving, manifest.filter(|m| m.api.is_empty())) {
+        // A checkpoint without the API's store (an earlier version's): the
+        // rows before it, as its file sinks were cut back to.
         for s in &job.sinks {
             if let (SinkTarget::File(path), SinkRows::Results) = (&s.target, s.rows) {
                 match l.refill(path) {
@@ -591,6 +593,12 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         }
     }
     let mut coord = Coordinator::new(&sh, resume, stop, &kafka);
+    if let Some(l) = &serving {
+        if coord.keep_api(l.clone())? {
+            let (rows, _) = l.with_store(|s| s.curve_usage());
+            eprintln!("tally serve: the API's rows restored from the checkpoint ({rows} bytes of curves)");
+        }
+    }
     let startup_seconds = started.elapsed().as_secs_f64();
     if let Some(l) = &serving {
         l.restored.store(true, Ordering::Release);

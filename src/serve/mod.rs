@@ -49,7 +49,7 @@ use crate::runtime::stats::{LiveCounts, Progress, ShardGauges, LATENESS_BOUNDS_M
 use crate::source::stream::Stream;
 use crate::source::tcp::TcpStats;
 
-mod store;
+pub mod store;
 use store::{format_day, measure, parse_day, Store};
 
 /// The dashboard page: assets built into the binary.
@@ -236,6 +236,16 @@ impl Live {
     /// API answers after a restart as it did before. Returns the rows read;
     /// lines that are not rows of this job are skipped.
     pub fn refill(&self, path: &std::path::Path) -> std::io::Result<u64> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => Ok(self.replay(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records the rows of `text` (JSON lines) as if they were written now;
+    /// returns how many were rows of this job.
+    pub fn replay(&self, text: &str) -> u64 {
         #[derive(serde::Deserialize)]
         struct Head<'a> {
             metric: &'a str,
@@ -245,11 +255,6 @@ impl Live {
             #[serde(borrow)]
             dims: &'a serde_json::value::RawValue,
         }
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         let mut line = String::new();
@@ -265,7 +270,12 @@ impl Live {
             store.record(m, h.window_end, &line, at..at + h.dims.get().len());
             n += 1;
         }
-        Ok(n)
+        n
+    }
+
+    /// Runs `f` on the store (checkpoints save and restore it through this).
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        f(&mut self.store.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The metric (grouping set) and dims text of a key: metric `name`'s

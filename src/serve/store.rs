@@ -7,16 +7,22 @@
 //! text (`,"pv":120,"uv":87}`), never a JSON parse. The curves' memory is
 //! bounded: a point beyond `max_bytes` is dropped and counted; a day two
 //! days behind the newest is freed when the newest begins.
+//!
+//! With a state directory the store survives restarts: each checkpoint
+//! keeps a base (the whole store, [`StoreSaved`]) or the rows recorded
+//! since the last checkpoint (the journal), which a restart replays.
 
 use std::collections::HashMap;
 use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
 
 const DAY_MS: i64 = 86_400_000;
 /// Bookkeeping bytes per point besides its measures text.
 const POINT_OVERHEAD: u64 = 12;
 
 /// A key's latest row and its curve.
-#[derive(Default)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct KeyState {
     end: i64,
     line: String,
@@ -56,7 +62,7 @@ impl KeyState {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct MetricStore {
     keys: HashMap<String, KeyState>,
     /// Newest local day a row of this metric fell in.
@@ -72,6 +78,16 @@ pub struct Store {
     tz_ms: i64,
     bytes: u64,
     max_bytes: u64,
+    dropped: u64,
+    /// Rows recorded since the last [`Store::take_journal`], as JSON
+    /// lines (None: not kept, without a state directory).
+    journal: Option<String>,
+}
+
+/// The whole store, as a checkpoint keeps it.
+#[derive(Serialize, Deserialize)]
+pub struct StoreSaved {
+    metrics: Vec<MetricStore>,
     dropped: u64,
 }
 
@@ -89,13 +105,43 @@ impl Store {
             bytes: 0,
             max_bytes,
             dropped: 0,
+            journal: None,
         }
+    }
+
+    /// Starts keeping the rows recorded from now on, for checkpoints.
+    pub fn keep_journal(&mut self) {
+        self.journal.get_or_insert_with(String::new);
+    }
+
+    /// The rows recorded since the last call (JSON lines).
+    pub fn take_journal(&mut self) -> String {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn saved(&self) -> StoreSaved {
+        StoreSaved { metrics: self.metrics.clone(), dropped: self.dropped }
+    }
+
+    /// Replaces the store with a saved one (of the same job: one entry per
+    /// metric); false if it does not fit.
+    pub fn restore(&mut self, saved: StoreSaved) -> bool {
+        if saved.metrics.len() != self.metrics.len() {
+            return false;
+        }
+        self.bytes = saved.metrics.iter().flat_map(|m| m.keys.values()).map(KeyState::bytes).sum();
+        self.metrics = saved.metrics;
+        self.dropped = saved.dropped;
+        true
     }
 
     /// Keeps a row: the latest of its key if no later one came, and a point
     /// of its key's curve. `key_at` is where its dims text sits in `line`
     /// (which ends with a newline).
     pub fn record(&mut self, metric: usize, end: i64, line: &str, key_at: Range<usize>) {
+        if let Some(j) = &mut self.journal {
+            j.push_str(line);
+        }
         let tz = self.tz_ms;
         let Some(store) = self.metrics.get_mut(metric) else { return };
         let day = day_of(end, tz);

@@ -101,7 +101,7 @@ pub fn write_lines(path: &Path, lines: &[Vec<u8>], eol: &[u8]) {
 // ---------------------------------------------------------------------------
 
 /// A TOML basic string (a JSON string is one).
-fn toml_str(s: &str) -> String {
+pub fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
