@@ -28,8 +28,8 @@ cargo build --release --quiet
 TALLY=target/release/tally
 DIR=data/api-bench
 mkdir -p "$DIR"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 PORT=$(free_port) HTTP=$(free_port)
 cat > "$DIR/job.toml" <<EOF
 [job]
@@ -54,7 +54,7 @@ EOF
 $TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
 serve=$!
 trap 'kill -TERM $serve 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done
+wait_ready
 now=$(date +%s%3N)
 $TALLY gen --events 1000000 --devices "$DEVICES" --start-ms $((now - 60000)) --duration 60s --disorder 1s \
     --late-fraction 0 --to "tcp://127.0.0.1:$PORT" 2>/dev/null

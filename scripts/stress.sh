@@ -31,8 +31,8 @@ cargo build --release --quiet
 TALLY=target/release/tally
 DIR=data/stress
 mkdir -p "$DIR"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 report=$DIR/report.md
 {
@@ -69,7 +69,7 @@ http = "127.0.0.1:$HTTP"
 EOF
     $TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
     serve=$!
-    until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done
+    wait_ready
     events=$((R * SECONDS_PER_RATE))
     now_ms=$(date +%s%3N)
     $TALLY gen --events "$events" --devices "$DEVICES" --start-ms "$now_ms" --duration "${SECONDS_PER_RATE}s" \

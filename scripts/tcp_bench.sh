@@ -40,7 +40,8 @@ if [ ! -f "$DIR/parts/part-$CONNECTIONS-0" ]; then
     split -n "l/$CONNECTIONS" -d -a 1 "$INPUT" "$DIR/parts/part-$CONNECTIONS-"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 PORT=$(free_port) HTTP=$(free_port)
 
 metric_block='
@@ -113,10 +114,6 @@ print(f"{seconds:.4f}")
 PY
 )
 
-metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
-wait_ready() { until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done; }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
 
 events=$($TALLY run --job "$DIR/file.toml" --workers 2 --summary "$DIR/s.json" 2>/dev/null >/dev/null; python3 -c "import json; print(json.load(open('$DIR/s.json'))['events'])")
 report=$DIR/report.md

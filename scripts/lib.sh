@@ -1,0 +1,14 @@
+# Helpers the serve benches share (source it; $HTTP is the daemon's API port).
+
+# A TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The value of one /metrics sample, by its exact `name{labels}`.
+metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+
+# Waits until /readyz answers 200.
+wait_ready() { until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do sleep 0.05; done; }
+
+# User + system CPU ticks of a process, and its resident memory in kB.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
