@@ -675,28 +675,34 @@ impl<'a> Coordinator<'a> {
         if let Some(api) = &mut self.api {
             // The rows the sinks got up to this cut are in the store: a
             // restart from this checkpoint re-emits only later ones.
-            let journal = api.live.with_store(Store::take_journal);
-            if ck.api_files.is_empty()
-                || api.rows_bytes + journal.len() as u64 > api.base_bytes.max(API_ROWS_MIN_BEFORE_BASE)
-            {
-                let (pending, base) =
-                    ck.state.saved(format!("g{generation}.api"), &api.live.with_store(|s| s.saved()))?;
-                files.push(pending);
-                api.base_bytes = base.bytes;
-                api.rows_bytes = 0;
-                api_bytes = base.bytes;
-                ck.api_files = vec![base];
-            } else if !journal.is_empty() {
-                let bytes = journal.into_bytes();
-                let r = FileRef {
-                    bytes: bytes.len() as u64,
-                    xxh3: xxhash_rust::xxh3::xxh3_64(&bytes),
-                    file: format!("g{generation}.rows"),
-                };
-                files.push(PendingFile { path: ck.state.ckpt().join(&r.file), bytes: PendingBytes::Encoded(bytes) });
-                api.rows_bytes += r.bytes;
-                api_bytes = r.bytes;
-                ck.api_files.push(r);
+            let journal = api.live.with_store(Store::take_journal).filter(|j| {
+                !ck.api_files.is_empty()
+                    && api.rows_bytes + j.len() as u64 <= api.base_bytes.max(API_ROWS_MIN_BEFORE_BASE)
+            });
+            match journal {
+                None => {
+                    let (pending, base) =
+                        ck.state.saved(format!("g{generation}.api"), &api.live.with_store(|s| s.saved()))?;
+                    files.push(pending);
+                    api.base_bytes = base.bytes;
+                    api.rows_bytes = 0;
+                    api_bytes = base.bytes;
+                    ck.api_files = vec![base];
+                }
+                Some(journal) if !journal.is_empty() => {
+                    let bytes = journal.into_bytes();
+                    let r = FileRef {
+                        bytes: bytes.len() as u64,
+                        xxh3: xxhash_rust::xxh3::xxh3_64(&bytes),
+                        file: format!("g{generation}.rows"),
+                    };
+                    files
+                        .push(PendingFile { path: ck.state.ckpt().join(&r.file), bytes: PendingBytes::Encoded(bytes) });
+                    api.rows_bytes += r.bytes;
+                    api_bytes = r.bytes;
+                    ck.api_files.push(r);
+                }
+                Some(_) => {}
             }
         }
         let bytes = shard_bytes + meta.bytes + api_bytes;

@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 const DAY_MS: i64 = 86_400_000;
 /// Bookkeeping bytes per point besides its measures text.
 const POINT_OVERHEAD: u64 = 12;
+/// The journal's largest size: beyond it (checkpoints far apart, or only
+/// at the stop) it is dropped and the next checkpoint writes a base.
+const JOURNAL_MAX_BYTES: usize = if cfg!(test) { 4096 } else { 64 << 20 };
 
 /// A key's latest row and its curve.
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -82,6 +85,8 @@ pub struct Store {
     /// Rows recorded since the last [`Store::take_journal`], as JSON
     /// lines (None: not kept, without a state directory).
     journal: Option<String>,
+    /// The journal outgrew [`JOURNAL_MAX_BYTES`] and was dropped.
+    journal_dropped: bool,
 }
 
 /// The whole store, as a checkpoint keeps it.
@@ -106,6 +111,7 @@ impl Store {
             max_bytes,
             dropped: 0,
             journal: None,
+            journal_dropped: false,
         }
     }
 
@@ -114,9 +120,11 @@ impl Store {
         self.journal.get_or_insert_with(String::new);
     }
 
-    /// The rows recorded since the last call (JSON lines).
-    pub fn take_journal(&mut self) -> String {
-        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    /// The rows recorded since the last call (JSON lines); None if they
+    /// were too many to keep (then only a base of the whole store will do).
+    pub fn take_journal(&mut self) -> Option<String> {
+        let rows = self.journal.as_mut().map(std::mem::take).unwrap_or_default();
+        (!std::mem::take(&mut self.journal_dropped)).then_some(rows)
     }
 
     pub fn saved(&self) -> StoreSaved {
@@ -140,7 +148,12 @@ impl Store {
     /// (which ends with a newline).
     pub fn record(&mut self, metric: usize, end: i64, line: &str, key_at: Range<usize>) {
         if let Some(j) = &mut self.journal {
-            j.push_str(line);
+            if j.len() + line.len() > JOURNAL_MAX_BYTES {
+                *j = String::new();
+                self.journal_dropped = true;
+            } else if !self.journal_dropped {
+                j.push_str(line);
+            }
         }
         let tz = self.tz_ms;
         let Some(store) = self.metrics.get_mut(metric) else { return };
@@ -333,6 +346,29 @@ mod tests {
         let head = format!("{{\"metric\":\"m\",\"window_end\":{end},\"dims\":");
         let line = format!("{head}{dims},\"pv\":{pv},\"uv\":1}}\n");
         store.record(0, end, &line, head.len()..head.len() + dims.len());
+    }
+
+    #[test]
+    fn the_journal_keeps_rows_until_it_outgrows_its_bound_then_asks_for_a_base() {
+        let mut s = Store::new(1, TZ, 1 << 20);
+        row(&mut s, MIDNIGHT + 60_000, "before", 1);
+        assert_eq!(s.take_journal(), Some(String::new()), "not kept before keep_journal");
+        s.keep_journal();
+        row(&mut s, MIDNIGHT + 60_000, "a", 1);
+        row(&mut s, MIDNIGHT + 120_000, "a", 2);
+        let rows = s.take_journal().unwrap();
+        assert_eq!(rows.lines().count(), 2, "{rows}");
+        let mut copy = Store::new(1, TZ, 1 << 20);
+        assert!(copy.restore(s.saved()));
+        assert_eq!(copy.latest(0, r#"{"page":"a"}"#), s.latest(0, r#"{"page":"a"}"#));
+        assert_eq!(copy.curve_usage(), s.curve_usage());
+        for i in 0..100 {
+            row(&mut s, MIDNIGHT + 180_000, &format!("p{i}"), i); // ~6 KB of rows
+        }
+        assert_eq!(s.take_journal(), None, "over its bound: a base is needed");
+        row(&mut s, MIDNIGHT + 240_000, "a", 3);
+        assert_eq!(s.take_journal().map(|j| j.lines().count()), Some(1), "kept again after");
+        assert!(!Store::new(2, TZ, 1).restore(s.saved()), "another job's store");
     }
 
     #[test]
