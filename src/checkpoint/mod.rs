@@ -90,9 +90,13 @@ impl std::ops::Deref for Pending {
 impl PendingFile {
     /// `value` encoded (postcard) as `dir/file`, with its reference.
     pub fn saved<T: Serialize>(dir: &Path, file: String, value: &T) -> io::Result<(PendingFile, FileRef)> {
-        let bytes = postcard::to_stdvec(value).map_err(io::Error::other)?;
+        Ok(PendingFile::raw(dir, file, postcard::to_stdvec(value).map_err(io::Error::other)?))
+    }
+
+    /// `bytes` as they are as `dir/file`, with its reference.
+    pub fn raw(dir: &Path, file: String, bytes: Vec<u8>) -> (PendingFile, FileRef) {
         let r = FileRef { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&bytes), file: file.clone() };
-        Ok((PendingFile { path: dir.join(file), bytes: Pending::Encoded(bytes) }, r))
+        (PendingFile { path: dir.join(file), bytes: Pending::Encoded(bytes) }, r)
     }
 
     fn write(&self) -> io::Result<()> {

@@ -33,8 +33,8 @@ use super::{CheckpointReport, RunError, Shared, ToEmitter, WorkerReport, NO_EVEN
 use crate::checkpoint::dict::DictLog;
 use crate::checkpoint::identity::{job_identity, sink_target};
 use crate::checkpoint::{
-    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, Pending as PendingBytes, PendingFile, SinkCut,
-    SourceCut, StateDir, FORMAT_VERSION,
+    CheckpointError, Committer, FileRef, InputCut, Manifest, MetaSaved, PendingFile, SinkCut, SourceCut, StateDir,
+    FORMAT_VERSION,
 };
 use crate::job::SinkTarget;
 use crate::metric::cumulate::{CumulateEmitter, Row};
@@ -690,14 +690,9 @@ impl<'a> Coordinator<'a> {
                     ck.api_files = vec![base];
                 }
                 Some(journal) if !journal.is_empty() => {
-                    let bytes = journal.into_bytes();
-                    let r = FileRef {
-                        bytes: bytes.len() as u64,
-                        xxh3: xxhash_rust::xxh3::xxh3_64(&bytes),
-                        file: format!("g{generation}.rows"),
-                    };
-                    files
-                        .push(PendingFile { path: ck.state.ckpt().join(&r.file), bytes: PendingBytes::Encoded(bytes) });
+                    let (pending, r) =
+                        PendingFile::raw(&ck.state.ckpt(), format!("g{generation}.rows"), journal.into_bytes());
+                    files.push(pending);
                     api.rows_bytes += r.bytes;
                     api_bytes = r.bytes;
                     ck.api_files.push(r);

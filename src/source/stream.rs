@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -517,6 +517,32 @@ impl Stream {
         b.part = part;
         b.kind = BlockKind::Data;
         b
+    }
+}
+
+/// A stream's reader thread: told to stop and joined on [`ReaderThread::stop`]
+/// or when dropped.
+pub struct ReaderThread {
+    stream: Arc<Stream>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReaderThread {
+    pub fn new(stream: Arc<Stream>, thread: std::thread::JoinHandle<()>) -> ReaderThread {
+        ReaderThread { stream, thread: Some(thread) }
+    }
+
+    pub fn stop(&mut self) {
+        self.stream.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReaderThread {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

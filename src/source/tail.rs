@@ -19,11 +19,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::kafka::STREAM_FLUSH_INTERVAL;
-use super::stream::{BlockKind, Chain, PartId, PartState, Stream, StreamBlock, STREAM_BLOCK_BYTES};
+use super::stream::{BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, STREAM_BLOCK_BYTES};
 use crate::job::SourceSpec;
 
 /// How long the reader sleeps when no file grew.
@@ -34,7 +33,7 @@ const READ_CHUNK: usize = 1 << 20;
 /// A running followed-file source.
 pub struct TailSource {
     pub stream: Arc<Stream>,
-    thread: Option<JoinHandle<()>>,
+    reader: ReaderThread,
 }
 
 impl TailSource {
@@ -77,20 +76,11 @@ impl TailSource {
             }
         }
         let thread = std::thread::Builder::new().name(format!("tail-{}", spec.name)).spawn(move || reader.run())?;
-        Ok(TailSource { stream, thread: Some(thread) })
+        Ok(TailSource { stream: stream.clone(), reader: ReaderThread::new(stream, thread) })
     }
 
     pub fn stop(&mut self) {
-        self.stream.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TailSource {
-    fn drop(&mut self) {
-        self.stop();
+        self.reader.stop();
     }
 }
 

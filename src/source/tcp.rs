@@ -30,14 +30,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::kafka::STREAM_FLUSH_INTERVAL;
-use super::stream::{BlockKind, Chain, PartId, PartState, Stream, StreamBlock, STREAM_BLOCK_BYTES};
+use super::stream::{BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, STREAM_BLOCK_BYTES};
 use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::{Format, SourceSpec};
 
@@ -105,7 +104,7 @@ pub struct TcpSource {
     /// The address bound (the port the OS chose for port 0).
     pub addr: SocketAddr,
     pub stats: Arc<TcpStats>,
-    thread: Option<JoinHandle<()>>,
+    reader: ReaderThread,
 }
 
 impl TcpSource {
@@ -168,21 +167,12 @@ impl TcpSource {
             .name(format!("tcp-{}", spec.name))
             .spawn(move || reader.run())
             .map_err(|e| err(format!("cannot start the reader thread: {e}")))?;
-        Ok(TcpSource { stream, addr, stats, thread: Some(thread) })
+        Ok(TcpSource { stream: stream.clone(), addr, stats, reader: ReaderThread::new(stream, thread) })
     }
 
     /// Stops the reader and closes every connection.
     pub fn stop(&mut self) {
-        self.stream.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TcpSource {
-    fn drop(&mut self) {
-        self.stop();
+        self.reader.stop();
     }
 }
 
