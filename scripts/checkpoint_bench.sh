@@ -7,9 +7,12 @@
 # writes rows that differ from the run without a state directory.
 #
 # usage: scripts/checkpoint_bench.sh [--events E] [--devices D] [--runs R] [--workers W]
+#                                    [--configs LIST] [--no-restart]
 #                                    [--kill-at F] [--restart-interval DUR]
-#   defaults: 60M events, 10M devices, 3 rounds, all cores
-#   --runs R     rounds of the four overhead runs, interleaved a-b-c-d (median reported)
+#   defaults: 60M events, 10M devices, 3 rounds, all cores, configs a,b,c,d
+#   --runs R     rounds of the overhead runs, interleaved a-b-c-d (median reported)
+#   --configs LIST  which overhead runs (comma-separated, a first: it is the reference)
+#   --no-restart    skip the restart tests (overhead only)
 #   --kill-at F  send the signal at this fraction of (c)'s median wall time (default 0.5)
 #   --restart-interval DUR  checkpoint_interval of the restart runs (default 10s, as (c));
 #                a small data set needs a short one (e.g. 200ms) to checkpoint before the kill
@@ -38,11 +41,14 @@ die() { printf 'ckpt-e2e: error: %s\n' "$*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 EVENTS=60000000 DEVICES=10000000 RUNS=3 WORKERS=$(nproc) KILL_AT=0.5 RESTART_INTERVAL=10s
+CONFIGS=a,b,c,d RESTART=1
 while [ $# -gt 0 ]; do
   case $1 in
     --events) [ $# -ge 2 ] || die "--events needs a value"; EVENTS=$2; shift 2 ;;
     --devices) [ $# -ge 2 ] || die "--devices needs a value"; DEVICES=$2; shift 2 ;;
     --runs) [ $# -ge 2 ] || die "--runs needs a value"; RUNS=$2; shift 2 ;;
+    --configs) [ $# -ge 2 ] || die "--configs needs a value"; CONFIGS=$2; shift 2 ;;
+    --no-restart) RESTART=0; shift ;;
     --workers) [ $# -ge 2 ] || die "--workers needs a value"; WORKERS=$2; shift 2 ;;
     --kill-at) [ $# -ge 2 ] || die "--kill-at needs a value"; KILL_AT=$2; shift 2 ;;
     --restart-interval) [ $# -ge 2 ] || die "--restart-interval needs a value"; RESTART_INTERVAL=$2; shift 2 ;;
@@ -53,6 +59,8 @@ done
 for v in EVENTS DEVICES RUNS WORKERS; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "--${v,,} must be a positive integer, got '${!v}'"
 done
+[[ $CONFIGS =~ ^a(,[bcd])*$ ]] || die "--configs must start with a and name only a, b, c, d, got '$CONFIGS'"
+[ "$RESTART" = 0 ] || [[ $CONFIGS == *c* ]] || die "the restart tests time themselves by (c): add c to --configs or pass --no-restart"
 [[ $KILL_AT =~ ^0?\.[0-9]+$ ]] || die "--kill-at must be a fraction between 0 and 1, got '$KILL_AT'"
 command -v python3 >/dev/null || die "python3 is needed (reading summaries)"
 # the interpreter itself, not a shim: it runs between a signal and its timing
@@ -109,7 +117,7 @@ cat "$INPUT" >/dev/null
 # --------------------------------------------------------------------------
 # 3. job files
 # --------------------------------------------------------------------------
-CFGS=(a b c d)
+IFS=, read -r -a CFGS <<<"$CONFIGS"
 declare -A INTERVAL=([a]="" [b]="0" [c]="10s" [d]="2s")
 declare -A DESC=([a]="no state dir" [b]="state dir, interval 0 (end only)" [c]="state dir, interval 10s" [d]="state dir, interval 2s")
 write_job() { # name interval sink
@@ -169,7 +177,7 @@ for r in $(seq "$RUNS"); do
     [ "$c" = a ] || args+=(--state-dir "$(state_of "$c")")
     t0=$(now)
     if [ "$HAVE_TIME" = 1 ]; then
-      /usr/bin/time -f '%M %e' -o "$OUT/time-$tag.txt" "$TALLY" "${args[@]}" 2>"$OUT/log-$tag.txt" \
+      /usr/bin/time -f '%M %e %U %S' -o "$OUT/time-$tag.txt" "$TALLY" "${args[@]}" 2>"$OUT/log-$tag.txt" \
         || { cat "$OUT/log-$tag.txt" >&2; die "run $tag failed: $(run_cmd "$c" "$tag")"; }
     else
       "$TALLY" "${args[@]}" 2>"$OUT/log-$tag.txt" \
@@ -200,7 +208,7 @@ m = sorted(S, key=lambda s: s["seconds"])[(runs - 1) // 2]
 ck = [s["checkpoints"] for s in S]
 rss = "-"
 if have_time:
-    rss = f'{med([int(open(f"{out}/time-{c}-r{r}.txt").read().split()[-2]) for r in range(1, runs + 1)]) / 1024:.0f}'
+    rss = f'{med([int(open(f"{out}/time-{c}-r{r}.txt").read().split()[-4]) for r in range(1, runs + 1)]) / 1024:.0f}'
 secs = [s["seconds"] for s in S]
 print(f'{m["seconds"]:.3f}', f"{med(W):.3f}", f'{m["events_per_second"]:.0f}', m["checkpoints"]["count"],
       f'{max(k["pause_seconds_max"] for k in ck):.3f}', f'{max(k["seconds_max"] for k in ck):.3f}',
@@ -216,7 +224,8 @@ done
 # --------------------------------------------------------------------------
 # 5. restart: (c) stopped by SIGTERM / kill -9 at KILL_AT of its wall time
 # --------------------------------------------------------------------------
-KILL_AFTER=$("$PY" -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]):.2f}')" "${WALL[c]}" "$KILL_AT")
+KILL_AFTER=0
+[ "$RESTART" = 0 ] || KILL_AFTER=$("$PY" -c "import sys; print(f'{float(sys.argv[1]) * float(sys.argv[2]):.2f}')" "${WALL[c]}" "$KILL_AT")
 manifest_gen() { # state dir -> generation in its MANIFEST, or none
   "$PY" - "$1/MANIFEST" <<'PY'
 import json, sys
@@ -304,8 +313,34 @@ print(f\"{s['startup_seconds']:.3f}\", s['resumed_from'], f\"{s['seconds']:.3f}\
   rm -rf "$st"
 }
 UNMEASURED=0
-restart_test term TERM
-restart_test kill KILL
+if [ "$RESTART" = 1 ]; then
+  restart_test term TERM
+  restart_test kill KILL
+fi
+
+# per round: each run against (a) and (b) of the same round (the rounds
+# interleave, so a pair shares the machine's state of the moment), wall
+# seconds and CPU seconds (user + system, /usr/bin/time)
+pairs() {
+  "$PY" - "$OUT" "$RUNS" "$HAVE_TIME" "${CFGS[@]}" <<'PY'
+import json, statistics, sys
+out, runs, have_time, cfgs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
+sec = {c: [json.load(open(f"{out}/summary-{c}-r{r}.json"))["seconds"] for r in range(1, runs + 1)] for c in cfgs}
+def cpu(c, r):
+    f = open(f"{out}/time-{c}-r{r}.txt").read().split()
+    return float(f[-2]) + float(f[-1])
+def show(xs):
+    return f"{statistics.median(xs):.3f}x | {min(xs):.3f}–{max(xs):.3f} | {sum(x <= 1.05 for x in xs)}/{len(xs)}"
+for c in cfgs[1:]:
+    for base in ("a", "b"):
+        if base == c or base not in cfgs:
+            continue
+        print(f"| ({c}) / ({base}), seconds | {show([x / y for x, y in zip(sec[c], sec[base])])} |")
+        if have_time:
+            print(f"| ({c}) / ({base}), CPU seconds | {show([cpu(c, r) / cpu(base, r) for r in range(1, runs + 1)])} |")
+PY
+}
+PAIRS=$(pairs) || die "cannot read the rounds' summaries"
 
 # --------------------------------------------------------------------------
 # report
@@ -321,41 +356,53 @@ REPORT=$D/report.md
   echo "- date: $DATE; commit: $COMMIT; $RUSTC"
   echo "- input: \`$INPUT\`, $LINES lines, $INPUT_MB MB (page cache warm); state dirs under \`$D/\` on $FSTYPE"
   echo "- job: page_uv (group_by page, views: pv, uv) + total_uv (group_by [], all events: pv, uv), CUMULATE 1 min / 1 day, +08:00 (\`$JOBS/*.toml\`)"
-  echo "- overhead: $RUNS rounds of a-b-c-d interleaved, each with a fresh state dir; seconds and events/s from \`--summary\` (median run by seconds; wall = process wall, median)"
+  echo "- overhead: $RUNS rounds of ${CONFIGS//,/-} interleaved, each with a fresh state dir; seconds and events/s from \`--summary\` (median run by seconds; wall = process wall, median)"
   echo "- longest pause / longest checkpoint: the maximum over the rounds of \`checkpoints.pause_seconds_max\` / \`seconds_max\`; checkpoints and bytes: the median run"
   echo
   echo "| run | seconds | range | wall s | M events/s | vs (a) | vs (b) | checkpoints | longest pause s | longest checkpoint s | MB written | peak RSS MB | rows = (a) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for c in "${CFGS[@]}"; do
-    echo "| ($c) ${DESC[$c]} | ${SEC[$c]} | ${RANGE[$c]} | ${WALL[$c]} | $(m "${EPS[$c]}") | $(ratio "${SEC[$c]}" "${SEC[a]}")x | $(ratio "${SEC[$c]}" "${SEC[b]}")x | ${CNT[$c]} | ${PAUSE[$c]} | ${CKMAX[$c]} | $(mb "${BYTES[$c]}") | ${RSS[$c]} | yes (cmp) |"
+    vs_b=–
+    [ -z "${SEC[b]:-}" ] || vs_b="$(ratio "${SEC[$c]}" "${SEC[b]}")x"
+    echo "| ($c) ${DESC[$c]} | ${SEC[$c]} | ${RANGE[$c]} | ${WALL[$c]} | $(m "${EPS[$c]}") | $(ratio "${SEC[$c]}" "${SEC[a]}")x | $vs_b | ${CNT[$c]} | ${PAUSE[$c]} | ${CKMAX[$c]} | $(mb "${BYTES[$c]}") | ${RSS[$c]} | yes (cmp) |"
   done
   echo
   echo "(vs: ratio of median seconds, above 1 is slower; every run's ${ROWS[a]} rows are byte-identical to (a) round 1's, checked with cmp after each run)"
   echo
-  echo "Restart: (c) with checkpoint_interval = \"$RESTART_INTERVAL\" started with a fresh state dir, signalled at ${KILL_AFTER}s (${KILL_AT} of (c)'s median wall ${WALL[c]}s), then rerun with the same state dir to the end."
+  echo "Per round: each run against the runs of its own round (rounds interleave the configurations, so a pair shares the machine's state of the moment); \"≤ 1.05\": rounds with at most 5% overhead."
   echo
-  echo "| signal | sent at s | exit | exit after signal s | checkpoint at stop | state dir bytes (du -sb) | of which ckpt/ | of which live/ | restart startup_seconds | resumed_from | restart seconds | restart M events/s | restart wall s | rows = (a) |"
-  echo "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-  for n in term kill; do
-    sig=$([ $n = term ] && echo "SIGTERM" || echo "kill -9")
-    echo "| $sig | ${R_KILLED_AT[$n]} | ${R_RC[$n]} | ${R_EXIT_S[$n]} | ${R_STOP_CK[$n]} | ${R_DU[$n]} | ${R_DU_CKPT[$n]} | ${R_DU_LIVE[$n]} | ${R_START[$n]} | ${R_FROM[$n]} | ${R_SEC[$n]} | $(m "${R_EPS[$n]}") | ${R_TOTAL[$n]} | yes (cmp) |"
-  done
+  echo "| pair | median of the rounds' ratios | range | rounds ≤ 1.05 |"
+  echo "|---|---:|---:|---:|"
+  echo "$PAIRS"
   echo
-  for n in term kill; do [ -z "${R_NOTE[$n]}" ] || echo "- $n: ${R_NOTE[$n]}"; done
-  echo "- startup_seconds: from process start until workers read input, checking and restoring the checkpoint included (target: under 5 s for 10M devices)"
-  echo "- state dir size: measured after the stopped run exited, before the restart (apparent bytes; live/ holds the memory-mapped tables the run worked on, removed and rebuilt from ckpt/ on restart)"
-  echo
+  if [ "$RESTART" = 1 ]; then
+    echo "Restart: (c) with checkpoint_interval = \"$RESTART_INTERVAL\" started with a fresh state dir, signalled at ${KILL_AFTER}s (${KILL_AT} of (c)'s median wall ${WALL[c]}s), then rerun with the same state dir to the end."
+    echo
+    echo "| signal | sent at s | exit | exit after signal s | checkpoint at stop | state dir bytes (du -sb) | of which ckpt/ | of which live/ | restart startup_seconds | resumed_from | restart seconds | restart M events/s | restart wall s | rows = (a) |"
+    echo "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    for n in term kill; do
+      sig=$([ $n = term ] && echo "SIGTERM" || echo "kill -9")
+      echo "| $sig | ${R_KILLED_AT[$n]} | ${R_RC[$n]} | ${R_EXIT_S[$n]} | ${R_STOP_CK[$n]} | ${R_DU[$n]} | ${R_DU_CKPT[$n]} | ${R_DU_LIVE[$n]} | ${R_START[$n]} | ${R_FROM[$n]} | ${R_SEC[$n]} | $(m "${R_EPS[$n]}") | ${R_TOTAL[$n]} | yes (cmp) |"
+    done
+    echo
+    for n in term kill; do [ -z "${R_NOTE[$n]}" ] || echo "- $n: ${R_NOTE[$n]}"; done
+    echo "- startup_seconds: from process start until workers read input, checking and restoring the checkpoint included (target: under 5 s for 10M devices)"
+    echo "- state dir size: measured after the stopped run exited, before the restart (apparent bytes; live/ holds the memory-mapped tables the run worked on, removed and rebuilt from ckpt/ on restart)"
+    echo
+  fi
   echo "Commands (from the repo root; \`$TALLY\` is a frozen copy of \`target/release/tally\`):"
   echo
   echo '```sh'
-  echo "scripts/checkpoint_bench.sh --events $EVENTS --devices $DEVICES --runs $RUNS --workers $WORKERS --kill-at $KILL_AT --restart-interval $RESTART_INTERVAL"
+  no_restart=
+  [ "$RESTART" = 1 ] || no_restart=" --no-restart"
+  echo "scripts/checkpoint_bench.sh --events $EVENTS --devices $DEVICES --runs $RUNS --workers $WORKERS --configs $CONFIGS$no_restart --kill-at $KILL_AT --restart-interval $RESTART_INTERVAL"
   echo "cargo build --release"
   echo "$GEN_CMD"
   for c in "${CFGS[@]}"; do
     [ "$c" = a ] && pre="" || pre="rm -rf $(state_of "$c"); "
     echo "$pre$(run_cmd "$c" "$c-rN")   # x$RUNS; then cmp $REF $OUT/rows-$c.jsonl"
   done
-  for n in term kill; do
+  for n in $([ "$RESTART" = 1 ] && echo term kill); do
     sig=$([ $n = term ] && echo "-TERM" || echo "-9")
     echo "rm -rf $D/state-$n; $TALLY run --job $JOBS/restart-$n.toml --workers $WORKERS --state-dir $D/state-$n --summary $OUT/summary-$n-1.json & sleep $KILL_AFTER; kill $sig \$!; wait"
     echo "du -sb $D/state-$n; $TALLY run --job $JOBS/restart-$n.toml --workers $WORKERS --state-dir $D/state-$n --summary $OUT/summary-$n-2.json; cmp $REF $OUT/rows-restart-$n.jsonl"
