@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -57,7 +57,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// The delay SLA the dashboard draws (the practice's 5 minutes).
 const SLA_SECONDS: f64 = 300.0;
 /// How often the dashboard's stream sends a snapshot.
-const STREAM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const STREAM_EVERY: Duration = Duration::from_secs(1);
 
 /// Longest `dims` parameter accepted (bytes).
 const DIMS_MAX_BYTES: usize = 4096;
@@ -87,7 +87,7 @@ struct ApiTimes {
 }
 
 impl ApiTimes {
-    fn observe(&self, path: &str, took: std::time::Duration) {
+    fn observe(&self, path: &str, took: Duration) {
         let p = TIMED_PATHS.iter().position(|&t| t == path).unwrap_or(TIMED_PATHS.len() - 1);
         let secs = took.as_secs_f64();
         let b = LATENCY_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(LATENCY_BUCKETS.len());
@@ -121,30 +121,34 @@ const URI_MAX_BYTES: usize = 8192;
 /// The largest request body accepted (no endpoint reads one).
 const BODY_MAX_BYTES: u64 = 4096;
 /// The longest a request may take to its response's headers.
-const ANSWER_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const ANSWER_TIME_MAX: Duration = Duration::from_secs(10);
 
-/// Bounds every request (target length, body, time to answer) and times
-/// it ([`ApiTimes`]).
+/// Bounds every request ([`bounded`]) and times it ([`ApiTimes`]).
 async fn timed(State(live): State<Arc<Live>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path().to_string();
     let started = Instant::now();
+    let response = bounded(req, next, ANSWER_TIME_MAX).await;
+    live.api_times.observe(&path, started.elapsed());
+    response
+}
+
+/// Refuses a request target over [`URI_MAX_BYTES`] (414) and a body over
+/// [`BODY_MAX_BYTES`] or of unknown length (413) unread, and answers 503
+/// when the handler takes longer than `time_max`.
+async fn bounded(req: axum::extract::Request, next: axum::middleware::Next, time_max: Duration) -> Response {
     let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let body = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
-    let response = if target > URI_MAX_BYTES {
+    if target > URI_MAX_BYTES {
         text(StatusCode::URI_TOO_LONG, format!("the request target is longer than {URI_MAX_BYTES} bytes\n"))
     } else if chunked || body.is_some_and(|b| b > BODY_MAX_BYTES) {
         text(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are not read; at most {BODY_MAX_BYTES} bytes\n"))
     } else {
-        match tokio::time::timeout(ANSWER_TIME_MAX, next.run(req)).await {
+        match tokio::time::timeout(time_max, next.run(req)).await {
             Ok(r) => r,
-            Err(_) => {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {} s\n", ANSWER_TIME_MAX.as_secs()))
-            }
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {} ms\n", time_max.as_millis())),
         }
-    };
-    live.api_times.observe(&path, started.elapsed());
-    response
+    }
 }
 
 /// Per source counts and the run's progress, as the run publishes them.
@@ -960,5 +964,56 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Serves `/slow` (answers after 2 s) and `/fast` behind [`bounded`]
+    /// with a 100 ms limit; returns each answer's status line.
+    fn answers(paths: &[&str]) -> Vec<String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app: Router = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(|req, next| bounded(req, next, Duration::from_millis(100))));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            rt.block_on(std::future::IntoFuture::into_future(serve)).unwrap();
+        });
+        let got = paths
+            .iter()
+            .map(|path| {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                write!(c, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+                let mut answer = String::new();
+                c.read_to_string(&mut answer).unwrap();
+                answer
+            })
+            .collect();
+        tx.send(()).unwrap();
+        server.join().unwrap();
+        got
+    }
+
+    #[test]
+    fn a_request_that_takes_too_long_gets_503_and_others_are_answered() {
+        let got = answers(&["/slow", "/fast"]);
+        assert!(got[0].starts_with("HTTP/1.1 503") && got[0].contains("no answer within 100 ms"), "{:?}", got[0]);
+        assert!(got[1].starts_with("HTTP/1.1 200") && got[1].ends_with("ok"), "{:?}", got[1]);
     }
 }
