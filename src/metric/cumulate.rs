@@ -1506,8 +1506,12 @@ impl CumulateEmitter {
         if self.geo.size_ms == self.geo.step_ms {
             // A tumble window is its period: its rows are the keys the
             // slice holds, in dims order; nothing is kept for later.
+            // Ranks compare as the dims' texts do (equal texts: by key id,
+            // as `keys` is sorted), at the cost of an integer sort.
+            sort_dims(&self.dims, &mut self.order, &mut self.rank);
+            let rank = |k: u32| self.rank.get(k as usize).copied().unwrap_or(u32::MAX);
             let mut order: Vec<usize> = (0..keys.len()).filter(|&i| sums[i][0] > 0).collect();
-            order.sort_by(|&a, &b| dims_of(&self.dims, keys[a]).cmp(dims_of(&self.dims, keys[b])));
+            order.sort_unstable_by_key(|&i| (rank(keys[i]), keys[i]));
             let zero = vec![Agg::default(); nv];
             let mut out = Vec::with_capacity(order.len());
             for i in order {

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use ahash::AHashMap;
 
+use crate::dim::Prehashed;
 use crate::job::filter::FieldValue;
 
 /// Bits of a record's key word that hold the key id; the rest hold the
@@ -161,9 +162,12 @@ impl KeyDict {
 const SMALL_INT_KEYS: usize = 1 << 16;
 const NO_ID: u32 = u32::MAX;
 
+/// Key ids by fingerprint; the fingerprint is a hash already.
+type FpMap = std::collections::HashMap<u64, u32, std::hash::BuildHasherDefault<Prehashed>>;
+
 /// A router's cache in front of the dictionaries, one map per metric.
 pub struct KeyCache {
-    maps: Vec<AHashMap<u64, u32>>,
+    maps: Vec<FpMap>,
     /// Per metric, the id of the empty key (a metric without group-by).
     empty: Vec<u32>,
     /// Per metric, key ids of single small non-negative integer keys.
@@ -174,7 +178,7 @@ pub struct KeyCache {
 impl KeyCache {
     pub fn new(metrics: usize) -> KeyCache {
         KeyCache {
-            maps: (0..metrics).map(|_| AHashMap::new()).collect(),
+            maps: (0..metrics).map(|_| FpMap::default()).collect(),
             empty: vec![NO_ID; metrics],
             small: vec![Vec::new(); metrics],
             scratch: Vec::with_capacity(128),
