@@ -27,8 +27,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release --quiet
-TALLY=target/release/tally
+# TALLY=path: measure that binary (e.g. a copy of an older build) instead
+# of building target/release/tally.
+if [ -z "${TALLY:-}" ]; then
+    cargo build --release --quiet
+    TALLY=target/release/tally
+fi
 DIR=data/tcp-bench-$EVENTS-$DEVICES
 mkdir -p "$DIR"
 if [ ! -f "$DIR/events/events.jsonl" ]; then
