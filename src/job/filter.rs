@@ -83,6 +83,21 @@ impl Filter {
         out
     }
 
+    /// Each (field, text) the filter compares a field with a string literal
+    /// (`=`, `<>`, ordering, `IN`), in first-use order.
+    pub fn text_comparisons(&self) -> Vec<(&str, &str)> {
+        let mut out = Vec::new();
+        self.root.visit(&mut |n: &Node<String>| match n {
+            Node::Cmp { field, lit: Literal::Str(text), .. } => out.push((field.as_str(), text.as_str())),
+            Node::In { field, list, .. } => out.extend(list.iter().filter_map(|lit| match lit {
+                Literal::Str(text) => Some((field.as_str(), text.as_str())),
+                _ => None,
+            })),
+            _ => {}
+        });
+        out
+    }
+
     /// Rewrites field names into slot indexes for fast evaluation.
     pub fn compile(&self, slot_of: &impl Fn(&str) -> usize) -> Node<usize> {
         self.root.map_fields(&|f: &String| slot_of(f))
@@ -90,16 +105,25 @@ impl Filter {
 }
 
 impl<F> Node<F> {
-    fn visit_fields(&self, f: &mut impl FnMut(&F)) {
+    /// Calls `f` on every node, parents first.
+    fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Node<F>)) {
+        f(self);
         match self {
-            Node::Cmp { field, .. } | Node::In { field, .. } | Node::IsNull { field, .. } => f(field),
             Node::And(a, b) | Node::Or(a, b) => {
-                a.visit_fields(f);
-                b.visit_fields(f);
+                a.visit(f);
+                b.visit(f);
             }
-            Node::Not(a) => a.visit_fields(f),
-            Node::Const(_) => {}
+            Node::Not(a) => a.visit(f),
+            _ => {}
         }
+    }
+
+    fn visit_fields(&self, f: &mut impl FnMut(&F)) {
+        self.visit(&mut |n: &Node<F>| {
+            if let Node::Cmp { field, .. } | Node::In { field, .. } | Node::IsNull { field, .. } = n {
+                f(field)
+            }
+        });
     }
 
     fn map_fields<G>(&self, f: &impl Fn(&F) -> G) -> Node<G> {

@@ -802,6 +802,23 @@ path = "-"
     }
 
     #[test]
+    fn a_binary_code_compared_with_text_is_rejected() {
+        let binary = MINIMAL.replace("format = \"jsonl\"", "format = \"binary\"");
+        let (key, reason) = invalid_key(&binary);
+        assert_eq!(key, "metric[0].filter");
+        assert!(
+            reason.contains("\"event\"") && reason.contains("'view'") && reason.contains("integer code"),
+            "{reason}"
+        );
+        let (key, _) = invalid_key(&binary.replace("event = 'view'", "event IN (0, 'click')"));
+        assert_eq!(key, "metric[0].filter");
+        // Codes compare as numbers or as their decimal text.
+        parse(&binary.replace("event = 'view'", "event = 0")).unwrap();
+        parse(&binary.replace("event = 'view'", "event IN ('0', 3) AND NOT page = '12'")).unwrap();
+        parse(MINIMAL).unwrap();
+    }
+
+    #[test]
     fn filter_that_is_not_sql_is_rejected() {
         let (key, _) = invalid_key(&MINIMAL.replace("event = 'view'", "event = = 'view'"));
         assert_eq!(key, "metric[0].filter");

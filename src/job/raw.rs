@@ -875,6 +875,21 @@ fn build_metric(
         Some(text) => {
             let f = Filter::parse(text).map_err(|r| invalid(key("filter"), r))?;
             supplied(&f.fields()).map_err(|r| invalid(key("filter"), r))?;
+            // Binary records hold dimension columns as integer codes, which
+            // compare as their decimal text: 'view' can never match one.
+            let binary = source_ids.iter().all(|&s| sources[s].format == Format::Binary);
+            for (field, text) in f.text_comparisons() {
+                let code_column = source_ids.iter().all(|&s| sources[s].binary_dims.iter().any(|d| d == field));
+                if binary && code_column && text.parse::<f64>().is_err() {
+                    return Err(invalid(
+                        key("filter"),
+                        format!(
+                            "compares {field:?} with '{text}', but binary records hold {field:?} as an integer \
+                             code, which never equals that text: compare with the code (e.g. {field} = 0)"
+                        ),
+                    ));
+                }
+            }
             Some(f)
         }
     };
