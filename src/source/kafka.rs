@@ -192,7 +192,8 @@ impl KafkaSource {
             return Err(KafkaSourceError { source_name: spec.name.clone(), reason: "not a Kafka source".into() });
         };
         let stream = Arc::new(
-            Stream::new(source, spec.max_out_of_orderness_ms, chain.clone()).throttled(spec.max_events_per_second),
+            Stream::new(source, spec.max_out_of_orderness_ms, chain.clone())
+                .throttled(spec.max_events_per_second, spec.format),
         );
         let failed = Arc::new(Mutex::new(None));
         let live = Arc::new(AtomicUsize::new(k.topics.len()));

@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::throttle::Throttle;
+use crate::event::binary::BINARY_RECORD_BYTES;
+use crate::job::Format;
 use crate::runtime::mesh::BlockSeq;
 use crate::runtime::NO_EVENTS;
 
@@ -312,6 +314,9 @@ pub struct Stream {
     pub closed: AtomicBool,
     /// `max_events_per_second`: readers take a token per record.
     pub throttle: Option<Throttle>,
+    /// Messages are binary records back to back: the throttle counts each
+    /// record, not each message.
+    binary: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -347,13 +352,26 @@ impl Stream {
             closing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             throttle: None,
+            binary: false,
         }
     }
 
-    /// A stream whose readers hand on at most `per_second` records a second.
-    pub fn throttled(mut self, per_second: Option<u64>) -> Stream {
+    /// A stream whose readers hand on at most `per_second` records a
+    /// second, of records in `format`.
+    pub fn throttled(mut self, per_second: Option<u64>, format: Format) -> Stream {
         self.throttle = per_second.map(Throttle::new);
+        self.binary = format == Format::Binary;
         self
+    }
+
+    /// Records in a block as the throttle counts them: a message each, or
+    /// each whole binary record (a message too short for one counts once,
+    /// as the routers count it: truncated).
+    fn records(&self, block: &StreamBlock) -> u64 {
+        if !self.binary {
+            return block.ends.len() as u64;
+        }
+        (0..block.ends.len()).map(|i| (block.message(i).len() / BINARY_RECORD_BYTES).max(1) as u64).sum()
     }
 
     /// A stream whose input cannot be read again (see `replayable`).
@@ -428,7 +446,7 @@ impl Stream {
     pub fn push_waiting(&self, mut block: StreamBlock) {
         let gone = || self.stop.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed);
         if let Some(t) = &self.throttle {
-            let until = std::time::Instant::now() + t.take(block.ends.len() as u64);
+            let until = std::time::Instant::now() + t.take(self.records(&block));
             while std::time::Instant::now() < until && !gone() {
                 let left = until.saturating_duration_since(std::time::Instant::now());
                 std::thread::sleep(left.min(std::time::Duration::from_millis(10)));
@@ -552,6 +570,19 @@ mod tests {
 
     fn ids(n: i32) -> Vec<PartId> {
         (0..n).map(|partition| PartId { topic: "t".into(), partition }).collect()
+    }
+
+    #[test]
+    fn the_throttle_counts_binary_records_not_messages() {
+        let mut block = StreamBlock::marker(0, BlockKind::Data);
+        for len in [3 * BINARY_RECORD_BYTES, BINARY_RECORD_BYTES, 5] {
+            block.data.extend(std::iter::repeat_n(0u8, len));
+            block.ends.push(block.data.len() as u32);
+            block.offsets.push(block.offsets.len() as i64);
+        }
+        let stream = |format| Stream::new(0, 0, None).throttled(Some(1000), format);
+        assert_eq!(stream(Format::Binary).records(&block), 3 + 1 + 1, "whole records, a short message once");
+        assert_eq!(stream(Format::Jsonl).records(&block), 3, "a message per record");
     }
 
     #[test]

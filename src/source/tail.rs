@@ -45,8 +45,9 @@ impl TailSource {
         };
         let restored: Vec<(PartId, PartState, i64)> =
             chain.iter().flat_map(|c| &c.parts).map(|p| (p.id.clone(), p.state, p.next_offset)).collect();
-        let stream =
-            Arc::new(Stream::new(source, spec.max_out_of_orderness_ms, chain).throttled(spec.max_events_per_second));
+        let stream = Arc::new(
+            Stream::new(source, spec.max_out_of_orderness_ms, chain).throttled(spec.max_events_per_second, spec.format),
+        );
         let mut reader = Reader {
             name: spec.name.clone(),
             stream: stream.clone(),

@@ -126,7 +126,7 @@ impl TcpSource {
         let stream = Arc::new(
             Stream::new(source, spec.max_out_of_orderness_ms, chain)
                 .not_replayable()
-                .throttled(spec.max_events_per_second),
+                .throttled(spec.max_events_per_second, spec.format),
         );
         // Nothing to catch up with: what clients send from now on is the input.
         stream.caught_up.store(true, Ordering::Release);
