@@ -173,10 +173,7 @@ fn csv_and_binary_inputs_of_the_same_events_verify_and_agree_with_jsonl() {
     let jobs = [
         JobDef::new("jsonl", &jsonl).metric(page_uv()).write(dir.path(), "jsonl"),
         JobDef::new("csv", &csv).metric(page_uv()).write(dir.path(), "csv"),
-        // Binary dimensions are integer codes: event 0 is "view", page k is "pk".
-        JobDef::new("binary", &bin)
-            .metric(MetricDef::new("page_uv", &["page"]).filter("event = 0"))
-            .write(dir.path(), "binary"),
+        JobDef::new("binary", &bin).metric(page_uv_binary()).write(dir.path(), "binary"),
     ];
     let runs = run_all(&[(&jobs[0], 2), (&jobs[1], 2), (&jobs[2], 2)]);
     let events: Vec<u64> = runs.iter().map(|r| count(r.ok(), "events")).collect();

@@ -38,11 +38,7 @@ fn reference(dir: &Path, events: u64) -> Reference {
 fn reference_in(dir: &Path, events: u64, format: GenFormat, name: &str) -> Reference {
     let opts = GenOptions { format, ..gen_options(events) };
     let files = generate(&dir.join("data"), opts.clone());
-    // Binary dimensions are integer codes: event 0 is "view".
-    let views = match format {
-        GenFormat::Binary => MetricDef::new("page_uv", &["page"]).filter("event = 0"),
-        _ => page_uv(),
-    };
+    let views = if format == GenFormat::Binary { page_uv_binary() } else { page_uv() };
     let def = JobDef::new(name, &files).metric(views).metric(platform_version());
     let job = def.write(dir, "files");
     let out = run(&job, 2);

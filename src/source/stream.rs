@@ -365,8 +365,7 @@ impl Stream {
     }
 
     /// Records in a block as the throttle counts them: a message each, or
-    /// each whole binary record (a message too short for one counts once,
-    /// as the routers count it: truncated).
+    /// a binary message's whole records (one if it holds none).
     fn records(&self, block: &StreamBlock) -> u64 {
         if !self.binary {
             return block.ends.len() as u64;

@@ -159,6 +159,12 @@ pub fn page_uv() -> MetricDef {
     MetricDef::new("page_uv", &["page"]).filter("event = 'view'")
 }
 
+/// [`page_uv`] over binary records, whose dimensions are integer codes
+/// (event 0 is "view", page k is "pk").
+pub fn page_uv_binary() -> MetricDef {
+    MetricDef::new("page_uv", &["page"]).filter("event = 0")
+}
+
 /// A two-field key over every event (no filter).
 pub fn platform_version() -> MetricDef {
     MetricDef::new("platform_version", &["platform", "app_ver"])
