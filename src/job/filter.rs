@@ -172,6 +172,59 @@ impl<F> Node<F> {
     }
 }
 
+/// Integer values whose outcome a one-field [`SlotFilter`] remembers.
+const MEMO_VALUES: i64 = 4096;
+
+/// A filter over slots, as routers run it. One that reads a single field
+/// remembers its outcome per integer value: the outcome is then a function
+/// of that value, and the fields filters test (a binary record's dimension
+/// codes, small numeric JSON fields) repeat a few values millions of times.
+#[derive(Clone, Debug)]
+pub struct SlotFilter {
+    node: Node<usize>,
+    /// The one slot it reads, if it reads one.
+    single: Option<usize>,
+    /// Per value in `0..MEMO_VALUES`: 0 not known yet, 1 passes, 2 fails
+    /// (allocated on the first integer seen).
+    known: Vec<u8>,
+}
+
+impl SlotFilter {
+    pub fn new(node: Node<usize>) -> SlotFilter {
+        let mut slots = Vec::new();
+        node.visit_fields(&mut |&s| {
+            if !slots.contains(&s) {
+                slots.push(s);
+            }
+        });
+        let single = if slots.len() == 1 { Some(slots[0]) } else { None };
+        SlotFilter { node, single, known: Vec::new() }
+    }
+
+    /// True when the event passes (unknown counts as not passing).
+    #[inline]
+    pub fn passes<'a>(&mut self, get: &impl Fn(&usize) -> FieldValue<'a>) -> bool {
+        let Some(slot) = self.single else {
+            return self.node.passes(get);
+        };
+        let v = get(&slot);
+        match v {
+            FieldValue::Int(i) if (0..MEMO_VALUES).contains(&i) => {
+                if self.known.is_empty() {
+                    self.known = vec![0; MEMO_VALUES as usize];
+                }
+                let k = &mut self.known[i as usize];
+                if *k == 0 {
+                    *k = if self.node.passes(&|_| v) { 1 } else { 2 };
+                }
+                *k == 1
+            }
+            _ => self.node.passes(&|_| v),
+        }
+    }
+}
+
+#[inline]
 fn compare(v: FieldValue, op: CmpOp, lit: &Literal) -> Option<bool> {
     let ord = match op {
         CmpOp::Eq | CmpOp::Ne => {
@@ -189,6 +242,7 @@ fn compare(v: FieldValue, op: CmpOp, lit: &Literal) -> Option<bool> {
     })
 }
 
+#[inline]
 fn equal_by_text(v: FieldValue, lit: &Literal) -> Option<bool> {
     Some(match (v, lit) {
         (FieldValue::Null, _) => return None,
@@ -343,6 +397,49 @@ mod tests {
         assert!(eval("event IS NULL", &none));
         assert!(!eval("event IS NOT NULL", &none));
         assert!(eval("event = 'view' OR TRUE", &none));
+    }
+
+    #[test]
+    fn remembered_outcomes_match_the_filter() {
+        let values = [
+            FieldValue::Int(0),
+            FieldValue::Int(7),
+            FieldValue::Int(0),
+            FieldValue::Int(4095),
+            FieldValue::Int(4096),
+            FieldValue::Int(-1),
+            FieldValue::Int(7),
+            FieldValue::Str(b"7"),
+            FieldValue::Str(b"x"),
+            FieldValue::Float(7.0),
+            FieldValue::Null,
+            FieldValue::Int(3),
+            FieldValue::Int(3),
+        ];
+        for text in [
+            "event = 7",
+            "event <> 7",
+            "event IN (0, 3, 4096)",
+            "NOT (event = 0)",
+            "event > 5",
+            "event IS NULL",
+            "event = '7'",
+            "event = 7 OR event = 3",
+            "event = 7 AND page = 1",
+            "TRUE",
+        ] {
+            let f = Filter::parse(text).unwrap();
+            let slot_of = |name: &str| usize::from(name != "event");
+            let node = f.compile(&slot_of);
+            let mut memo = SlotFilter::new(node.clone());
+            for _ in 0..2 {
+                for (i, &v) in values.iter().enumerate() {
+                    let page = FieldValue::Int(i as i64 % 2);
+                    let get = |s: &usize| if *s == 0 { v } else { page };
+                    assert_eq!(memo.passes(&get), node.passes(&get), "{text} with event {v:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::event::csv::CsvParser;
 use crate::event::jsonl::JsonlParser;
 use crate::event::rows::RowsParser;
 use crate::event::{EventBuf, FieldSet, Raw, Reject};
-use crate::job::filter::{FieldValue, Node};
+use crate::job::filter::{FieldValue, SlotFilter};
 use crate::job::{EventsSpec, Format, LatePolicy, OnMissing};
 use crate::metric::cumulate::{Geometry, Placement};
 use crate::metric::keys::{write_json_str, write_json_value, KeyCache, KEY_BITS};
@@ -46,7 +46,7 @@ struct SourceMetric {
     metric: usize,
     /// A DAU metric: its records carry the device id text.
     text: bool,
-    filter: Option<Node<usize>>,
+    filter: Option<SlotFilter>,
     group_slots: Vec<usize>,
     /// A summary's value fields: its records carry them as numbers.
     value_slots: Vec<usize>,
@@ -892,9 +892,9 @@ fn route(
     // A summary's filter and values, evaluated once for all its sets.
     let mut passes = true;
     let mut nums = [0f64; SUMMARY_VALUES_MAX];
-    for sm in &src.metrics {
+    for sm in &mut src.metrics {
         if !sm.same_as_prev {
-            passes = sm.filter.as_ref().is_none_or(|f| f.passes(&|slot: &usize| ev.value(record, *slot)));
+            passes = sm.filter.as_mut().is_none_or(|f| f.passes(&|slot: &usize| ev.value(record, *slot)));
             if passes {
                 for (n, &slot) in nums.iter_mut().zip(&sm.value_slots) {
                     *n = number(ev.value(record, slot));
@@ -1018,7 +1018,7 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
             SourceMetric {
                 metric: m,
                 text: metric.dau.is_some(),
-                filter: metric.filter.as_ref().map(|f| f.compile(&slot_of)),
+                filter: metric.filter.as_ref().map(|f| SlotFilter::new(f.compile(&slot_of))),
                 group_slots: metric.group_by.iter().map(|g| slot_of(g)).collect(),
                 value_slots: metric.value_fields().iter().map(|v| slot_of(v)).collect(),
                 same_as_prev: metric.summary.as_ref().is_some_and(|s| s.set > 0),

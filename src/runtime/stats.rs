@@ -372,3 +372,49 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each event against the largest time before it, bucket by bucket.
+    fn reference(before: i64, times: &[i64]) -> Lateness {
+        let mut l = Lateness::default();
+        let mut max = before;
+        for &t in times {
+            if max == i64::MIN || t >= max {
+                l.buckets[0] += 1;
+            } else {
+                let lag = max - t;
+                let bucket = LATENESS_BOUNDS_MS.iter().rposition(|&b| lag > b).map_or(0, |i| i + 1);
+                l.buckets[bucket] += 1;
+                l.sum_ms += lag as u64;
+            }
+            max = max.max(t);
+        }
+        l
+    }
+
+    #[test]
+    fn lateness_buckets_each_event_by_its_lag() {
+        let t0 = 1_700_000_000_000;
+        let mut times = vec![t0, t0, t0 - 1, t0 + 5_000, t0 + 4_000, t0 + 3_999, t0 - 3_600_000, t0 - 7_200_000];
+        // Every bucket's bounds, exactly and one past.
+        let top = t0 + 10_000_000;
+        times.push(top);
+        for &b in &LATENESS_BOUNDS_MS {
+            times.extend([top - b, top - b - 1]);
+        }
+        for before in [i64::MIN, t0 - 1, t0 + 60_000] {
+            let mut l = Lateness::default();
+            l.add_block(before, &times);
+            assert_eq!(l, reference(before, &times), "before {before}");
+            assert_eq!(l.count(), times.len() as u64);
+        }
+        let mut l = Lateness::default();
+        l.add_block(i64::MIN, &[top, top - 1, top - 1_001, top - 3_600_001]);
+        assert_eq!(l.buckets[..3], [1, 1, 1]);
+        assert_eq!(l.buckets[LATENESS_BUCKETS - 1], 1);
+        assert_eq!(l.sum_ms, 1 + 1_001 + 3_600_001);
+    }
+}
