@@ -364,13 +364,14 @@ impl Stream {
         self
     }
 
-    /// Records in a block as the throttle counts them: a message each, or
-    /// a binary message's whole records (one if it holds none).
+    /// Records in a block as the throttle counts them, as routers do: a
+    /// message each, or a binary message's whole records plus one for a
+    /// truncated tail (one if it holds nothing).
     fn records(&self, block: &StreamBlock) -> u64 {
         if !self.binary {
             return block.ends.len() as u64;
         }
-        (0..block.ends.len()).map(|i| (block.message(i).len() / BINARY_RECORD_BYTES).max(1) as u64).sum()
+        (0..block.ends.len()).map(|i| block.message(i).len().div_ceil(BINARY_RECORD_BYTES).max(1) as u64).sum()
     }
 
     /// A stream whose input cannot be read again (see `replayable`).
@@ -574,14 +575,18 @@ mod tests {
     #[test]
     fn the_throttle_counts_binary_records_not_messages() {
         let mut block = StreamBlock::marker(0, BlockKind::Data);
-        for len in [3 * BINARY_RECORD_BYTES, BINARY_RECORD_BYTES, 5] {
+        for len in [3 * BINARY_RECORD_BYTES, BINARY_RECORD_BYTES, 5, 2 * BINARY_RECORD_BYTES + 7, 0] {
             block.data.extend(std::iter::repeat_n(0u8, len));
             block.ends.push(block.data.len() as u32);
             block.offsets.push(block.offsets.len() as i64);
         }
         let stream = |format| Stream::new(0, 0, None).throttled(Some(1000), format);
-        assert_eq!(stream(Format::Binary).records(&block), 3 + 1 + 1, "whole records, a short message once");
-        assert_eq!(stream(Format::Jsonl).records(&block), 3, "a message per record");
+        assert_eq!(
+            stream(Format::Binary).records(&block),
+            3 + 1 + 1 + (2 + 1) + 1,
+            "whole records, a truncated tail once, an empty message once"
+        );
+        assert_eq!(stream(Format::Jsonl).records(&block), 5, "a message per record");
     }
 
     #[test]
