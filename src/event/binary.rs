@@ -64,25 +64,29 @@ pub fn decode(rec: &BinaryRecord, slot_of_dim: &[Option<usize>; BINARY_DIMS], ev
 /// a binary run's time). Longer ids take the general way.
 #[inline]
 fn push_decimal(scratch: &mut Vec<u8>, v: u64) -> Raw {
-    const DIGITS_MAX: u32 = 16;
+    /// Eight ASCII zeros.
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
     let start = scratch.len() as u32;
-    let digits = v.checked_ilog10().unwrap_or(0) + 1;
-    if digits > DIGITS_MAX {
-        let mut buf = itoa::Buffer::new();
-        scratch.extend_from_slice(buf.format(v).as_bytes());
-        return Raw::Scratch { start, len: digits };
-    }
-    // Little-endian: the leading zeros are the lowest bytes.
-    if digits <= 8 {
-        let text = eight_digits(v as u32) >> (8 * (8 - digits));
-        scratch.extend_from_slice(&text.to_le_bytes());
+    // Little-endian: the leading zeros are the lowest bytes; their count
+    // is that of the zero bytes at the bottom once `ZEROS` is taken away.
+    let len = if v < 100_000_000 {
+        let text = eight_digits(v as u32);
+        let zeros = ((text ^ ZEROS).trailing_zeros() / 8).min(7);
+        scratch.extend_from_slice(&(text >> (8 * zeros)).to_le_bytes());
+        8 - zeros
+    } else if v < 10_000_000_000_000_000 {
+        let high = eight_digits((v / 100_000_000) as u32);
+        let zeros = (high ^ ZEROS).trailing_zeros() / 8;
+        let padded = u128::from(high) | u128::from(eight_digits((v % 100_000_000) as u32)) << 64;
+        scratch.extend_from_slice(&(padded >> (8 * zeros)).to_le_bytes());
+        16 - zeros
     } else {
-        let (high, low) = ((v / 100_000_000) as u32, (v % 100_000_000) as u32);
-        let padded = u128::from(eight_digits(high)) | u128::from(eight_digits(low)) << 64;
-        let text = padded >> (8 * (DIGITS_MAX - digits));
-        scratch.extend_from_slice(&text.to_le_bytes());
-    }
-    Raw::Scratch { start, len: digits }
+        let mut buf = itoa::Buffer::new();
+        let text = buf.format(v).as_bytes();
+        scratch.extend_from_slice(text);
+        text.len() as u32
+    };
+    Raw::Scratch { start, len }
 }
 
 /// The eight decimal digits of `n < 10^8` (leading zeros kept) as ASCII,

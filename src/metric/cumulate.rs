@@ -416,8 +416,10 @@ pub struct CumulateShard {
     tables: Vec<OpenTable>,
     /// Whether tables track changes for incremental checkpoints.
     track: bool,
-    /// (slice, index into `tables`) of the last lookup.
-    table_hit: Option<(u32, usize)>,
+    /// The last lookup: its period's first and last slice, and its index
+    /// into `tables` (a period's slices are whole: its size is a multiple
+    /// of the step).
+    table_hit: Option<(u32, u32, usize)>,
     /// Most entries a finished period's table held (sizes the next ones).
     entries_seen_max: usize,
     /// Bytes and entries of the tables of finished periods, at their close.
@@ -485,11 +487,22 @@ impl CumulateShard {
         }
     }
 
+    /// Index of `slice` among the open slices, opening it if new.
+    /// Consecutive records mostly share a slice (the last answer is
+    /// cached); out-of-order ones mostly fall in a run of consecutive open
+    /// slices, found by their offset from the first without a search.
     #[inline]
     fn slice_index(&mut self, slice: u32) -> usize {
         if let Some(c) = self.slices.get(self.last_hit) {
             if c.slice == slice {
                 return self.last_hit;
+            }
+        }
+        if let Some(first) = self.slices.first() {
+            let i = slice.wrapping_sub(first.slice) as usize;
+            if self.slices.get(i).is_some_and(|c| c.slice == slice) {
+                self.last_hit = i;
+                return i;
             }
         }
         let i = match self.slices.binary_search_by_key(&slice, |c| c.slice) {
@@ -506,11 +519,11 @@ impl CumulateShard {
     }
 
     /// Index of the dedup table of `slice`'s period, creating it if new.
-    /// Consecutive records mostly share a slice: the last answer is cached.
+    /// Consecutive records mostly share a period: the last answer is cached.
     #[inline]
     fn table_of(&mut self, slice: u32) -> io::Result<usize> {
-        if let Some((s, i)) = self.table_hit {
-            if s == slice {
+        if let Some((first, last, i)) = self.table_hit {
+            if (first..=last).contains(&slice) {
                 return Ok(i);
             }
         }
@@ -524,7 +537,7 @@ impl CumulateShard {
                 self.table_of_period(period, expected)?
             }
         };
-        self.table_hit = Some((slice, i));
+        self.table_hit = Some((self.geo.first_slice_of_period(period), self.geo.last_slice_of_period(period), i));
         Ok(i)
     }
 
@@ -560,7 +573,7 @@ impl CumulateShard {
     #[inline]
     pub fn prefetch(&self, device_fp: u64, key: u32, slice: u32, source: usize) {
         let table = match self.table_hit {
-            Some((s, i)) if s == slice => self.tables.get(i),
+            Some((first, last, i)) if (first..=last).contains(&slice) => self.tables.get(i),
             _ => {
                 let period = self.geo.period_of_slice(slice);
                 self.tables.iter().find(|t| t.period == period)
