@@ -185,7 +185,7 @@ pub struct SlotFilter {
     /// The one slot it reads, if it reads one.
     single: Option<usize>,
     /// Per value in `0..MEMO_VALUES`: 0 not known yet, 1 passes, 2 fails
-    /// (allocated on the first integer seen).
+    /// (empty unless `single`).
     known: Vec<u8>,
 }
 
@@ -198,7 +198,8 @@ impl SlotFilter {
             }
         });
         let single = if slots.len() == 1 { Some(slots[0]) } else { None };
-        SlotFilter { node, single, known: Vec::new() }
+        let known = if single.is_some() { vec![0; MEMO_VALUES as usize] } else { Vec::new() };
+        SlotFilter { node, single, known }
     }
 
     /// True when the event passes (unknown counts as not passing).
@@ -210,9 +211,6 @@ impl SlotFilter {
         let v = get(&slot);
         match v {
             FieldValue::Int(i) if (0..MEMO_VALUES).contains(&i) => {
-                if self.known.is_empty() {
-                    self.known = vec![0; MEMO_VALUES as usize];
-                }
                 let k = &mut self.known[i as usize];
                 if *k == 0 {
                     *k = if self.node.passes(&|_| v) { 1 } else { 2 };
