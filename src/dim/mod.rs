@@ -145,7 +145,9 @@ impl DimTable {
         let stride = 1 + self.fields;
         let rows = std::mem::take(&mut self.rows);
         let slots = (rows.len() * 2).next_power_of_two().max(2);
-        self.index = vec![Cell::Null; slots * stride];
+        self.index = Vec::with_capacity(slots * stride);
+        crate::state::table::advise_huge_pages(&mut self.index);
+        self.index.resize(slots * stride, Cell::Null);
         self.index_mask = slots - 1;
         for (&fp, &row) in &rows {
             let mut i = fp as usize & self.index_mask;

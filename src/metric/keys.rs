@@ -1,10 +1,11 @@
 //! Group keys: the values of a metric's `group_by` fields, interned into
 //! dense ids shared by every router, shard and the emitter.
 //!
-//! A router fingerprints a key's values (xxh3 over a tagged encoding) and
-//! looks the fingerprint up in its own cache; only a key it has never seen
-//! takes the dictionary's lock, once per router. The dictionary keeps the
-//! key's `dims` object rendered as JSON, which is all the emitter needs.
+//! A router hashes a key's values in place and looks the hash up in its
+//! own cache; only a key it has never seen is fingerprinted (xxh3 over a
+//! tagged encoding) and takes the dictionary's lock, once per router. The
+//! dictionary keeps the key's `dims` object rendered as JSON, which is all
+//! the emitter needs.
 
 use std::sync::Mutex;
 
@@ -162,7 +163,7 @@ impl KeyDict {
 const SMALL_INT_KEYS: usize = 1 << 16;
 const NO_ID: u32 = u32::MAX;
 
-/// Key ids by fingerprint; the fingerprint is a hash already.
+/// Key ids by [`values_hash`], a hash already.
 type FpMap = std::collections::HashMap<u64, u32, std::hash::BuildHasherDefault<Prehashed>>;
 
 /// A router's cache in front of the dictionaries, one map per metric.
@@ -228,18 +229,49 @@ impl KeyCache {
         names: &[String],
         values: impl Iterator<Item = FieldValue<'a>> + Clone,
     ) -> Result<u32, TooManyKeys> {
+        let h = values_hash(values.clone());
+        if let Some(&id) = self.maps[m].get(&h) {
+            return Ok(id);
+        }
         self.scratch.clear();
         for v in values.clone() {
             encode_value(v, &mut self.scratch);
         }
         let fp = xxhash_rust::xxh3::xxh3_64(&self.scratch);
-        if let Some(&id) = self.maps[m].get(&fp) {
-            return Ok(id);
-        }
         let id = dict.intern(fp, || render_dims(names, &values.collect::<Vec<_>>()))?;
-        self.maps[m].insert(fp, id);
+        self.maps[m].insert(h, id);
         Ok(id)
     }
+}
+
+/// A router's own 64-bit hash of a key's values, for its cache: each value
+/// hashed where it lies (xxh3 seeded by the hash so far and the value's
+/// type), not first encoded into a buffer as the dictionary's fingerprint
+/// is. Hashing that buffer right after writing it stalled on store
+/// forwarding (the hash's 8-byte loads span the encoding's smaller
+/// stores): 29% of the cache's samples in the live scenario's summary job.
+/// Like the fingerprint, exact up to 64-bit collisions; it never leaves
+/// the process, so it may change between versions.
+#[inline]
+fn values_hash<'a>(values: impl Iterator<Item = FieldValue<'a>>) -> u64 {
+    use xxhash_rust::xxh3::xxh3_64_with_seed;
+    const NULL: u64 = 0x9E37_79B9_7F4A_7C15;
+    const INT: u64 = 0xBF58_476D_1CE4_E5B9;
+    const FLOAT: u64 = 0x94D0_49BB_1331_11EB;
+    const STR: u64 = 0xD6E8_FEB8_6659_FD93;
+    let mut h = 0;
+    for v in values {
+        h = match v {
+            FieldValue::Null => xxh3_64_with_seed(&[], h ^ NULL),
+            FieldValue::Int(i) => xxh3_64_with_seed(&i.to_le_bytes(), h ^ INT),
+            // -0.0 and 0.0 are one value, as in the fingerprint.
+            FieldValue::Float(f) => {
+                xxh3_64_with_seed(&(if f == 0.0 { 0.0 } else { f }).to_bits().to_le_bytes(), h ^ FLOAT)
+            }
+            FieldValue::Str(s) => xxh3_64_with_seed(s, h ^ STR),
+        };
+    }
+    h
 }
 
 #[cfg(test)]
@@ -274,5 +306,34 @@ mod tests {
         let mut dims = Vec::new();
         dict.catch_up(&mut dims);
         assert_eq!(dims, [r#"{"v":7}"#, r#"{"v":"7"}"#]);
+    }
+
+    #[test]
+    fn keys_that_differ_only_in_boundaries_or_types_stay_apart() {
+        use FieldValue::*;
+        let keys: [[FieldValue; 2]; 10] = [
+            [Str(b"ab"), Str(b"c")],
+            [Str(b"a"), Str(b"bc")],
+            [Null, Str(b"")],
+            [Str(b""), Null],
+            [Int(0), Null],
+            [Float(0.0), Null],
+            [Str(&[0; 8]), Null],
+            [Int(1), Int(2)],
+            [Int(2), Int(1)],
+            [Null, Null],
+        ];
+        let names = ["a".to_string(), "b".to_string()];
+        let dict = KeyDict::default();
+        let (mut one, mut other) = (KeyCache::new(1), KeyCache::new(1));
+        let ids: Vec<u32> = keys.iter().map(|k| one.id(0, &dict, &names, k.iter().copied()).unwrap()).collect();
+        assert_eq!(ids, (0..keys.len() as u32).collect::<Vec<_>>(), "every key is a new one");
+        // Another router, keys in the other order: the dictionary's ids.
+        for (k, &id) in keys.iter().zip(&ids).rev() {
+            assert_eq!(other.id(0, &dict, &names, k.iter().copied()).unwrap(), id);
+        }
+        // -0.0 is 0.0, in the cache as in the dictionary.
+        assert_eq!(one.id(0, &dict, &names, [Float(-0.0), Null].into_iter()).unwrap(), ids[5]);
+        assert_eq!(dict.count(), keys.len());
     }
 }
