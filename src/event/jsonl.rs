@@ -668,6 +668,14 @@ mod tests {
     }
 
     #[test]
+    fn integers_past_i64_are_floats_as_values() {
+        let (_, _, _, v) = parse(&format!(r#"{{"ts":{TS},"did":1,"v":18446744073709551615}}"#)).unwrap();
+        assert_eq!(v, format!("float:{}", 18446744073709551615u64 as f64));
+        let (_, _, _, v) = parse(&format!(r#"{{"ts":{TS},"did":1,"v":-9223372036854775808}}"#)).unwrap();
+        assert_eq!(v, "int:-9223372036854775808");
+    }
+
+    #[test]
     fn escapes_are_resolved() {
         let (_, did, page, _) = parse(&format!(r#"{{"ts":{TS},"did":"a\"b","page":"\u00e9\ud83d\ude00\n"}}"#)).unwrap();
         assert_eq!(did, b"a\"b");

@@ -166,11 +166,7 @@ impl EventBuf {
             Raw::Int(i) => FieldValue::Int(i),
             Raw::Float(f) => FieldValue::Float(f),
             Raw::IntText { value, .. } => FieldValue::Int(value),
-            Raw::BigText { start, len } => {
-                let text = &record[start as usize..(start + len) as usize];
-                let f = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok());
-                FieldValue::Float(f.unwrap_or(f64::NAN))
-            }
+            Raw::BigText { start, len } => big_number(&record[start as usize..(start + len) as usize]),
             span => FieldValue::Str(self.bytes(record, span)),
         }
     }
@@ -181,6 +177,15 @@ impl EventBuf {
         self.scratch.extend_from_slice(bytes);
         Raw::Scratch { start, len: bytes.len() as u32 }
     }
+}
+
+/// An integer too large for i64, as a float (rare: kept out of line so
+/// that [`EventBuf::value`] stays small enough to inline).
+#[cold]
+#[inline(never)]
+fn big_number(text: &[u8]) -> FieldValue<'static> {
+    let f = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok());
+    FieldValue::Float(f.unwrap_or(f64::NAN))
 }
 
 /// Which fields a parser extracts: event time, device id, and named slots.

@@ -169,21 +169,29 @@ impl OpenSlice {
     #[inline]
     fn fit(&mut self, key: usize, dau: bool, values: usize) {
         if key >= self.pv.len() {
-            let n = (key + 1).max(self.pv.len() * 2).max(16);
-            self.pv.resize(n, 0);
-            self.uv.resize(n, 0);
-            if dau {
-                self.new.resize(n, 0);
-                self.ret.resize(n, 0);
-            }
-            self.vals.resize(n * values, Agg::default());
-            self.seen.resize(n.div_ceil(64), 0);
+            self.widen(key, dau, values);
         }
         let (w, bit) = (key / 64, 1u64 << (key % 64));
         if self.seen[w] & bit == 0 {
             self.seen[w] |= bit;
             self.touched.push(key as u32);
         }
+    }
+
+    /// Columns long enough for key `key` (out of line: rare, and `fit`
+    /// runs for every record).
+    #[cold]
+    #[inline(never)]
+    fn widen(&mut self, key: usize, dau: bool, values: usize) {
+        let n = (key + 1).max(self.pv.len() * 2).max(16);
+        self.pv.resize(n, 0);
+        self.uv.resize(n, 0);
+        if dau {
+            self.new.resize(n, 0);
+            self.ret.resize(n, 0);
+        }
+        self.vals.resize(n * values, Agg::default());
+        self.seen.resize(n.div_ceil(64), 0);
     }
 
     /// The touched keys' values, in key order (but keys left at zero:
