@@ -31,15 +31,23 @@ pub fn encode_value(v: FieldValue, out: &mut Vec<u8>) {
         }
         FieldValue::Float(f) => {
             out.push(b'f');
-            // -0.0 and 0.0 are one value, as in SQL.
-            let f = if f == 0.0 { 0.0 } else { f };
-            out.extend_from_slice(&f.to_bits().to_le_bytes());
+            out.extend_from_slice(&key_float(f).to_bits().to_le_bytes());
         }
         FieldValue::Str(s) => {
             out.push(b's');
             out.extend_from_slice(&(s.len() as u32).to_le_bytes());
             out.extend_from_slice(s);
         }
+    }
+}
+
+/// A float as a key value: -0.0 and 0.0 are one value, as in SQL.
+#[inline]
+fn key_float(f: f64) -> f64 {
+    if f == 0.0 {
+        0.0
+    } else {
+        f
     }
 }
 
@@ -66,9 +74,8 @@ pub fn write_json_value(v: FieldValue, out: &mut Vec<u8>) {
         FieldValue::Null => out.extend_from_slice(b"null"),
         FieldValue::Int(x) => out.extend_from_slice(itoa::Buffer::new().format(x).as_bytes()),
         FieldValue::Float(f) if f.is_finite() => {
-            // -0.0 and 0.0 are one key: render it one way, whichever came first.
-            let f = if f == 0.0 { 0.0 } else { f };
-            out.extend_from_slice(serde_json::to_string(&f).unwrap_or_else(|_| "null".into()).as_bytes())
+            // Render -0.0 and 0.0, one key, one way, whichever came first.
+            out.extend_from_slice(serde_json::to_string(&key_float(f)).unwrap_or_else(|_| "null".into()).as_bytes())
         }
         FieldValue::Float(_) => out.extend_from_slice(b"null"),
         FieldValue::Str(s) => write_json_str(s, out),
@@ -264,10 +271,7 @@ fn values_hash<'a>(values: impl Iterator<Item = FieldValue<'a>>) -> u64 {
         h = match v {
             FieldValue::Null => xxh3_64_with_seed(&[], h ^ NULL),
             FieldValue::Int(i) => xxh3_64_with_seed(&i.to_le_bytes(), h ^ INT),
-            // -0.0 and 0.0 are one value, as in the fingerprint.
-            FieldValue::Float(f) => {
-                xxh3_64_with_seed(&(if f == 0.0 { 0.0 } else { f }).to_bits().to_le_bytes(), h ^ FLOAT)
-            }
+            FieldValue::Float(f) => xxh3_64_with_seed(&key_float(f).to_bits().to_le_bytes(), h ^ FLOAT),
             FieldValue::Str(s) => xxh3_64_with_seed(s, h ^ STR),
         };
     }
