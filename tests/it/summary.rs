@@ -4,16 +4,15 @@
 //! number of workers and across a crash, and bad dimension input is
 //! reported or refused.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use support::*;
 use tally::gen::GenScenario;
+
+use crate::support::*;
 
 /// The live scenario's events: 60k of them over 4 h crossing midnight with
 /// 2 min of disorder, as JSON lines in `dir/jsonl` and (another seed) CSV
@@ -377,7 +376,7 @@ fn dims_text(r: &Value) -> String {
 
 #[test]
 fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
-    let server = support::redis_server::Redis::start();
+    let server = crate::support::redis_server::Redis::start();
     let tmp = tempdir();
     let dir = tmp.path();
     live_data(dir, 1);
@@ -435,7 +434,7 @@ fn redis_sink_holds_the_latest_row_and_the_curve_and_replays_change_nothing() {
 /// succeeded; returns its log.
 fn run_through_a_redis_outage(
     job: &JobFile,
-    server: &support::redis_server::Redis,
+    server: &crate::support::redis_server::Redis,
     seconds: u64,
     started: impl Fn(&mut redis::Connection) -> bool,
 ) -> String {
@@ -460,7 +459,7 @@ fn run_through_a_redis_outage(
 
 #[test]
 fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_refused() {
-    let server = support::redis_server::Redis::start();
+    let server = crate::support::redis_server::Redis::start();
     let tmp = tempdir();
     let dir = tmp.path();
     let opts = GenOptions {
@@ -510,7 +509,7 @@ fn redis_away_mid_run_delays_the_rows_and_loses_none_and_redis_down_at_start_is_
 #[test]
 fn a_changelog_topic_dimension_joins_like_the_file_of_its_latest_rows() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let broker = support::kafka::Broker::start();
+    let broker = crate::support::kafka::Broker::start();
     broker.create_topic("authors", 2);
     let tmp = tempdir();
     let dir = tmp.path();
@@ -620,7 +619,7 @@ fn with_redis_dims(text: &str, url: &str, settings: &str) -> String {
 
 #[test]
 fn redis_dimensions_join_like_their_files_through_small_caches() {
-    let server = support::redis_server::Redis::start();
+    let server = crate::support::redis_server::Redis::start();
     let tmp = tempdir();
     let dir = tmp.path();
     live_data(dir, 1);
@@ -679,7 +678,7 @@ fn redis_dimensions_join_like_their_files_through_small_caches() {
 
 #[test]
 fn a_redis_dimension_away_mid_run_holds_the_events_back_and_loses_none() {
-    let server = support::redis_server::Redis::start();
+    let server = crate::support::redis_server::Redis::start();
     let tmp = tempdir();
     let dir = tmp.path();
     let opts = |events, format, out: PathBuf| GenOptions {
@@ -869,7 +868,7 @@ fn a_detail_sink_writes_every_joined_event_once_also_across_a_crash() {
 fn the_redis_sink_loads_its_script_again_after_redis_forgets_it() {
     use tally::job::{Job, SinkTarget};
     use tally::sink::redis::RedisSink;
-    let server = support::redis_server::Redis::start();
+    let server = crate::support::redis_server::Redis::start();
     let tmp = tempdir();
     fs::write(tmp.path().join("e.jsonl"), "").unwrap();
     let text = format!(
@@ -914,7 +913,7 @@ fn a_changelog_topic_updated_mid_run_joins_the_events_routed_after_it() {
 
 fn changed_dimension_joins_the_events_routed_after_it(from_topic: bool) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let broker = support::kafka::Broker::start();
+    let broker = crate::support::kafka::Broker::start();
     broker.create_topic("live", 2);
     let tmp = tempdir();
     let dir = tmp.path();

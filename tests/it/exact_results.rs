@@ -5,14 +5,13 @@
 //! offline referee (`tally verify`, `Offline`) and against an independent
 //! DuckDB recomputation.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use support::*;
+
+use crate::support::*;
 
 /// Events in the main exactness test: every minute of both days holds data
 /// for every metric, and a debug build runs it in a few seconds.

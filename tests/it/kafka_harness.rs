@@ -3,11 +3,9 @@
 //! one of them back, once, with its key, in the order it was produced within
 //! its partition.
 
-mod support;
-
 use std::time::Instant;
 
-use support::kafka::Broker;
+use crate::support::kafka::Broker;
 
 const LINES: usize = 200_000;
 const PARTITIONS: i32 = 4;

@@ -6,8 +6,6 @@
 //! logged while the others lose nothing, and idle connections stop holding
 //! the watermark back after `idle_timeout`.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -17,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::http::{get, spawn_serve, wait_ready};
-use support::kafka::free_port;
-use support::*;
+
+use crate::support::http::{get, spawn_serve, wait_ready};
+use crate::support::kafka::free_port;
+use crate::support::*;
 
 /// The file job's rows (checked by `tally verify`) and its input.
 struct Reference {
@@ -434,7 +433,7 @@ fn the_dashboard_curve_gains_points_as_events_arrive() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("python3");
-    let mut probe = support::http::Reaped(probe);
+    let mut probe = crate::support::http::Reaped(probe);
     let lines = std::io::BufReader::new(probe.0.stdout.take().unwrap()).lines();
     let (mut first, mut grew) = (None, false);
     for line in lines {

@@ -6,8 +6,6 @@
 //! same job over that file (byte for byte: a partition's order is all
 //! that decides lateness).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -15,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::kafka::Broker;
-use support::*;
+use crate::support::kafka::Broker;
+use crate::support::*;
 
 const PARTITIONS: i32 = 4;
 const TOPIC: &str = "client_log";
@@ -530,7 +528,7 @@ fn kafka_broker_down_at_start_is_waited_for() {
     let dir = tempdir();
     let (lines, dump) = events(dir.path(), 100_000);
     let file = JobDef::new("jsonl", std::slice::from_ref(&dump)).metric(page_uv()).write(dir.path(), "file");
-    let port = support::kafka::free_port();
+    let port = crate::support::kafka::free_port();
     // A job for a broker on `port`, written before the broker exists; the
     // settle keeps it from reading the topic while the test still fills it.
     let brokers = format!("127.0.0.1:{port}");

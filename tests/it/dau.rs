@@ -6,14 +6,13 @@
 //! the rows are the same bytes whatever the worker count, and after a
 //! crash and a restart.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use support::*;
+
+use crate::support::*;
 
 /// Events per source.
 const EVENTS: u64 = 400_000;

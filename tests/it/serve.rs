@@ -4,8 +4,6 @@
 //! the offline recomputation), `/metrics` counts what was written, bad
 //! requests get 400/401/404 with a reason, SIGTERM ends it with exit 0.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -14,9 +12,10 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::http::{enc, get, spawn_serve, wait_ready};
-use support::kafka::free_port;
-use support::*;
+
+use crate::support::http::{enc, get, spawn_serve, wait_ready};
+use crate::support::kafka::free_port;
+use crate::support::*;
 
 const TOKEN: &str = "t0ken";
 
@@ -163,7 +162,7 @@ fn serve_over_a_topic_is_ready_once_caught_up() {
         .collect();
     fs::remove_file(&job.results).unwrap();
 
-    let broker = support::kafka::Broker::start();
+    let broker = crate::support::kafka::Broker::start();
     let mut files: Vec<_> = fs::read_dir(dir.join("data")).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     let lines: Vec<Vec<u8>> = files.iter().flat_map(|f| read_lines(f)).collect();
@@ -334,7 +333,7 @@ fn curves_and_top_across_a_crash(file_sink: bool) {
 fn two_daemons_over_one_topic_write_the_same_rows() {
     let tmp = tempdir();
     let dir = tmp.path();
-    let broker = support::kafka::Broker::start();
+    let broker = crate::support::kafka::Broker::start();
     let files = generate(&dir.join("data"), gen_options(60_000));
     let lines: Vec<Vec<u8>> = files.iter().flat_map(|f| read_lines(f)).collect();
     broker.produce_lines("events", 2, &lines, |_| None, |i, _| (i % 2) as i32);

@@ -2,11 +2,9 @@
 //! modes, a state directory for the dedup tables, and plain reads instead
 //! of io_uring.
 
-mod support;
-
 use std::process::{Command, Stdio};
 
-use support::*;
+use crate::support::*;
 
 const EVENTS: u64 = 60_000;
 

@@ -13,11 +13,9 @@
 //! their true time, beyond the jobs' 5 min bound; its ordinary disorder
 //! (2 min) stays within it.
 
-mod support;
-
 use std::path::PathBuf;
 
-use support::*;
+use crate::support::*;
 
 const EVENTS: u64 = 100_000;
 const BOUND_MS: i64 = 5 * MINUTE_MS;

@@ -5,8 +5,6 @@
 //! job is killed and resumed too: the ADS rows still equal DuckDB's
 //! recomputation from the raw events.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -14,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use support::kafka::Broker;
-use support::*;
 use tally::gen::GenScenario;
+
+use crate::support::kafka::Broker;
+use crate::support::*;
 
 const PARTITIONS: i32 = 3;
 

@@ -10,13 +10,12 @@
 //! they fall into different blocks and different workers' hands): one
 //! near the start, one near the end, the rest spread between.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use support::*;
+
+use crate::support::*;
 
 const GOOD_EVENTS: u64 = 30_000;
 const WORKERS: usize = 2;

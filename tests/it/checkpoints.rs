@@ -3,15 +3,14 @@
 //! interrupted; a damaged or mismatched state directory is refused with a
 //! clear message, never used and never a panic.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use support::*;
+
+use crate::support::*;
 
 /// Multi-million events: long enough that a kill lands mid-run.
 const EVENTS: u64 = 2_000_000;
