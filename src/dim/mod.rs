@@ -139,6 +139,27 @@ impl DimTable {
         }
     }
 
+    /// Bytes of the lookup index: above the caches' size, a lookup's
+    /// first load is a DRAM miss worth prefetching.
+    pub fn index_bytes(&self) -> usize {
+        self.index.len() * size_of::<Cell>()
+    }
+
+    /// Asks the CPU for the index slot where [`DimTable::lookup`] of `key`
+    /// starts (its key and row), without waiting for it.
+    #[inline]
+    pub fn prefetch(&self, key: &[u8]) {
+        if self.index.is_empty() {
+            return;
+        }
+        let stride = 1 + self.fields;
+        let i = xxhash_rust::xxh3::xxh3_64(key) as usize & self.index_mask;
+        let slot = self.index[i * stride..].as_ptr();
+        // The slot may straddle two cache lines.
+        crate::state::table::prefetch(slot.cast());
+        crate::state::table::prefetch(slot.wrapping_add(stride - 1).cast());
+    }
+
     /// Builds the lookup index of the rows loaded, once the last row is
     /// added; the build map is not needed after it and is freed.
     pub(crate) fn seal(&mut self) {

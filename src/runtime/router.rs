@@ -72,6 +72,32 @@ struct Enrich {
     /// A Redis dimension: the current event's key fingerprint (none for
     /// a null key), hashed once for both of `enrich`'s passes.
     key_fp: Option<u64>,
+    /// A table larger than the caches: its rows are prefetched a record
+    /// ahead (see [`route_parsed`]).
+    large: bool,
+}
+
+/// Index size from which a dimension's lookups are prefetched a record
+/// ahead; smaller tables stay in the caches.
+const LARGE_INDEX_BYTES: usize = 256 << 10;
+
+impl Enrich {
+    /// Takes `table` as the dimension's table from now on.
+    fn take_table(&mut self, generation: u64, table: Arc<DimTable>) {
+        self.large = self.remote.is_none() && table.index_bytes() >= LARGE_INDEX_BYTES;
+        (self.generation, self.table) = (generation, table);
+    }
+}
+
+/// A text record parsed but not yet routed. With a dimension table larger
+/// than the caches, routing runs one record behind parsing: a record's
+/// rows are prefetched as soon as it is parsed, and the DRAM miss of its
+/// lookup overlaps parsing the next record instead of stalling the join.
+struct Behind {
+    ev: EventBuf,
+    record: Vec<u8>,
+    /// Whether `ev` holds a record to route.
+    full: bool,
 }
 
 /// A dimension's row for one event.
@@ -185,6 +211,10 @@ struct SourceRt {
     enrich: Vec<Enrich>,
     /// Whether a dimension of `enrich` is a Redis one.
     remote: bool,
+    /// Whether one of `enrich` is large: text records are routed one
+    /// behind, through `behind`.
+    lookahead: bool,
+    behind: Behind,
     waiting: Waiting,
     /// The detail sinks that take this source's events.
     events: Vec<EventOut>,
@@ -394,7 +424,7 @@ impl Router {
             };
             match parsed {
                 Ok(()) => {
-                    route(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims)?;
+                    route_parsed(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims)?;
                     stats.events += 1;
                 }
                 Err(reason) => {
@@ -403,6 +433,7 @@ impl Router {
                 }
             }
         }
+        route_behind(src, keys, sh, &mut batches, &mut acc, &mut stats.dims)?;
         let how = match src.format {
             Format::Binary => Reparse::Binary,
             Format::Csv => Reparse::CsvStream,
@@ -492,7 +523,7 @@ impl Router {
                     };
                     match r {
                         Ok(text) => {
-                            if let Err(e) = route(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims) {
+                            if let Err(e) = route_parsed(src, keys, sh, text, &mut batches, &mut acc, &mut stats.dims) {
                                 err.get_or_insert(e);
                             }
                             stats.events += 1;
@@ -509,6 +540,7 @@ impl Router {
                 if let Some(e) = err {
                     return Err(e);
                 }
+                route_behind(src, keys, sh, &mut batches, &mut acc, &mut stats.dims)?;
                 let how = match src.format {
                     Format::Csv => Reparse::Csv(task.file),
                     Format::Rows => Reparse::Rows,
@@ -725,9 +757,64 @@ fn refresh_dims(src: &mut SourceRt, sh: &Shared) {
         if let Some(l) = &mut e.remote {
             l.tick();
         } else if sh.dims[e.dim].generation() != e.generation {
-            (e.generation, e.table) = sh.dims[e.dim].current();
+            let (generation, table) = sh.dims[e.dim].current();
+            e.take_table(generation, table);
         }
     }
+    src.lookahead = src.enrich.iter().any(|e| e.large);
+}
+
+/// Routes the text record just parsed into `src.ev` from `record`, or,
+/// with a lookahead, prefetches its dimension rows and routes the record
+/// parsed before it (the last one of a block goes by [`route_behind`]).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn route_parsed(
+    src: &mut SourceRt,
+    keys: &mut KeyCache,
+    sh: &Shared,
+    record: &[u8],
+    batches: &mut [Option<Batch>],
+    acc: &mut Accumulator,
+    dim_counts: &mut [DimCount],
+) -> io::Result<()> {
+    if !src.lookahead {
+        return route(src, keys, sh, record, batches, acc, dim_counts);
+    }
+    for e in src.enrich.iter().filter(|e| e.large) {
+        let mut buf = [0u8; 32];
+        if let Some(key) = key_text(src.ev.value(record, e.key_slot), &mut buf) {
+            e.table.prefetch(key);
+        }
+    }
+    std::mem::swap(&mut src.ev, &mut src.behind.ev);
+    let mut before = std::mem::take(&mut src.behind.record);
+    let routed = if src.behind.full { route(src, keys, sh, &before, batches, acc, dim_counts) } else { Ok(()) };
+    before.clear();
+    before.extend_from_slice(record);
+    src.behind.record = before;
+    src.behind.full = true;
+    routed
+}
+
+/// Routes the record [`route_parsed`] holds back, if any: at the end of
+/// every block, so that each record goes out with its own block.
+fn route_behind(
+    src: &mut SourceRt,
+    keys: &mut KeyCache,
+    sh: &Shared,
+    batches: &mut [Option<Batch>],
+    acc: &mut Accumulator,
+    dim_counts: &mut [DimCount],
+) -> io::Result<()> {
+    if !std::mem::take(&mut src.behind.full) {
+        return Ok(());
+    }
+    std::mem::swap(&mut src.ev, &mut src.behind.ev);
+    let record = std::mem::take(&mut src.behind.record);
+    let routed = route(src, keys, sh, &record, batches, acc, dim_counts);
+    src.behind.record = record;
+    routed
 }
 
 /// Fetches the keys a block's waiting events need from Redis and routes
@@ -999,16 +1086,19 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
             let targets =
                 (0..dim.fields.len()).filter_map(|f| Some((f, fields.slot_of(&dim.field_name(f))?))).collect();
             let (generation, table) = sh.dims[d].current();
-            Enrich {
+            let mut e = Enrich {
                 dim: d,
                 key_slot: slot_of(&dim.key),
                 targets,
                 drop: dim.on_missing == OnMissing::Drop,
-                table,
-                generation,
+                table: Arc::default(),
+                generation: 0,
                 remote: sh.dims[d].redis.clone().map(Lookup::new),
                 key_fp: None,
-            }
+                large: false,
+            };
+            e.take_table(generation, table);
+            e
         })
         .collect();
     let metrics = reading
@@ -1039,6 +1129,8 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         binary_slots,
         ev: EventBuf::new(fields.slots.len()),
         remote: enrich.iter().any(|e: &Enrich| e.remote.is_some()),
+        lookahead: enrich.iter().any(|e| e.large),
+        behind: Behind { ev: EventBuf::new(fields.slots.len()), record: Vec::new(), full: false },
         waiting: Waiting::default(),
         events: detail
             .iter()

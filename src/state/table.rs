@@ -428,7 +428,7 @@ pub(crate) fn advise_huge_pages<T>(v: &mut Vec<T>) {
 
 /// Hints the CPU to load the cache line at `p` (never faults).
 #[inline(always)]
-fn prefetch(p: *const i8) {
+pub(crate) fn prefetch(p: *const i8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch is a hint that never faults, whatever the address.
     unsafe {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tally::gen::GenScenario;
 
 use crate::support::http::{get, spawn_serve, wait_ready};
 use crate::support::kafka::free_port;
@@ -641,4 +642,93 @@ fn lateness_counts_each_event_against_the_largest_time_before_it_in_its_file_or_
     assert_eq!(s[&format!("{family}_count{{source=\"client\"}}")], 6.0, "{s:?}");
     drop((a, b));
     child.terminate();
+}
+
+/// A source joined with a dimension table larger than the caches is routed
+/// one record behind its parsing (each record's row is prefetched as soon
+/// as it is parsed). Over TCP a block is whatever a connection sent, cut
+/// anywhere in the stream: the joined summaries still equal the file run's.
+#[test]
+fn a_join_with_a_large_dimension_over_tcp_writes_the_file_rows() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let opts =
+        GenOptions { events: 60_000, devices: 20_000, scenario: GenScenario::Live, seed: 11, ..gen_options(60_000) };
+    let files = generate(&dir.join("data"), opts.clone());
+    let users = dir.join("data/users.jsonl");
+    // Large: an index of 2 cells (16 B each) per slot, slots twice the rows
+    // rounded up to a power of two, over the router's 256 KiB.
+    assert!(read_lines(&users).len() > 8192, "the user table is too small to be prefetched");
+    let (port, http) = (free_port(), free_port());
+    let job_text = |source: &str, results: &str| -> String {
+        format!(
+            r#"[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+{source}
+format = "jsonl"
+max_out_of_orderness = "5m"
+[[dimension]]
+name = "user"
+kind = "file"
+path = "{}"
+key = "user_id"
+fields = ["tier"]
+[[metric]]
+name = "by_tier"
+kind = "summary"
+window = "tumble"
+step = "1m"
+grouping_sets = [[], ["user.tier"], ["user.tier", "platform"]]
+measures = ["count", "uv", "sum(amount)"]
+[[sink]]
+kind = "jsonl"
+path = "{results}"
+"#,
+            users.display()
+        )
+    };
+    let file_job = JobFile {
+        path: dir.join("files.toml"),
+        results: dir.join("out/files.jsonl"),
+        summary: dir.join("files-summary.json"),
+    };
+    let source = format!("kind = \"file\"\npath = \"{}\"", files[0].display());
+    fs::write(&file_job.path, job_text(&source, "out/files.jsonl")).unwrap();
+    let out = run(&file_job, 2);
+    assert_verifies(&file_job, &file_job.results, "the file run");
+    let user = &out.ok()["dimensions"][0];
+    assert!(count(user, "lookups") > count(user, "missing") && count(user, "missing") > 0, "{user}");
+    let reference = Reference {
+        events: count(&out.ok()["sources"][0], "events"),
+        rows: keyed_rows(&file_job.results),
+        bytes: fs::metadata(&files[0]).unwrap().len(),
+        files,
+        opts,
+        def: JobDef::new("unused", &[]),
+    };
+
+    let job = JobFile {
+        path: dir.join("tcp.toml"),
+        results: dir.join("out/tcp.jsonl"),
+        summary: dir.join("tcp-summary.json"),
+    };
+    let source = format!("kind = \"tcp\"\nlisten = \"127.0.0.1:{port}\"");
+    let serve = format!("[serve]\nhttp = \"127.0.0.1:{http}\"\n");
+    fs::write(&job.path, job_text(&source, "out/tcp.jsonl") + &serve).unwrap();
+    let state = dir.join("state");
+    let child = spawn_serve(&job, &["--workers".as_ref(), "2".as_ref(), "--state-dir".as_ref(), state.as_os_str()]);
+    wait_ready(http);
+    tally::gen::generate(&GenOptions {
+        to: Some(format!("tcp://127.0.0.1:{port}")),
+        connections: 3,
+        out: dir.join("unused"),
+        ..reference.opts.clone()
+    })
+    .unwrap();
+    wait_settled(http, reference.bytes, 0);
+    assert_eq!(tcp_sample(http, "tally_events_total"), reference.events as f64);
+    child.stop();
+    assert_rows_within(&job.results, &reference);
 }
