@@ -122,7 +122,7 @@ fn fold(c: &mut Criterion) {
     };
     // Tumble minutes (each window its own period): two shards ship the
     // same 10k keys of a slice, the window is merged and rendered.
-    let geo = Geometry { step_ms: 60_000, size_ms: 60_000, offset_ms: 0 };
+    let geo = Geometry::of(60_000, 60_000, 0);
     let dict = std::sync::Arc::new(KeyDict::default());
     for k in 0..KEYS as u64 {
         dict.intern(k, || format!("{{\"k\":{k}}}")).unwrap();

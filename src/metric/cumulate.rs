@@ -47,11 +47,21 @@ pub struct Geometry {
     pub step_ms: i64,
     pub size_ms: i64,
     pub offset_ms: i64,
+    /// `size_ms / step_ms` (a job's step divides its size): slices and
+    /// periods convert without a 64-bit division, which a shard would
+    /// otherwise pay on most records of a tumbling window (a period of
+    /// one slice).
+    slices_per_period: u32,
 }
 
 impl Geometry {
     pub fn new(job: &Job, m: &MetricSpec) -> Geometry {
-        Geometry { step_ms: m.step_ms, size_ms: m.size_ms, offset_ms: job.timezone_offset_ms }
+        Geometry::of(m.step_ms, m.size_ms, job.timezone_offset_ms)
+    }
+
+    pub fn of(step_ms: i64, size_ms: i64, offset_ms: i64) -> Geometry {
+        assert!(step_ms > 0 && size_ms % step_ms == 0, "a step of {step_ms} ms does not divide {size_ms} ms");
+        Geometry { step_ms, size_ms, offset_ms, slices_per_period: (size_ms / step_ms) as u32 }
     }
 
     /// Slice index (steps since 1970 in local time) holding `ts_ms`.
@@ -72,7 +82,10 @@ impl Geometry {
 
     #[inline]
     pub fn period_of_slice(&self, s: u32) -> u32 {
-        (s as i64 * self.step_ms / self.size_ms) as u32
+        match self.slices_per_period {
+            1 => s,
+            k => s / k,
+        }
     }
 
     pub fn period_start_ms(&self, p: u32) -> i64 {
@@ -80,7 +93,7 @@ impl Geometry {
     }
 
     pub fn first_slice_of_period(&self, p: u32) -> u32 {
-        (p as i64 * self.size_ms / self.step_ms) as u32
+        p * self.slices_per_period
     }
 
     pub fn last_slice_of_period(&self, p: u32) -> u32 {
@@ -1752,7 +1765,7 @@ mod tests {
     use super::*;
 
     fn geo() -> Geometry {
-        Geometry { step_ms: 60_000, size_ms: 86_400_000, offset_ms: 8 * 3_600_000 }
+        Geometry::of(60_000, 86_400_000, 8 * 3_600_000)
     }
 
     #[test]
@@ -1765,6 +1778,21 @@ mod tests {
         assert_eq!(g.period_of_slice(s - 1) + 1, g.period_of_slice(s));
         assert_eq!(g.first_slice_of_period(g.period_of_slice(s)), s);
         assert_eq!(g.last_slice_of_period(g.period_of_slice(s - 1)), s - 1);
+    }
+
+    #[test]
+    fn every_slice_lies_in_its_period_whatever_the_step_and_size() {
+        for (step, size) in [(60_000, 60_000), (600_000, 3_600_000), (60_000, 86_400_000), (3_600_000, 86_400_000)] {
+            let g = Geometry::of(step, size, 8 * 3_600_000);
+            let s0 = g.slice_of(1_771_171_200_000);
+            for s in s0 - 3000..s0 + 3000 {
+                let p = g.period_of_slice(s);
+                let start = g.slice_start_ms(s);
+                assert!(g.period_start_ms(p) <= start && start < g.period_start_ms(p + 1), "{step}/{size}: slice {s}");
+                assert!(g.first_slice_of_period(p) <= s && s <= g.last_slice_of_period(p), "{step}/{size}: slice {s}");
+                assert_eq!(g.slice_start_ms(g.first_slice_of_period(p)), g.period_start_ms(p), "{step}/{size}");
+            }
+        }
     }
 
     #[test]
