@@ -1710,7 +1710,11 @@ struct RowHead {
 
 impl RowHead {
     fn row(&self, dims: &str, measures: &[(String, Source)], sums: &Sums, vals: &[Agg], rank: Option<usize>) -> Row {
-        let mut line = String::with_capacity(self.text.len() + dims.len() + 24 * measures.len() + 2);
+        // Room for every part, so that the line is not copied to grow: a
+        // measure's name and up to 24 bytes of number each, the rank and
+        // the closing `}\n` in 16.
+        let names: usize = measures.iter().map(|(field, _)| field.len()).sum();
+        let mut line = String::with_capacity(self.text.len() + dims.len() + names + 24 * measures.len() + 16);
         line.push_str(&self.text);
         let key_at = line.len()..line.len() + dims.len();
         line.push_str(dims);

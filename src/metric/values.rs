@@ -124,12 +124,15 @@ pub fn render_millionths(m: i128, out: &mut String) {
         out.push('-');
     }
     let a = m.unsigned_abs();
-    let (whole, frac) = (a / SCALE as u128, a % SCALE as u128);
-    out.push_str(&whole.to_string());
+    let (whole, frac) = (a / SCALE as u128, (a % SCALE as u128) as u32);
+    out.push_str(itoa::Buffer::new().format(whole));
     if frac != 0 {
-        let digits = format!("{frac:06}");
+        // Six digits with their leading zeros, without the trailing ones.
+        let mut buf = itoa::Buffer::new();
+        let text = buf.format(frac);
         out.push('.');
-        out.push_str(digits.trim_end_matches('0'));
+        (text.len()..6).for_each(|_| out.push('0'));
+        out.push_str(text.trim_end_matches('0'));
     }
 }
 
@@ -162,6 +165,9 @@ mod tests {
         assert_eq!(sum_of(&[420.5, 0.25, -0.75]), "420");
         assert_eq!(sum_of(&[123_456_789_012.0, 0.000001]), "123456789012.000001");
         assert_eq!(sum_of(&[-1.5]), "-1.5");
+        assert_eq!(sum_of(&[0.05]), "0.05");
+        assert_eq!(sum_of(&[2.0001, 1e-6]), "2.000101");
+        assert_eq!(sum_of(&[-0.000_01]), "-0.00001");
         assert_eq!(sum_of(&[]), "null");
     }
 
