@@ -211,9 +211,7 @@ struct SourceRt {
     enrich: Vec<Enrich>,
     /// Whether a dimension of `enrich` is a Redis one.
     remote: bool,
-    /// Whether one of `enrich` is large: text records are routed one
-    /// behind, through `behind`.
-    lookahead: bool,
+    /// With a large table in `enrich`, the text record routed next.
     behind: Behind,
     waiting: Waiting,
     /// The detail sinks that take this source's events.
@@ -761,7 +759,6 @@ fn refresh_dims(src: &mut SourceRt, sh: &Shared) {
             e.take_table(generation, table);
         }
     }
-    src.lookahead = src.enrich.iter().any(|e| e.large);
 }
 
 /// Routes the text record just parsed into `src.ev` from `record`, or,
@@ -778,14 +775,16 @@ fn route_parsed(
     acc: &mut Accumulator,
     dim_counts: &mut [DimCount],
 ) -> io::Result<()> {
-    if !src.lookahead {
-        return route(src, keys, sh, record, batches, acc, dim_counts);
-    }
+    let mut large = false;
     for e in src.enrich.iter().filter(|e| e.large) {
+        large = true;
         let mut buf = [0u8; 32];
         if let Some(key) = key_text(src.ev.value(record, e.key_slot), &mut buf) {
             e.table.prefetch(key);
         }
+    }
+    if !large {
+        return route(src, keys, sh, record, batches, acc, dim_counts);
     }
     std::mem::swap(&mut src.ev, &mut src.behind.ev);
     let mut before = std::mem::take(&mut src.behind.record);
@@ -1129,7 +1128,6 @@ fn source_rt(s: usize, sh: &Shared) -> SourceRt {
         binary_slots,
         ev: EventBuf::new(fields.slots.len()),
         remote: enrich.iter().any(|e: &Enrich| e.remote.is_some()),
-        lookahead: enrich.iter().any(|e| e.large),
         behind: Behind { ev: EventBuf::new(fields.slots.len()), record: Vec::new(), full: false },
         waiting: Waiting::default(),
         events: detail
