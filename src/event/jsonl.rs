@@ -7,11 +7,106 @@
 //! non-ASCII bytes (rare in logs) take a slow path that validates them with
 //! `serde_json` / `str::from_utf8` first, so what is accepted agrees with a
 //! strict JSON parser. Nothing is allocated per line.
+//!
+//! On x86-64 with AVX2, a line of up to [`MARKED_BYTES`] is first marked in
+//! one pass, 32 bytes at a time: a bit per quote, and whether it holds a
+//! backslash, a control byte or a non-ASCII byte. Without a backslash every
+//! string ends at the next marked quote, so the scan finds each one with a
+//! `trailing_zeros` instead of searching the bytes eight at a time.
 
 use super::{check_ts, EventBuf, FieldSet, Raw, Reject};
 
 /// Deepest nesting accepted (the top-level object is level 1), as serde_json.
 pub const NESTING_MAX: usize = 128;
+
+/// Lines up to this long are marked in one pass (see the module's text);
+/// longer ones are searched eight bytes at a time.
+pub const MARKED_BYTES: usize = 512;
+
+/// What the marking pass found in a line.
+struct Marks {
+    /// Bit `i % 64` of word `i / 64` set when byte `i` is a `"`.
+    quotes: [u64; MARKED_BYTES / 64],
+    /// Words of `quotes` the line covers.
+    words: usize,
+    backslash: bool,
+    /// A byte below 0x20 (a tab is valid only outside strings, so it, too,
+    /// sends the line to the strict check).
+    ctrl: bool,
+    /// A byte at or above 0x80.
+    high: bool,
+}
+
+impl Marks {
+    /// Index of the first quote at or after `from`.
+    #[inline(always)]
+    fn next_quote(&self, from: usize) -> Option<usize> {
+        let mut w = from / 64;
+        let mut bits = *self.quotes.get(w)? & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+            w += 1;
+            if w >= self.words {
+                return None;
+            }
+            bits = self.quotes[w];
+        }
+    }
+}
+
+/// Marks `line` (at most [`MARKED_BYTES`] long) 32 bytes at a time.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mark_avx2(line: &[u8], m: &mut Marks) {
+    use std::arch::x86_64::*;
+    debug_assert!(line.len() <= MARKED_BYTES);
+    let (quote, slash, space) = (_mm256_set1_epi8(b'"' as i8), _mm256_set1_epi8(b'\\' as i8), _mm256_set1_epi8(0x20));
+    let (mut slashes, mut ctrl, mut high) = (0u32, 0u32, 0u32);
+    // Marks 32 bytes from `at`, of which the first `skip` were marked
+    // before (an overlapping last load) and are shifted out.
+    let mut mark = |v: __m256i, at: usize, skip: u32| {
+        let q = (_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, quote)) as u32 >> skip) as u64;
+        slashes |= _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, slash)) as u32 >> skip;
+        let h = _mm256_movemask_epi8(v) as u32 >> skip;
+        high |= h;
+        // Signed: bytes below 0x20, and the non-ASCII ones, taken out.
+        ctrl |= (_mm256_movemask_epi8(_mm256_cmpgt_epi8(space, v)) as u32 >> skip) & !h;
+        if at.is_multiple_of(64) {
+            m.quotes[at / 64] = q;
+        } else {
+            m.quotes[at / 64] |= q << 32;
+        }
+    };
+    let n = line.len();
+    let whole = n / 32 * 32;
+    for at in (0..whole).step_by(32) {
+        // SAFETY: bytes `at..at + 32` are in the line; the load is unaligned.
+        mark(unsafe { _mm256_loadu_si256(line.as_ptr().add(at).cast()) }, at, 0);
+    }
+    if whole < n {
+        let v = if n >= 32 {
+            // The last 32 bytes, overlapping the ones marked above.
+            // SAFETY: `n - 32..n` is in the line.
+            unsafe { _mm256_loadu_si256(line.as_ptr().add(n - 32).cast()) }
+        } else {
+            // A short line, padded with spaces: no quote, backslash,
+            // control or non-ASCII byte.
+            let mut pad = [b' '; 32];
+            pad[..n].copy_from_slice(line);
+            // SAFETY: as above, from the stack.
+            unsafe { _mm256_loadu_si256(pad.as_ptr().cast()) }
+        };
+        let skip = if n >= 32 { 32 - (n - whole) as u32 } else { 0 };
+        mark(v, whole, skip);
+    }
+    m.words = n.div_ceil(64);
+    (m.backslash, m.ctrl, m.high) = (slashes != 0, ctrl != 0, high != 0);
+}
 
 /// Where a key lands.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -29,6 +124,9 @@ pub struct JsonlParser {
     /// Bit i set when `names[i]` starts with that byte: a cheap pre-filter.
     first_byte: [u64; 256],
     key_scratch: Vec<u8>,
+    /// The CPU has AVX2: lines are marked first.
+    avx2: bool,
+    marks: Marks,
 }
 
 impl JsonlParser {
@@ -45,7 +143,12 @@ impl JsonlParser {
             first_byte[b as usize] |= 1 << i;
         }
         let packed = names.iter().map(|(n, _)| pack(n)).collect();
-        JsonlParser { names, packed, first_byte, key_scratch: Vec::new() }
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        let marks = Marks { quotes: [0; MARKED_BYTES / 64], words: 0, backslash: false, ctrl: false, high: false };
+        JsonlParser { names, packed, first_byte, key_scratch: Vec::new(), avx2, marks }
     }
 
     /// Parses one line (without its `\n`; a trailing `\r` is ignored).
@@ -67,14 +170,15 @@ impl JsonlParser {
         if line.is_empty() {
             return Err(Reject::EmptyLine);
         }
-        let (ctrl, high) = scan_special(line);
+        let marked = self.mark(line);
+        let (ctrl, high) = if marked { (self.marks.ctrl, self.marks.high) } else { scan_special(line) };
         if ctrl && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err() {
             return Err(Reject::ControlCharacter);
         }
         if high && std::str::from_utf8(line).is_err() {
             return Err(Reject::InvalidUtf8);
         }
-        match self.fast(line, ev) {
+        match self.fast_any(line, marked, ev) {
             Some(ts) => Ok(ts),
             None => {
                 ev.reset();
@@ -83,11 +187,35 @@ impl JsonlParser {
         }
     }
 
+    /// Marks the line if it can (AVX2, not too long); true if it did.
+    #[inline(always)]
+    fn mark(&mut self, line: &[u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 && line.len() <= MARKED_BYTES {
+            // SAFETY: `avx2` says the CPU has it.
+            unsafe { mark_avx2(line, &mut self.marks) };
+            return true;
+        }
+        false
+    }
+
+    /// [`Self::fast`], finding string ends by the marks when the line was
+    /// marked and has no backslash.
+    #[inline(always)]
+    fn fast_any(&self, line: &[u8], marked: bool, ev: &mut EventBuf) -> Option<Option<Raw>> {
+        if marked && !self.marks.backslash {
+            self.fast(line, ev, |i| self.marks.next_quote(i))
+        } else {
+            self.fast(line, ev, |i| find_quote_or_backslash(line, i))
+        }
+    }
+
     /// The common shape, `{"k":v,...}` with no whitespace, escapes, nested
     /// values, booleans or non-integer numbers, in one tight pass. `None`
     /// means "not that shape" (not "invalid"): the general scanner decides.
+    /// `find(i)`: the first `"` or `\` at or after `i`.
     #[inline(always)]
-    fn fast(&self, b: &[u8], ev: &mut EventBuf) -> Option<Option<Raw>> {
+    fn fast(&self, b: &[u8], ev: &mut EventBuf, find: impl Fn(usize) -> Option<usize>) -> Option<Option<Raw>> {
         let n = b.len();
         if n < 2 || b[0] != b'{' || b[n - 1] != b'}' {
             return None;
@@ -99,7 +227,7 @@ impl JsonlParser {
                 return None;
             }
             let ks = i + 1;
-            let ke = find_quote_or_backslash(b, ks)?;
+            let ke = find(ks)?;
             if b[ke] != b'"' || *b.get(ke + 1)? != b':' {
                 return None;
             }
@@ -108,7 +236,7 @@ impl JsonlParser {
             let c = *b.get(i)?;
             let v = if c == b'"' {
                 let vs = i + 1;
-                let ve = find_quote_or_backslash(b, vs)?;
+                let ve = find(vs)?;
                 if b[ve] != b'"' {
                     return None;
                 }
@@ -739,6 +867,10 @@ mod tests {
     }
 
     proptest::proptest! {
+        // Cheap cases: enough of them that lines without a backslash cross
+        // the 32- and 64-byte boundaries of the marks many times.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
         /// The fast path, when it answers, agrees with the general scanner.
         #[test]
         fn fast_path_agrees_with_general(
@@ -753,14 +885,54 @@ mod tests {
             let mut line = format!("{{{}}}", body.join(sep));
             line.truncate(line.len() - cut.min(line.len()));
             let mut p = JsonlParser::new(&fields());
-            let mut a = EventBuf::new(2);
+            let line = line.as_bytes();
             let mut b = EventBuf::new(2);
-            if let Some(ts_fast) = p.fast(line.as_bytes(), &mut a) {
-                let ts_general = p.general(line.as_bytes(), &mut b);
+            let ts_general = p.general(line, &mut b);
+            // Word at a time, and from the marks where the CPU can mark.
+            let mut a = EventBuf::new(2);
+            let words = p.fast(line, &mut a, |i| find_quote_or_backslash(line, i));
+            if let Some(ts_fast) = words {
                 proptest::prop_assert_eq!(Ok(ts_fast), ts_general);
                 proptest::prop_assert_eq!(a.did, b.did);
                 proptest::prop_assert_eq!(&a.values, &b.values);
             }
+            let marked = p.mark(line);
+            let mut c = EventBuf::new(2);
+            let from_marks = p.fast_any(line, marked, &mut c);
+            proptest::prop_assert_eq!(from_marks, words);
+            if from_marks.is_some() {
+                proptest::prop_assert_eq!(c.did, a.did);
+                proptest::prop_assert_eq!(&c.values, &a.values);
+            }
+        }
+    }
+
+    #[test]
+    fn lines_of_any_length_around_the_marked_limit() {
+        // Strings that end on either side of 32- and 64-byte boundaries,
+        // in lines shorter and longer than the marking pass takes.
+        let head = format!(r#"{{"ts":{TS},"did":"d","page":""#);
+        for len in (0..70).chain(MARKED_BYTES - 40..MARKED_BYTES + 40).chain([1000, 5000]) {
+            let page = "p".repeat(len.saturating_sub(head.len() + 9));
+            let line = format!(r#"{head}{page}","v":-3}}"#);
+            // The fast path answers, and finds the same strings by the
+            // marks as by searching.
+            let mut p = JsonlParser::new(&fields());
+            let mut ev = EventBuf::new(2);
+            let b = line.as_bytes();
+            let words = p.fast(b, &mut ev, |i| find_quote_or_backslash(b, i));
+            assert!(words.is_some(), "{line}");
+            let marked = p.mark(b);
+            assert_eq!(p.fast_any(b, marked, &mut ev), words, "{line}");
+            let (ts, did, got, v) = parse(&line).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+            assert_eq!(
+                (ts, did.as_slice(), got, v),
+                (1_771_171_200_000, b"d".as_slice(), format!("str:{page}"), "int:-3".into())
+            );
+            let bad = line.replacen(r#""page":""#, "\"page\":\"\t", 1);
+            assert_eq!(parse(&bad), Err(Reject::ControlCharacter), "{bad}");
+            let cut = &line[..line.len() - 1];
+            assert_eq!(parse(cut), Err(Reject::InvalidJson), "{cut}");
         }
     }
 
