@@ -42,7 +42,10 @@ impl Marks {
     #[inline(always)]
     fn next_quote(&self, from: usize) -> Option<usize> {
         let mut w = from / 64;
-        let mut bits = *self.quotes.get(w)? & (u64::MAX << (from % 64));
+        if w >= self.words {
+            return None; // past the line: words there hold an earlier line's bits
+        }
+        let mut bits = self.quotes[w] & (u64::MAX << (from % 64));
         loop {
             if bits != 0 {
                 return Some(w * 64 + bits.trailing_zeros() as usize);
@@ -934,6 +937,19 @@ mod tests {
             let cut = &line[..line.len() - 1];
             assert_eq!(parse(cut), Err(Reject::InvalidJson), "{cut}");
         }
+    }
+
+    #[test]
+    fn no_quote_past_the_end_of_a_shorter_line() {
+        let mut p = JsonlParser::new(&fields());
+        let long = format!(r#"{{"ts":{TS},"did":"d","page":"{}"}}"#, "p".repeat(100));
+        if !p.mark(long.as_bytes()) {
+            return; // no AVX2: lines are not marked
+        }
+        assert_eq!(p.marks.next_quote(130), Some(long.len() - 2));
+        assert!(p.mark(br#"{"ts":1}"#));
+        assert_eq!(p.marks.next_quote(2), Some(4));
+        assert_eq!(p.marks.next_quote(130), None, "a quote of the line before");
     }
 
     #[test]
