@@ -28,7 +28,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tally::metric::cumulate::DELTAS_PER_BASE_MAX_PER_MILLE;
+use tally::metric::cumulate::{DELTAS_PER_BASE_MAX, DELTAS_PER_BASE_MAX_PER_MILLE};
 use tally::state::dedup::{DedupTable, Entry, Seen, Written, DELTA_RECORD_BYTES};
 
 const ENTRIES_DEFAULT: usize = 10_000_000;
@@ -313,13 +313,14 @@ fn main() {
     let build_s = t0.elapsed().as_secs_f64();
     assert_eq!(live.len(), n);
     assert_eq!(live.changes(), None, "a new table has no base yet");
-    let base_bytes = live.bytes();
+    // A base holds the entries only, not the table's empty slots.
+    let base_bytes = n * DELTA_RECORD_BYTES;
     progress(format!(
         "built in {build_s:.2} s: capacity {}, load {:.1}%, {} bytes ({:.1} B/entry)",
         live.capacity(),
         100.0 * n as f64 / live.capacity() as f64,
-        base_bytes,
-        base_bytes as f64 / n as f64
+        live.bytes(),
+        live.bytes() as f64 / n as f64
     ));
     // Room for the largest plain write or read: a base, or a 100% delta.
     let mut buf = vec![0u8; base_bytes.max(n * DELTA_RECORD_BYTES) * 2];
@@ -417,13 +418,15 @@ fn main() {
                 pb.total[r]
             ));
         }
-        // the engine's rule (CumulateShard::checkpoint)
-        let fresh = delta_bytes * 1000 <= base_w.bytes * DELTAS_PER_BASE_MAX_PER_MILLE;
-        let chained = (engine_chain + delta_bytes) * 1000 <= base_w.bytes * DELTAS_PER_BASE_MAX_PER_MILLE;
+        // the engine's rule (TableOut::table; the table holds n entries,
+        // and three deltas stay far under the file limit)
+        let entry_bytes = (n * DELTA_RECORD_BYTES) as u64;
+        let fresh = delta_bytes * 1000 <= entry_bytes * DELTAS_PER_BASE_MAX_PER_MILLE;
+        let chained = (engine_chain + delta_bytes) * 1000 <= entry_bytes * DELTAS_PER_BASE_MAX_PER_MILLE;
         let pick = if chained { "delta" } else { "**base**" };
         let why = format!(
-            "engine writes: {pick} (deltas since base would be {:.1}% of the base; limit {}%){}",
-            100.0 * (engine_chain + delta_bytes) as f64 / base_w.bytes as f64,
+            "engine writes: {pick} (deltas since base would be {:.1}% of the entries' bytes; limit {}%){}",
+            100.0 * (engine_chain + delta_bytes) as f64 / entry_bytes as f64,
             DELTAS_PER_BASE_MAX_PER_MILLE / 10,
             if fresh == chained {
                 String::new()
@@ -574,8 +577,8 @@ fn main() {
         },
         live.capacity(),
         100.0 * n as f64 / live.capacity() as f64,
-        base_bytes,
-        base_bytes as f64 / n as f64
+        live.bytes(),
+        live.bytes() as f64 / n as f64
     );
     let _ = writeln!(
         w,
@@ -619,11 +622,11 @@ fn main() {
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "Engine policy (`DELTAS_PER_BASE_MAX_PER_MILLE` = {DELTAS_PER_BASE_MAX_PER_MILLE}): a delta while the deltas since \
-         the base, this one included, stay within {}% of the base's bytes, else a new base. A delta record is {DELTA_RECORD_BYTES} B \
-         against 16 B per slot of a base, so at this load a delta is chosen right after a base up to {:.0}% of the entries changed.",
+        "Engine policy (`DELTAS_PER_BASE_MAX_PER_MILLE` = {DELTAS_PER_BASE_MAX_PER_MILLE}, `DELTAS_PER_BASE_MAX` = \
+         {DELTAS_PER_BASE_MAX}): a delta while the deltas since the base, this one included, stay within {}% of the \
+         table's entries (as bytes) and {DELTAS_PER_BASE_MAX} files, else a new base. A base and a delta record are both \
+         {DELTA_RECORD_BYTES} B per entry (a base holds no empty slots).",
         DELTAS_PER_BASE_MAX_PER_MILLE / 10,
-        100.0 * (base_bytes as f64 * DELTAS_PER_BASE_MAX_PER_MILLE as f64 / 1000.0 / DELTA_RECORD_BYTES as f64) / n as f64
     );
     print!("{out}");
     if !keep {

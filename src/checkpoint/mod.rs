@@ -9,7 +9,7 @@
 //! LOCK                      held (flock) by the one process using the directory
 //! MANIFEST                  the current checkpoint: JSON, then a line `xxh3:<hex>`
 //! live/shard-S/…            the dedup tables the run works on (memory-mapped)
-//! ckpt/sS-mM-pP-gG.base     a table's slots at checkpoint G
+//! ckpt/sS-mM-pP-gG.base     a table's entries at checkpoint G
 //! ckpt/sS-mM-pP-gG.delta    the entries changed since the previous checkpoint
 //! ckpt/gG-sS.shard          a shard's open slices, progress and table chains
 //! ckpt/gG.meta              emitter state, per-source counters, line counts
@@ -39,7 +39,7 @@ use crate::runtime::stats::SourceStats;
 use crate::state::dedup::Written;
 
 /// Version of the state directory layout.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const CKPT_DIR: &str = "ckpt";
 pub const LIVE_DIR: &str = "live";

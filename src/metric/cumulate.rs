@@ -415,9 +415,15 @@ pub struct CumulateShardSaved {
 }
 
 /// A delta is written while the deltas since the base stay under this
-/// share of the base (per mille); past it a new base replaces them, which
-/// bounds both restore work and disk use.
-pub const DELTAS_PER_BASE_MAX_PER_MILLE: u64 = 500;
+/// share of the table's entries (per mille, as bytes: what a base of the
+/// table would hold now), and [`DELTAS_PER_BASE_MAX`]; past either a new
+/// base replaces them. That bounds restore work and disk use to twice the
+/// entries, and lets a table that only grows (a day's dedup table fills
+/// all day) write deltas of its new entries instead of a base of all of
+/// them at every checkpoint.
+pub const DELTAS_PER_BASE_MAX_PER_MILLE: u64 = 1000;
+/// Delta files a chain may hold before a new base (a restore opens them all).
+pub const DELTAS_PER_BASE_MAX: usize = 64;
 
 /// Cleared slices a shard keeps for the slices it opens next.
 const FREE_SLICES_MAX: usize = 8;
@@ -1002,8 +1008,9 @@ struct TableOut<'a> {
 impl TableOut<'_> {
     /// Copies a table's changes since its chain's last file (a delta), or
     /// the whole table (a base: when new, or when the deltas would pass
-    /// [`DELTAS_PER_BASE_MAX_PER_MILLE`] of the base); returns the chain to
-    /// record, the base's capacity and the table's length.
+    /// [`DELTAS_PER_BASE_MAX_PER_MILLE`] of the table's entries or
+    /// [`DELTAS_PER_BASE_MAX`] files); returns the chain to record, the
+    /// base's capacity and the table's length.
     fn table<E: Slot>(
         &mut self,
         table: &mut Table<E>,
@@ -1014,7 +1021,9 @@ impl TableOut<'_> {
         let c = match (chain.as_mut(), table.changes()) {
             (Some(c), Some(0)) => c.clone(),
             (Some(c), Some(n))
-                if (c.delta_bytes() + n as u64 * record) * 1000 <= c.base.bytes * DELTAS_PER_BASE_MAX_PER_MILLE =>
+                if c.deltas.len() < DELTAS_PER_BASE_MAX
+                    && (c.delta_bytes() + n as u64 * record) * 1000
+                        <= table.len() as u64 * record * DELTAS_PER_BASE_MAX_PER_MILLE =>
             {
                 let file = format!("{stem}.delta");
                 let (bytes, w) = table.snapshot_delta(self.pool, self.generation)?;
@@ -1767,9 +1776,69 @@ fn merge_shipped(shipped: &[SliceCols], nv: usize) -> (Vec<u32>, Vec<Sums>, Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::dedup::ENTRY_BYTES;
 
     fn geo() -> Geometry {
         Geometry::of(60_000, 86_400_000, 8 * 3_600_000)
+    }
+
+    /// Checkpoints of one table through [`TableOut::table`]: each round
+    /// adds `new` entries and rewrites `changed` of the old ones; returns
+    /// "B" (base) or "d" (delta) per round.
+    fn chain_decisions(rounds: &[(u64, u64)]) -> String {
+        let dir = Path::new("/nonexistent");
+        let pool = Arc::new(SnapshotPool::default());
+        let (mut files, mut written) = (Vec::new(), 0);
+        let mut table = DedupTable::anonymous().unwrap();
+        table.track_changes();
+        let (mut chain, mut next, mut decided) = (None, 0u64, String::new());
+        for (g, &(new, changed)) in rounds.iter().enumerate() {
+            for d in 0..changed.min(next) {
+                // an earlier first slice: the entry is rewritten
+                table.observe(d.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, 0, 1_000 - g as u32).unwrap();
+            }
+            for d in next..next + new {
+                table.observe(d.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, 0, 1_000).unwrap();
+            }
+            next += new;
+            let mut out = TableOut { dir, generation: g as u64, pool: &pool, files: &mut files, written: &mut written };
+            let (c, _, len) = out.table(&mut table, &mut chain, &format!("t-g{g}")).unwrap();
+            assert_eq!(len, next);
+            let held: u64 = std::iter::once(&c.base).chain(&c.deltas).map(|f| f.bytes).sum();
+            assert!(held <= 2 * next * ENTRY_BYTES as u64, "the chain holds at most twice the entries");
+            decided.push(if c.deltas.is_empty() { 'B' } else { 'd' });
+        }
+        decided
+    }
+
+    #[test]
+    fn a_growing_table_writes_deltas_of_its_new_entries() {
+        // Doubling at every checkpoint: each delta is as large as the
+        // table was before, never more than its entries now.
+        assert_eq!(chain_decisions(&[(1_000, 0), (1_000, 0), (2_000, 0), (4_000, 0)]), "Bddd");
+        let base = ENTRY_BYTES as u64 * 1_000;
+        let pool = Arc::new(SnapshotPool::default());
+        let mut table = DedupTable::anonymous().unwrap();
+        table.track_changes();
+        for d in 0..1_000u64 {
+            table.observe(d.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, 0, 1_000).unwrap();
+        }
+        let (mut files, mut written, mut chain) = (Vec::new(), 0, None);
+        let mut out =
+            TableOut { dir: Path::new("/x"), generation: 1, pool: &pool, files: &mut files, written: &mut written };
+        let (c, capacity, _) = out.table(&mut table, &mut chain, "t").unwrap();
+        assert_eq!((c.base.bytes, capacity), (base, table.capacity() as u64), "a base is the entries only");
+    }
+
+    #[test]
+    fn a_chain_gets_a_new_base_past_the_entries_or_the_file_limit() {
+        // 1,000 entries rewritten at every checkpoint: the second delta
+        // would make the deltas 2,000 entries against 1,000 in the table.
+        assert_eq!(chain_decisions(&[(1_000, 0), (0, 600), (0, 600), (0, 600)]), "BdBd");
+        let many = vec![(10, 0); DELTAS_PER_BASE_MAX + 3];
+        let decided = chain_decisions(&[&[(100_000, 0)][..], &many].concat());
+        let want = format!("B{}B{}", "d".repeat(DELTAS_PER_BASE_MAX), "dd");
+        assert_eq!(decided, want, "a base after {DELTAS_PER_BASE_MAX} deltas");
     }
 
     #[test]

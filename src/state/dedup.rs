@@ -208,6 +208,37 @@ mod tests {
     }
 
     #[test]
+    fn a_base_holds_the_entries_only_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = DedupTable::anonymous().unwrap();
+        t.track_changes();
+        for d in 1..=3u64 {
+            t.observe(d.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0, 5).unwrap();
+        }
+        let b = dir.path().join("b");
+        let bw = t.write_base(&b).unwrap();
+        assert_eq!(bw.bytes, 3 * ENTRY_BYTES as u64, "a base is the entries, not the {} slots", t.capacity());
+        let back = DedupTable::restore(None, "t".into(), t.capacity(), 3, (&b, bw), &[]).unwrap();
+        assert_eq!(back.len(), 3);
+        let bytes = std::fs::read(&b).unwrap();
+        let refused = |bytes: &[u8], w: Written| {
+            std::fs::write(&b, bytes).unwrap();
+            DedupTable::restore(None, "t".into(), t.capacity(), 3, (&b, w), &[]).err().unwrap().to_string()
+        };
+        let e = refused(&bytes[..bytes.len() - 1], bw);
+        assert!(e.contains("bytes, the checkpoint says"), "{e}");
+        let cut = &bytes[..bytes.len() - 1];
+        let e = refused(cut, Written { bytes: cut.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(cut) });
+        assert!(e.contains("whole number"), "{e}");
+        let mut zeroed = bytes.clone();
+        zeroed[ENTRY_BYTES..2 * ENTRY_BYTES].fill(0);
+        let e = refused(&zeroed, Written { bytes: bw.bytes, xxh3: xxhash_rust::xxh3::xxh3_64(&zeroed) });
+        assert!(e.contains("an empty entry"), "{e}");
+        let e = refused(&bytes, Written { bytes: bw.bytes, xxh3: bw.xxh3 ^ 1 });
+        assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[test]
     fn grows_in_a_file_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = DedupTable::in_dir(dir.path().to_owned(), "m0-p1".into(), 0).unwrap();

@@ -10,9 +10,12 @@
 //! Checkpoints: with [`Table::track_changes`] on, every slot written sets one
 //! bit in a bitmap (a bit per slot), so a checkpoint writes only the slots
 //! that changed since the last one (a delta: the changed entries, which
-//! stay marked when a growth moves them) or the whole table (a base).
-//! [`Table::restore`] reads a base back and upserts its deltas' entries in
-//! order.
+//! stay marked when a growth moves them) or every entry (a base). Both
+//! files are entries only, in slot order, never empty slots: a base is the
+//! table's entries and nothing of its layout, so it costs its entries'
+//! bytes whatever the load. [`Table::restore`] upserts a base's entries
+//! into a table of the base's capacity (in slot order: the inserts walk the
+//! table from front to back), then its deltas' entries in order.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -248,12 +251,13 @@ impl<E: Slot> Table<E> {
 
 /// Checkpoint files of a table.
 impl<E: Slot> Table<E> {
-    /// Copies every slot (a base) and clears the change bitmap. The copy
+    /// Copies every entry (a base) and clears the change bitmap. The copy
     /// is written out later, off the hot path (see [`Table::write_base`]).
     pub fn snapshot_base(&mut self, pool: &Arc<SnapshotPool>, generation: u64) -> io::Result<(Snapshot, Written)> {
-        let bytes = &self.map[..self.capacity * E::BYTES];
-        let mut copy = pool.take(bytes.len(), generation)?;
-        copy.copy_from_slice(bytes);
+        let mut copy = pool.take(self.len * E::BYTES, generation)?;
+        let held = self.entries().iter().filter(|e| !e.is_empty());
+        let copied = copy_entries(&mut copy, held);
+        debug_assert_eq!(copied, self.len, "the table's length counts its entries");
         let written = Written { bytes: copy.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&copy) };
         self.moved = false;
         self.dirty.fill(0);
@@ -267,17 +271,17 @@ impl<E: Slot> Table<E> {
         assert!(!self.moved, "a delta needs a base of the same layout");
         let mut copy = pool.take(self.changes().unwrap_or(0) * Self::DELTA_RECORD_BYTES, generation)?;
         let entries: &[E] = bytemuck::cast_slice(&self.map[..self.capacity * E::BYTES]);
-        let mut out = copy.chunks_exact_mut(Self::DELTA_RECORD_BYTES);
-        for (w, word) in self.dirty.iter_mut().enumerate() {
+        let changed = self.dirty.iter_mut().enumerate().flat_map(|(w, word)| {
             let mut bits = std::mem::take(word);
-            while bits != 0 {
-                let slot = w * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                if let Some(o) = out.next() {
-                    o.copy_from_slice(bytemuck::bytes_of(&entries[slot]));
-                }
-            }
-        }
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let slot = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    &entries[slot]
+                })
+            })
+        });
+        copy_entries(&mut copy, changed);
         let written = Written { bytes: copy.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&copy) };
         Ok((copy, written))
     }
@@ -298,7 +302,7 @@ impl<E: Slot> Table<E> {
 
     /// Rebuilds a table from its base and deltas (checked against their
     /// recorded sizes and checksums), tracking changes from there on.
-    /// `dir`/`name` as for [`Table::create`].
+    /// `dir`/`name` as for [`Table::create`]; `capacity` is the base's.
     pub fn restore(
         dir: Option<PathBuf>,
         name: String,
@@ -307,33 +311,22 @@ impl<E: Slot> Table<E> {
         base: (&Path, Written),
         deltas: &[(PathBuf, Written)],
     ) -> io::Result<Table<E>> {
-        if base.1.bytes != (capacity * E::BYTES) as u64 {
-            return Err(corrupt(base.0, "base size does not match the table's capacity"));
+        if base.1.bytes > (capacity * E::BYTES) as u64 {
+            return Err(corrupt(base.0, "holds more entries than the table's capacity"));
         }
         let backing = match dir {
             None => Backing::Anon,
             Some(dir) => Backing::File { dir, name, generation: 0 },
         };
         let mut t: Table<E> = Table::with_capacity(backing, capacity)?;
-        let bytes = &mut t.map[..capacity * E::BYTES];
-        read_exactly(base.0, bytes)?;
-        if xxhash_rust::xxh3::xxh3_64(bytes) != base.1.xxh3 {
-            return Err(corrupt(base.0, "checksum mismatch"));
-        }
-        t.len = t.entries().iter().filter(|e| !e.is_empty()).count();
-        for (path, w) in deltas {
-            let mut buf = vec![0u8; w.bytes as usize];
-            read_exactly(path, &mut buf)?;
-            if !buf.len().is_multiple_of(Self::DELTA_RECORD_BYTES) || xxhash_rust::xxh3::xxh3_64(&buf) != w.xxh3 {
-                return Err(corrupt(path, "checksum mismatch"));
-            }
-            for r in buf.chunks_exact(Self::DELTA_RECORD_BYTES) {
-                let e: E = bytemuck::pod_read_unaligned(r);
+        let mut buf = vec![0u8; RESTORE_CHUNK_ENTRIES * E::BYTES];
+        for (path, w) in std::iter::once((base.0, base.1)).chain(deltas.iter().map(|(p, w)| (p.as_path(), *w))) {
+            read_entries(path, w, &mut buf, |e: E| {
                 if e.is_empty() {
                     return Err(corrupt(path, "an empty entry"));
                 }
-                t.upsert(e)?;
-            }
+                t.upsert(e)
+            })?;
         }
         let held = t.entries().iter().filter(|e| !e.is_empty()).count();
         if held != len || t.len != len {
@@ -343,6 +336,49 @@ impl<E: Slot> Table<E> {
         t.track_changes();
         Ok(t)
     }
+}
+
+/// Entries a restore reads per `read` call.
+const RESTORE_CHUNK_ENTRIES: usize = 1 << 16;
+
+/// Copies `entries` into `out` one after the other; returns how many fit.
+fn copy_entries<'a, E: Slot>(out: &mut [u8], entries: impl Iterator<Item = &'a E>) -> usize {
+    out.chunks_exact_mut(E::BYTES).zip(entries).map(|(o, e)| o.copy_from_slice(bytemuck::bytes_of(e))).count()
+}
+
+/// Reads the entries of a checkpoint file written as `w` (a base or a
+/// delta) through `buf`, a whole number of entries long, handing each to
+/// `each`; checks the file's size first and its checksum at the end.
+fn read_entries<E: Slot>(
+    path: &Path,
+    w: Written,
+    buf: &mut [u8],
+    mut each: impl FnMut(E) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut f = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let size = f.metadata()?.len();
+    if size != w.bytes {
+        return Err(corrupt(path, &format!("{size} bytes, the checkpoint says {}", w.bytes)));
+    }
+    if !size.is_multiple_of(E::BYTES as u64) {
+        return Err(corrupt(path, &format!("{size} bytes is not a whole number of {}-byte entries", E::BYTES)));
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut left = size as usize;
+    while left > 0 {
+        let n = left.min(buf.len());
+        let chunk = &mut buf[..n];
+        f.read_exact(chunk)?;
+        hasher.update(chunk);
+        for r in chunk.chunks_exact(E::BYTES) {
+            each(bytemuck::pod_read_unaligned(r))?;
+        }
+        left -= chunk.len();
+    }
+    if hasher.digest() != w.xxh3 {
+        return Err(corrupt(path, "checksum mismatch"));
+    }
+    Ok(())
 }
 
 impl<E: Slot> Table<E> {
@@ -369,16 +405,6 @@ impl<E: Slot> Table<E> {
 
 fn corrupt(path: &Path, why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
-}
-
-/// Fills `buf` from the file at `path`, which must be exactly that long.
-fn read_exactly(path: &Path, buf: &mut [u8]) -> io::Result<()> {
-    let mut f = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    let size = f.metadata()?.len();
-    if size != buf.len() as u64 {
-        return Err(corrupt(path, &format!("{size} bytes, the checkpoint says {}", buf.len())));
-    }
-    f.read_exact(buf)
 }
 
 impl<E: Slot> Drop for Table<E> {
