@@ -238,6 +238,65 @@ mod tests {
         assert!(e.contains("checksum"), "{e}");
     }
 
+    /// Device fingerprints whose entry (key 0) has home slot `slot` in a
+    /// table of `capacity` slots.
+    fn homed_at(slot: usize, capacity: usize, count: usize) -> Vec<u64> {
+        (1u64..).filter(|&d| home(mix(d, 0), capacity) == slot).take(count).collect()
+    }
+
+    #[test]
+    fn a_base_restores_every_entry_to_its_slot_across_the_table_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = DedupTable::anonymous().unwrap();
+        let c = t.capacity();
+        // A run that wraps: four entries homed at the last slot fill it and
+        // the first three; one homed at slot 0 lands after them; and two
+        // runs in the middle of the table.
+        let mut fps = homed_at(c - 1, c, 4);
+        fps.extend(homed_at(0, c, 1));
+        fps.extend(homed_at(7, c, 3));
+        fps.extend(homed_at(c / 2, c, 2));
+        for &d in &fps {
+            assert_eq!(t.observe(d, 0, 9).unwrap(), Seen::New);
+        }
+        let slot_of = |t: &DedupTable, d: u64| t.entries().iter().position(|e| e.device_fp == d && e.first_slice != 0);
+        assert_eq!(slot_of(&t, fps[3]), Some(2), "the run wraps past the table's end");
+        let b = dir.path().join("b");
+        let bw = t.write_base(&b).unwrap();
+        let back = DedupTable::restore(None, "t".into(), c, fps.len(), (&b, bw), &[]).unwrap();
+        assert_eq!(back.entries(), t.entries(), "every entry at its own slot");
+        for &d in &fps {
+            assert_eq!(back.get(d, 0).map(|e| e.first_slice), Some(9));
+        }
+    }
+
+    #[test]
+    fn a_base_in_another_order_still_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = DedupTable::anonymous().unwrap();
+        let fps: Vec<u64> = (1..200u64).map(|d| d.wrapping_mul(0x2545_F491_4F6C_DD1D)).collect();
+        for &d in &fps {
+            t.observe(d, 0, 9).unwrap();
+        }
+        let b = dir.path().join("b");
+        t.write_base(&b).unwrap();
+        // Two entries of the base swapped: placed in file order, the one
+        // now second would land past the other, away from its home.
+        let mut entries: Vec<Entry> =
+            std::fs::read(&b).unwrap().chunks_exact(ENTRY_BYTES).map(bytemuck::pod_read_unaligned).collect();
+        let home_of = |e: &Entry| home(e.hash(), t.capacity());
+        assert!(home_of(&entries[1]) + 1 < home_of(&entries[2]), "two runs apart");
+        entries.swap(1, 2);
+        let bytes: &[u8] = bytemuck::cast_slice(&entries);
+        std::fs::write(&b, bytes).unwrap();
+        let w = Written { bytes: bytes.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(bytes) };
+        let back = DedupTable::restore(None, "t".into(), t.capacity(), t.len(), (&b, w), &[]).unwrap();
+        assert_eq!(back.len(), t.len());
+        for &d in &fps {
+            assert_eq!(back.get(d, 0).map(|e| e.first_slice), Some(9), "device {d:#x}");
+        }
+    }
+
     #[test]
     fn grows_in_a_file_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();

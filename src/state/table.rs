@@ -13,9 +13,12 @@
 //! stay marked when a growth moves them) or every entry (a base). Both
 //! files are entries only, in slot order, never empty slots: a base is the
 //! table's entries and nothing of its layout, so it costs its entries'
-//! bytes whatever the load. [`Table::restore`] upserts a base's entries
-//! into a table of the base's capacity (in slot order: the inserts walk the
-//! table from front to back), then its deltas' entries in order.
+//! bytes whatever the load. A base starts after an empty slot and goes
+//! round the table from there, so no probe run is cut by the file's start:
+//! [`Table::restore`] puts each of its entries back into a table of the
+//! base's capacity at the slot it had (its home, or the slot after the
+//! previous entry's, whichever comes later), writing the table front to
+//! back without probing; then it upserts the deltas' entries in order.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -253,9 +256,14 @@ impl<E: Slot> Table<E> {
 impl<E: Slot> Table<E> {
     /// Copies every entry (a base) and clears the change bitmap. The copy
     /// is written out later, off the hot path (see [`Table::write_base`]).
+    /// The entries go in slot order from just after the first empty slot
+    /// round to it (see [`BasePlacer`]).
     pub fn snapshot_base(&mut self, pool: &Arc<SnapshotPool>, generation: u64) -> io::Result<(Snapshot, Written)> {
         let mut copy = pool.take(self.len * E::BYTES, generation)?;
-        let held = self.entries().iter().filter(|e| !e.is_empty());
+        let entries = self.entries();
+        let empty = entries.iter().position(|e| e.is_empty()).unwrap_or(0);
+        let (before, after) = entries.split_at(empty);
+        let held = after.iter().chain(before).filter(|e| !e.is_empty());
         let copied = copy_entries(&mut copy, held);
         debug_assert_eq!(copied, self.len, "the table's length counts its entries");
         let written = Written { bytes: copy.len() as u64, xxh3: xxhash_rust::xxh3::xxh3_64(&copy) };
@@ -320,10 +328,16 @@ impl<E: Slot> Table<E> {
         };
         let mut t: Table<E> = Table::with_capacity(backing, capacity)?;
         let mut buf = vec![0u8; RESTORE_CHUNK_ENTRIES * E::BYTES];
-        for (path, w) in std::iter::once((base.0, base.1)).chain(deltas.iter().map(|(p, w)| (p.as_path(), *w))) {
+        let mut placer = BasePlacer::default();
+        for (i, (path, w)) in
+            std::iter::once((base.0, base.1)).chain(deltas.iter().map(|(p, w)| (p.as_path(), *w))).enumerate()
+        {
             read_entries(path, w, &mut buf, |e: E| {
                 if e.is_empty() {
                     return Err(corrupt(path, "an empty entry"));
+                }
+                if i == 0 && placer.put(&mut t, e) {
+                    return Ok(());
                 }
                 t.upsert(e)
             })?;
@@ -335,6 +349,56 @@ impl<E: Slot> Table<E> {
         t.moved = false;
         t.track_changes();
         Ok(t)
+    }
+}
+
+/// Puts a base's entries back at their slots without probing. A base
+/// lists the entries in slot order starting after an empty slot, so its
+/// first entry sits at its own home (the slot before it is empty), and
+/// counting slots from there (unrolled: no probe run crosses the empty
+/// slot) each entry sits at its home or right after the previous entry,
+/// whichever is later. Every placement is checked to leave a valid table
+/// (the home lies in the run of filled slots that ends at the entry, and
+/// the table keeps an empty slot); the first one that would not, and
+/// everything after it, goes through [`Table::upsert`] instead, so a base
+/// in another order still restores, only slower.
+#[derive(Default)]
+struct BasePlacer {
+    /// Slot of the first entry (unrolled position 0).
+    origin: Option<usize>,
+    /// Unrolled position after the last entry placed.
+    next: usize,
+    /// Unrolled position where the run of filled slots ending at `next` starts.
+    run_start: usize,
+    off: bool,
+}
+
+impl BasePlacer {
+    /// Places `e` into `t` (a table being restored); false if it must be
+    /// upserted instead.
+    #[inline]
+    fn put<E: Slot>(&mut self, t: &mut Table<E>, e: E) -> bool {
+        let c = t.capacity;
+        if self.off || (t.len + 1) * 1000 > c * LOAD_MAX_PER_MILLE {
+            self.off = true;
+            return false;
+        }
+        let h = home(e.hash(), c);
+        let origin = *self.origin.get_or_insert(h);
+        let unrolled_home = if h >= origin { h - origin } else { h + c - origin };
+        let u = unrolled_home.max(self.next);
+        if u > self.next {
+            self.run_start = u;
+        }
+        if unrolled_home < self.run_start || u >= c {
+            self.off = true;
+            return false;
+        }
+        let slot = if u + origin >= c { u + origin - c } else { u + origin };
+        t.entries_mut()[slot] = e;
+        t.len += 1;
+        self.next = u + 1;
+        true
     }
 }
 
