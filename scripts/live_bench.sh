@@ -32,6 +32,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+for cmd in redis-server redis-cli python3; do
+  command -v "$cmd" > /dev/null || die "$cmd is needed (redis-server and redis-cli: apt-get install redis-server)"
+done
 log "cargo build --release"
 cargo build --release --quiet
 TALLY=target/release/tally

@@ -480,20 +480,23 @@ impl<E: Slot> Drop for Table<E> {
     }
 }
 
-/// Anonymous memory for `capacity` entries. Large tables ask for huge
-/// pages: a probe is a random access, and with 4 KiB pages almost every one
-/// also misses the TLB.
-/// Smaller tables are mapped populated: their pages exist from the start,
-/// instead of each first probe mapping the shared zero page and the first
-/// write then faulting again and flushing the TLB of every core (a tumble
-/// metric opens such tables every step).
+/// Anonymous memory for `capacity` entries, its pages faulted in writable
+/// from the start. Otherwise each page's first probe (a read) maps the
+/// shared zero page, and its first write faults again, copies and flushes
+/// that mapping from the TLB of every core with an interrupt (a rehash
+/// reads and writes every page of the new table at once; a tumble metric
+/// opens tables every step).
+/// Large tables also ask for huge pages: a probe is a random access, and
+/// with 4 KiB pages almost every one also misses the TLB.
 fn anon_map(bytes: usize) -> io::Result<MmapMut> {
     if bytes < HUGE_PAGE_MIN_BYTES {
         return memmap2::MmapOptions::new().len(bytes.max(1)).populate().map_anon();
     }
     let map = MmapMut::map_anon(bytes)?;
-    // Advice only: where huge pages are off, the table works as before.
+    // Advice only: where huge pages are off, or the kernel predates
+    // MADV_POPULATE_WRITE (5.14), the table works as before.
     let _ = map.advise(memmap2::Advice::HugePage);
+    let _ = map.advise(memmap2::Advice::PopulateWrite);
     Ok(map)
 }
 
@@ -551,6 +554,12 @@ mod tests {
     /// The `VmFlags` of the mapping that holds address `at`, from
     /// `/proc/self/smaps`.
     fn vm_flags(at: usize) -> String {
+        smaps_line(at, "VmFlags:")
+    }
+
+    /// The line starting with `key` of the mapping that holds address
+    /// `at`, from `/proc/self/smaps`.
+    fn smaps_line(at: usize, key: &str) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
@@ -558,11 +567,25 @@ mod tests {
                 let (lo, hi) = range.split_once('-').unwrap();
                 let (lo, hi) = (usize::from_str_radix(lo, 16).unwrap(), usize::from_str_radix(hi, 16).unwrap());
                 inside = (lo..hi).contains(&at);
-            } else if inside && line.starts_with("VmFlags:") {
+            } else if inside && line.starts_with(key) {
                 return line.to_string();
             }
         }
         panic!("no mapping holds {at:#x}");
+    }
+
+    #[test]
+    fn a_large_table_is_resident_before_its_first_write() {
+        let bytes = HUGE_PAGE_MIN_BYTES * 2;
+        let probe = MmapMut::map_anon(4096).unwrap();
+        if probe.advise(memmap2::Advice::PopulateWrite).is_err() {
+            return; // a kernel before 5.14 faults pages in as they are used
+        }
+        let map = anon_map(bytes).unwrap();
+        let at = map.as_ptr() as usize;
+        let rss_kb: usize = smaps_line(at, "Rss:").split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(rss_kb * 1024 >= bytes, "{rss_kb} kB resident of {bytes} bytes");
+        assert!(map.iter().all(|&b| b == 0), "a new table is empty");
     }
 
     #[test]
