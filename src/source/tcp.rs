@@ -36,7 +36,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::kafka::STREAM_FLUSH_INTERVAL;
-use super::stream::{BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, STREAM_BLOCK_BYTES};
+use super::stream::{
+    for_each_newline, BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, STREAM_BLOCK_BYTES,
+};
 use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::{Format, SourceSpec};
 
@@ -547,17 +549,19 @@ fn cut_records(conn: &mut Conn, binary: bool, max_line_bytes: usize) -> Option<S
         }
         return None;
     }
-    for nl in memchr::memchr_iter(b'\n', &b.data[conn.scanned..]) {
-        let end = conn.scanned + nl + 1;
-        let start = b.ends.last().map_or(0, |&e| e as usize);
+    let (scanned, next_record) = (conn.scanned, &mut conn.next_record);
+    let mut start = b.ends.last().map_or(0, |&e| e as usize);
+    for_each_newline(&b.data[scanned..], |nl| {
+        let end = scanned + nl + 1;
         if end - start > max_line_bytes + 1 {
-            break; // too long: handled below, as an open line would be
+            return false; // too long: handled below, as an open line would be
         }
         b.ends.push(end as u32);
-        b.offsets.push(conn.next_record);
-        conn.next_record += 1;
-    }
-    let start = b.ends.last().map_or(0, |&e| e as usize);
+        b.offsets.push(*next_record);
+        *next_record += 1;
+        start = end;
+        true
+    });
     conn.scanned = b.data.len();
     if b.data.len() - start > max_line_bytes + 1 {
         b.data.truncate(start + max_line_bytes + 1);
