@@ -6,7 +6,8 @@
 # Generates N JSON-lines events once (data/tcp-bench-N-D/), then per round:
 #   file: `tally run` of page_uv over the file, 2 workers (its summary's seconds);
 #   tcp:  `tally serve` of the same job with a TCP source, 2 workers; C client
-#         processes send the file's lines (split in C parts at line ends) with
+#         processes send the file's lines (dealt round-robin into C parts, so
+#         every client spans the whole time range, as live producers do) with
 #         sendfile(2); timed from the first byte sent until /metrics counts
 #         every event (tally_events_total).
 # Then the memory of K idle connections: the daemon's RSS with K clients
@@ -39,9 +40,14 @@ if [ ! -f "$DIR/events/events.jsonl" ]; then
     $TALLY gen --events "$EVENTS" --devices "$DEVICES" --out "$DIR/events"
 fi
 INPUT=$DIR/events/events.jsonl
-if [ ! -f "$DIR/parts/part-$CONNECTIONS-0" ]; then
-    mkdir -p "$DIR/parts"
-    split -n "l/$CONNECTIONS" -d -a 1 "$INPUT" "$DIR/parts/part-$CONNECTIONS-"
+# Round-robin, line by line: contiguous parts would put 1/C of the file's
+# time span between one connection and the next, and the source's watermark
+# (the slowest connection's) would then hold every window of the later
+# parts open to the end, which is not what ingest costs.
+PARTS=$DIR/parts-rr
+if [ ! -f "$PARTS/part-$CONNECTIONS-0" ]; then
+    mkdir -p "$PARTS"
+    split -n "r/$CONNECTIONS" -d -a 1 "$INPUT" "$PARTS/part-$CONNECTIONS-"
 fi
 
 # shellcheck source=scripts/lib.sh
@@ -139,7 +145,7 @@ for round in $(seq 1 "$RUNS"); do
     serve=$!
     wait_ready
     cpu0=$(cpu_ticks $serve)
-    seconds=$(/usr/bin/time -f "%U %S" -o "$DIR/sender-cpu" python3 -c "$SENDER" "$PORT" "$HTTP" "$events" "$DIR"/parts/part-"$CONNECTIONS"-*)
+    seconds=$(/usr/bin/time -f "%U %S" -o "$DIR/sender-cpu" python3 -c "$SENDER" "$PORT" "$HTTP" "$events" "$PARTS"/part-"$CONNECTIONS"-*)
     cpu1=$(cpu_ticks $serve)
     tcp_cpu=$(python3 -c "print(($cpu1 - $cpu0) / $(getconf CLK_TCK))")
     sender_cpu=$(awk '{ print $1 + $2 }' "$DIR/sender-cpu")
