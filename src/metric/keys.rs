@@ -200,7 +200,7 @@ impl KeyCache {
         m: usize,
         dict: &KeyDict,
         names: &[String],
-        values: impl Iterator<Item = FieldValue<'a>> + Clone,
+        mut values: impl Iterator<Item = FieldValue<'a>> + Clone,
     ) -> Result<u32, TooManyKeys> {
         if names.is_empty() {
             if self.empty[m] == NO_ID {
@@ -208,25 +208,30 @@ impl KeyCache {
             }
             return Ok(self.empty[m]);
         }
-        // One small integer dimension (binary codes, versions): a direct table.
-        let mut it = values.clone();
-        if let (Some(FieldValue::Int(v)), None) = (it.next(), it.next()) {
-            if let Some(id) = self.small[m].get(v as usize).copied().filter(|&id| id != NO_ID) {
-                if v >= 0 {
-                    return Ok(id);
-                }
-            }
-            let id = self.hashed(m, dict, names, values)?;
-            if (0..SMALL_INT_KEYS as i64).contains(&v) {
-                let table = &mut self.small[m];
-                if table.len() <= v as usize {
-                    table.resize(v as usize + 1, NO_ID);
-                }
-                table[v as usize] = id;
-            }
-            return Ok(id);
+        if names.len() > 1 {
+            return self.hashed(m, dict, names, values);
         }
-        self.hashed(m, dict, names, values)
+        // One field: its value is read once (reading it is not free: a
+        // joined field is a span into the dimension's row).
+        let value = values.next().unwrap_or(FieldValue::Null);
+        let FieldValue::Int(v) = value else {
+            return self.hashed(m, dict, names, std::iter::once(value));
+        };
+        // One small integer dimension (binary codes, versions): a direct table.
+        if let Some(id) = self.small[m].get(v as usize).copied().filter(|&id| id != NO_ID) {
+            if v >= 0 {
+                return Ok(id);
+            }
+        }
+        let id = self.hashed(m, dict, names, std::iter::once(value))?;
+        if (0..SMALL_INT_KEYS as i64).contains(&v) {
+            let table = &mut self.small[m];
+            if table.len() <= v as usize {
+                table.resize(v as usize + 1, NO_ID);
+            }
+            table[v as usize] = id;
+        }
+        Ok(id)
     }
 
     fn hashed<'a>(
