@@ -975,9 +975,11 @@ fn route(
     acc.times.push(ts);
     let device_fp = xxhash_rust::xxh3::xxh3_64(ev.did_bytes(record));
     let shard = ((device_fp as u128 * batches.len() as u128) >> 64) as usize;
-    // A summary's filter and values, evaluated once for all its sets.
+    // A summary's filter, values and slice, evaluated once for all its
+    // sets (they share its window).
     let mut passes = true;
     let mut nums = [0f64; SUMMARY_VALUES_MAX];
+    let mut slice = 0;
     for sm in &mut src.metrics {
         if !sm.same_as_prev {
             passes = sm.filter.as_mut().is_none_or(|f| f.passes(&|slot: &usize| ev.value(record, *slot)));
@@ -985,6 +987,7 @@ fn route(
                 for (n, &slot) in nums.iter_mut().zip(&sm.value_slots) {
                     *n = number(ev.value(record, slot));
                 }
+                slice = sm.geo.slice_of(ts);
             }
         }
         if !passes {
@@ -995,7 +998,7 @@ fn route(
         let key = keys
             .id(m, &sh.dicts[m], &sh.job.metrics[m].group_by, values)
             .map_err(|e| io::Error::other(format!("metric {:?}: {e}", sh.job.metrics[m].name)))?;
-        let slice = sm.geo.slice_of(ts);
+        debug_assert_eq!(slice, sm.geo.slice_of(ts), "a summary's sets share its window");
         if let Some(b) = &mut batches[shard] {
             b.records.push(Record { device_fp, key: (m as u32) << KEY_BITS | key, slice });
             if sm.text {
