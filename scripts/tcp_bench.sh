@@ -2,6 +2,7 @@
 # TCP ingest against file ingest on the same events, in the same run.
 #
 #   scripts/tcp_bench.sh [--events N] [--devices D] [--connections C] [--runs R] [--idle K]
+#                        [--client-cc NAME]
 #
 # Generates N JSON-lines events once (data/tcp-bench-N-D/), then per round:
 #   file: `tally run` of page_uv over the file, 2 workers (its summary's seconds);
@@ -10,13 +11,22 @@
 #         every client spans the whole time range, as live producers do) with
 #         sendfile(2); timed from the first byte sent until /metrics counts
 #         every event (tally_events_total).
+#
+# The clients' congestion control is `cubic` unless --client-cc names
+# another (`default`: the kernel's, net.ipv4.tcp_congestion_control). The
+# clients stand in for producers on other hosts, whose congestion control
+# runs on their own CPUs; on loopback a pacing one such as BBR (the
+# default of the VMs tally is measured on) fires its timers and softirqs
+# on the two cores being measured, for a bandwidth model loopback does
+# not need: here 0.3 CPU s more of the daemon's per round, and TCP / file
+# 0.62 against 0.97 (PERF.md).
 # Then the memory of K idle connections: the daemon's RSS with K clients
 # connected and silent, minus its RSS before they connected.
 # Prints a markdown report and saves it as data/tcp-bench-N-D/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EVENTS=10000000 DEVICES=1000000 CONNECTIONS=8 RUNS=3 IDLE=1000
+EVENTS=10000000 DEVICES=1000000 CONNECTIONS=8 RUNS=3 IDLE=1000 CLIENT_CC=cubic
 while [ $# -gt 0 ]; do
     case "$1" in
         --events) EVENTS=$2; shift 2 ;;
@@ -24,9 +34,18 @@ while [ $# -gt 0 ]; do
         --connections) CONNECTIONS=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --idle) IDLE=$2; shift 2 ;;
+        --client-cc) CLIENT_CC=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if [ "$CLIENT_CC" = default ]; then
+    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
+fi
+if ! grep -qw "$CLIENT_CC" /proc/sys/net/ipv4/tcp_available_congestion_control; then
+    echo "congestion control $CLIENT_CC is not available here: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)" >&2
+    exit 2
+fi
+export CLIENT_CC
 
 # TALLY=path: measure that binary (e.g. a copy of an older build) instead
 # of building target/release/tally.
@@ -90,13 +109,13 @@ path = "$(realpath "$DIR")/tcp-out.jsonl"
 http = "127.0.0.1:$HTTP"
 EOF
 
-# Sends the parts on one connection each (sendfile) while polling /metrics
-# on one keep-alive connection until the daemon counts every event, then
-# prints the seconds since the first connect; or with --idle K holds K
-# silent connections until stdin closes. (A curl per poll would cost the
+# Sends the parts on one connection each (sendfile, $CLIENT_CC) while
+# polling /metrics on one keep-alive connection until the daemon counts
+# every event, then prints the seconds since the first connect; or with
+# --idle K holds K silent connections until stdin closes. (A curl per poll would cost the
 # daemon's two cores about as much as the senders do.)
 SENDER=$(cat <<'PY'
-import http.client, socket, sys, threading, time
+import http.client, os, socket, sys, threading, time
 port = int(sys.argv[1])
 if sys.argv[2] == "--idle":
     conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(int(sys.argv[3]))]
@@ -106,7 +125,10 @@ if sys.argv[2] == "--idle":
 http_port, events = int(sys.argv[2]), int(sys.argv[3])
 key = 'tally_events_total{source="client"} '
 def send(path):
-    with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, os.environ["CLIENT_CC"].encode())
+    s.connect(("127.0.0.1", port))
+    with s, open(path, "rb") as f:
         s.sendfile(f)
 api = http.client.HTTPConnection("127.0.0.1", http_port)
 threads = [threading.Thread(target=send, args=(p,)) for p in sys.argv[4:]]
@@ -131,7 +153,7 @@ report=$DIR/report.md
     echo "# TCP vs file ingest ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
     echo
     echo "$(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "Input: $INPUT ($events events, $(du -h "$INPUT" | cut -f1)); TCP: $CONNECTIONS connections"
+    echo "Input: $INPUT ($events events, $(du -h "$INPUT" | cut -f1)); TCP: $CONNECTIONS connections, clients' congestion control $CLIENT_CC (kernel default $(cat /proc/sys/net/ipv4/tcp_congestion_control))"
     echo
     echo "| round | file M events/s | tcp M events/s | tcp / file | file run CPU s | tcp daemon CPU s | senders CPU s |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
@@ -178,6 +200,6 @@ fi
     echo "$idle_line"
     echo "Load after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    echo "Commands: \`$TALLY run --job $DIR/file.toml --workers 2\`; \`$TALLY serve --job $DIR/tcp.toml --workers 2\` fed by $CONNECTIONS sendfile(2) clients (scripts/tcp_bench.sh)."
+    echo "Commands: \`$TALLY run --job $DIR/file.toml --workers 2\`; \`$TALLY serve --job $DIR/tcp.toml --workers 2\` fed by $CONNECTIONS sendfile(2) clients, congestion control $CLIENT_CC (scripts/tcp_bench.sh --client-cc $CLIENT_CC)."
 } >> "$report"
 cat "$report"
