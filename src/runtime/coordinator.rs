@@ -330,6 +330,7 @@ impl<'a> Coordinator<'a> {
                 self.tick(sh);
                 if let Some(e) = self.kafka.iter().flatten().find_map(|k| k.failed.lock().ok()?.clone()) {
                     sh.abort.store(true, Ordering::Relaxed);
+                    sh.wake.all();
                     failure = Some(format!("a Kafka source failed: {e}"));
                 }
             }
@@ -349,6 +350,7 @@ impl<'a> Coordinator<'a> {
                 ToEmitter::Finished(r) => reports.push(*r),
                 ToEmitter::Failed(e) => {
                     sh.abort.store(true, Ordering::Relaxed);
+                    sh.wake.all();
                     failure.get_or_insert(e);
                 }
             }
@@ -435,6 +437,7 @@ impl<'a> Coordinator<'a> {
                 self.stop_seen = true;
                 self.stopped = true;
                 sh.abort.store(true, Ordering::Relaxed);
+                sh.wake.all();
             }
             return;
         };
@@ -479,6 +482,7 @@ impl<'a> Coordinator<'a> {
             Arc::new(CutRequest { generation, blocks, stop, dir: ck.state.ckpt(), snapshots: ck.snapshots.clone() });
         *sh.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.clone());
         sh.cut_epoch.store(generation, Ordering::Release);
+        sh.wake.all();
         ck.pending = Some(Pending { req, task, started, reports: Vec::new() });
         if stop {
             self.stop_seen = true;

@@ -311,6 +311,11 @@ impl Router {
         self.staged.is_empty() && self.claimed == 0
     }
 
+    /// Whether reads this router queued are still to complete.
+    pub fn reading(&self) -> bool {
+        self.claimed > 0
+    }
+
     pub fn uses_io_uring(&self) -> bool {
         self.reader.uses_io_uring()
     }
@@ -574,6 +579,7 @@ impl Router {
         // for one of ours) must not hold back the blocks staged after it.
         // Shards take a source's blocks in any order.
         let mut moved = false;
+        let mut resolved = false;
         let mut i = 0;
         while i < self.staged.len() {
             let st = &mut self.staged[i];
@@ -583,6 +589,7 @@ impl Router {
                     continue;
                 }
                 moved = true;
+                resolved = true;
                 let mut times = std::mem::take(&mut st.times);
                 times.clear();
                 self.spare_times.push(times);
@@ -595,7 +602,12 @@ impl Router {
             for (s, slot) in st.batches.iter_mut().enumerate() {
                 if let Some(b) = slot.take() {
                     match sh.mesh.send(self.w, s, b) {
-                        Ok(()) => moved = true,
+                        Ok(()) => {
+                            moved = true;
+                            if s != self.w {
+                                sh.wake.one(s);
+                            }
+                        }
                         Err(b) => *slot = Some(b),
                     }
                 }
@@ -605,6 +617,10 @@ impl Router {
             } else {
                 self.staged.remove(i);
             }
+        }
+        if resolved {
+            // The next blocks of these sources may wait on another router.
+            sh.wake.others(self.w);
         }
         moved
     }

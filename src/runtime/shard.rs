@@ -312,6 +312,9 @@ impl Shard {
         self.apply(&batch, sh.mesh.n)?;
         self.progress[batch.source].mark(batch.seq, batch.wm_ms);
         sh.mesh.give_back(r, self.s, batch);
+        if r != self.s {
+            sh.wake.one(r);
+        }
         Ok(())
     }
 

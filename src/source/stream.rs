@@ -28,7 +28,7 @@ use super::throttle::Throttle;
 use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::Format;
 use crate::runtime::mesh::BlockSeq;
-use crate::runtime::NO_EVENTS;
+use crate::runtime::{Wake, NO_EVENTS};
 
 /// Bytes of messages a reader packs into one block before pushing it.
 pub const STREAM_BLOCK_BYTES: usize = 1 << 20;
@@ -271,6 +271,8 @@ pub enum StreamClaim {
 
 struct Queue {
     blocks: VecDeque<StreamBlock>,
+    /// The routers to wake when a block arrives (set when a run starts).
+    wake: Option<Arc<Wake>>,
     /// Seq of the next block pushed.
     next_push: BlockSeq,
     /// Seq of the next block claimed.
@@ -334,6 +336,7 @@ impl Stream {
             delay_ms,
             queue: Mutex::new(Queue {
                 blocks: VecDeque::new(),
+                wake: None,
                 next_push: seq,
                 next_claim: seq,
                 paused: false,
@@ -436,7 +439,17 @@ impl Stream {
         q.end_pushed = block.kind == BlockKind::End;
         self.bytes.fetch_add(block.data.len() as u64, Ordering::Relaxed);
         q.blocks.push_back(block);
+        let wake = q.wake.clone();
+        drop(q);
+        if let Some(w) = wake {
+            w.all();
+        }
         Ok(())
+    }
+
+    /// Wakes the run's workers whenever a block arrives from now on.
+    pub fn set_wake(&self, wake: Arc<Wake>) {
+        lock(&self.queue).wake = Some(wake);
     }
 
     /// Queues a block for a reader that may wait (Kafka, followed files):
@@ -654,6 +667,20 @@ mod tests {
 
     fn ids(n: i32) -> Vec<PartId> {
         (0..n).map(|partition| PartId { topic: "t".into(), partition }).collect()
+    }
+
+    #[test]
+    fn a_pushed_block_wakes_the_parked_workers() {
+        let (wake, parkers) = Wake::new(2);
+        let stream = Stream::new(0, 0, None);
+        stream.set_wake(Arc::new(wake));
+        stream.push(StreamBlock::marker(0, BlockKind::Data)).expect("room in the queue");
+        // Woken before it parks: each park returns at once, not after a minute.
+        for p in &parkers {
+            let t = std::time::Instant::now();
+            p.park_timeout(std::time::Duration::from_secs(60));
+            assert!(t.elapsed() < std::time::Duration::from_secs(30), "a push must wake every worker");
+        }
     }
 
     #[test]
