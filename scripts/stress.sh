@@ -11,7 +11,9 @@
 # R is the average and the peak runs about six times faster); the delay is
 # sampled every second. Flat: over the second half of the run it grows by
 # less than 0.5 s. The generator runs on the same machine and takes its share
-# of the cores. Prints a markdown report (data/stress/report.md).
+# of the cores. The daemon's CPU is counted while the generator runs, in
+# cores (a daemon below its limit should use about rate / capacity of them).
+# Prints a markdown report (data/stress/report.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +29,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release --quiet
-TALLY=target/release/tally
+# TALLY=path: measure that binary instead of building target/release/tally.
+if [ -z "${TALLY:-}" ]; then
+    cargo build --release --quiet
+    TALLY=target/release/tally
+fi
 DIR=data/stress
 mkdir -p "$DIR"
 # shellcheck source=scripts/lib.sh
@@ -41,8 +46,8 @@ report=$DIR/report.md
     echo "$(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$CONNECTIONS connections, $SECONDS_PER_RATE s per rate, $DEVICES devices, shape $SHAPE; generator on the same machine"
     echo
-    echo "| rate events/s | events | delay at 1/2 s | delay at end s | growth over 2nd half s | flat | events/s taken | RSS MB |"
-    echo "|---:|---:|---:|---:|---:|---|---:|---:|"
+    echo "| rate events/s | events | delay at 1/2 s | delay at end s | growth over 2nd half s | flat | events/s taken | daemon CPU cores | RSS MB |"
+    echo "|---:|---:|---:|---:|---:|---|---:|---:|---:|"
 } > "$report"
 best=0
 for R in $RATES; do
@@ -72,6 +77,7 @@ EOF
     wait_ready
     events=$((R * SECONDS_PER_RATE))
     now_ms=$(date +%s%3N)
+    cpu0=$(cpu_ticks $serve)
     $TALLY gen --events "$events" --devices "$DEVICES" --start-ms "$now_ms" --duration "${SECONDS_PER_RATE}s" \
         --shape "$SHAPE" --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" \
         --connections "$CONNECTIONS" --rate "$R" 2>"$DIR/gen.log" &
@@ -82,7 +88,7 @@ EOF
         delays+=("$(metric tally_data_delay_seconds)")
     done
     wait $gen || true
-    taken_at=$(date +%s.%N)
+    cpu1=$(cpu_ticks $serve)
     taken=$(metric 'tally_events_total{source="client"}')
     rss=$(awk '/VmRSS/ { printf "%.0f", $2/1024 }' "/proc/$serve/status")
     kill -TERM $serve; wait $serve || true
@@ -96,7 +102,10 @@ print(f"{d[half-1]:.1f} {d[-1]:.1f} {grow:.1f} {'yes' if second and grow < 0.5 e
 PY
 )
     rate_taken=$(python3 -c "print(round(${taken:-0} / $SECONDS_PER_RATE))")
-    echo "| $R | $events | $mid | $end | $growth | $flat | $rate_taken | $rss |" >> "$report"
+    # The daemon's CPU while the generator ran (its span: the rate's seconds
+    # or, when the generator falls behind, longer), over those seconds.
+    cores=$(python3 -c "print(f'{($cpu1 - $cpu0) / $(getconf CLK_TCK) / $SECONDS_PER_RATE:.2f}')")
+    echo "| $R | $events | $mid | $end | $growth | $flat | $rate_taken | $cores | $rss |" >> "$report"
     if [ "$flat" = yes ]; then best=$R; fi
 done
 {
