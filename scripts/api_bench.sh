@@ -55,10 +55,21 @@ $TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
 serve=$!
 trap 'kill -TERM $serve 2>/dev/null || true' EXIT
 wait_ready
+# The last two minutes: a minute's end lies at least 60 s before the last
+# event, so the watermark (5 s behind it) closes one and rows exist. (Over
+# one minute, a run started in a minute's first 5 s closed none and this
+# script waited for rows forever.)
 now=$(date +%s%3N)
-$TALLY gen --events 1000000 --devices "$DEVICES" --start-ms $((now - 60000)) --duration 60s --disorder 1s \
+$TALLY gen --events 1000000 --devices "$DEVICES" --start-ms $((now - 120000)) --duration 120s --disorder 1s \
     --late-fraction 0 --to "tcp://127.0.0.1:$PORT" 2>/dev/null
-until [ "$(metric tally_rows_total)" != "0" ]; do sleep 0.2; done
+for _ in $(seq 1 300); do
+    [ "$(metric tally_rows_total)" != "0" ] && break
+    sleep 0.2
+done
+if [ "$(metric tally_rows_total)" = "0" ]; then
+    echo "api_bench: no rows 60 s after the first events (see $DIR/serve.log)" >&2
+    exit 1
+fi
 sleep 3
 
 idle=$(python3 scripts/api_latency.py "$HTTP" page_uv "$RATE" "$SECS")
