@@ -3,26 +3,32 @@
 # ingests a TCP stream, in the same run.
 #
 #   scripts/api_bench.sh [--rate 1000] [--ingest 400000] [--seconds 15] [--devices 1000000]
+#                        [--client-cc NAME]
 #
-# A daemon (page_uv over a TCP source, 2 workers) first takes a minute of
-# events (event time: the last minute) so the API has keys; then
+# A daemon (page_uv over a TCP source, 2 workers) first takes 1M events
+# (event time: the last two minutes) so the API has keys; then
 # scripts/api_latency.py sends --rate /api/v1/latest requests a second for
 # --seconds over 4 keep-alive connections, once with no input arriving and
-# once while `tally gen --rate --ingest` streams on 8 connections. Prints a
-# markdown report (data/api-bench/report.md).
+# once while `tally gen --rate --ingest` streams on 8 connections (congestion
+# control cubic unless --client-cc names another, `default` the kernel's: see
+# scripts/tcp_bench.sh). Prints a markdown report (data/api-bench/report.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RATE=1000 INGEST=400000 SECS=15 DEVICES=1000000
+RATE=1000 INGEST=400000 SECS=15 DEVICES=1000000 CLIENT_CC=cubic
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) RATE=$2; shift 2 ;;
         --ingest) INGEST=$2; shift 2 ;;
         --seconds) SECS=$2; shift 2 ;;
         --devices) DEVICES=$2; shift 2 ;;
+        --client-cc) CLIENT_CC=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if [ "$CLIENT_CC" = default ]; then
+    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
+fi
 
 cargo build --release --quiet
 TALLY=target/release/tally
@@ -61,7 +67,7 @@ wait_ready
 # script waited for rows forever.)
 now=$(date +%s%3N)
 $TALLY gen --events 1000000 --devices "$DEVICES" --start-ms $((now - 120000)) --duration 120s --disorder 1s \
-    --late-fraction 0 --to "tcp://127.0.0.1:$PORT" 2>/dev/null
+    --late-fraction 0 --to "tcp://127.0.0.1:$PORT" --tcp-congestion "$CLIENT_CC" 2>/dev/null
 for _ in $(seq 1 300); do
     [ "$(metric tally_rows_total)" != "0" ] && break
     sleep 0.2
@@ -76,7 +82,7 @@ idle=$(python3 scripts/api_latency.py "$HTTP" page_uv "$RATE" "$SECS")
 before=$(metric 'tally_events_total{source="client"}')
 now=$(date +%s%3N)
 $TALLY gen --events $((INGEST * (SECS + 4))) --devices "$DEVICES" --start-ms "$now" --duration "$((SECS + 4))s" \
-    --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" --connections 8 --rate "$INGEST" 2>/dev/null &
+    --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" --connections 8 --rate "$INGEST" --tcp-congestion "$CLIENT_CC" 2>/dev/null &
 gen=$!
 sleep 2
 busy=$(python3 scripts/api_latency.py "$HTTP" page_uv "$RATE" "$SECS")
@@ -87,7 +93,7 @@ row() { python3 -c "import json,sys; r=json.loads(sys.argv[2]); print(f\"| {sys.
 {
     echo "# API latency ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) cores; load after: $(cut -d' ' -f1-3 /proc/loadavg). $RATE requests/s of /api/v1/latest over 4 keep-alive connections for $SECS s; ingest: \`tally gen --rate $INGEST --connections 8\` into a TCP source on the same machine."
+    echo "$(nproc) cores; load after: $(cut -d' ' -f1-3 /proc/loadavg). $RATE requests/s of /api/v1/latest over 4 keep-alive connections for $SECS s; ingest: \`tally gen --rate $INGEST --connections 8 --tcp-congestion $CLIENT_CC\` into a TCP source on the same machine."
     echo
     echo "| phase | requests | errors | requests/s | p50 ms | p90 ms | p99 ms | max ms |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|"

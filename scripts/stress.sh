@@ -3,7 +3,7 @@
 # (now - job watermark, /metrics tally_data_delay_seconds) stays flat.
 #
 #   scripts/stress.sh [--rates "200000 400000 800000"] [--seconds 20] [--connections 8]
-#                     [--devices 1000000] [--shape flat|peak]
+#                     [--devices 1000000] [--shape flat|peak] [--client-cc NAME]
 #
 # Per rate R: a fresh daemon (page_uv over a TCP source, max_out_of_orderness
 # 5s, 2 workers); `tally gen --to tcp://… --rate R --start-ms NOW` streams
@@ -13,11 +13,13 @@
 # less than 0.5 s. The generator runs on the same machine and takes its share
 # of the cores. The daemon's CPU is counted while the generator runs, in
 # cores (a daemon below its limit should use about rate / capacity of them).
-# Prints a markdown report (data/stress/report.md).
+# The generator's connections use cubic unless --client-cc names another
+# congestion control (`default`: the kernel's), for the reason given in
+# scripts/tcp_bench.sh. Prints a markdown report (data/stress/report.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RATES="100000 200000 400000 800000 1600000" SECONDS_PER_RATE=20 CONNECTIONS=8 DEVICES=1000000 SHAPE=flat
+RATES="100000 200000 400000 800000 1600000" SECONDS_PER_RATE=20 CONNECTIONS=8 DEVICES=1000000 SHAPE=flat CLIENT_CC=cubic
 while [ $# -gt 0 ]; do
     case "$1" in
         --rates) RATES=$2; shift 2 ;;
@@ -25,9 +27,13 @@ while [ $# -gt 0 ]; do
         --connections) CONNECTIONS=$2; shift 2 ;;
         --devices) DEVICES=$2; shift 2 ;;
         --shape) SHAPE=$2; shift 2 ;;
+        --client-cc) CLIENT_CC=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if [ "$CLIENT_CC" = default ]; then
+    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
+fi
 
 # TALLY=path: measure that binary instead of building target/release/tally.
 if [ -z "${TALLY:-}" ]; then
@@ -44,7 +50,7 @@ report=$DIR/report.md
     echo "# tally serve under a stream at a given rate ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
     echo
     echo "$(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "$CONNECTIONS connections, $SECONDS_PER_RATE s per rate, $DEVICES devices, shape $SHAPE; generator on the same machine"
+    echo "$CONNECTIONS connections, $SECONDS_PER_RATE s per rate, $DEVICES devices, shape $SHAPE; generator on the same machine, congestion control $CLIENT_CC"
     echo
     echo "| rate events/s | events | delay at 1/2 s | delay at end s | growth over 2nd half s | flat | events/s taken | daemon CPU cores | RSS MB |"
     echo "|---:|---:|---:|---:|---:|---|---:|---:|---:|"
@@ -80,7 +86,7 @@ EOF
     cpu0=$(cpu_ticks $serve)
     $TALLY gen --events "$events" --devices "$DEVICES" --start-ms "$now_ms" --duration "${SECONDS_PER_RATE}s" \
         --shape "$SHAPE" --disorder 1s --late-fraction 0 --to "tcp://127.0.0.1:$PORT" \
-        --connections "$CONNECTIONS" --rate "$R" 2>"$DIR/gen.log" &
+        --connections "$CONNECTIONS" --rate "$R" --tcp-congestion "$CLIENT_CC" 2>"$DIR/gen.log" &
     gen=$!
     delays=()
     for _ in $(seq 1 "$SECONDS_PER_RATE"); do
@@ -113,6 +119,6 @@ done
     echo "Highest rate with a flat delay: **$best events/s**."
     echo "Load after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
-    echo "Commands: \`$TALLY serve --job $DIR/job.toml --workers 2\` fed by \`$TALLY gen --events R*S --start-ms NOW --duration Ss --shape $SHAPE --disorder 1s --late-fraction 0 --to tcp://… --connections $CONNECTIONS --rate R\` (scripts/stress.sh)."
+    echo "Commands: \`$TALLY serve --job $DIR/job.toml --workers 2\` fed by \`$TALLY gen --events R*S --start-ms NOW --duration Ss --shape $SHAPE --disorder 1s --late-fraction 0 --to tcp://… --connections $CONNECTIONS --rate R --tcp-congestion $CLIENT_CC\` (scripts/stress.sh)."
 } >> "$report"
 cat "$report"

@@ -28,7 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use crossbeam::channel::{self, Receiver, Sender};
 use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -255,6 +255,12 @@ pub struct GenOptions {
     /// as the receiver reads.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// With --to: the congestion control of the connections (`cubic`,
+    /// `bbr`, ...; default: the kernel's). A generator on the same host as
+    /// tally runs it on the cores being measured: a pacing one such as
+    /// BBR fires timers there that a producer on another host would not.
+    #[arg(long)]
+    pub tcp_congestion: Option<String>,
 }
 
 impl Default for GenOptions {
@@ -280,6 +286,7 @@ impl Default for GenOptions {
             to: None,
             connections: 1,
             rate: 0.0,
+            tcp_congestion: None,
         }
     }
 }
@@ -317,7 +324,7 @@ fn generate_chunked(opts: &GenOptions, threads: usize, chunk_events: u64) -> Res
             if plan.live.is_some() {
                 fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
             }
-            let mut sink = TcpOut::connect(to, opts.connections, opts.rate, started)?;
+            let mut sink = TcpOut::connect(to, opts.connections, opts.tcp_congestion.as_deref(), opts.rate, started)?;
             run_pipeline(&plan, threads, &mut sink)?;
             (Vec::new(), sink.records, sink.bytes)
         }
@@ -421,6 +428,7 @@ fn validate(opts: &GenOptions) -> Result<()> {
         opts.to.is_some() || (opts.connections == 1 && opts.rate == 0.0),
         "--connections and --rate pace a stream: they need --to tcp://HOST:PORT"
     );
+    ensure!(opts.to.is_some() || opts.tcp_congestion.is_none(), "--tcp-congestion needs --to tcp://HOST:PORT");
     for (flag, value) in [
         ("--disorder-fraction", opts.disorder_fraction),
         ("--late-fraction", opts.late_fraction),
@@ -1337,14 +1345,45 @@ struct TcpOut {
     bytes: u64,
 }
 
+/// Sets a connection's congestion control (`TCP_CONGESTION`); before any
+/// byte is sent, so the whole stream uses it.
+fn set_congestion(conn: &std::net::TcpStream, name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the option value is `name`'s bytes and their length; the
+    // kernel copies at most that many.
+    let r = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let available = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .map(|a| format!(" (this kernel has: {})", a.trim()))
+            .unwrap_or_default();
+        bail!("--tcp-congestion {name}: {e}{available}");
+    }
+    Ok(())
+}
+
 /// Wall-clock pieces a paced chunk is sent in, per second of sending.
 const PACE_STEPS_PER_SECOND: f64 = 50.0;
 
 impl TcpOut {
-    fn connect(to: &str, connections: usize, rate: f64, started: Instant) -> Result<TcpOut> {
+    fn connect(to: &str, connections: usize, congestion: Option<&str>, rate: f64, started: Instant) -> Result<TcpOut> {
         let addr = to.strip_prefix("tcp://").ok_or_else(|| anyhow!("--to {to:?}: expected tcp://HOST:PORT"))?;
         let conns = (0..connections)
-            .map(|_| std::net::TcpStream::connect(addr).with_context(|| format!("--to {to}: cannot connect")))
+            .map(|_| {
+                let c = std::net::TcpStream::connect(addr).with_context(|| format!("--to {to}: cannot connect"))?;
+                if let Some(name) = congestion {
+                    set_congestion(&c, name)?;
+                }
+                Ok(c)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(TcpOut { to: to.to_owned(), conns, rate, started, records: 0, bytes: 0 })
     }
@@ -1440,6 +1479,44 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The congestion control a connection uses (`TCP_CONGESTION`).
+    fn congestion(conn: &std::net::TcpStream) -> String {
+        use std::os::fd::AsRawFd;
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `name`.
+        let r = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        String::from_utf8_lossy(&name[..len as usize]).trim_end_matches('\0').to_owned()
+    }
+
+    #[test]
+    fn tcp_connections_use_the_congestion_control_asked_for() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = format!("tcp://{}", listener.local_addr().unwrap());
+        // One that is not the kernel's default (else this proves nothing):
+        // reno is built into every Linux kernel, cubic nearly so.
+        let default = fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default();
+        let name = if default.trim() == "reno" { "cubic" } else { "reno" };
+        let out = TcpOut::connect(&to, 2, Some(name), 0.0, Instant::now()).unwrap();
+        for c in &out.conns {
+            assert_eq!(congestion(c), name);
+        }
+        let err =
+            TcpOut::connect(&to, 1, Some("no-such-cc"), 0.0, Instant::now()).err().expect("an unknown name fails");
+        assert!(format!("{err:#}").contains("--tcp-congestion no-such-cc"), "{err:#}");
+        let opts = GenOptions { tcp_congestion: Some("reno".into()), ..GenOptions::default() };
+        assert!(validate(&opts).is_err(), "--tcp-congestion without --to");
     }
 
     #[test]
