@@ -30,8 +30,11 @@ if [ "$CLIENT_CC" = default ]; then
     CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
 fi
 
-cargo build --release --quiet
-TALLY=target/release/tally
+# TALLY=path: measure that binary instead of building target/release/tally.
+if [ -z "${TALLY:-}" ]; then
+    cargo build --release --quiet
+    TALLY=target/release/tally
+fi
 DIR=data/api-bench
 mkdir -p "$DIR"
 # shellcheck source=scripts/lib.sh
