@@ -86,7 +86,7 @@ TICK=$(getconf CLK_TCK)
 # --------------------------------------------------------------------------
 # 0. tools: tally, Tansu, confluent-kafka
 # --------------------------------------------------------------------------
-if [ "$BUILD" = 1 ] || [ ! -x target/release/tally ]; then
+if [ "$BUILD" = 1 ] || { [ -z "${TALLY:-}" ] && [ ! -x target/release/tally ]; }; then
   log "cargo build --release"
   cargo build --release >&2 || die "cargo build --release failed"
 fi
@@ -110,14 +110,20 @@ fi
 BENCH=$ROOT/target/kafka-bench
 RUN=$BENCH/run-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RUN"/{jobs,out,logs}
-cp target/release/tally "$RUN/tally"
+# TALLY=path (in the environment): measure that binary instead, e.g. a
+# copy of an older build, as the other benches allow.
+SRC_BIN=${TALLY:-target/release/tally}
+cp "$SRC_BIN" "$RUN/tally"
 TALLY=$RUN/tally
-BIN_TIME=$(date -u -r target/release/tally +%Y-%m-%dT%H:%M:%SZ)
+BIN_TIME=$(date -u -r "$SRC_BIN" +%Y-%m-%dT%H:%M:%SZ)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 HEAD_TIME=$(git log -1 --format=%cd --date=format-local:%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo unknown)
 DIRTY=""
 if [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
   DIRTY=" (src/ has uncommitted changes; binary built $BIN_TIME, HEAD committed $HEAD_TIME)"
+fi
+if [ "$SRC_BIN" != target/release/tally ]; then
+  DIRTY="$DIRTY (binary measured: $SRC_BIN, built $BIN_TIME)"
 fi
 NPROC=$(nproc)
 MEM=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)

@@ -37,7 +37,8 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::kafka::STREAM_FLUSH_INTERVAL;
 use super::stream::{
-    for_each_newline, BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, STREAM_BLOCK_BYTES,
+    for_each_newline, BlockKind, Chain, PartId, PartState, ReaderThread, Stream, StreamBlock, FULL_QUEUE_WAIT,
+    STREAM_BLOCK_BYTES,
 };
 use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::{Format, SourceSpec};
@@ -49,12 +50,6 @@ const READ_CHUNK: usize = 256 << 10;
 const READ_TURN: usize = 1 << 20;
 /// How long a poll waits when nothing is ready.
 const POLL_TIMEOUT: Duration = Duration::from_millis(20);
-/// How long the reader waits before it offers held blocks again. The queue
-/// it waits on holds ~30 ms of the routers' work at full speed, so they
-/// never run dry meanwhile; each wake-up takes a core from a router (at
-/// 500 µs: 2,500 wake-ups in a 10M-event TCP bench round, and 15% more
-/// daemon CPU than at 5 ms).
-const BLOCKED_WAIT: Duration = Duration::from_millis(5);
 /// Least time between two log lines about refused connections.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -255,7 +250,7 @@ impl Reader {
             let timeout = if let Some(t) = throttled {
                 t.saturating_duration_since(Instant::now()).min(POLL_TIMEOUT)
             } else if blocked {
-                BLOCKED_WAIT
+                FULL_QUEUE_WAIT
             } else if self.ready.is_empty() {
                 POLL_TIMEOUT
             } else {
@@ -497,7 +492,7 @@ impl Reader {
             if self.stream.stop.load(Ordering::Relaxed) {
                 return;
             }
-            std::thread::sleep(BLOCKED_WAIT);
+            std::thread::sleep(FULL_QUEUE_WAIT);
         }
         self.stream.closed.store(true, Ordering::Release);
     }
