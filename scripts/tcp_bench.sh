@@ -158,11 +158,23 @@ report=$DIR/report.md
     echo "| round | file M events/s | tcp M events/s | tcp / file | file run CPU s | tcp daemon CPU s | senders CPU s |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
 } > "$report"
+# Both runs start from the same memory state. On these VMs memory a process
+# frees goes back to the host (virtio-balloon free page reporting) ~2 s
+# later, and touching it again costs a host fault per page: a run started
+# right after another exited got its memory back warm (the kernel zeroing
+# new tables: 0.5-1.6% of a file run's samples) and one started 4 s later
+# cold (13.5-15.8%, the run 35% slower). The file run used to follow the
+# previous daemon's exit at once, while the daemon's tables came a second
+# or more after the file run's exit: TCP paid the cold memory, the file run
+# mostly did not. Each run now waits MEMORY_SETTLE seconds first.
+MEMORY_SETTLE=4
 for round in $(seq 1 "$RUNS"); do
+    sleep $MEMORY_SETTLE
     /usr/bin/time -f "%U %S" -o "$DIR/file-cpu" $TALLY run --job "$DIR/file.toml" --workers 2 --summary "$DIR/s.json" >/dev/null 2>&1
     file_rate=$(python3 -c "import json; s=json.load(open('$DIR/s.json')); print(s['events']/s['seconds']/1e6)")
     file_cpu=$(awk '{ print $1 + $2 }' "$DIR/file-cpu")
 
+    sleep $MEMORY_SETTLE
     $TALLY serve --job "$DIR/tcp.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
     serve=$!
     wait_ready
