@@ -26,9 +26,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-if [ "$CLIENT_CC" = default ]; then
-    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CLIENT_CC=$(client_cc "$CLIENT_CC") || exit 2
 
 # TALLY=path: measure that binary instead of building target/release/tally.
 if [ -z "${TALLY:-}" ]; then
@@ -37,8 +37,6 @@ if [ -z "${TALLY:-}" ]; then
 fi
 DIR=data/api-bench
 mkdir -p "$DIR"
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
 PORT=$(free_port) HTTP=$(free_port)
 cat > "$DIR/job.toml" <<EOF
 [job]

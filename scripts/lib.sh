@@ -12,3 +12,15 @@ wait_ready() { until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; d
 # User + system CPU ticks of a process, and its resident memory in kB.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+# The congestion control a bench's clients use: NAME, or the kernel's for
+# `default`; exits if this kernel lacks it.
+client_cc() {
+    local cc=$1 avail=/proc/sys/net/ipv4/tcp_available_congestion_control
+    if [ "$cc" = default ]; then cc=$(cat /proc/sys/net/ipv4/tcp_congestion_control); fi
+    if ! grep -qw "$cc" "$avail"; then
+        echo "congestion control $cc is not available here: $(cat "$avail")" >&2
+        exit 2
+    fi
+    echo "$cc"
+}

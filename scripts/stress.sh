@@ -31,9 +31,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-if [ "$CLIENT_CC" = default ]; then
-    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CLIENT_CC=$(client_cc "$CLIENT_CC") || exit 2
 
 # TALLY=path: measure that binary instead of building target/release/tally.
 if [ -z "${TALLY:-}" ]; then
@@ -42,8 +42,6 @@ if [ -z "${TALLY:-}" ]; then
 fi
 DIR=data/stress
 mkdir -p "$DIR"
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
 
 report=$DIR/report.md
 {

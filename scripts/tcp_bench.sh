@@ -38,13 +38,9 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
-if [ "$CLIENT_CC" = default ]; then
-    CLIENT_CC=$(cat /proc/sys/net/ipv4/tcp_congestion_control)
-fi
-if ! grep -qw "$CLIENT_CC" /proc/sys/net/ipv4/tcp_available_congestion_control; then
-    echo "congestion control $CLIENT_CC is not available here: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)" >&2
-    exit 2
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CLIENT_CC=$(client_cc "$CLIENT_CC") || exit 2
 export CLIENT_CC
 
 # TALLY=path: measure that binary (e.g. a copy of an older build) instead
@@ -69,8 +65,6 @@ if [ ! -f "$PARTS/part-$CONNECTIONS-0" ]; then
     split -n "r/$CONNECTIONS" -d -a 1 "$INPUT" "$PARTS/part-$CONNECTIONS-"
 fi
 
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
 PORT=$(free_port) HTTP=$(free_port)
 
 metric_block='
