@@ -217,11 +217,10 @@ impl KeyCache {
         let FieldValue::Int(v) = value else {
             return self.hashed(m, dict, names, std::iter::once(value));
         };
-        // One small integer dimension (binary codes, versions): a direct table.
+        // One small integer dimension (binary codes, versions): a direct
+        // table (a negative value casts past its end).
         if let Some(id) = self.small[m].get(v as usize).copied().filter(|&id| id != NO_ID) {
-            if v >= 0 {
-                return Ok(id);
-            }
+            return Ok(id);
         }
         let id = self.hashed(m, dict, names, std::iter::once(value))?;
         if (0..SMALL_INT_KEYS as i64).contains(&v) {
