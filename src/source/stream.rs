@@ -34,6 +34,17 @@ use crate::runtime::{Wake, NO_EVENTS};
 pub const STREAM_BLOCK_BYTES: usize = 1 << 20;
 /// Blocks a stream holds before its readers wait for the routers.
 pub const STREAM_QUEUE_BLOCKS: usize = 32;
+/// Bytes a new block's buffer starts with: a full block and one read past
+/// it, so a reader fills it without growing it. (Growing a megabyte buffer
+/// is an `mremap`, which waits on the process's memory map for every other
+/// thread's page faults and table growth, and they then wait on it.)
+const STREAM_BLOCK_CAPACITY: usize = STREAM_BLOCK_BYTES + STREAM_BLOCK_BYTES / 4;
+/// Emptied blocks a stream keeps for its readers. Blocks in flight are
+/// the queue's, one open per partition and one per router, so keeping
+/// as many as the queue holds would free some at every drain and allocate
+/// them again at the next fill: twice as many lets a full queue refill
+/// from kept blocks (80 MiB at most a stream).
+const STREAM_FREE_BLOCKS: usize = 2 * STREAM_QUEUE_BLOCKS;
 /// How long a reader waits before it offers a block to a full queue again.
 /// The queue holds ~30 ms of the routers' work at full speed, so they never
 /// run dry meanwhile; each wake-up takes a core from a router (a TCP reader
@@ -537,13 +548,17 @@ impl Stream {
         lock(&self.chain).clone()
     }
 
-    /// A block's buffers, emptied, for a reader to fill again.
+    /// A block's buffers, emptied, for a reader to fill again (a marker's
+    /// are empty: it is dropped).
     pub fn recycle(&self, mut block: StreamBlock) {
+        if block.data.capacity() == 0 {
+            return;
+        }
         block.data.clear();
         block.ends.clear();
         block.offsets.clear();
         let mut free = lock(&self.free);
-        if free.len() < STREAM_QUEUE_BLOCKS {
+        if free.len() < STREAM_FREE_BLOCKS {
             free.push(block);
         }
     }
@@ -551,6 +566,7 @@ impl Stream {
     /// An empty data block for partition `part`, reusing buffers.
     pub fn fresh_block(&self, part: u32) -> StreamBlock {
         let mut b = lock(&self.free).pop().unwrap_or_else(|| StreamBlock::marker(part, BlockKind::Data));
+        b.data.reserve_exact(STREAM_BLOCK_CAPACITY);
         b.part = part;
         b.kind = BlockKind::Data;
         b
@@ -669,6 +685,26 @@ mod tests {
             true
         });
         assert_eq!(all, (0..130).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn blocks_of_a_full_queue_and_open_partitions_come_back_without_allocating() {
+        let stream = Stream::new(0, 0, None);
+        // A full queue, a block open on each of 8 connections, one per router.
+        let n = STREAM_QUEUE_BLOCKS + 8 + 2;
+        let blocks: Vec<StreamBlock> = (0..n).map(|i| stream.fresh_block(i as u32 % 8)).collect();
+        assert!(blocks.iter().all(|b| b.data.capacity() >= STREAM_BLOCK_CAPACITY), "a reader never grows a new block");
+        let buffers: std::collections::HashSet<*const u8> = blocks.iter().map(|b| b.data.as_ptr()).collect();
+        for b in blocks {
+            stream.recycle(b);
+        }
+        // A marker's empty buffers take no place among the kept ones.
+        stream.recycle(StreamBlock::marker(0, BlockKind::Done));
+        for i in 0..n {
+            let b = stream.fresh_block(0);
+            assert!(buffers.contains(&b.data.as_ptr()), "block {i} of {n} was allocated again");
+            assert!(b.data.capacity() >= STREAM_BLOCK_CAPACITY);
+        }
     }
 
     fn ids(n: i32) -> Vec<PartId> {

@@ -44,8 +44,10 @@ use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::{Format, SourceSpec};
 
 const LISTENER: Token = Token(usize::MAX);
-/// Bytes read from a connection per `read` call.
+/// Bytes read from a connection per `read` call, at most.
 const READ_CHUNK: usize = 256 << 10;
+/// Spare room in a block below which a read first grows it by [`READ_CHUNK`].
+const MIN_READ: usize = 64 << 10;
 /// Bytes read from one connection before the others get their turn.
 const READ_TURN: usize = 1 << 20;
 /// How long a poll waits when nothing is ready.
@@ -500,10 +502,13 @@ impl Reader {
 
 /// Reads up to `max` bytes from `sock` onto the end of `buf`, straight into
 /// its spare capacity (no zeroing first: the reader would otherwise write
-/// every byte twice).
+/// every byte twice). It grows `buf` only if less than [`MIN_READ`] is
+/// spare: a block's buffer starts large enough for a full block.
 fn recv_into(sock: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
-    buf.reserve(max);
+    if buf.capacity() - buf.len() < MIN_READ {
+        buf.reserve(max);
+    }
     let spare = buf.spare_capacity_mut();
     let want = spare.len().min(max);
     // SAFETY: recv(2) writes at most `want` bytes into the spare capacity,
