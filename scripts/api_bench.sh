@@ -38,26 +38,7 @@ fi
 DIR=data/api-bench
 mkdir -p "$DIR"
 PORT=$(free_port) HTTP=$(free_port)
-cat > "$DIR/job.toml" <<EOF
-[job]
-timezone = "+08:00"
-[[source]]
-name = "client"
-kind = "tcp"
-listen = "127.0.0.1:$PORT"
-max_out_of_orderness = "5s"
-idle_timeout = "2s"
-[[metric]]
-name = "page_uv"
-kind = "cumulate"
-group_by = ["page"]
-measures = ["pv", "uv"]
-[[sink]]
-kind = "jsonl"
-path = "$(realpath "$DIR")/out.jsonl"
-[serve]
-http = "127.0.0.1:$HTTP"
-EOF
+live_tcp_job "$DIR"
 $TALLY serve --job "$DIR/job.toml" --workers 2 >/dev/null 2>"$DIR/serve.log" &
 serve=$!
 trap 'kill -TERM $serve 2>/dev/null || true' EXIT

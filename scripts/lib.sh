@@ -24,3 +24,29 @@ client_cc() {
     fi
     echo "$cc"
 }
+
+# Writes DIR/job.toml for the live benches: page_uv over a TCP source on
+# 127.0.0.1:$PORT (5 s out-of-orderness, 2 s idle timeout), rows to
+# DIR/out.jsonl, the API on 127.0.0.1:$HTTP.
+live_tcp_job() {
+    cat > "$1/job.toml" <<EOF
+[job]
+timezone = "+08:00"
+[[source]]
+name = "client"
+kind = "tcp"
+listen = "127.0.0.1:$PORT"
+max_out_of_orderness = "5s"
+idle_timeout = "2s"
+[[metric]]
+name = "page_uv"
+kind = "cumulate"
+group_by = ["page"]
+measures = ["pv", "uv"]
+[[sink]]
+kind = "jsonl"
+path = "$(realpath "$1")/out.jsonl"
+[serve]
+http = "127.0.0.1:$HTTP"
+EOF
+}
