@@ -45,9 +45,10 @@ const STREAM_BLOCK_CAPACITY: usize = STREAM_BLOCK_BYTES + STREAM_BLOCK_BYTES / 4
 /// them again at the next fill: twice as many lets a full queue refill
 /// from kept blocks (80 MiB at most a stream).
 const STREAM_FREE_BLOCKS: usize = 2 * STREAM_QUEUE_BLOCKS;
-/// How long a reader waits before it offers a block to a full queue again.
-/// The queue holds ~30 ms of the routers' work at full speed, so they never
-/// run dry meanwhile; each wake-up takes a core from a router (a TCP reader
+/// How long a reader that is not woken for room (Kafka, followed files)
+/// waits before it offers a block to a full queue again. The queue holds
+/// ~30 ms of the routers' work at full speed, so they never run dry
+/// meanwhile; each wake-up takes a core from a router (a TCP reader
 /// retrying every 500 µs woke 2,500 times in a 10M-event bench round, and
 /// the daemon took 15% more CPU than at 5 ms).
 pub const FULL_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
@@ -296,6 +297,10 @@ struct Queue {
     next_claim: BlockSeq,
     paused: bool,
     end_pushed: bool,
+    /// Wakes a reader that found the queue full (see [`Stream::set_room_waker`]).
+    room: Option<Arc<mio::Waker>>,
+    /// A push found the queue full since the reader was last woken.
+    full: bool,
 }
 
 /// One stream source's blocks between its readers and the routers, its
@@ -358,6 +363,8 @@ impl Stream {
                 next_claim: seq,
                 paused: false,
                 end_pushed: chain.ended,
+                room: None,
+                full: false,
             }),
             chain: Mutex::new(chain),
             parts: Mutex::new(parts),
@@ -449,6 +456,7 @@ impl Stream {
             return Ok(());
         }
         if q.blocks.len() >= STREAM_QUEUE_BLOCKS && block.kind == BlockKind::Data {
+            q.full = true;
             return Err(block);
         }
         block.seq = q.next_push;
@@ -462,6 +470,14 @@ impl Stream {
             w.all();
         }
         Ok(())
+    }
+
+    /// Has the routers wake `waker` once a queue that was full is half
+    /// empty, so a reader polling for it (TCP) can sleep until then
+    /// instead of retrying every [`FULL_QUEUE_WAIT`]: it then reads half a
+    /// queue at a time, and the half left keeps the routers busy meanwhile.
+    pub fn set_room_waker(&self, waker: Arc<mio::Waker>) {
+        lock(&self.queue).room = Some(waker);
     }
 
     /// Wakes the run's workers whenever a block arrives from now on.
@@ -504,6 +520,13 @@ impl Stream {
             Some(b) => {
                 debug_assert_eq!(b.seq, q.next_claim, "stream blocks are claimed in order");
                 q.next_claim += 1;
+                if q.full && q.blocks.len() <= STREAM_QUEUE_BLOCKS / 2 {
+                    q.full = false;
+                    if let Some(w) = q.room.clone() {
+                        drop(q);
+                        let _ = w.wake();
+                    }
+                }
                 StreamClaim::Block(b)
             }
             None if q.end_pushed => StreamClaim::Exhausted,
@@ -685,6 +708,32 @@ mod tests {
             true
         });
         assert_eq!(all, (0..130).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_reader_that_found_the_queue_full_is_woken_once_half_of_it_is_claimed() {
+        let stream = Stream::new(0, 0, None);
+        let mut poll = mio::Poll::new().unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        stream.set_room_waker(Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).unwrap()));
+        let mut woken = |poll: &mut mio::Poll| {
+            poll.poll(&mut events, Some(std::time::Duration::ZERO)).unwrap();
+            events.iter().any(|e| e.token() == mio::Token(7))
+        };
+        for _ in 0..STREAM_QUEUE_BLOCKS {
+            stream.push(StreamBlock::marker(0, BlockKind::Data)).expect("room");
+        }
+        let refused = stream.push(StreamBlock::marker(0, BlockKind::Data)).expect_err("the queue is full");
+        for left in (STREAM_QUEUE_BLOCKS / 2 + 1..STREAM_QUEUE_BLOCKS).rev() {
+            assert!(matches!(stream.claim(), StreamClaim::Block(_)));
+            assert!(!woken(&mut poll), "woken with {left} blocks left");
+        }
+        assert!(matches!(stream.claim(), StreamClaim::Block(_)));
+        assert!(woken(&mut poll), "not woken with half the queue claimed");
+        // Once per full queue: the claims after that wake nobody.
+        assert!(matches!(stream.claim(), StreamClaim::Block(_)));
+        assert!(!woken(&mut poll));
+        stream.push(refused).expect("room again");
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! counted; the routers count the line as too long); the others go on.
 //!
 //! Back-pressure: when the stream's queue is full the reader stops reading
-//! every socket until the routers catch up, so the kernel's buffers fill
-//! and TCP flow control slows the clients down. Nothing is dropped.
+//! every socket until the routers have emptied half of it (they wake its
+//! poll), so the kernel's buffers fill and TCP flow control slows the
+//! clients down. Nothing is dropped.
 //!
 //! What a crash loses: TCP input cannot be read again, so records received
 //! after the last checkpoint are gone when the process is killed (a client
@@ -44,6 +45,8 @@ use crate::event::binary::BINARY_RECORD_BYTES;
 use crate::job::{Format, SourceSpec};
 
 const LISTENER: Token = Token(usize::MAX);
+/// The routers made room in a queue that was full.
+const ROOM: Token = Token(usize::MAX - 1);
 /// Bytes read from a connection per `read` call, at most.
 const READ_CHUNK: usize = 256 << 10;
 /// Spare room in a block below which a read first grows it by [`READ_CHUNK`].
@@ -157,6 +160,8 @@ impl TcpSource {
             .registry()
             .register(reader.listener.as_mut().expect("just set"), LISTENER, Interest::READABLE)
             .map_err(|e| err(format!("cannot poll the listener: {e}")))?;
+        let room = mio::Waker::new(reader.poll.registry(), ROOM).map_err(|e| err(format!("cannot poll: {e}")))?;
+        reader.stream.set_room_waker(Arc::new(room));
         // The checkpoint's connections closed with the process that had them.
         for (part, state) in restored {
             if state != PartState::Done {
@@ -251,9 +256,9 @@ impl Reader {
             let blocked = !self.offer() || throttled.is_some();
             let timeout = if let Some(t) = throttled {
                 t.saturating_duration_since(Instant::now()).min(POLL_TIMEOUT)
-            } else if blocked {
-                FULL_QUEUE_WAIT
-            } else if self.ready.is_empty() {
+            } else if blocked || self.ready.is_empty() {
+                // Blocked: woken (ROOM) once the routers have emptied half
+                // the queue.
                 POLL_TIMEOUT
             } else {
                 Duration::ZERO
@@ -268,6 +273,7 @@ impl Reader {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
+                    ROOM => {}
                     Token(i) => {
                         if !self.ready.contains(&(i as u32)) {
                             self.ready.push(i as u32);
