@@ -329,8 +329,7 @@ impl<'a> Coordinator<'a> {
                 self.committed(false)?;
                 self.tick(sh);
                 if let Some(e) = self.kafka.iter().flatten().find_map(|k| k.failed.lock().ok()?.clone()) {
-                    sh.abort.store(true, Ordering::Relaxed);
-                    sh.wake.all();
+                    sh.stop_workers();
                     failure = Some(format!("a Kafka source failed: {e}"));
                 }
             }
@@ -349,8 +348,7 @@ impl<'a> Coordinator<'a> {
                 ToEmitter::Cut(r) => self.cut_report(sh, *r, sinks)?,
                 ToEmitter::Finished(r) => reports.push(*r),
                 ToEmitter::Failed(e) => {
-                    sh.abort.store(true, Ordering::Relaxed);
-                    sh.wake.all();
+                    sh.stop_workers();
                     failure.get_or_insert(e);
                 }
             }
@@ -436,8 +434,7 @@ impl<'a> Coordinator<'a> {
                 // Nothing to save progress in: stop where we are.
                 self.stop_seen = true;
                 self.stopped = true;
-                sh.abort.store(true, Ordering::Relaxed);
-                sh.wake.all();
+                sh.stop_workers();
             }
             return;
         };

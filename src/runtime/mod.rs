@@ -169,6 +169,12 @@ impl Shared {
         self.next_task.fetch_or(PAUSED, Ordering::SeqCst) & !PAUSED
     }
 
+    /// Tells every worker to stop, waking the parked ones.
+    pub fn stop_workers(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+        self.wake.all();
+    }
+
     pub fn resume(&self) {
         self.next_task.fetch_and(!PAUSED, Ordering::SeqCst);
         for s in self.streams.iter().flatten() {
@@ -663,13 +669,8 @@ pub fn run_with(job: &Job, stop: &AtomicBool, serving: Option<Arc<Live>>) -> Res
         drop(tx);
         // If the coordinator fails or panics, the workers must stop too, or
         // the scope would wait for them forever.
-        let _stop_workers = StopOnDrop(&sh.abort);
-        let r = coord.run(&sh, &rx, &mut sinks);
-        if r.is_err() {
-            sh.abort.store(true, Ordering::Relaxed);
-            sh.wake.all();
-        }
-        r
+        let _stop_workers = StopOnDrop(&sh);
+        coord.run(&sh, &rx, &mut sinks)
     });
     let mut reports = outcome?;
     for s in &mut sinks {
@@ -715,12 +716,12 @@ fn import_histories(job: &Job, live: Option<&std::path::Path>) -> Result<(Histor
     Ok((tables, imports))
 }
 
-/// Sets the abort flag when dropped (also while unwinding).
-struct StopOnDrop<'a>(&'a AtomicBool);
+/// Stops the workers when dropped (also while unwinding).
+struct StopOnDrop<'a>(&'a Shared);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.stop_workers();
     }
 }
 
@@ -792,8 +793,7 @@ fn worker(
     })();
     let _ = match result {
         Err(e) => {
-            sh.abort.store(true, Ordering::Relaxed);
-            sh.wake.all();
+            sh.stop_workers();
             tx.send(ToEmitter::Failed(format!("worker {w}: {e}")))
         }
         Ok(()) => tx.send(ToEmitter::Finished(Box::new(WorkerReport {
