@@ -95,6 +95,15 @@ fn tcp_sample(http: u16, family: &str) -> f64 {
     samples(http)[&format!("{family}{{source=\"client\"}}")]
 }
 
+/// Waits until the source has accepted `n` connections that are open.
+fn wait_connections(http: u16, n: u64) {
+    let started = Instant::now();
+    while (tcp_sample(http, "tally_tcp_connections") as u64) < n {
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", samples(http));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until the source received `bytes`, has `open` connections and
 /// the rows stopped coming.
 fn wait_settled(http: u16, bytes: u64, open: u64) {
@@ -251,11 +260,7 @@ fn a_thousand_idle_connections_hold_the_watermark_only_until_idle_timeout() {
         spawn_serve(&job, &["--state-dir".as_ref(), state.as_os_str(), "--summary".as_ref(), job.summary.as_os_str()]);
     wait_ready(http);
     let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
-    let started = Instant::now();
-    while tcp_sample(http, "tally_tcp_connections") < 1000.0 {
-        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", samples(http));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_connections(http, 1000);
     // One connection more streams the events; one beyond that is refused.
     let mut sending = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut refused = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -528,11 +533,16 @@ fn binary_records_over_tcp_are_put_back_together_across_reads() {
     wait_ready(http);
     let input: Vec<u8> = r.files.iter().flat_map(|f| fs::read(f).unwrap()).collect();
     let half = input.len() / 64 * 32;
+    // Both connected before either sends: a connection that closed while
+    // none other was open lets the windows close (every event seen is
+    // in), and the other's earlier events would then be late.
+    let socks: Vec<_> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    wait_connections(http, 2);
     let senders: Vec<_> = [input[..half].to_vec(), input[half..].to_vec()]
         .into_iter()
-        .map(|part| {
+        .zip(socks)
+        .map(|(part, mut s)| {
             std::thread::spawn(move || {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
                 for piece in part.chunks(1000) {
                     s.write_all(piece).unwrap(); // 1000 = 31 records and a bit
                 }
